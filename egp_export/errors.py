@@ -1,0 +1,43 @@
+"""Errors a user can cause, each with a message that says what to do.
+
+The CLI prints ``str(error)`` and exits non-zero without a traceback for every
+subclass of :class:`EgpExportError`; anything else is a bug in egp-export.
+"""
+
+from __future__ import annotations
+
+
+class EgpExportError(Exception):
+    """Base class of every error caused by the user's input or environment."""
+
+    exit_code = 2
+
+
+class CheckpointError(EgpExportError):
+    """A checkpoint is missing, corrupt, or does not fit the architecture."""
+
+
+class ArchitectureError(EgpExportError):
+    """An ``--arch`` specification cannot be resolved to a model factory."""
+
+
+class CalibrationError(EgpExportError):
+    """Calibration data is empty, non-finite, or shaped wrongly for the model."""
+
+
+class TraceError(EgpExportError):
+    """The model cannot be captured as a torch.fx graph."""
+
+
+class OutputError(EgpExportError):
+    """An output path exists (and ``force`` was not given) or is not writable."""
+
+
+class ExportError(EgpExportError):
+    """ONNX export, simplification or checking failed."""
+
+
+class VerificationError(EgpExportError):
+    """A compiled or exported model does not match the original within tolerance."""
+
+    exit_code = 3
