@@ -1,0 +1,243 @@
+"""Activation functions as data: where their linear regions are, and how to find their call sites.
+
+An activation is piecewise: ``boundaries`` split the real line into regions and
+each region has an affine map ``y = slope * z + intercept`` (``None`` where the
+function is not affine inside the region, e.g. Hardswish between -3 and 3).
+Smooth activations (GELU, SiLU) have no boundaries and one nonlinear region;
+they are only ever replaced by an affine *surrogate* fitted on the calibrated
+input range, within a measured tolerance.
+
+Region ``r`` holds the inputs ``boundaries[r-1] < z <= boundaries[r]``
+(``torch.bucketize`` with ``right=False``). Every function here is continuous,
+so the maps of two neighbouring regions agree on their shared boundary and it
+does not matter which region a boundary point is counted in.
+
+A call site is a module call (``nn.ReLU``), a functional call (``F.relu``,
+``torch.relu``, inplace forms) or a method call (``x.relu()``). Per-neuron
+parameters (PReLU's slopes) are resolved from the module at the call site.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """One activation at one call site, with its parameters resolved."""
+
+    kind: str
+    boundaries: tuple[float, ...]
+    # (slope, intercept) per region; slope None = not affine in that region.
+    # A slope may be a per-neuron tensor (PReLU).
+    regions: tuple[tuple[float | torch.Tensor | None, float], ...]
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    inplace: bool = False
+
+    @property
+    def smooth(self) -> bool:
+        return not self.boundaries
+
+    @property
+    def zero_at_zero(self) -> bool:
+        """f(0) == 0: a channel that is zero before the activation stays zero after it."""
+        return float(self.fn(torch.zeros(1))[0]) == 0.0
+
+    def region_map(self, region: int, num_neurons: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-neuron (slope, intercept) vectors of ``region``, or None if not affine there."""
+        slope, intercept = self.regions[region]
+        if slope is None:
+            return None
+        slope_vec = torch.as_tensor(slope, dtype=torch.float64).flatten()
+        if slope_vec.numel() == 1:
+            slope_vec = slope_vec.expand(num_neurons)
+        return slope_vec.clone(), torch.full((num_neurons,), float(intercept), dtype=torch.float64)
+
+
+def _relu() -> ActivationSpec:
+    # relu(z) = 0 for z <= 0, z for z > 0
+    return ActivationSpec("relu", (0.0,), ((0.0, 0.0), (1.0, 0.0)), F.relu)
+
+
+def _hardtanh(kind: str, low: float, high: float) -> ActivationSpec:
+    # clamp(z, low, high): constant low | identity | constant high
+    return ActivationSpec(
+        kind, (low, high), ((0.0, low), (1.0, 0.0), (0.0, high)), lambda z: F.hardtanh(z, low, high)
+    )
+
+
+def _leaky_relu(negative_slope: float) -> ActivationSpec:
+    # leaky_relu(z) = a*z for z <= 0, z for z > 0
+    return ActivationSpec(
+        "leaky_relu", (0.0,), ((negative_slope, 0.0), (1.0, 0.0)), lambda z: F.leaky_relu(z, negative_slope)
+    )
+
+
+def _prelu(weight: torch.Tensor) -> ActivationSpec:
+    slopes = weight.detach().to(torch.float64).flatten().clone()
+    return ActivationSpec(
+        "prelu",
+        (0.0,),
+        ((slopes, 0.0), (1.0, 0.0)),
+        lambda z: torch.where(z > 0, z, z * _broadcast_like(slopes.to(z.dtype), z)),
+    )
+
+
+def _broadcast_like(values: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    # PReLU's slopes index dim 1 (or are a single shared slope).
+    if values.numel() == 1 or z.dim() < 2:
+        return values.reshape(()) if values.numel() == 1 else values
+    return values.reshape(1, -1, *([1] * (z.dim() - 2)))
+
+
+def _hardswish() -> ActivationSpec:
+    # z * relu6(z + 3) / 6 = 0 for z <= -3 | quadratic | z for z >= 3
+    return ActivationSpec("hardswish", (-3.0, 3.0), ((0.0, 0.0), (None, 0.0), (1.0, 0.0)), F.hardswish)
+
+
+def _hardsigmoid() -> ActivationSpec:
+    # relu6(z + 3) / 6 = 0 for z <= -3 | z/6 + 1/2 | 1 for z >= 3
+    return ActivationSpec("hardsigmoid", (-3.0, 3.0), ((0.0, 0.0), (1.0 / 6.0, 0.5), (0.0, 1.0)), F.hardsigmoid)
+
+
+def _gelu(approximate: str = "none") -> ActivationSpec:
+    return ActivationSpec("gelu", (), ((None, 0.0),), lambda z: F.gelu(z, approximate=approximate))
+
+
+def _silu() -> ActivationSpec:
+    return ActivationSpec("silu", (), ((None, 0.0),), F.silu)
+
+
+def _module_spec(module: nn.Module) -> ActivationSpec | None:
+    inplace = bool(getattr(module, "inplace", False))
+    spec: ActivationSpec | None
+    if isinstance(module, nn.ReLU6):  # subclass of Hardtanh: test first
+        spec = _hardtanh("relu6", 0.0, 6.0)
+    elif isinstance(module, nn.ReLU):
+        spec = _relu()
+    elif isinstance(module, nn.Hardtanh):
+        spec = _hardtanh("hardtanh", float(module.min_val), float(module.max_val))
+    elif isinstance(module, nn.LeakyReLU):
+        spec = _leaky_relu(float(module.negative_slope))
+    elif isinstance(module, nn.PReLU):
+        spec = _prelu(module.weight)
+    elif isinstance(module, nn.Hardswish):
+        spec = _hardswish()
+    elif isinstance(module, nn.Hardsigmoid):
+        spec = _hardsigmoid()
+    elif isinstance(module, nn.GELU):
+        spec = _gelu(module.approximate)
+    elif isinstance(module, nn.SiLU):
+        spec = _silu()
+    else:
+        return None
+    return ActivationSpec(spec.kind, spec.boundaries, spec.regions, spec.fn, inplace)
+
+
+def _arg(node: fx.Node, index: int, name: str, default):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+# Functional call targets -> builder reading the call's arguments. Rules are
+# data: one line per function, inplace variants beside their pure forms.
+_FUNCTIONS: dict[Callable, Callable[[fx.Node], ActivationSpec]] = {
+    F.relu: lambda n: _relu(),
+    torch.relu: lambda n: _relu(),
+    torch.relu_: lambda n: _relu(),
+    F.relu_: lambda n: _relu(),
+    F.relu6: lambda n: _hardtanh("relu6", 0.0, 6.0),
+    F.hardtanh: lambda n: _hardtanh("hardtanh", float(_arg(n, 1, "min_val", -1.0)), float(_arg(n, 2, "max_val", 1.0))),
+    F.hardtanh_: lambda n: _hardtanh("hardtanh", float(_arg(n, 1, "min_val", -1.0)), float(_arg(n, 2, "max_val", 1.0))),
+    F.leaky_relu: lambda n: _leaky_relu(float(_arg(n, 1, "negative_slope", 0.01))),
+    F.leaky_relu_: lambda n: _leaky_relu(float(_arg(n, 1, "negative_slope", 0.01))),
+    F.hardswish: lambda n: _hardswish(),
+    F.hardsigmoid: lambda n: _hardsigmoid(),
+    F.gelu: lambda n: _gelu(str(_arg(n, 1, "approximate", "none"))),
+    F.silu: lambda n: _silu(),
+}
+_INPLACE_FUNCTIONS = {torch.relu_, F.relu_, F.hardtanh_, F.leaky_relu_}
+
+_METHODS: dict[str, Callable[[fx.Node], ActivationSpec]] = {
+    "relu": lambda n: _relu(),
+    "relu_": lambda n: _relu(),
+}
+
+
+def activation_spec(node: fx.Node, modules: dict[str, nn.Module]) -> ActivationSpec | None:
+    """The activation called at ``node``, or None if the node is no supported activation."""
+    if node.op == "call_module":
+        module = modules.get(str(node.target))
+        return _module_spec(module) if module is not None else None
+    if node.op == "call_function" and node.target in _FUNCTIONS:
+        spec = _FUNCTIONS[node.target](node)
+        inplace = node.target in _INPLACE_FUNCTIONS or bool(node.kwargs.get("inplace", False))
+        return ActivationSpec(spec.kind, spec.boundaries, spec.regions, spec.fn, inplace)
+    if node.op == "call_method" and node.target in _METHODS:
+        spec = _METHODS[str(node.target)](node)
+        return ActivationSpec(spec.kind, spec.boundaries, spec.regions, spec.fn, node.target.endswith("_"))
+    return None
+
+
+def binary_entropy(p: torch.Tensor) -> torch.Tensor:
+    """h(p) in bits, with h(0) = h(1) = 0 (the limits, not NaN)."""
+    p = p.to(torch.float64)
+    q = 1.0 - p
+    with torch.no_grad():
+        terms = -(torch.where(p > 0, p * torch.log2(p.clamp_min(1e-300)), 0.0)) - (
+            torch.where(q > 0, q * torch.log2(q.clamp_min(1e-300)), 0.0)
+        )
+    return terms
+
+
+def categorical_entropy(counts: torch.Tensor) -> torch.Tensor:
+    """Entropy in bits of each column of a [regions, neurons] count table."""
+    totals = counts.sum(0, keepdim=True).clamp_min(1).to(torch.float64)
+    p = counts.to(torch.float64) / totals
+    return -(torch.where(p > 0, p * torch.log2(p.clamp_min(1e-300)), 0.0)).sum(0)
+
+
+def fit_affine(fn: Callable[[torch.Tensor], torch.Tensor], low: torch.Tensor, high: torch.Tensor, points: int = 257):
+    """Best affine surrogate of a smooth ``fn`` on each neuron's input range [low, high].
+
+    Returns per-neuron (slope, intercept, max_error): the least-squares line
+    over a dense grid of the range, and the largest deviation of ``fn`` from it
+    on that grid. The exact candidates identity (1, 0) and zero (0, 0) are
+    preferred when they are at least as accurate, so that a GELU whose inputs
+    are far positive becomes an identity rather than a 0.99999 scale.
+    """
+    low = low.to(torch.float64)
+    high = high.to(torch.float64)
+    t = torch.linspace(0.0, 1.0, points, dtype=torch.float64)
+    grid = low[:, None] + (high - low)[:, None] * t[None, :]
+    values = fn(grid)
+    mean_x = grid.mean(1, keepdim=True)
+    mean_y = values.mean(1, keepdim=True)
+    var_x = ((grid - mean_x) ** 2).mean(1)
+    cov = ((grid - mean_x) * (values - mean_y)).mean(1)
+    slope = torch.where(var_x > 0, cov / var_x.clamp_min(1e-300), torch.zeros_like(var_x))
+    intercept = mean_y.squeeze(1) - slope * mean_x.squeeze(1)
+    error = (values - (slope[:, None] * grid + intercept[:, None])).abs().amax(1)
+    for exact_slope in (1.0, 0.0):
+        exact_error = (values - exact_slope * grid).abs().amax(1)
+        better = exact_error <= error
+        slope = torch.where(better, torch.full_like(slope, exact_slope), slope)
+        intercept = torch.where(better, torch.zeros_like(intercept), intercept)
+        error = torch.where(better, exact_error, error)
+    return slope, intercept, error
+
+
+__all__ = [
+    "ActivationSpec",
+    "activation_spec",
+    "binary_entropy",
+    "categorical_entropy",
+    "fit_affine",
+]

@@ -1,0 +1,141 @@
+"""``compile``: trace → calibrate → rewrite → verify on held-out data → report."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from . import __version__
+from .analysis import SiteStats, calibrate, summarize_sites
+from .calibration import DEFAULT_BATCH_SIZE, as_batches, split_holdout
+from .errors import VerificationError
+from .graph import propagate_shapes, summarize, trace
+from .numerics import FP32_RTOL, compare
+from .passes import PassManager, Step, default_steps
+
+
+@dataclass
+class CompileResult:
+    """The compiled module (same call signature, fewer layers) and the JSON-serialisable report."""
+
+    module: fx.GraphModule
+    report: dict
+    sites: list[SiteStats]
+
+
+def verification_rtol(tolerance: float) -> float:
+    """Exact rewrites are held to fp32 rounding; approximate ones to the user's tolerance."""
+    return max(tolerance, FP32_RTOL)
+
+
+def _outputs(module: nn.Module, batches: list[torch.Tensor]) -> list:
+    with torch.no_grad():
+        return [module(batch) for batch in batches]
+
+
+def _sites_leaving_region(model: nn.Module, sites: list[SiteStats], holdout: list[torch.Tensor]) -> list[str]:
+    """Linear sites whose neurons sit in another region on the held-out data than on calibration data."""
+    probe = trace(model)
+    held = {s.name: s for s in calibrate(probe, holdout)}
+    moved = []
+    for site in sites:
+        other = held.get(site.name)
+        if other is None or site.spec.smooth or not site.linear_map(0.0).ok:
+            continue
+        if bool((other.neuron_region != site.neuron_region).any()):
+            moved.append(site.name)
+    return moved
+
+
+def _site_actions(sites: list[SiteStats], rewrites: list, refusals: list) -> dict[str, str]:
+    actions = {site.name: "kept" for site in sites}
+    for rewrite in rewrites:
+        if rewrite.pass_name == "linearize_activations":
+            actions[rewrite.nodes[0]] = rewrite.action
+    for refusal in refusals:
+        if refusal.pass_name == "linearize_activations" and actions.get(refusal.node) == "kept":
+            actions[refusal.node] = f"kept: {refusal.reason}"
+    return actions
+
+
+def compile(  # noqa: A001 - the issue's public name
+    model: nn.Module,
+    calibration,
+    tolerance: float = 1e-5,
+    *,
+    holdout: float = 0.2,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    steps: list[Step] | None = None,
+    debug: bool = False,
+    progress: bool = False,
+) -> CompileResult:
+    """Compile ``model`` into a shallower torch.fx GraphModule that computes the same function.
+
+    ``calibration``: a tensor batch, an iterable of tensors or (input, target)
+    tuples, or a DataLoader. The last ``holdout`` fraction of samples is not
+    used to decide anything: the compiled module is checked against the
+    original on it, and a mismatch beyond ``max(tolerance, 1e-5)`` relative
+    (see numerics.py) raises VerificationError. ``tolerance`` also bounds
+    the error of smooth-activation surrogates. ``debug`` checks numerics after
+    every pass and names the pass that broke them. ``model`` is never mutated.
+    """
+    started = time.perf_counter()
+    split = split_holdout(as_batches(calibration, batch_size=batch_size), holdout)
+    reference = copy.deepcopy(model).eval()
+    gm = trace(model)
+    sites = calibrate(gm, split.calibrate, progress=progress)
+    before = summarize(gm)
+    example = split.calibrate[0][:1]
+    manager = PassManager(
+        steps if steps is not None else default_steps(tolerance),
+        example_input=example,
+        debug_inputs=split.holdout[0] if debug else None,
+    )
+    pipeline = manager.run(gm)
+    propagate_shapes(gm, example)
+    after = summarize(gm)
+
+    rtol = verification_rtol(tolerance)
+    error = compare(_outputs(reference, split.holdout), _outputs(gm, split.holdout))
+    if not error.within(rtol):
+        moved = _sites_leaving_region(model, sites, split.holdout)
+        hint = (
+            f" Sites linear on the calibration data but not on the held-out data: {', '.join(moved)}; "
+            "calibrate on more (and more varied) data."
+            if moved
+            else " Lower the tolerance if smooth activations were approximated."
+        )
+        raise VerificationError(
+            f"the compiled model differs from the original on held-out data: max_rel={error.max_rel:.3g} "
+            f"(max_abs={error.max_abs:.3g}) > allowed {rtol:g}.{hint}"
+        )
+
+    actions = _site_actions(sites, pipeline.rewrites, pipeline.refusals)
+    analysis = summarize_sites(sites, tolerance)
+    for row in analysis["sites"]:
+        row["action"] = actions[row["name"]]
+    report = {
+        "egp_export_version": __version__,
+        "tolerance": tolerance,
+        "calibration": {
+            "samples": split.calibration_samples,
+            "holdout_samples": split.holdout_samples if holdout > 0 else 0,
+            "sample_shape": list(split.calibrate[0].shape[1:]),
+        },
+        "analysis": analysis,
+        "rewrites": [r.to_dict() for r in pipeline.rewrites],
+        "refusals": [r.to_dict() for r in pipeline.refusals],
+        "steps": [{"step": name, "iterations": n} for name, n in pipeline.steps_run],
+        "before": before,
+        "after": after,
+        "activations_linearized": sum(1 for a in actions.values() if "-> affine" in a),
+        "verification": {"pytorch": {**error.to_dict(), "rtol": rtol, "passed": True}},
+        "compile_seconds": round(time.perf_counter() - started, 3),
+    }
+    return CompileResult(module=gm, report=report, sites=sites)
+

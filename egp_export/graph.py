@@ -1,0 +1,202 @@
+"""torch.fx plumbing shared by the analyses and passes: tracing, layer kinds, shapes, depth."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .activations import activation_spec
+from .errors import TraceError
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LINEAR_TYPES = (nn.Linear,)
+BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Modules that are the identity in eval mode.
+IDENTITY_TYPES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+class _PathTracer(fx.Tracer):
+    """A Tracer that remembers which submodule it was inside when tracing failed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.egp_module_path: list[str] = []
+
+    def call_module(self, m, forward, args, kwargs):
+        self.egp_module_path.append(self.path_of_module(m) or type(m).__name__)
+        result = super().call_module(m, forward, args, kwargs)
+        self.egp_module_path.pop()
+        return result
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """An eval-mode torch.fx GraphModule of a deep copy of ``model`` (which is never touched).
+
+    A model in training mode is traced in eval mode with a warning: BatchNorm
+    and Dropout behave differently in training, and deployment means eval.
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}.")
+    if model.training:
+        warnings.warn(
+            "the model is in training mode; egp-export compiles its eval-mode behaviour "
+            "(call model.eval() first to silence this).",
+            UserWarning,
+            stacklevel=3,
+        )
+    owned = copy.deepcopy(model).eval()
+    if isinstance(owned, fx.GraphModule):
+        return owned
+    tracer = _PathTracer()
+    try:
+        graph = tracer.trace(owned)
+    except Exception as error:  # fx raises many types; all mean "not traceable"
+        where = tracer.egp_module_path[-1] if tracer.egp_module_path else "the top-level forward()"
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TraceError(
+            f"torch.fx cannot trace the model inside '{where}': {first_line}. "
+            "Data-dependent Python control flow (if/for on tensor values) cannot be traced; "
+            "move it out of forward(), or mark that submodule as a leaf."
+        ) from None
+    return fx.GraphModule(tracer.root, graph, type(owned).__name__)
+
+
+def named_modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
+    return dict(gm.named_modules())
+
+
+def module_of(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
+    return modules.get(str(node.target)) if node.op == "call_module" else None
+
+
+def is_conv(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return isinstance(module_of(node, modules), CONV_TYPES)
+
+
+def is_linear(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return isinstance(module_of(node, modules), LINEAR_TYPES)
+
+
+def is_layer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Conv or linear: the layers whose chain length is the network's depth."""
+    return isinstance(module_of(node, modules), CONV_TYPES + LINEAR_TYPES)
+
+
+def is_identity(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return isinstance(module_of(node, modules), IDENTITY_TYPES)
+
+
+def call_sites(gm: fx.GraphModule, target: str) -> int:
+    """How many nodes call the submodule ``target`` (a shared module has several)."""
+    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
+
+
+def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """Store every node's output shape in ``node.meta['tensor_meta']`` (torch.fx ShapeProp)."""
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example)
+
+
+def shape_of(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def neuron_dim(node: fx.Node, modules: dict[str, nn.Module]) -> int:
+    """The axis that indexes neurons of ``node``'s output: 1 for conv layouts, -1 for token layouts.
+
+    Walks up through elementwise/activation ops to the nearest layer that fixes
+    the layout: conv / batchnorm produce channels-first, linear / layernorm /
+    permute produce channels-last (Swin's ``[B, H, W, C]``, ViT's ``[B, N, C]``).
+    """
+    seen = 0
+    current: fx.Node | None = node
+    while current is not None and seen < 64:
+        seen += 1
+        module = module_of(current, modules)
+        if isinstance(module, CONV_TYPES + BATCHNORM_TYPES):
+            return 1
+        if isinstance(module, LINEAR_TYPES + (nn.LayerNorm,)):
+            return -1
+        if current.op == "call_method" and current.target in ("permute", "transpose"):
+            return -1
+        if current.op == "call_function" and current.target in (torch.permute, torch.transpose):
+            return -1
+        inputs = [a for a in current.all_input_nodes if a.op != "get_attr"]
+        current = inputs[0] if inputs else None
+    shape = shape_of(node)
+    return 1 if shape is not None and len(shape) > 2 else -1
+
+
+def activation_nodes(gm: fx.GraphModule) -> Iterable[fx.Node]:
+    modules = named_modules(gm)
+    return [n for n in gm.graph.nodes if activation_spec(n, modules) is not None]
+
+
+def is_nonlinear_activation(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return activation_spec(node, modules) is not None
+
+
+def depth(gm: fx.GraphModule) -> int:
+    """Longest input-to-output path counted in conv/linear layers."""
+    modules = named_modules(gm)
+    longest: dict[fx.Node, int] = {}
+    for node in gm.graph.nodes:
+        inherited = max((longest[a] for a in node.all_input_nodes), default=0)
+        longest[node] = inherited + (1 if is_layer(node, modules) else 0)
+    return max(longest.values(), default=0)
+
+
+def layer_macs(node: fx.Node, module: nn.Module) -> int:
+    """Multiply-accumulates of one conv/linear call per sample (needs shapes on the node)."""
+    shape = shape_of(node)
+    if shape is None:
+        return 0
+    per_sample = 1
+    for size in shape[1:]:
+        per_sample *= int(size)
+    if isinstance(module, CONV_TYPES):
+        kernel = 1
+        for k in module.kernel_size:
+            kernel *= int(k)
+        return per_sample * (module.in_channels // module.groups) * kernel
+    if isinstance(module, LINEAR_TYPES):
+        return per_sample * module.in_features
+    return 0
+
+
+def summarize(gm: fx.GraphModule) -> dict[str, int]:
+    """Depth, layer and activation counts, parameters and MACs (shapes must be propagated)."""
+    modules = named_modules(gm)
+    layers = [n for n in gm.graph.nodes if is_layer(n, modules)]
+    return {
+        "depth": depth(gm),
+        "layers": len(layers),
+        "activations": sum(1 for n in gm.graph.nodes if is_nonlinear_activation(n, modules)),
+        "params": sum(p.numel() for p in gm.parameters()),
+        "macs": sum(layer_macs(n, modules[str(n.target)]) for n in layers),
+    }
+
+
+def unique_submodule_name(gm: fx.GraphModule, hint: str) -> str:
+    existing = set(dict(gm.named_modules()))
+    base = hint.replace(".", "_")
+    name, suffix = base, 0
+    while name in existing or hasattr(gm, name):
+        suffix += 1
+        name = f"{base}_{suffix}"
+    return name
+
+
+def insert_module_call(gm: fx.GraphModule, before: fx.Node, hint: str, module: nn.Module, args: tuple) -> fx.Node:
+    """Register ``module`` under a fresh name and call it on ``args`` just before ``before``."""
+    name = unique_submodule_name(gm, hint)
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_before(before):
+        return gm.graph.call_module(name, args)

@@ -1,0 +1,252 @@
+"""Remove channels that are zero everywhere from their producers and consumers.
+
+A channel is dead when every conv/linear producing it has an all-zero filter
+and zero bias for it: left by unstructured pruning, or by folding a dead-neuron
+mask or an OFF neuron of a linearized activation. The channel then stays zero
+through every op in its *channel group* (the nodes sharing one channel axis):
+activations with f(0) = 0, dropout/identity, pooling, affine maps without
+shift on it, and residual adds (0 + 0 = 0) whose every operand is in the group.
+It is removed from every producer (output rows), every affine map in the group
+and every consumer (conv input columns, linear columns; through a flatten after
+pooling, the block of H*W columns).
+
+The group is refused, with the node that blocks it, when a member feeds
+anything else: the model output, a concat, a reshape, a grouped conv, a shared
+layer, an op whose f(0) != 0.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..activations import activation_spec
+from ..graph import CONV_TYPES, LINEAR_TYPES, call_sites, module_of, named_modules, shape_of
+from ..modules import ChannelAffine
+from .base import GraphPass
+
+_POOL_TYPES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)
+_IDENTITY_TYPES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_POOL_FUNCTIONS = {
+    torch.nn.functional.adaptive_avg_pool1d, torch.nn.functional.adaptive_avg_pool2d,
+    torch.nn.functional.max_pool1d, torch.nn.functional.max_pool2d,
+    torch.nn.functional.avg_pool1d, torch.nn.functional.avg_pool2d, torch.nn.functional.dropout,
+}
+_ADD_FUNCTIONS = {operator.add, torch.add, operator.iadd}
+
+
+def zero_rows(module: nn.Module) -> torch.Tensor:
+    """Output channels of a conv/linear whose filter and bias are all zero."""
+    weight = module.weight.detach().reshape(module.weight.shape[0], -1)
+    dead = (weight == 0).all(1)
+    if module.bias is not None:
+        dead &= module.bias.detach() == 0
+    return dead
+
+
+class _Group:
+    """The nodes that share one channel axis, found by walking both ways from a producer."""
+
+    def __init__(self) -> None:
+        self.producers: list[fx.Node] = []
+        self.members: list[fx.Node] = []  # transparent ops inside the group
+        self.consumers: list[tuple[fx.Node, int]] = []  # (layer, columns per channel)
+        self.blocker: str | None = None
+        self.channels_first = True  # conv layout [B, C, ...]; False for linear's [..., C]
+
+
+class EliminateDeadChannels(GraphPass):
+    name = "eliminate_dead_channels"
+
+    def run(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.modules = named_modules(gm)
+        done: set[fx.Node] = set()
+        for node in list(gm.graph.nodes):
+            if node in done or not self._is_free_layer(node):
+                continue
+            group = self._collect(node)
+            done.update(group.producers)
+            dead = torch.ones(self._width(group.producers[0]), dtype=torch.bool)
+            for producer in group.producers:
+                dead &= zero_rows(self.modules[str(producer.target)])
+            if not dead.any():
+                continue
+            names = ", ".join(p.name for p in group.producers)
+            if group.blocker:
+                self.refuse(node, f"{int(dead.sum())} zero channels of {names} kept: {group.blocker}")
+                continue
+            for member in group.members:
+                affine = module_of(member, self.modules)
+                if isinstance(affine, ChannelAffine):
+                    dead &= affine.shift == 0
+            if dead.all():
+                dead[0] = False  # keep one channel: zero-width tensors are not portable
+            if not dead.any():
+                continue
+            self._remove(group, ~dead)
+            consumers = ", ".join(c.name for c, _ in group.consumers) or "none"
+            self.rewrote(
+                group.producers + [c for c, _ in group.consumers],
+                f"removed {int(dead.sum())} of {dead.numel()} channels from {names} (consumers: {consumers})",
+            )
+
+    # Classification ------------------------------------------------------
+
+    def _is_free_layer(self, node: fx.Node) -> bool:
+        module = module_of(node, self.modules)
+        return isinstance(module, CONV_TYPES + LINEAR_TYPES) and call_sites(self.gm, str(node.target)) == 1
+
+    def _width(self, node: fx.Node) -> int:
+        return self.modules[str(node.target)].weight.shape[0]
+
+    def _transparent(self, node: fx.Node) -> bool:
+        """A single-input op that maps a zero channel to a zero channel in place."""
+        module = module_of(node, self.modules)
+        if isinstance(module, _IDENTITY_TYPES + _POOL_TYPES + (ChannelAffine,)):
+            return True
+        if isinstance(module, nn.PReLU) and module.num_parameters > 1:
+            return False
+        spec = activation_spec(node, self.modules)
+        if spec is not None:
+            return spec.zero_at_zero
+        return node.op == "call_function" and node.target in _POOL_FUNCTIONS
+
+    def _is_add(self, node: fx.Node) -> bool:
+        if node.op == "call_method" and node.target in ("add", "add_"):
+            return True
+        return node.op == "call_function" and node.target in _ADD_FUNCTIONS
+
+    def _flatten_block(self, node: fx.Node) -> int | None:
+        """Columns per channel when ``node`` flattens [B, C, *spatial] from dim 1, else None."""
+        is_flatten = (node.op == "call_function" and node.target is torch.flatten) or (
+            node.op == "call_method" and node.target == "flatten"
+        ) or isinstance(module_of(node, self.modules), nn.Flatten)
+        if not is_flatten:
+            return None
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0 if node.op != "call_module" else 1)
+        shape = shape_of(node.args[0])
+        if start != 1 or shape is None:
+            return None
+        block = 1
+        for size in shape[2:]:
+            block *= int(size)
+        return block
+
+    # Walking the group ---------------------------------------------------
+
+    def _collect(self, start: fx.Node) -> _Group:
+        group = _Group()
+        group.producers.append(start)
+        group.channels_first = isinstance(module_of(start, self.modules), CONV_TYPES)
+        seen = {start}
+        forward = [start]
+        while forward and group.blocker is None:
+            node = forward.pop()
+            for user in node.users:
+                if user in seen:
+                    continue
+                self._classify_user(user, node, group, seen, forward)
+        return group
+
+    def _classify_user(self, user: fx.Node, source: fx.Node, group: _Group, seen: set, forward: list) -> None:
+        module = module_of(user, self.modules)
+        if isinstance(module, CONV_TYPES + LINEAR_TYPES):
+            shape = shape_of(source)
+            same_axis = isinstance(module, CONV_TYPES) == group.channels_first or (shape is not None and len(shape) == 2)
+            if user.args[0] is not source:
+                group.blocker = f"'{source.name}' is a weight/extra input of '{user.name}'"
+            elif not same_axis:
+                group.blocker = f"'{user.name}' reads a different axis than the channel axis"
+            elif call_sites(self.gm, str(user.target)) > 1:
+                group.blocker = f"consumer '{user.target}' is shared by several call sites"
+            elif isinstance(module, CONV_TYPES) and module.groups != 1:
+                group.blocker = f"consumer '{user.name}' is a grouped convolution"
+            else:
+                seen.add(user)
+                group.consumers.append((user, 1))
+            return
+        block = self._flatten_block(user) if group.channels_first else None
+        if block is not None:
+            linears = [u for u in user.users if isinstance(module_of(u, self.modules), LINEAR_TYPES)]
+            if len(linears) != len(user.users) or any(call_sites(self.gm, str(u.target)) > 1 for u in linears):
+                group.blocker = f"flatten '{user.name}' feeds something other than unshared linear layers"
+                return
+            seen.add(user)
+            seen.update(linears)
+            group.consumers.extend((u, block) for u in linears)
+            return
+        if self._transparent(user) and user.args and user.args[0] is source:
+            seen.add(user)
+            group.members.append(user)
+            forward.append(user)
+            return
+        if self._is_add(user):
+            seen.add(user)
+            group.members.append(user)
+            forward.append(user)
+            for operand in user.all_input_nodes:
+                if operand not in seen:
+                    self._walk_back(operand, group, seen, forward)
+            return
+        group.blocker = f"channels reach '{user.name}' ({user.op} {getattr(user.target, '__name__', user.target)})"
+
+    def _walk_back(self, node: fx.Node, group: _Group, seen: set, forward: list) -> None:
+        """An operand of a residual add joins the group: it must come from producers through transparent ops."""
+        seen.add(node)
+        if self._is_free_layer(node):
+            if isinstance(module_of(node, self.modules), CONV_TYPES) != group.channels_first:
+                group.blocker = f"residual operand '{node.name}' has a different channel layout"
+                return
+            group.producers.append(node)
+            forward.append(node)
+            return
+        if (self._transparent(node) or self._is_add(node)) and node.all_input_nodes:
+            group.members.append(node)
+            forward.append(node)
+            for operand in node.all_input_nodes:
+                if operand not in seen:
+                    self._walk_back(operand, group, seen, forward)
+            return
+        group.blocker = f"residual operand '{node.name}' is not produced by a prunable conv/linear"
+
+    # Removing ------------------------------------------------------------
+
+    def _remove(self, group: _Group, keep: torch.Tensor) -> None:
+        with torch.no_grad():
+            for producer in group.producers:
+                module = self.modules[str(producer.target)]
+                module.weight = nn.Parameter(module.weight.detach()[keep].clone())
+                if module.bias is not None:
+                    module.bias = nn.Parameter(module.bias.detach()[keep].clone())
+                _set_width(module, out=int(keep.sum()))
+            for member in group.members:
+                affine = module_of(member, self.modules)
+                if isinstance(affine, ChannelAffine):
+                    affine.scale = affine.scale[keep].clone()
+                    affine.shift = affine.shift[keep].clone()
+            for consumer, block in group.consumers:
+                module = self.modules[str(consumer.target)]
+                columns = keep.repeat_interleave(block)
+                module.weight = nn.Parameter(module.weight.detach()[:, columns].clone())
+                _set_width(module, inp=int(columns.sum()))
+
+
+def _set_width(module: nn.Module, *, out: int | None = None, inp: int | None = None) -> None:
+    if isinstance(module, LINEAR_TYPES):
+        if out is not None:
+            module.out_features = out
+        if inp is not None:
+            module.in_features = inp
+    else:
+        if out is not None:
+            module.out_channels = out
+        if inp is not None:
+            module.in_channels = inp

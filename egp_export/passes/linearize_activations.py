@@ -1,0 +1,79 @@
+"""Replace activation call sites that are linear on the calibration data by per-neuron affine maps.
+
+A site whose every neuron stayed in one linear region (ReLU ON/OFF, ReLU6
+saturated, Hardsigmoid's middle, ...) computes ``y = slope * z + intercept``
+per neuron on the data: it becomes a ChannelAffine, which
+``fold_channel_affine`` then folds into a neighbouring layer. Smooth
+activations (GELU, SiLU) are replaced only when their best affine fit on the
+calibrated range is within the tolerance.
+
+A site that stays nonlinear may still have dead neurons (always in a zero
+region, and f(0) = 0). A 0/1 mask is put in front of the activation:
+act(m z) = m act(z) on the data, and once the mask folds into the producer
+its filters are zero, so ``eliminate_dead_channels`` can remove them. The
+mask is only inserted where it can fold (the producer is a conv/linear that
+feeds only this site): a mask left standing would cost a Mul and save nothing.
+
+Inplace activations whose input is read by other nodes are left alone: those
+nodes see the activated tensor in the original model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..analysis import site_stats
+from ..graph import insert_module_call, named_modules, shape_of
+from ..modules import ChannelAffine
+from ._fold import producer_refusal
+from .base import GraphPass
+
+
+def _describe(scale: torch.Tensor, shift: torch.Tensor) -> str:
+    identity = int(((scale == 1) & (shift == 0)).sum())
+    zero = int(((scale == 0) & (shift == 0)).sum())
+    other = scale.numel() - identity - zero
+    parts = [f"{identity} identity", f"{zero} zero"] + ([f"{other} affine"] if other else [])
+    return ", ".join(parts)
+
+
+class LinearizeActivations(GraphPass):
+    name = "linearize_activations"
+
+    def __init__(self, tolerance: float = 1e-5) -> None:
+        self.tolerance = tolerance
+
+    def run(self, gm: fx.GraphModule) -> None:
+        modules = named_modules(gm)
+        for node in list(gm.graph.nodes):
+            stats = site_stats(node)
+            if stats is None or node.op not in ("call_module", "call_function", "call_method"):
+                continue
+            source = node.args[0]
+            if stats.spec.inplace and len(source.users) > 1:
+                self.refuse(node, f"inplace {stats.spec.kind} overwrites '{source.name}', which other nodes read")
+                continue
+            linear = stats.linear_map(self.tolerance)
+            if linear.ok:
+                affine = ChannelAffine(linear.scale, linear.shift, stats.dim)
+                replacement = insert_module_call(gm, node, f"{node.name}_linear", affine, (source,))
+                node.replace_all_uses_with(replacement)
+                gm.graph.erase_node(node)
+                error = f", surrogate error {linear.max_error:.2g}" if stats.spec.smooth else ""
+                self.rewrote([node.name], f"{stats.spec.kind} -> affine ({_describe(linear.scale, linear.shift)}{error})")
+                continue
+            self.refuse(node, linear.reason)
+            dead = stats.dead_neurons()
+            if not dead.any():
+                continue
+            shape = shape_of(source)
+            blocked = producer_refusal(source, stats.dim, len(shape) if shape else None, gm, modules)
+            if blocked:
+                self.refuse(node, f"{int(dead.sum())} dead neurons kept: {blocked}")
+            else:
+                mask = (~dead).to(torch.float64)
+                masker = ChannelAffine(mask, torch.zeros_like(mask), stats.dim)
+                masked = insert_module_call(gm, node, f"{node.name}_dead_mask", masker, (source,))
+                node.replace_input_with(source, masked)
+                self.rewrote([node.name], f"{int(dead.sum())} dead neurons of {stats.spec.kind} masked to zero")
