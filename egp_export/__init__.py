@@ -1,3 +1,73 @@
-"""egp-export: compile depth-reduced (entropy-guided pruned) PyTorch networks."""
+"""egp-export: compile depth-reduced (entropy-guided pruned) PyTorch networks.
+
+    result = egp_export.compile(model, calibration_batch)      # CompileResult(module, report, sites)
+    egp_export.export_onnx(result.module, example, "model.onnx", verify_inputs=held_out)
+    egp_export.analyze(model, calibration_batch)               # per-site activation statistics only
+
+The error types are imported eagerly (they are light); ``compile``,
+``analyze``, ``export_onnx`` and the result types load torch, onnx and
+onnxruntime on first use, so ``egp-export --help`` and ``import egp_export``
+stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from .errors import (
+    ArchitectureError,
+    CalibrationError,
+    CheckpointError,
+    EgpExportError,
+    ExportError,
+    OutputError,
+    TraceError,
+    VerificationError,
+)
 
 __version__ = "0.1.0"
+
+# Public name -> the submodule that defines it, imported on first access.
+_LAZY = {
+    "compile": "compiler",
+    "CompileResult": "compiler",
+    "analyze": "analysis",
+    "export_onnx": "onnx_export",
+    "ExportResult": "onnx_export",
+}
+
+if TYPE_CHECKING:
+    from .analysis import analyze
+    from .compiler import CompileResult, compile  # noqa: A004 - the issue's public name
+    from .onnx_export import ExportResult, export_onnx
+
+__all__ = [
+    "ArchitectureError",
+    "CalibrationError",
+    "CheckpointError",
+    "CompileResult",
+    "EgpExportError",
+    "ExportError",
+    "ExportResult",
+    "OutputError",
+    "TraceError",
+    "VerificationError",
+    "__version__",
+    "analyze",
+    "compile",
+    "export_onnx",
+]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -64,7 +64,8 @@ def trace(model: nn.Module) -> fx.GraphModule:
             "Data-dependent Python control flow (if/for on tensor values) cannot be traced; "
             "move it out of forward(), or mark that submodule as a leaf."
         ) from None
-    return fx.GraphModule(tracer.root, graph, type(owned).__name__)
+    # GraphModule builds fresh container modules, which start in training mode.
+    return fx.GraphModule(tracer.root, graph, type(owned).__name__).eval()
 
 
 def named_modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
@@ -197,6 +198,6 @@ def unique_submodule_name(gm: fx.GraphModule, hint: str) -> str:
 def insert_module_call(gm: fx.GraphModule, before: fx.Node, hint: str, module: nn.Module, args: tuple) -> fx.Node:
     """Register ``module`` under a fresh name and call it on ``args`` just before ``before``."""
     name = unique_submodule_name(gm, hint)
-    gm.add_submodule(name, module)
+    gm.add_submodule(name, module.train(gm.training))
     with gm.graph.inserting_before(before):
         return gm.graph.call_module(name, args)

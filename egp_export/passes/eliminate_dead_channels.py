@@ -70,7 +70,12 @@ class EliminateDeadChannels(GraphPass):
         self.modules = named_modules(gm)
         done: set[fx.Node] = set()
         for node in list(gm.graph.nodes):
-            if node in done or not self._is_free_layer(node):
+            if node in done:
+                continue
+            if not self._is_free_layer(node):
+                module = module_of(node, self.modules)
+                if isinstance(module, CONV_TYPES + LINEAR_TYPES) and zero_rows(module).any():
+                    self.refuse(node, f"{int(zero_rows(module).sum())} zero channels kept: grouped or shared layer")
                 continue
             group = self._collect(node)
             done.update(group.producers)
@@ -101,8 +106,15 @@ class EliminateDeadChannels(GraphPass):
     # Classification ------------------------------------------------------
 
     def _is_free_layer(self, node: fx.Node) -> bool:
+        """An unshared conv/linear whose output channels can be dropped on their own.
+
+        A grouped conv's output channels are tied to its input channels, which
+        belong to another channel group; those are left alone.
+        """
         module = module_of(node, self.modules)
-        return isinstance(module, CONV_TYPES + LINEAR_TYPES) and call_sites(self.gm, str(node.target)) == 1
+        if not isinstance(module, CONV_TYPES + LINEAR_TYPES) or call_sites(self.gm, str(node.target)) != 1:
+            return False
+        return not (isinstance(module, CONV_TYPES) and module.groups != 1)
 
     def _width(self, node: fx.Node) -> int:
         return self.modules[str(node.target)].weight.shape[0]

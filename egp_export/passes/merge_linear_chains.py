@@ -168,7 +168,7 @@ class MergeLinearChains(GraphPass):
             if reason:
                 self.refuse(second_node, f"{rule.name} merge of '{node.name}' and '{second_node.name}' refused: {reason}")
                 continue
-            merged = rule.merge(first, second)
+            merged = rule.merge(first, second).train(first.training)
             gm.add_submodule(str(node.target), merged)
             modules[str(node.target)] = merged
             second_node.replace_all_uses_with(node)
