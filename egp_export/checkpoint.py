@@ -109,7 +109,7 @@ def _torch_load(path: Path, *, allow_pickle: bool) -> object:
                 "or, if you trust the file, pass --unsafe-pickle (allow_pickle=True)."
             ) from None
         raise _corrupt(path, error) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, UnicodeDecodeError) as error:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
         raise _corrupt(path, error) from None
     except (AttributeError, ImportError) as error:
         # Only reachable with allow_pickle: the pickle names a class that cannot be imported here.
