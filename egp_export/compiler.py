@@ -16,7 +16,8 @@ from .calibration import DEFAULT_BATCH_SIZE, as_batches, split_holdout
 from .errors import VerificationError
 from .graph import propagate_shapes, summarize, trace
 from .numerics import FP32_RTOL, NOISE_FACTOR, compare, fp32_noise
-from .passes import PassManager, Step, default_steps
+from .costmodel import AnalyticCost, MeasuredCost
+from .passes import PassManager, Step, conv_seconds, default_steps
 
 
 @dataclass
@@ -68,6 +69,17 @@ def _sites_leaving_region(
     return moved
 
 
+def resolve_cost_model(cost_model):
+    """A cost object from ``None``/"analytic"/"measured" or one given as is."""
+    if cost_model is None or cost_model == "analytic":
+        return AnalyticCost()
+    if cost_model == "measured":
+        return MeasuredCost()
+    if hasattr(cost_model, "conv_seconds"):
+        return cost_model
+    raise ValueError(f"cost_model must be 'analytic', 'measured' or a cost object, got {cost_model!r}")
+
+
 def _site_actions(sites: list[SiteStats], rewrites: list, refusals: list) -> dict[str, str]:
     actions = {site.name: "kept" for site in sites}
     for rewrite in rewrites:
@@ -86,6 +98,9 @@ def compile(  # noqa: A001 - the issue's public name
     *,
     holdout: float = 0.2,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    approximate: bool = False,
+    cost_model=None,
+    merge_plan: str = "cost",
     steps: list[Step] | None = None,
     debug: bool = False,
     progress: bool = False,
@@ -99,7 +114,11 @@ def compile(  # noqa: A001 - the issue's public name
     to the output scale (see numerics.py) raises VerificationError. ``tolerance`` also bounds
     the error of smooth-activation surrogates. The fp32 floor rises to
     4x the original model's own fp32-vs-fp64 error where that is larger
-    (ill-conditioned networks). ``debug`` checks numerics after
+    (ill-conditioned networks). ``approximate`` allows conv merges that are
+    exact only away from the border (the measured error is then checked
+    against ``tolerance`` like everything else); ``cost_model`` ("analytic",
+    "measured", or a cost object from costmodel.py) decides which merges pay;
+    ``merge_plan="all"`` merges every conv chain whole. ``debug`` checks numerics after
     every pass and names the pass that broke them. ``model`` is never mutated.
     """
     started = time.perf_counter()
@@ -110,9 +129,11 @@ def compile(  # noqa: A001 - the issue's public name
     gm = trace(model)
     sites = calibrate(gm, split.calibrate, progress=progress)
     before = summarize(gm)
+    cost = resolve_cost_model(cost_model)
+    predicted_before = conv_seconds(gm, cost)
     example = split.calibrate[0][:1]
     manager = PassManager(
-        steps if steps is not None else default_steps(tolerance),
+        steps if steps is not None else default_steps(tolerance, approximate=approximate, cost=cost, plan=merge_plan),
         example_input=example,
         debug_inputs=split.calibrate[0] if debug else None,
         debug_rtol=rtol,
@@ -120,6 +141,9 @@ def compile(  # noqa: A001 - the issue's public name
     pipeline = manager.run(gm)
     propagate_shapes(gm, example)
     after = summarize(gm)
+    predicted_after = conv_seconds(gm, cost)
+    if isinstance(cost, MeasuredCost):
+        cost.save()
 
     error = compare(_outputs(reference, split.holdout), _outputs(gm, split.holdout))
     if not error.within(rtol):
@@ -153,6 +177,11 @@ def compile(  # noqa: A001 - the issue's public name
         "steps": [{"step": name, "iterations": n} for name, n in pipeline.steps_run],
         "before": before,
         "after": after,
+        "predicted_conv_latency_us": {
+            "cost_model": cost.name,
+            "before": round(predicted_before * 1e6, 2),
+            "after": round(predicted_after * 1e6, 2),
+        },
         "activations_linearized": sum(1 for a in actions.values() if "-> affine" in a),
         "verification": {
             "fp32_noise": noise,

@@ -195,9 +195,18 @@ def unique_submodule_name(gm: fx.GraphModule, hint: str) -> str:
     return name
 
 
-def insert_module_call(gm: fx.GraphModule, before: fx.Node, hint: str, module: nn.Module, args: tuple) -> fx.Node:
-    """Register ``module`` under a fresh name and call it on ``args`` just before ``before``."""
+def insert_module_call(
+    gm: fx.GraphModule, before: fx.Node, hint: str, module: nn.Module, args: tuple, *, like: fx.Node | None = None
+) -> fx.Node:
+    """Register ``module`` under a fresh name and call it on ``args`` just before ``before``.
+
+    ``like``: a node whose output has the same shape; its shape facts are
+    copied so later passes in the same run can read them.
+    """
     name = unique_submodule_name(gm, hint)
     gm.add_submodule(name, module.train(gm.training))
     with gm.graph.inserting_before(before):
-        return gm.graph.call_module(name, args)
+        node = gm.graph.call_module(name, args)
+    if like is not None and "tensor_meta" in like.meta:
+        node.meta["tensor_meta"] = like.meta["tensor_meta"]
+    return node

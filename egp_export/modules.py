@@ -39,3 +39,22 @@ class ChannelAffine(nn.Module):
 
     def extra_repr(self) -> str:
         return f"neurons={self.scale.numel()}, dim={self.dim}"
+
+
+class ConstantAdd(nn.Module):
+    """``y = x + value``: a position-dependent bias (``value`` is ``[C, *spatial]``, broadcast over the batch).
+
+    What an exactly merged conv chain adds when a later conv zero-pads an
+    intermediate that carried a bias (see convchain.py). Needs the static
+    spatial size the chain was merged for.
+    """
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("value", value.detach().to(torch.float32).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.value.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.value.shape)}"

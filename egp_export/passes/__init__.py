@@ -6,18 +6,27 @@ from .base import GraphPass, PassManager, PassResult, PipelineResult, Refusal, R
 from .eliminate_dead_channels import EliminateDeadChannels
 from .fold_batchnorm import FoldBatchNorm
 from .fold_channel_affine import FoldChannelAffine
+from .fold_residuals import FoldResiduals
 from .linearize_activations import LinearizeActivations
+from .merge_conv_chains import MergeConvChains, conv_seconds
 from .merge_linear_chains import MERGE_RULES, MergeLinearChains, MergeRule
 
 
-def default_steps(tolerance: float) -> list[Step]:
-    """The compiler's pipeline: once-steps first, then the folding/merging loop to a fixed point."""
+def default_steps(tolerance: float, *, approximate: bool = False, cost=None, plan: str = "cost") -> list[Step]:
+    """The compiler's pipeline: once-steps first, then the folding/merging loop to a fixed point.
+
+    ``approximate`` allows border-approximate conv merges; ``cost`` is the
+    merge planner's cost model (analytic by default); ``plan="all"`` merges
+    every conv chain whole (the Layer-Folding baseline).
+    """
     return [
         Step("fold_batchnorm", FoldBatchNorm, fixed_point=False),
         Step("linearize_activations", lambda: LinearizeActivations(tolerance), fixed_point=False),
         Step("fold_channel_affine", FoldChannelAffine),
         Step("eliminate_dead_channels", EliminateDeadChannels),
         Step("merge_linear_chains", MergeLinearChains),
+        Step("merge_conv_chains", lambda: MergeConvChains(approximate=approximate, cost=cost, plan=plan)),
+        Step("fold_residuals", FoldResiduals),
     ]
 
 
@@ -26,6 +35,8 @@ __all__ = [
     "EliminateDeadChannels",
     "FoldBatchNorm",
     "FoldChannelAffine",
+    "FoldResiduals",
+    "MergeConvChains",
     "GraphPass",
     "LinearizeActivations",
     "MergeLinearChains",
@@ -36,6 +47,7 @@ __all__ = [
     "Refusal",
     "Rewrite",
     "Step",
+    "conv_seconds",
     "default_steps",
     "finalize",
 ]

@@ -53,7 +53,7 @@ class FoldBatchNorm(GraphPass):
                 gm.graph.erase_node(node)
                 self.rewrote([node.name, source.name], f"BatchNorm '{node.target}' folded into '{source.target}'")
                 continue
-            affine = insert_module_call(gm, node, f"{node.target}_affine", ChannelAffine(scale, shift, 1), (source,))
+            affine = insert_module_call(gm, node, f"{node.target}_affine", ChannelAffine(scale, shift, 1), (source,), like=node)
             node.replace_all_uses_with(affine)
             gm.graph.erase_node(node)
             self.refuse(node, f"not folded backwards ({reason}); kept as a per-channel affine map")

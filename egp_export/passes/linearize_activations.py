@@ -57,7 +57,7 @@ class LinearizeActivations(GraphPass):
             linear = stats.linear_map(self.tolerance)
             if linear.ok:
                 affine = ChannelAffine(linear.scale, linear.shift, stats.dim)
-                replacement = insert_module_call(gm, node, f"{node.name}_linear", affine, (source,))
+                replacement = insert_module_call(gm, node, f"{node.name}_linear", affine, (source,), like=node)
                 node.replace_all_uses_with(replacement)
                 gm.graph.erase_node(node)
                 error = f", surrogate error {linear.max_error:.2g}" if stats.spec.smooth else ""
@@ -74,6 +74,6 @@ class LinearizeActivations(GraphPass):
             else:
                 mask = (~dead).to(torch.float64)
                 masker = ChannelAffine(mask, torch.zeros_like(mask), stats.dim)
-                masked = insert_module_call(gm, node, f"{node.name}_dead_mask", masker, (source,))
+                masked = insert_module_call(gm, node, f"{node.name}_dead_mask", masker, (source,), like=source)
                 node.replace_input_with(source, masked)
                 self.rewrote([node.name], f"{int(dead.sum())} dead neurons of {stats.spec.kind} masked to zero")

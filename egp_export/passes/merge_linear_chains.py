@@ -1,19 +1,17 @@
-"""Merge two neighbouring linear layers into one where it is exact and does not cost more.
+"""Merge neighbouring Linear layers, and a pointwise conv into the Linear after global pooling.
 
 Rules are data (``MERGE_RULES``): each says which pair it merges, why it may
 refuse, and how it builds the merged layer. A pair is two layers A -> B with
 only eval-mode identities (Dropout, Identity) between them and A's output read
-by nothing else. The general conv-chain rules (k1 x k1 -> k2 x k2 with
-padding, border classes, residual folding, the latency plan) slot in as more
-rules and a cost model in the merge-engine issue.
+by nothing else. Conv chains are ``merge_conv_chains``' business.
 
-    Linear -> Linear:       W = W2 W1,  b = W2 b1 + b2                    (exact)
-    Conv(k) -> Conv(1x1):   W[o,i,k] = sum_m W2[o,m] W1[m,i,k],
-                            b = W2 b1 + b2                                (exact)
-    (1x1, stride 1, no padding on B: B mixes channels pointwise only.)
+    Linear -> Linear:  W = W2 W1,  b = W2 b1 + b2                          (exact)
+    1x1 conv -> global average pool -> flatten -> Linear:
+        mean_hw(W1 x + b1) = W1 mean_hw(x) + b1, so the conv moves behind
+        the pool and merges with the Linear: W = W2 W1, b = W2 b1 + b2     (exact)
 
-A merge is refused when it would raise the MACs per output position:
-Linear: in*out > in*h + h*out; Conv: a grouped A becomes dense.
+Linear∘Linear is refused when it would raise the MACs per token:
+in*out > in*h + h*out.
 """
 
 from __future__ import annotations
@@ -61,79 +59,12 @@ def _merge_linear(a: nn.Linear, b: nn.Linear) -> nn.Linear:
     return merged
 
 
-def _is_pointwise(conv: nn.Module) -> bool:
-    return (
-        all(k == 1 for k in conv.kernel_size)
-        and all(s == 1 for s in conv.stride)
-        and not isinstance(conv.padding, str)
-        and all(p == 0 for p in conv.padding)
-    ) or (isinstance(conv.padding, str) and all(k == 1 for k in conv.kernel_size) and all(s == 1 for s in conv.stride))
-
-
-def _dense_weight(conv: nn.Module) -> torch.Tensor:
-    """A grouped conv's weight as the equivalent dense [out, in, *k] weight (zero off its groups)."""
-    weight = conv.weight.detach().to(torch.float64)
-    if conv.groups == 1:
-        return weight
-    out_per_group = conv.out_channels // conv.groups
-    in_per_group = conv.in_channels // conv.groups
-    dense = torch.zeros(conv.out_channels, conv.in_channels, *weight.shape[2:], dtype=torch.float64)
-    for g in range(conv.groups):
-        rows = slice(g * out_per_group, (g + 1) * out_per_group)
-        dense[rows, g * in_per_group : (g + 1) * in_per_group] = weight[rows]
-    return dense
-
-
-def _conv_pointwise_refusal(a: nn.Module, b: nn.Module) -> str | None:
-    if type(a) is not type(b):
-        return f"{type(a).__name__} -> {type(b).__name__} mixes dimensionalities"
-    if not _is_pointwise(b):
-        return "second conv is not 1x1 with stride 1 and no padding (general conv chains: merge engine)"
-    kernel = 1
-    for k in a.kernel_size:
-        kernel *= int(k)
-    before = a.out_channels * (a.in_channels // a.groups) * kernel + b.out_channels * (b.in_channels // b.groups)
-    after = b.out_channels * a.in_channels * kernel
-    if after > before:
-        return f"MACs per output position would grow from {before} to {after}"
-    return None
-
-
-def _merge_conv_pointwise(a: nn.Module, b: nn.Module) -> nn.Module:
-    # W[o, i, k] = sum_m W2[o, m] W1[m, i, k],  b = W2 b1 + b2
-    w1 = _dense_weight(a)
-    w2 = _dense_weight(b).flatten(1)
-    merged = type(a)(
-        a.in_channels,
-        b.out_channels,
-        a.kernel_size,
-        stride=a.stride,
-        padding=a.padding,
-        dilation=a.dilation,
-        groups=1,
-        bias=True,
-        padding_mode=a.padding_mode,
-        dtype=a.weight.dtype,
-        device=a.weight.device,
-    )
-    with torch.no_grad():
-        merged.weight.copy_(torch.einsum("om,mi...->oi...", w2, w1))
-        merged.bias.copy_(w2 @ _bias(a) + _bias(b))
-    return merged
-
-
 MERGE_RULES: tuple[MergeRule, ...] = (
     MergeRule(
         "linear->linear",
         lambda a, b: isinstance(a, LINEAR_TYPES) and isinstance(b, LINEAR_TYPES),
         _linear_refusal,
         _merge_linear,
-    ),
-    MergeRule(
-        "conv->conv1x1",
-        lambda a, b: isinstance(a, CONV_TYPES) and isinstance(b, CONV_TYPES),
-        _conv_pointwise_refusal,
-        _merge_conv_pointwise,
     ),
 )
 
@@ -150,11 +81,14 @@ class MergeLinearChains(GraphPass):
             if node.graph is not gm.graph or node.op == "output":
                 continue  # erased by an earlier merge in this run
             first = module_of(node, modules)
-            if not isinstance(first, CONV_TYPES + LINEAR_TYPES):
+            if isinstance(first, CONV_TYPES):
+                self._merge_pooled_head(gm, node, modules)
+                continue
+            if not isinstance(first, LINEAR_TYPES):
                 continue
             between, second_node = self._follow(node, modules)
             second = module_of(second_node, modules) if second_node is not None else None
-            if not isinstance(second, CONV_TYPES + LINEAR_TYPES):
+            if not isinstance(second, LINEAR_TYPES):
                 continue
             rule = next((r for r in self.rules if r.matches(first, second)), None)
             if rule is None:
@@ -174,7 +108,49 @@ class MergeLinearChains(GraphPass):
             second_node.replace_all_uses_with(node)
             for dead in [second_node, *reversed(between)]:
                 gm.graph.erase_node(dead)
-            self.rewrote([node.name, *[b.name for b in between], second_node.name], f"{rule.name}: '{node.target}' absorbed '{second_node.target}'")
+            self.rewrote(
+                [node.name, *[b.name for b in between], second_node.name],
+                f"{rule.name}: '{node.target}' absorbed '{second_node.target}'",
+            )
+
+    def _merge_pooled_head(self, gm: fx.GraphModule, conv_node: fx.Node, modules: dict[str, nn.Module]) -> None:
+        """1x1 conv -> global average pool -> flatten -> (identities) -> Linear: the conv joins the Linear."""
+        path = []
+        current = conv_node
+        for accepts in (_is_global_average_pool, _is_flatten_from_channels):
+            if len(current.users) != 1:
+                return
+            user = next(iter(current.users))
+            if not accepts(user, modules) or user.args[0] is not current:
+                return
+            path.append(user)
+            current = user
+        between, linear_node = self._follow(current, modules)
+        if linear_node is None or not isinstance(module_of(linear_node, modules), LINEAR_TYPES):
+            return
+        conv = modules[str(conv_node.target)]
+        reason = (
+            layer_refusal(conv_node, gm, modules)
+            or layer_refusal(linear_node, gm, modules)
+            or (None if _is_plain_pointwise(conv) else "the conv is not 1x1 with stride 1, no padding and no groups")
+        )
+        if reason:
+            self.refuse(linear_node, f"pooled-head merge of '{conv_node.name}' into '{linear_node.name}' refused: {reason}")
+            return
+        linear = modules[str(linear_node.target)]
+        as_linear = nn.Linear(conv.in_channels, conv.out_channels, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            as_linear.weight.copy_(conv.weight.detach().flatten(1))
+            as_linear.bias.copy_(_bias(conv).to(conv.weight.dtype))
+        merged = _merge_linear(as_linear, linear).train(linear.training)
+        gm.add_submodule(str(linear_node.target), merged)
+        modules[str(linear_node.target)] = merged
+        path[0].replace_input_with(conv_node, conv_node.args[0])
+        gm.graph.erase_node(conv_node)
+        self.rewrote(
+            [conv_node.name, *[p.name for p in path], linear_node.name],
+            f"pooled head: 1x1 conv '{conv_node.target}' moved behind the global pool and merged into '{linear_node.target}'",
+        )
 
     @staticmethod
     def _follow(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[fx.Node], fx.Node | None]:
@@ -189,3 +165,39 @@ class MergeLinearChains(GraphPass):
                 continue
             return between, user
         return between, None
+
+
+def _is_plain_pointwise(conv: nn.Module) -> bool:
+    return (
+        conv.groups == 1
+        and all(k == 1 for k in conv.kernel_size)
+        and all(st == 1 for st in conv.stride)
+        and (conv.padding == "valid" or conv.padding == "same" or all(p == 0 for p in conv.padding))
+    )
+
+
+def _is_global_average_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    module = module_of(node, modules)
+    if isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
+        size = module.output_size
+        return all(s == 1 for s in (size if isinstance(size, tuple) else (size,)))
+    if node.op == "call_function" and node.target in (
+        torch.nn.functional.adaptive_avg_pool1d, torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.adaptive_avg_pool3d
+    ):
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
+    return False
+
+
+def _is_flatten_from_channels(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    module = module_of(node, modules)
+    if isinstance(module, nn.Flatten):
+        return module.start_dim == 1 and module.end_dim == -1
+    is_flatten = (node.op == "call_function" and node.target is torch.flatten) or (
+        node.op == "call_method" and node.target == "flatten"
+    )
+    if not is_flatten:
+        return False
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    return start == 1 and end == -1

@@ -1,0 +1,199 @@
+"""Merge chains of convolutions into as few convs as pays, exactly unless told otherwise.
+
+A chain is a maximal run of unshared conv layers, each the only reader of the
+one before (eval-mode identities between are skipped): what is left between
+two convs once their activations became linear and folded. For a chain
+L1..Ln the pass chooses split points by dynamic programming over the
+predicted latency of each segment (LayerMerge's formulation over a latency
+table):
+
+    best[0] = 0
+    best[i] = min_{j < i} best[j] + cost(merge(L_{j+1} .. L_i))
+
+where a single layer costs what it costs, and a multi-layer segment costs its
+merged conv (plus a constant bias-map add where the merge needs one) if the
+merge is allowed, else infinity. Allowed: EXACT and EXACT_BIAS_MAP merges
+always (see convchain.py); BORDER_APPROXIMATE ones only with
+``approximate=True``. Every multi-layer segment is reported: merged, or
+refused with the reason (border not exact, strides misaligned, predicted
+latency grows, a better split exists).
+
+``plan="all"`` merges every chain whole whatever it costs and however
+inexact (the Layer-Folding baseline the benchmark compares against).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch.fx as fx
+
+from ..convchain import ChainClass, ConvLayer, explicit_padding, merge_chain
+from ..costmodel import AnalyticCost
+from ..graph import CONV_TYPES, insert_module_call, is_identity, module_of, named_modules, shape_of
+from ..modules import ConstantAdd
+from .base import GraphPass
+
+
+class MergeConvChains(GraphPass):
+    name = "merge_conv_chains"
+
+    def __init__(self, *, approximate: bool = False, cost=None, plan: str = "cost") -> None:
+        if plan not in ("cost", "all"):
+            raise ValueError(f"plan must be 'cost' or 'all', got {plan!r}")
+        self.approximate = approximate or plan == "all"
+        self.cost = cost if cost is not None else AnalyticCost()
+        self.plan = plan
+
+    def run(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.modules = named_modules(gm)
+        self.sites = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+        successor: dict[fx.Node, tuple[list[fx.Node], fx.Node]] = {}
+        for node in gm.graph.nodes:
+            link = self._link(node)
+            if link is not None:
+                successor[node] = link
+        heads = [n for n in successor if n not in {nxt for _, nxt in successor.values()}]
+        for head in heads:
+            chain, between = [head], []
+            while chain[-1] in successor:
+                gap, nxt = successor[chain[-1]]
+                between.append(gap)
+                chain.append(nxt)
+            self._plan_chain(chain, between)
+
+    # Finding chains ------------------------------------------------------
+
+    def _mergeable_conv(self, node: fx.Node) -> bool:
+        module = module_of(node, self.modules)
+        if not isinstance(module, CONV_TYPES) or self.sites[str(node.target)] != 1 or shape_of(node.args[0]) is None:
+            return False
+        try:
+            explicit_padding(module)
+        except ValueError:
+            return False  # reflect/circular or asymmetric padding: no conv algebra for it
+        return True
+
+    def _link(self, node: fx.Node) -> tuple[list[fx.Node], fx.Node] | None:
+        """(identities, next conv) when ``node``'s output only feeds another mergeable conv."""
+        if not self._mergeable_conv(node):
+            return None
+        gap: list[fx.Node] = []
+        current = node
+        while len(current.users) == 1:
+            user = next(iter(current.users))
+            if is_identity(user, self.modules) and user.args[0] is current:
+                gap.append(user)
+                current = user
+                continue
+            if self._mergeable_conv(user) and user.args[0] is current:
+                same_rank = type(self.modules[str(user.target)]) is type(self.modules[str(node.target)])
+                return (gap, user) if same_rank else None
+            return None
+        return None
+
+    # Planning ------------------------------------------------------------
+
+    def _plan_chain(self, chain: list[fx.Node], between: list[list[fx.Node]]) -> None:
+        layers = [ConvLayer.from_module(self.modules[str(n.target)]) for n in chain]
+        sizes = [tuple(shape_of(n.args[0])[2:]) for n in chain]
+        single = [self.cost.conv_seconds(layer, size) for layer, size in zip(layers, sizes)]
+        n = len(chain)
+        segments: dict[tuple[int, int], tuple[float, object, str | None]] = {}
+        for j in range(n):
+            for i in range(j + 2, n + 1):
+                segments[(j, i)] = self._segment(layers[j:i], sizes[j], sum(single[j:i]))
+        if self.plan == "all":
+            whole = segments.get((0, n))
+            choice = [(0, n)] if whole is not None and whole[2] is None else [(k, k + 1) for k in range(n)]
+        else:
+            choice = self._best_split(n, single, segments)
+        chosen = {seg for seg in choice if seg[1] - seg[0] > 1}
+        names = [node.name for node in chain]
+        for (j, i), (seconds, _merged, reason) in segments.items():
+            if (j, i) in chosen:
+                continue
+            if reason is None:
+                reason = f"a better split exists (this merge: {seconds * 1e6:.1f} us predicted)"
+            self.refuse(chain[i - 1], f"merge of {' -> '.join(names[j:i])} refused: {reason}")
+        for j, i in sorted(chosen, reverse=True):
+            seconds, merged, _ = segments[(j, i)]
+            self._rewrite(chain[j:i], between[j : i - 1], merged, seconds, sum(single[j:i]))
+
+    def _segment(self, layers: list[ConvLayer], size: tuple[int, ...], split_seconds: float):
+        """(predicted seconds, MergedChain or None, refusal reason or None) for one segment."""
+        try:
+            merged = merge_chain(layers, size)
+        except ValueError as error:
+            return math.inf, None, str(error)
+        if merged.chain_class is ChainClass.BORDER_APPROXIMATE and not self.approximate:
+            return math.inf, merged, "border not exact (later convs pad; allow with approximate=True)"
+        seconds = self.cost.conv_seconds(merged.conv, size)
+        if merged.bias_map is not None:
+            seconds += self.cost.add_seconds(merged.bias_map.numel())
+        if self.plan == "cost" and seconds >= split_seconds:
+            return seconds, merged, (
+                f"predicted latency grows: {seconds * 1e6:.1f} us merged vs {split_seconds * 1e6:.1f} us as is "
+                f"({self.cost.name} cost model)"
+            )
+        return seconds, merged, None
+
+    @staticmethod
+    def _best_split(n: int, single: list[float], segments: dict) -> list[tuple[int, int]]:
+        best = [0.0] + [math.inf] * n
+        back = [0] * (n + 1)
+        for i in range(1, n + 1):
+            for j in range(i):
+                if i - j == 1:
+                    seconds = single[j]
+                else:
+                    seconds, _, reason = segments[(j, i)]
+                    if reason is not None:
+                        continue
+                if best[j] + seconds < best[i]:
+                    best[i], back[i] = best[j] + seconds, j
+        choice, i = [], n
+        while i > 0:
+            choice.append((back[i], i))
+            i = back[i]
+        return choice[::-1]
+
+    # Rewriting -----------------------------------------------------------
+
+    def _rewrite(self, nodes: list[fx.Node], gaps: list[list[fx.Node]], merged, seconds: float, split: float) -> None:
+        first, last = nodes[0], nodes[-1]
+        module = merged.conv.to_module(self.modules[str(first.target)].weight.dtype).train(self.gm.training)
+        self.gm.add_submodule(str(first.target), module)
+        self.modules[str(first.target)] = module
+        output = first
+        if merged.bias_map is not None:
+            output = insert_module_call(self.gm, last, f"{first.name}_bias_map", ConstantAdd(merged.bias_map), (first,), like=last)
+        last.replace_all_uses_with(output)
+        for node in reversed([n for pair in zip(nodes[1:], gaps) for n in (*pair[1], pair[0])]):
+            self.gm.graph.erase_node(node)
+        kernel = "x".join(str(k) for k in merged.conv.kernel)
+        self.rewrote(
+            [n.name for n in nodes],
+            f"{' -> '.join(n.name for n in nodes)} merged into one {kernel} conv ({merged.chain_class.value}; "
+            f"predicted {seconds * 1e6:.1f} us vs {split * 1e6:.1f} us)",
+        )
+
+
+def conv_seconds(gm: fx.GraphModule, cost=None) -> float:
+    """Predicted latency of every conv layer in ``gm`` (shapes must be propagated)."""
+    cost = cost if cost is not None else AnalyticCost()
+    modules = named_modules(gm)
+    total = 0.0
+    for node in gm.graph.nodes:
+        module = module_of(node, modules)
+        shape = shape_of(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        if isinstance(module, CONV_TYPES) and shape is not None:
+            try:
+                layer = ConvLayer.from_module(module)
+            except ValueError:
+                continue
+            total += cost.conv_seconds(layer, tuple(shape[2:]))
+    return total
+
