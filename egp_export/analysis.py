@@ -72,18 +72,19 @@ class SiteStats:
     high: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     margin: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
 
-    def _neurons_last(self, z: torch.Tensor) -> torch.Tensor:
-        # [..., C] with the neuron axis last, then one row per observation.
+    def _reduce_dims(self, z: torch.Tensor) -> tuple[int, ...]:
+        """Every axis but the neuron axis: statistics reduce over batch and space without copying z."""
         dim = self.dim if self.dim >= 0 else z.dim() + self.dim
         if z.dim() < 2 or dim >= z.dim():
             raise CalibrationError(
                 f"activation '{self.name}' got an input of shape {tuple(z.shape)}; expected at least [batch, neurons]."
             )
-        return z.detach().movedim(dim, -1).reshape(-1, z.shape[dim]).to(torch.float64)
+        return tuple(d for d in range(z.dim()) if d != dim)
 
     def observe(self, z: torch.Tensor) -> None:
-        rows = self._neurons_last(z)
-        neurons = rows.shape[1]
+        z = z.detach()
+        dims = self._reduce_dims(z)
+        neurons = z.shape[self.dim]
         if self.observations == 0:
             self.num_neurons = neurons
             self.region_counts = torch.zeros(len(self.spec.regions), neurons, dtype=torch.int64)
@@ -96,19 +97,22 @@ class SiteStats:
                 f"activation '{self.name}' saw {neurons} neurons in one batch and {self.num_neurons} in another; "
                 "calibration samples must all have the same shape."
             )
-        self.observations += rows.shape[0]
-        self.on_counts += (rows > 0).sum(0)
-        self.low = torch.minimum(self.low, rows.amin(0))
-        self.high = torch.maximum(self.high, rows.amax(0))
-        if self.spec.boundaries:
-            boundaries = torch.tensor(self.spec.boundaries, dtype=torch.float64)
-            region = torch.bucketize(rows, boundaries, right=False)
-            for r in range(len(self.spec.regions)):
-                self.region_counts[r] += (region == r).sum(0)
-            distance = (rows[:, :, None] - boundaries).abs().amin(2).amin(0)
-            self.margin = torch.minimum(self.margin, distance)
-        else:
-            self.region_counts[0] += rows.shape[0]
+        count = z.numel() // neurons
+        self.observations += count
+        self.on_counts += (z > 0).sum(dims)
+        self.low = torch.minimum(self.low, z.amin(dims).to(torch.float64))
+        self.high = torch.maximum(self.high, z.amax(dims).to(torch.float64))
+        if not self.spec.boundaries:
+            self.region_counts[0] += count
+            return
+        # Region r holds boundaries[r-1] < z <= boundaries[r]: count how many exceed each boundary.
+        above = [(z > b).sum(dims) for b in self.spec.boundaries]
+        self.region_counts[0] += count - above[0]
+        for r in range(1, len(above)):
+            self.region_counts[r] += above[r - 1] - above[r]
+        self.region_counts[-1] += above[-1]
+        for b in self.spec.boundaries:
+            self.margin = torch.minimum(self.margin, (z - b).abs().amin(dims).to(torch.float64))
 
     def merge(self, other: SiteStats) -> None:
         """Add another shard's statistics of the same site (e.g. another DDP rank)."""

@@ -93,6 +93,14 @@ class ConvLayer:
         bias = conv.bias.detach().to(torch.float64).clone() if conv.bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
         return cls(weight, bias, _tuple(conv.stride, rank), explicit_padding(conv), _tuple(conv.dilation, rank), conv.groups)
 
+    @classmethod
+    def shape_of_module(cls, conv: nn.Module) -> ConvLayer:
+        """The conv's geometry with weights on the meta device: for costs and sizes, no copying."""
+        rank = conv.weight.dim() - 2
+        weight = torch.empty(conv.weight.shape, device="meta")
+        bias = torch.empty(conv.weight.shape[0], device="meta")
+        return cls(weight, bias, _tuple(conv.stride, rank), explicit_padding(conv), _tuple(conv.dilation, rank), conv.groups)
+
     def dense_weight(self) -> torch.Tensor:
         """The equivalent groups=1 weight [out, in, *kernel] (zero outside the groups)."""
         if self.groups == 1:

@@ -191,7 +191,7 @@ def conv_seconds(gm: fx.GraphModule, cost=None) -> float:
         shape = shape_of(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
         if isinstance(module, CONV_TYPES) and shape is not None:
             try:
-                layer = ConvLayer.from_module(module)
+                layer = ConvLayer.shape_of_module(module)
             except ValueError:
                 continue
             total += cost.conv_seconds(layer, tuple(shape[2:]))
