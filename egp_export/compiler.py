@@ -133,6 +133,7 @@ def compile(  # noqa: A001 - the issue's public name
     rtol = verification_rtol(tolerance, noise or 0.0)
     gm = trace(model)
     sites = calibrate(gm, split.calibrate, progress=progress)
+    calibrated = time.perf_counter()
     before = summarize(gm)
     cost = resolve_cost_model(cost_model)
     predicted_before = conv_seconds(gm, cost)
@@ -149,6 +150,7 @@ def compile(  # noqa: A001 - the issue's public name
     predicted_after = conv_seconds(gm, cost)
     if isinstance(cost, MeasuredCost):
         cost.save()
+    rewritten = time.perf_counter()
 
     error = compare(_outputs(reference, split.holdout), _outputs(gm, split.holdout))
     if not error.within(rtol) and noise is None:
@@ -156,12 +158,20 @@ def compile(  # noqa: A001 - the issue's public name
         rtol = verification_rtol(tolerance, noise)
     if not error.within(rtol):
         moved = _sites_leaving_region(model, sites, split.holdout, tolerance)
-        hint = (
-            " Neurons rewritten as linear or dead on the strength of the calibration data left their region "
-            f"on held-out data at: {', '.join(moved)}; calibrate on more (and more varied) data."
-            if moved
-            else " Lower the tolerance if smooth activations were approximated."
-        )
+        approximate_merges = [r for r in pipeline.rewrites if "border-approximate" in r.action]
+        hint = ""
+        if moved:
+            hint += (
+                " Neurons rewritten as linear or dead on the strength of the calibration data left their region "
+                f"on held-out data at: {', '.join(moved)}; calibrate on more (and more varied) data."
+            )
+        if approximate_merges:
+            hint += (
+                f" {len(approximate_merges)} border-approximate conv merges were made (approximate=True): "
+                "raise the tolerance to accept their border error, or leave approximate off."
+            )
+        if not hint:
+            hint = " Lower the tolerance if smooth activations were approximated."
         raise VerificationError(
             f"the compiled model differs from the original on held-out data: max_rel={error.max_rel:.3g} "
             f"(max_abs={error.max_abs:.3g}) > allowed {rtol:g}.{hint}"
@@ -196,6 +206,11 @@ def compile(  # noqa: A001 - the issue's public name
             "pytorch": {**error.to_dict(), "rtol": rtol, "passed": True},
         },
         "compile_seconds": round(time.perf_counter() - started, 3),
+        "seconds": {
+            "calibrate": round(calibrated - started, 3),
+            "rewrite": round(rewritten - calibrated, 3),
+            "verify": round(time.perf_counter() - rewritten, 3),
+        },
     }
     return CompileResult(module=gm, report=report, sites=sites)
 

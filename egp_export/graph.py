@@ -64,8 +64,22 @@ def trace(model: nn.Module) -> fx.GraphModule:
             "Data-dependent Python control flow (if/for on tensor values) cannot be traced; "
             "move it out of forward(), or mark that submodule as a leaf."
         ) from None
+    _positional_inputs(graph)
     # GraphModule builds fresh container modules, which start in training mode.
     return fx.GraphModule(tracer.root, graph, type(owned).__name__).eval()
+
+
+def _positional_inputs(graph: fx.Graph) -> None:
+    """``layer(input=x)`` becomes ``layer(x)``: passes read a layer's input as its first argument.
+
+    torch.nn layers and torch.nn.functional name their first parameter
+    ``input``, so moving it to the front changes nothing.
+    """
+    for node in graph.nodes:
+        if node.op in ("call_module", "call_function") and not node.args and "input" in node.kwargs:
+            kwargs = dict(node.kwargs)
+            node.args = (kwargs.pop("input"),)
+            node.kwargs = kwargs
 
 
 def named_modules(gm: fx.GraphModule) -> dict[str, nn.Module]:

@@ -21,8 +21,11 @@ FP32_RTOL = 1e-5
 # from the same model run in fp64) a rewrite may add: re-associated sums and
 # folded weights round differently, and ill-conditioned networks (tiny
 # BatchNorm variances) amplify that. Measured: torch.fx's own BN fusion moves a
-# BN-recalibrated MobileNetV2 by 1.5x its fp64 noise (7.9e-5 vs 5.3e-5).
-NOISE_FACTOR = 4.0
+# BN-recalibrated MobileNetV2 by 1.5x its fp64 noise (7.9e-5 vs 5.3e-5); an
+# exactly merged EfficientNetV2-S FusedMBConv by 4.3x (4.9e-5 vs 1.15e-5, noise
+# measured on 4 samples, the error on 10). The algebra itself is checked in
+# fp64 (tests/test_convchain.py), so this factor only absorbs fp32 rounding.
+NOISE_FACTOR = 8.0
 # ONNX Runtime (CPU) against PyTorch eager on the same module; DESIGN.md
 # measured <= 2e-6 absolute on unit-scale outputs.
 ORT_CPU_RTOL = 1e-5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import GraphPass, PassManager, PassResult, PipelineResult, Refusal, Rewrite, Step, finalize
 from .eliminate_dead_channels import EliminateDeadChannels
+from .eliminate_eval_identities import EliminateEvalIdentities
 from .fold_batchnorm import FoldBatchNorm
 from .fold_channel_affine import FoldChannelAffine
 from .fold_residuals import FoldResiduals
@@ -20,6 +21,7 @@ def default_steps(tolerance: float, *, approximate: bool = False, cost=None, pla
     every conv chain whole (the Layer-Folding baseline).
     """
     return [
+        Step("eliminate_eval_identities", EliminateEvalIdentities, fixed_point=False),
         Step("fold_batchnorm", FoldBatchNorm, fixed_point=False),
         Step("linearize_activations", lambda: LinearizeActivations(tolerance), fixed_point=False),
         Step("fold_channel_affine", FoldChannelAffine),
@@ -33,6 +35,7 @@ def default_steps(tolerance: float, *, approximate: bool = False, cost=None, pla
 __all__ = [
     "MERGE_RULES",
     "EliminateDeadChannels",
+    "EliminateEvalIdentities",
     "FoldBatchNorm",
     "FoldChannelAffine",
     "FoldResiduals",

@@ -67,8 +67,6 @@ def consumer_refusal(
     reason = layer_refusal(consumer, gm, modules)
     if reason:
         return reason
-    if not consumer.args or consumer.args[0] is not source:
-        return f"'{source.name}' is not the input of '{consumer.name}'"
     module = modules[str(consumer.target)]
     if not _dims_match(module, dim, rank):
         return f"neuron axis {dim} is not the input-channel axis of '{consumer.name}'"

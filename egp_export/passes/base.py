@@ -161,11 +161,11 @@ class PassManager:
             for step in loop_steps:
                 for iteration in itertools.count(1):
                     result = self._run_step(step, gm, rewrites)
+                    changed = changed or result.modified
                     if not result.modified or iteration >= step.cap:
                         loop_refusals.extend(result.refusals)
                         steps_run.append((step.name, iteration))
                         break
-                    changed = True
             if not changed:
                 break
         return PipelineResult(gm, rewrites, once_refusals + loop_refusals, steps_run)

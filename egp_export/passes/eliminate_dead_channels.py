@@ -79,9 +79,14 @@ class EliminateDeadChannels(GraphPass):
                 continue
             group = self._collect(node)
             done.update(group.producers)
-            dead = torch.ones(self._width(group.producers[0]), dtype=torch.bool)
+            own = zero_rows(self.modules[str(node.target)])
+            dead = own.clone()
             for producer in group.producers:
                 dead &= zero_rows(self.modules[str(producer.target)])
+            if own.any() and not dead.any() and len(group.producers) > 1:
+                others = ", ".join(p.name for p in group.producers if p is not node)
+                self.refuse(node, f"{int(own.sum())} zero channels kept: they are not zero in {others}, added to them")
+                continue
             if not dead.any():
                 continue
             names = ", ".join(p.name for p in group.producers)
@@ -132,20 +137,27 @@ class EliminateDeadChannels(GraphPass):
         return node.op == "call_function" and node.target in _POOL_FUNCTIONS
 
     def _is_add(self, node: fx.Node) -> bool:
-        if node.op == "call_method" and node.target in ("add", "add_"):
-            return True
-        return node.op == "call_function" and node.target in _ADD_FUNCTIONS
+        """A residual add of two tensors (adding a constant makes a zero channel non-zero)."""
+        is_add = (node.op == "call_method" and node.target in ("add", "add_")) or (
+            node.op == "call_function" and node.target in _ADD_FUNCTIONS
+        )
+        operands = list(node.args) + list(node.kwargs.values())
+        return is_add and len(operands) == 2 and all(isinstance(o, fx.Node) for o in operands)
 
     def _flatten_block(self, node: fx.Node) -> int | None:
         """Columns per channel when ``node`` flattens [B, C, *spatial] from dim 1, else None."""
-        is_flatten = (node.op == "call_function" and node.target is torch.flatten) or (
+        module = module_of(node, self.modules)
+        if isinstance(module, nn.Flatten):
+            start, end = module.start_dim, module.end_dim
+        elif (node.op == "call_function" and node.target is torch.flatten) or (
             node.op == "call_method" and node.target == "flatten"
-        ) or isinstance(module_of(node, self.modules), nn.Flatten)
-        if not is_flatten:
+        ):
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        else:
             return None
-        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0 if node.op != "call_module" else 1)
         shape = shape_of(node.args[0])
-        if start != 1 or shape is None:
+        if shape is None or start != 1 or end not in (-1, len(shape) - 1):
             return None
         block = 1
         for size in shape[2:]:
@@ -173,9 +185,7 @@ class EliminateDeadChannels(GraphPass):
         if isinstance(module, CONV_TYPES + LINEAR_TYPES):
             shape = shape_of(source)
             same_axis = isinstance(module, CONV_TYPES) == group.channels_first or (shape is not None and len(shape) == 2)
-            if user.args[0] is not source:
-                group.blocker = f"'{source.name}' is a weight/extra input of '{user.name}'"
-            elif not same_axis:
+            if not same_axis:
                 group.blocker = f"'{user.name}' reads a different axis than the channel axis"
             elif call_sites(self.gm, str(user.target)) > 1:
                 group.blocker = f"consumer '{user.target}' is shared by several call sites"

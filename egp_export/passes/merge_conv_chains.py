@@ -167,6 +167,9 @@ class MergeConvChains(GraphPass):
         module = merged.conv.to_module(self.modules[str(first.target)].weight.dtype).train(self.gm.training)
         self.gm.add_submodule(str(first.target), module)
         self.modules[str(first.target)] = module
+        # The first node now computes what the last did: later chains in this run read its shape.
+        if "tensor_meta" in last.meta:
+            first.meta["tensor_meta"] = last.meta["tensor_meta"]
         output = first
         if merged.bias_map is not None:
             output = insert_module_call(self.gm, last, f"{first.name}_bias_map", ConstantAdd(merged.bias_map), (first,), like=last)

@@ -96,7 +96,6 @@ class MergeLinearChains(GraphPass):
             reason = (
                 layer_refusal(node, gm, modules)
                 or layer_refusal(second_node, gm, modules)
-                or (None if second_node.args[0] is (between[-1] if between else node) else "not the layer's input")
                 or rule.refusal(first, second)
             )
             if reason:
@@ -105,6 +104,8 @@ class MergeLinearChains(GraphPass):
             merged = rule.merge(first, second).train(first.training)
             gm.add_submodule(str(node.target), merged)
             modules[str(node.target)] = merged
+            if "tensor_meta" in second_node.meta:
+                node.meta["tensor_meta"] = second_node.meta["tensor_meta"]
             second_node.replace_all_uses_with(node)
             for dead in [second_node, *reversed(between)]:
                 gm.graph.erase_node(dead)

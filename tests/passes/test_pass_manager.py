@@ -1,0 +1,256 @@
+"""Tests for the PassManager and the default pipeline: named steps, fixed points, lint, debug numerics, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from egp_export.compiler import compile as egp_compile
+from egp_export.errors import VerificationError
+from egp_export.graph import depth, summarize
+from egp_export.passes import GraphPass, MergeLinearChains, PassManager, Step, default_steps
+from tests.conftest import (
+    activation_count,
+    affines,
+    assert_onnx_valid,
+    assert_same_function,
+    calibration_batches,
+    count_calls,
+    engineer,
+    prepare,
+    zero_channels,
+)
+
+
+class ScaleFirstConv(GraphPass):
+    """Deliberately wrong: doubles the first conv's weights and calls it a rewrite."""
+
+    name = "scale_first_conv"
+
+    def run(self, gm: fx.GraphModule) -> None:
+        node = next(n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d))
+        with torch.no_grad():
+            gm.get_submodule(node.target).weight.mul_(2.0)
+        self.rewrote([node], "doubled the weights")
+
+
+class Noop(GraphPass):
+    name = "noop"
+
+    def run(self, gm: fx.GraphModule) -> None:
+        self.refuse("somewhere", "nothing to do here")
+
+
+class AlwaysModifies(GraphPass):
+    """Claims a rewrite every time (a pass that never reaches its fixed point)."""
+
+    calls = 0
+
+    def run(self, gm: fx.GraphModule) -> None:
+        AlwaysModifies.calls += 1
+        self.rewrote(["x"], f"call {AlwaysModifies.calls}")
+
+
+class ModifiesTwice(GraphPass):
+    """Modifies on its first two runs, then has nothing left to do."""
+
+    calls = 0
+
+    def run(self, gm: fx.GraphModule) -> None:
+        ModifiesTwice.calls += 1
+        if ModifiesTwice.calls <= 2:
+            self.rewrote(["x"], f"call {ModifiesTwice.calls}")
+
+
+class BreaksTheGraph(GraphPass):
+    """Makes the output read a node defined after it (what a careless insertion point does)."""
+
+    name = "breaks_the_graph"
+
+    def run(self, gm: fx.GraphModule) -> None:
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        with gm.graph.inserting_after(output):
+            late = gm.graph.call_function(torch.neg, (output.args[0],))
+        output.args = (late,)
+        self.rewrote([late], "inserted after the output")
+
+
+class ReturnsACopy(GraphPass):
+    name = "returns_a_copy"
+
+    def __call__(self, gm):
+        result = super().__call__(gm)
+        result.module = fx.GraphModule(gm, gm.graph)
+        return result
+
+    def run(self, gm: fx.GraphModule) -> None:
+        self.rewrote(["x"], "pretended")
+
+
+def _conv_model() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+
+
+def test_debug_mode_names_the_pass_that_breaks_numerics():
+    model = _conv_model()
+    example = torch.randn(4, 3, 6, 6)
+    gm = prepare(model, example)
+    manager = PassManager(
+        [Step("noop", Noop, fixed_point=False), Step("scale_first_conv", ScaleFirstConv, fixed_point=False)],
+        example_input=example[:1],
+        debug_inputs=torch.randn(4, 3, 6, 6),
+    )
+
+    with pytest.raises(VerificationError, match=r"pass 'scale_first_conv' changed the model's output by max_rel="):
+        manager.run(gm)
+
+
+def test_without_debug_inputs_a_wrong_pass_goes_unnoticed_by_the_manager():
+    gm = prepare(_conv_model(), torch.randn(2, 3, 6, 6))
+    result = PassManager([Step("scale_first_conv", ScaleFirstConv, fixed_point=False)]).run(gm)
+
+    assert [r.action for r in result.rewrites] == ["doubled the weights"]
+
+
+def test_refusals_and_rewrites_are_recorded_with_the_pass_and_the_reason():
+    gm = prepare(_conv_model(), torch.randn(2, 3, 6, 6))
+    result = PassManager([Step("noop", Noop, fixed_point=False), Step("noop_loop", Noop)]).run(gm)
+
+    assert [(r.pass_name, r.node, r.reason) for r in result.refusals] == [
+        ("noop", "somewhere", "nothing to do here"),
+        ("noop", "somewhere", "nothing to do here"),
+    ]
+    assert result.refusals[0].to_dict() == {"pass": "noop", "node": "somewhere", "reason": "nothing to do here"}
+    assert result.steps_run == [("noop", 1), ("noop_loop", 1)]
+
+
+def test_fixed_point_steps_stop_at_their_cap():
+    AlwaysModifies.calls = 0
+    gm = prepare(_conv_model(), torch.randn(2, 3, 6, 6))
+    result = PassManager([Step("forever", AlwaysModifies, cap=3)], rounds=2).run(gm)
+
+    assert AlwaysModifies.calls == 6  # cap x rounds, then the manager gives up
+    assert result.steps_run == [("forever", 3), ("forever", 3)]
+    assert len(result.rewrites) == 6
+
+
+def test_a_change_in_the_last_capped_iteration_still_starts_another_round():
+    # cap=1: the step changes the graph in round 1, so round 2 must look again (and round 3 finds nothing).
+    ModifiesTwice.calls = 0
+    gm = prepare(_conv_model(), torch.randn(2, 3, 6, 6))
+    result = PassManager([Step("twice", ModifiesTwice, cap=1)], rounds=3).run(gm)
+
+    assert ModifiesTwice.calls == 3, result.steps_run
+    assert len(result.rewrites) == 2
+
+
+def test_lint_runs_after_every_modifying_pass():
+    gm = prepare(_conv_model(), torch.randn(2, 3, 6, 6))
+
+    with pytest.raises(RuntimeError, match="used before it has been defined"):
+        PassManager([Step("breaks_the_graph", BreaksTheGraph, fixed_point=False)]).run(gm)
+
+
+def test_a_pass_must_rewrite_in_place():
+    gm = prepare(_conv_model(), torch.randn(2, 3, 6, 6))
+
+    with pytest.raises(RuntimeError, match="pass 'returns_a_copy' returned a different module"):
+        PassManager([Step("returns_a_copy", ReturnsACopy, fixed_point=False)]).run(gm)
+
+
+def test_merging_a_chain_of_three_needs_the_fixed_point():
+    model = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 16), nn.Dropout(), nn.Linear(16, 3)).eval()
+    example = torch.randn(3, 4)
+    gm = prepare(model, example)
+    result = PassManager([Step("merge_linear_chains", MergeLinearChains)], example_input=example[:1]).run(gm)
+
+    assert count_calls(gm, nn.Linear) == 1
+    # One merge per run, then a run with nothing left; a second round confirms the fixed point.
+    assert result.steps_run == [("merge_linear_chains", 3), ("merge_linear_chains", 1)]
+    assert_same_function(model, gm, torch.randn(5, 4))
+
+
+# The default pipeline on an engineered pruned network -----------------------------------------
+
+
+class PrunedNet(nn.Module):
+    """conv-BN-ReLU (ON/OFF per channel) -> conv1x1-BN-ReLU6 (identity/saturated) -> conv1x1 -> pool -> fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.relu6 = nn.ReLU6()
+        self.conv3 = nn.Conv2d(8, 4, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 2)
+        # bn1 shifts channels 2 and 6 to -50 (always OFF: dead) and the rest to +50 (always ON).
+        engineer(self.conv1, [0.0] * 8)
+        with torch.no_grad():
+            self.bn1.bias.copy_(torch.tensor([50.0, 50.0, -50.0, 50.0, 50.0, 50.0, -50.0, 50.0]))
+            self.bn2.bias.copy_(torch.tensor([3.0] * 4 + [100.0] * 4))  # identity region | saturated at 6
+        engineer(self.conv2, [0.0] * 8, weight_scale=1e-3)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu6(self.bn2(self.conv2(x)))
+        return self.fc(torch.flatten(self.pool(self.conv3(x)), 1))
+
+
+def test_default_pipeline_flattens_an_engineered_network():
+    model = PrunedNet().eval()
+    calibration = calibration_batches((8, 3, 6, 6))
+    gm = prepare(model, calibration[0], calibration=calibration)
+    before = depth(gm)
+    result = PassManager(default_steps(1e-5), example_input=calibration[0][:1], debug_inputs=torch.randn(4, 3, 6, 6)).run(gm)
+
+    assert activation_count(gm) == 0 and affines(gm) == []
+    assert count_calls(gm, nn.BatchNorm2d) == 0
+    assert before == 4 and depth(gm) < before
+    assert [name for name, _ in result.steps_run][:3] == ["eliminate_eval_identities", "fold_batchnorm", "linearize_activations"]
+    passes = {r.pass_name for r in result.rewrites}
+    assert {"fold_batchnorm", "linearize_activations", "fold_channel_affine", "eliminate_dead_channels",
+            "merge_linear_chains"} <= passes
+    assert_same_function(model, gm, torch.randn(8, 3, 6, 6))
+    assert_onnx_valid(gm, torch.randn(2, 3, 6, 6))
+
+
+def test_compile_verifies_on_held_out_data_and_reports():
+    model = PrunedNet().eval()
+    compiled = egp_compile(model, torch.randn(40, 3, 6, 6), holdout=0.25, batch_size=10)
+    report = compiled.report
+
+    assert report["verification"]["pytorch"]["passed"]
+    assert report["after"]["depth"] < report["before"]["depth"]
+    assert report["activations_linearized"] == 2
+    assert {row["action"].split(" ")[0] for row in report["analysis"]["sites"]} == {"relu", "relu6"}
+    assert report["calibration"]["holdout_samples"] == 10
+    assert summarize(compiled.module)["activations"] == 0
+    assert_same_function(model, compiled.module, torch.randn(6, 3, 6, 6))
+
+
+def test_pipeline_records_why_a_site_stays():
+    model = _conv_model()
+    calibration = calibration_batches((8, 3, 6, 6))
+    gm = prepare(model, calibration[0], calibration=calibration)
+    result = PassManager(default_steps(1e-5), example_input=calibration[0][:1]).run(gm)
+
+    assert activation_count(gm) == 1
+    assert any(r.pass_name == "linearize_activations" and "cross a region boundary" in r.reason for r in result.refusals)
+    assert_same_function(model, gm, torch.randn(4, 3, 6, 6))
+
+
+def test_pipeline_removes_pruned_filters():
+    model = _conv_model()
+    zero_channels(model[0], [0, 2])
+    calibration = calibration_batches((8, 3, 6, 6))
+    gm = prepare(model, calibration[0], calibration=calibration)
+    PassManager(default_steps(1e-5), example_input=calibration[0][:1]).run(gm)
+
+    assert gm.get_submodule("0").out_channels == 2 and gm.get_submodule("2").in_channels == 2
+    assert_same_function(model, gm, torch.randn(4, 3, 6, 6))
