@@ -3,7 +3,7 @@
 An activation is piecewise: ``boundaries`` split the real line into regions and
 each region has an affine map ``y = slope * z + intercept`` (``None`` where the
 function is not affine inside the region, e.g. Hardswish between -3 and 3).
-Smooth activations (GELU, SiLU) have no boundaries and one nonlinear region;
+Smooth activations (GELU, SiLU, Mish) have no boundaries and one nonlinear region;
 they are only ever replaced by an affine *surrogate* fitted on the calibrated
 input range, within a measured tolerance.
 
@@ -114,6 +114,10 @@ def _silu() -> ActivationSpec:
     return ActivationSpec("silu", (), ((None, 0.0),), F.silu)
 
 
+def _mish() -> ActivationSpec:
+    return ActivationSpec("mish", (), ((None, 0.0),), F.mish)
+
+
 def _module_spec(module: nn.Module) -> ActivationSpec | None:
     inplace = bool(getattr(module, "inplace", False))
     spec: ActivationSpec | None
@@ -135,6 +139,8 @@ def _module_spec(module: nn.Module) -> ActivationSpec | None:
         spec = _gelu(module.approximate)
     elif isinstance(module, nn.SiLU):
         spec = _silu()
+    elif isinstance(module, nn.Mish):
+        spec = _mish()
     else:
         return None
     return ActivationSpec(spec.kind, spec.boundaries, spec.regions, spec.fn, inplace)
@@ -162,6 +168,7 @@ _FUNCTIONS: dict[Callable, Callable[[fx.Node], ActivationSpec]] = {
     F.hardsigmoid: lambda n: _hardsigmoid(),
     F.gelu: lambda n: _gelu(str(_arg(n, 1, "approximate", "none"))),
     F.silu: lambda n: _silu(),
+    F.mish: lambda n: _mish(),
 }
 _INPLACE_FUNCTIONS = {torch.relu_, F.relu_, F.hardtanh_, F.leaky_relu_}
 
@@ -204,14 +211,22 @@ def categorical_entropy(counts: torch.Tensor) -> torch.Tensor:
     return -(torch.where(p > 0, p * torch.log2(p.clamp_min(1e-300)), 0.0)).sum(0)
 
 
-def fit_affine(fn: Callable[[torch.Tensor], torch.Tensor], low: torch.Tensor, high: torch.Tensor, points: int = 257):
+def fit_affine(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    low: torch.Tensor,
+    high: torch.Tensor,
+    points: int = 257,
+    allowed_error: float = 0.0,
+):
     """Best affine surrogate of a smooth ``fn`` on each neuron's input range [low, high].
 
     Returns per-neuron (slope, intercept, max_error): the least-squares line
     over a dense grid of the range, and the largest deviation of ``fn`` from it
     on that grid. The exact candidates identity (1, 0) and zero (0, 0) are
-    preferred when they are at least as accurate, so that a GELU whose inputs
-    are far positive becomes an identity rather than a 0.99999 scale.
+    preferred when their error is within ``allowed_error`` (or no worse than
+    the fit), so that a GELU whose inputs are far positive becomes an identity
+    (removable, and a zero channel stays recognisably dead) rather than a
+    0.99999 scale with a 1e-12 shift.
     """
     low = low.to(torch.float64)
     high = high.to(torch.float64)
@@ -227,7 +242,7 @@ def fit_affine(fn: Callable[[torch.Tensor], torch.Tensor], low: torch.Tensor, hi
     error = (values - (slope[:, None] * grid + intercept[:, None])).abs().amax(1)
     for exact_slope in (1.0, 0.0):
         exact_error = (values - exact_slope * grid).abs().amax(1)
-        better = exact_error <= error
+        better = (exact_error <= error) | (exact_error <= allowed_error)
         slope = torch.where(better, torch.full_like(slope, exact_slope), slope)
         intercept = torch.where(better, torch.zeros_like(intercept), intercept)
         error = torch.where(better, exact_error, error)

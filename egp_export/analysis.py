@@ -194,8 +194,8 @@ class SiteStats:
         if self.observations == 0:
             return LinearMap(None, None, 0.0, "no calibration data reached this site")
         if self.spec.smooth:
-            slope, intercept, error = fit_affine(self.spec.fn, self.low, self.high)
             scale = max(1.0, float(torch.maximum(self.spec.fn(self.low).abs(), self.spec.fn(self.high).abs()).max()))
+            slope, intercept, error = fit_affine(self.spec.fn, self.low, self.high, allowed_error=tolerance * scale)
             worst = float(error.max())
             if worst > tolerance * scale:
                 over = int((error > tolerance * scale).sum())

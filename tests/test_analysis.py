@@ -306,8 +306,11 @@ def test_smooth_site_in_the_nonlinear_range_depends_on_the_tolerance():
     assert not strict.ok and strict.scale is None
     assert "deviate from their best affine fit" in strict.reason
     assert loose.ok and 0.0 < loose.max_error <= 1e-2
-    # SiLU near 0 is about z/2 + z^2/4: the fitted slope is close to 1/2.
-    torch.testing.assert_close(loose.scale, torch.full((4,), 0.5, dtype=torch.float64), atol=0.02, rtol=0)
+    # Whatever map was chosen (the fit, or exact zero/identity where those are within the tolerance),
+    # it stays within the tolerance of SiLU on every neuron's calibrated range.
+    grid = stats.low[:, None] + (stats.high - stats.low)[:, None] * torch.linspace(0, 1, 101, dtype=torch.float64)
+    deviation = (torch.nn.functional.silu(grid) - (loose.scale[:, None] * grid + loose.shift[:, None])).abs()
+    assert float(deviation.max()) <= 1e-2
 
 
 @pytest.mark.parametrize(
