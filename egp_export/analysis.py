@@ -288,13 +288,16 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[torch.Tensor], *, progress: 
     batches = list(batches)
     interpreter = ActivationStatsInterpreter(gm)
     try:
-        propagate_shapes(gm, batches[0][:1])
-    except Exception as error:
+        # A plain forward first: ShapeProp prints a traceback of its own before re-raising.
+        with torch.no_grad():
+            gm(batches[0][:1])
+    except Exception as error:  # any failure here is the model rejecting the data
         raise CalibrationError(
             f"the model rejects calibration samples of shape {tuple(batches[0].shape[1:])}: "
             f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}. "
             "Check the input size and channel count the model expects."
         ) from None
+    propagate_shapes(gm, batches[0][:1])
     # Shapes are known now, so the neuron axis can fall back on ranks.
     modules = named_modules(gm)
     for node, site in interpreter.sites.items():

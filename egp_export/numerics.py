@@ -94,6 +94,6 @@ def fp32_noise(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
         with torch.no_grad():
             exact = [wide(b.double()) for b in batches]
             rounded = [model(b) for b in batches]
-    except (RuntimeError, TypeError):
+    except Exception:  # noqa: BLE001 - whatever stops the fp64 run, the fixed floor applies
         return 0.0
     return compare(exact, rounded).max_rel

@@ -1,0 +1,8 @@
+"""``python -m egp_export``: the same command line as ``egp-export``."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

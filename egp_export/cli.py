@@ -1,0 +1,278 @@
+"""``egp-export``: the command line. It parses, calls the library and prints; Python reaches all of it.
+
+    egp-export analyze --arch A --calibration C --out DIR    per-site activation report
+    egp-export compile --arch A --calibration C --out DIR    compiled model.onnx + report
+    egp-export demo --out DIR                                train, compile and check a digits CNN
+    egp-export prune ...                                     entropy-guided pruning (prune_cli.py)
+    egp-export profile | gate | engine ...                   latency and TensorRT (perf_cli.py)
+
+Errors the user can cause (EgpExportError) are printed as one
+``egp-export: error: ...`` message and exit with the error's code; nothing
+is written unless every output could be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .errors import EgpExportError
+
+PROG = "egp-export"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+DEFAULT_TOLERANCE = 1e-5
+DEFAULT_HOLDOUT = 0.2
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Compile depth-reduced (entropy-guided pruned) PyTorch networks: linearize activations that are "
+        "linear on calibration data, fold and merge what they leave, export a verified ONNX file.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    model = common.add_argument_group("model")
+    model.add_argument(
+        "--arch",
+        required=True,
+        metavar="SPEC",
+        help="torchvision:NAME (e.g. torchvision:resnet18) or package.module:factory (e.g. mypkg.models:make_net)",
+    )
+    model.add_argument(
+        "--arch-kwargs", nargs="+", default=[], metavar="K=V", help="keyword arguments for the factory, e.g. num_classes=10"
+    )
+    model.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="PATH",
+        help="weights: a state dict, a training wrapper ({'state_dict': ...}), DataParallel/compile prefixes and "
+        "torch.nn.utils.prune masks are handled; without it the factory's own initialisation is used",
+    )
+    model.add_argument(
+        "--unsafe-pickle",
+        action="store_true",
+        help="allow checkpoints holding pickled Python objects (e.g. a whole nn.Module); this runs code from the file",
+    )
+    data = common.add_argument_group("calibration data")
+    data.add_argument(
+        "--calibration",
+        required=True,
+        metavar="SPEC",
+        help="builtin:digits, a .pt/.pth tensor file, a .npy/.npz array, or a folder of images",
+    )
+    data.add_argument("--input-size", nargs=2, type=_positive_int, metavar=("H", "W"), help="resize images of a folder")
+    data.add_argument("--calibration-limit", type=_positive_int, metavar="N", help="use the first N samples only")
+    data.add_argument(
+        "--tolerance",
+        type=_non_negative_float,
+        default=DEFAULT_TOLERANCE,
+        metavar="T",
+        help="largest error allowed for smooth-activation surrogates, relative to the output scale "
+        f"(default {DEFAULT_TOLERANCE:g}; verification allows at least max(T, {DEFAULT_TOLERANCE:g}))",
+    )
+    output = common.add_argument_group("output")
+    output.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the outputs")
+    output.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    output.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
+    output.add_argument("--verbose", action="store_true", help="print notes (mode switches, exporter notes)")
+
+    analyze = commands.add_parser(
+        "analyze",
+        parents=[common],
+        help="measure activations per call site (entropy, regions, dead neurons); writes report.json, report.md",
+        description="Measure every activation call site on the calibration data; nothing is rewritten.",
+    )
+    analyze.set_defaults(run=_run_analyze)
+
+    compile_ = commands.add_parser(
+        "compile",
+        parents=[common],
+        help="compile and export; writes model.onnx, report.json, report.md, entropy.png",
+        description="Compile the model on the calibration data, verify it on the held-out part, export it to "
+        "ONNX and verify the file in ONNX Runtime.",
+    )
+    compile_.add_argument(
+        "--holdout",
+        type=float,
+        default=DEFAULT_HOLDOUT,
+        metavar="F",
+        help=f"fraction of the calibration samples (the last ones) kept out for verification (default {DEFAULT_HOLDOUT})",
+    )
+    compile_.set_defaults(run=_run_compile)
+
+    demo = commands.add_parser(
+        "demo",
+        help="train a small CNN on scikit-learn's digits, compile, export and check it (CPU, under a minute)",
+        description="Train a small conv-BN-ReLU network on scikit-learn's digits, compile it with the training split "
+        "as calibration data, export it and measure ONNX Runtime's test accuracy.",
+    )
+    demo.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the outputs")
+    demo.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    # No default here: importing egp_export.demo for its DEFAULT_EPOCHS would load torch for --help.
+    demo.add_argument("--epochs", type=_positive_int, help="training epochs (default 10)")
+    demo.add_argument("--seed", type=int, default=0, help="seeds the split, initialisation and batch order (default 0)")
+    demo.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
+    demo.set_defaults(run=_run_demo, verbose=False)
+
+    # Commands defined beside their libraries; both modules stay light until a command runs.
+    from .perf_cli import add_perf_commands
+    from .prune_cli import add_prune_command
+
+    add_prune_command(commands)
+    add_perf_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status (0, the gate's 1 on failure, or the error's exit code)."""
+    args = build_parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.run(args) or 0
+    except EgpExportError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet:
+        print(text, flush=True)
+
+
+def _note(args: argparse.Namespace, text: str) -> None:
+    if args.verbose and not args.quiet:
+        print(f"note: {text}", flush=True)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    # A progress bar only where someone watches it; in logs it is noise.
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _load_model(args: argparse.Namespace):
+    from .arch import build_model, parse_kwargs
+    from .checkpoint import apply_state_dict, load_state_dict
+
+    model = build_model(args.arch, parse_kwargs(args.arch_kwargs))
+    if args.checkpoint is not None:
+        apply_state_dict(model, load_state_dict(args.checkpoint, allow_pickle=args.unsafe_pickle))
+    elif args.unsafe_pickle:
+        _note(args, "--unsafe-pickle has no effect without --checkpoint")
+    if model.training:
+        # Freshly built models (torchvision's included) start in training mode; deployment means eval.
+        model.eval()
+        _note(args, f"{args.arch} was in training mode; switched it to eval mode")
+    return model
+
+
+def _load_calibration(args: argparse.Namespace):
+    from .datasets import load_calibration
+
+    input_size = tuple(args.input_size) if args.input_size else None
+    return load_calibration(args.calibration, input_size=input_size, limit=args.calibration_limit)
+
+
+def _wrote(paths) -> str:
+    return ", ".join(str(path) for path in paths.values())
+
+
+def _run_analyze(args: argparse.Namespace) -> None:
+    from .analysis import analyze
+    from .report import ANALYZE_OUTPUTS, check_outputs, write_report
+
+    check_outputs(args.out, ANALYZE_OUTPUTS, force=args.force)
+    model = _load_model(args)
+    calibration = _load_calibration(args)
+    analysis = analyze(model, calibration, tolerance=args.tolerance, progress=_progress(args))
+    report = {
+        "egp_export_version": __version__,
+        "tolerance": args.tolerance,
+        "calibration": {"samples": len(calibration), "sample_shape": list(calibration.shape[1:])},
+        "analysis": analysis,
+    }
+    paths = write_report(report, args.out, force=args.force)
+    dead = sum(site["dead_neurons"] for site in analysis["sites"])
+    _say(
+        args,
+        f"{args.arch}: {analysis['num_sites']} activation sites, {analysis['num_linear_sites']} linear on the data, "
+        f"{dead} dead neurons, mean entropy {analysis['mean_entropy']:.3f} bits",
+    )
+    _say(args, f"wrote {_wrote(paths)}")
+
+
+def _run_compile(args: argparse.Namespace) -> None:
+    from .calibration import DEFAULT_BATCH_SIZE
+    from .compiler import compile as compile_model
+    from .onnx_export import export_onnx
+    from .report import COMPILE_OUTPUTS, ENTROPY_PLOT, ONNX_MODEL, check_outputs, plot_entropy, with_export, write_report
+
+    paths = check_outputs(args.out, COMPILE_OUTPUTS, force=args.force)
+    model = _load_model(args)
+    calibration = _load_calibration(args)
+    result = compile_model(model, calibration, args.tolerance, holdout=args.holdout, progress=_progress(args))
+    # compile() held out the last samples; ONNX Runtime is checked on the same unseen inputs.
+    held = result.report["calibration"]["holdout_samples"]
+    verify = calibration[len(calibration) - held :] if held else calibration
+    exported = export_onnx(
+        result.module,
+        calibration[:1],
+        paths[ONNX_MODEL],
+        verify_inputs=list(verify.split(DEFAULT_BATCH_SIZE)),
+        force=args.force,
+    )
+    for note in exported.notes:
+        _note(args, f"ONNX export: {note}")
+    report = with_export(result.report, exported)
+    write_report(report, args.out, force=args.force)
+    plot_entropy(report, paths[ENTROPY_PLOT], force=args.force)
+
+    before, after = report["before"], report["after"]
+    pytorch, onnxruntime = report["verification"]["pytorch"], report["verification"]["onnxruntime"]
+    _say(
+        args,
+        f"{args.arch}: depth {before['depth']} -> {after['depth']}, "
+        f"{report['activations_linearized']} of {before['activations']} activations linearized, "
+        f"params {before['params']:,} -> {after['params']:,}, MACs {before['macs']:,} -> {after['macs']:,}",
+    )
+    _say(
+        args,
+        f"max relative error: PyTorch {pytorch['max_rel']:.2e} on {held or len(calibration)} "
+        f"{'held-out' if held else 'calibration'} samples, ONNX Runtime {onnxruntime['max_rel']:.2e} "
+        f"(allowed {pytorch['rtol']:.2g} and {onnxruntime['rtol']:.2g})",
+    )
+    _say(args, f"wrote {_wrote(paths)}")
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    epochs = {} if args.epochs is None else {"epochs": args.epochs}
+    run_demo(args.out, force=args.force, seed=args.seed, progress=not args.quiet, **epochs)
