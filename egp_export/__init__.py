@@ -35,12 +35,19 @@ _LAZY = {
     "analyze": "analysis",
     "export_onnx": "onnx_export",
     "ExportResult": "onnx_export",
+    "padding_plan": "padding",
+    "apply_padding_plan": "padding",
+    "profile": "profiler",
+    "build_engine": "tensorrt_engine",
 }
 
 if TYPE_CHECKING:
     from .analysis import analyze
     from .compiler import CompileResult, compile  # noqa: A004 - the issue's public name
     from .onnx_export import ExportResult, export_onnx
+    from .padding import apply_padding_plan, padding_plan
+    from .profiler import profile
+    from .tensorrt_engine import build_engine
 
 __all__ = [
     "ArchitectureError",
@@ -55,8 +62,12 @@ __all__ = [
     "VerificationError",
     "__version__",
     "analyze",
+    "apply_padding_plan",
+    "build_engine",
     "compile",
     "export_onnx",
+    "padding_plan",
+    "profile",
 ]
 
 
