@@ -1,0 +1,68 @@
+"""Compile time versus graph size: ResNet-18/50, MobileNetV2, EfficientNet-B0.
+
+Usage: python tools/bench_compile_time.py [--size 224] [--calibration 16] [--models resnet18 resnet50 ...]
+
+For each model: fx graph nodes, and egp_export.compile's wall time split into
+calibration (running the data through the traced model), rewriting (the pass
+pipeline) and verification (original vs compiled on the held-out part), with
+``torch.get_num_threads()`` threads. No engine build is included. BatchNorm
+statistics are recalibrated on random data first so the networks are well
+scaled (see tests/test_torchvision_e2e.py); nothing is engineered to be
+linear, so this is the cost of analysing and rewriting, not of merging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn as nn
+import torchvision
+
+import egp_export
+from egp_export.graph import trace
+
+MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0")
+
+
+def recalibrate_batchnorm(model: nn.Module, shape, seed: int = 1) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, *shape, generator=generator))
+    return model.eval()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--calibration", type=int, default=16)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    args = parser.parse_args(argv)
+    shape = (3, args.size, args.size)
+    print(f"torch threads: {torch.get_num_threads()}; input {args.size}x{args.size}; {args.calibration} calibration samples "
+          "(20% held out)")
+    # One untimed compile first: the first convolutions of a process pay for kernel selection.
+    warm = recalibrate_batchnorm(torchvision.models.resnet18(num_classes=10), shape)
+    egp_export.compile(warm, torch.randn(8, *shape))
+    print("| model | graph nodes | calibrate s | rewrite s | verify s | total s |")
+    print("|---|---|---|---|---|---|")
+    for name in args.models:
+        torch.manual_seed(0)
+        model = recalibrate_batchnorm(getattr(torchvision.models, name)(num_classes=1000), shape)
+        nodes = len(trace(model).graph.nodes)
+        data = torch.randn(args.calibration, *shape, generator=torch.Generator().manual_seed(2))
+        started = time.perf_counter()
+        result = egp_export.compile(model, data)
+        total = time.perf_counter() - started
+        seconds = result.report["seconds"]
+        print(f"| {name} | {nodes} | {seconds['calibrate']:.2f} | {seconds['rewrite']:.2f} | {seconds['verify']:.2f} | {total:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
