@@ -38,7 +38,7 @@ from egp_export.analysis import calibrate
 from egp_export.backends import get_backend
 from egp_export.fileio import write_text_atomic
 from egp_export.graph import trace
-from egp_export.numerics import compare
+from egp_export.numerics import compare, fp32_noise
 from egp_export.onnx_export import export_onnx
 from egp_export.passes import PassManager, default_steps
 from egp_export.profiler import bootstrap_ratio_ci, run_interleaved
@@ -200,7 +200,8 @@ def main(argv=None) -> int:
         "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads available; ONNX Runtime CPU with "
         f"{args.threads} thread(s); {args.rounds} interleaved rounds x {args.iterations} runs, batch 1.",
-        f"egp-export compile time: {compile_seconds:.1f} s ({args.calibration} calibration samples).",
+        f"egp-export compile time: {compile_seconds:.1f} s ({args.calibration} calibration samples). "
+        f"The as-is model's own fp32 rounding (fp32 vs fp64 run, max_rel): {fp32_noise(model, [fresh]):.2e}.",
         "",
         "| variant | median ms | ratio to (a) | conv/gemm/matmul ops | max_rel vs (a) |",
         "|---|---|---|---|---|",
