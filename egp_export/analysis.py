@@ -99,20 +99,21 @@ class SiteStats:
             )
         count = z.numel() // neurons
         self.observations += count
-        self.on_counts += (z > 0).sum(dims)
-        self.low = torch.minimum(self.low, z.amin(dims).to(torch.float64))
-        self.high = torch.maximum(self.high, z.amax(dims).to(torch.float64))
+        # Reductions run where z lives (GPU too); the accumulators stay on the CPU.
+        self.on_counts += (z > 0).sum(dims).cpu()
+        self.low = torch.minimum(self.low, z.amin(dims).cpu().to(torch.float64))
+        self.high = torch.maximum(self.high, z.amax(dims).cpu().to(torch.float64))
         if not self.spec.boundaries:
             self.region_counts[0] += count
             return
         # Region r holds boundaries[r-1] < z <= boundaries[r]: count how many exceed each boundary.
-        above = [(z > b).sum(dims) for b in self.spec.boundaries]
+        above = [(z > b).sum(dims).cpu() for b in self.spec.boundaries]
         self.region_counts[0] += count - above[0]
         for r in range(1, len(above)):
             self.region_counts[r] += above[r - 1] - above[r]
         self.region_counts[-1] += above[-1]
         for b in self.spec.boundaries:
-            self.margin = torch.minimum(self.margin, (z - b).abs().amin(dims).to(torch.float64))
+            self.margin = torch.minimum(self.margin, (z - b).abs().amin(dims).cpu().to(torch.float64))
 
     def merge(self, other: SiteStats) -> None:
         """Add another shard's statistics of the same site (e.g. another DDP rank)."""

@@ -276,3 +276,5 @@ def _run_demo(args: argparse.Namespace) -> None:
 
     epochs = {} if args.epochs is None else {"epochs": args.epochs}
     run_demo(args.out, force=args.force, seed=args.seed, progress=not args.quiet, **epochs)
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 
@@ -13,11 +12,11 @@ import torch.nn as nn
 from . import __version__
 from .analysis import SiteStats, calibrate, summarize_sites
 from .calibration import DEFAULT_BATCH_SIZE, as_batches, split_holdout
-from .errors import VerificationError
-from .graph import propagate_shapes, summarize, trace
-from .numerics import FP32_RTOL, NOISE_FACTOR, compare, fp32_noise
 from .costmodel import AnalyticCost, MeasuredCost
-from .passes import PassManager, Step, conv_seconds, default_steps
+from .errors import VerificationError
+from .graph import owned_copy, propagate_shapes, summarize, trace
+from .numerics import FP32_RTOL, NOISE_FACTOR, compare, fp32_noise
+from .passes import CHANNEL_ALIGNMENT, PassManager, Step, conv_seconds, default_steps
 
 
 @dataclass
@@ -41,6 +40,14 @@ def verification_rtol(tolerance: float, noise: float = 0.0) -> float:
     model's own fp32-vs-fp64 error on the held-out data.
     """
     return max(tolerance, FP32_RTOL, NOISE_FACTOR * noise)
+
+
+def _has_pruning_hooks(model: nn.Module) -> bool:
+    from torch.nn.utils import prune
+
+    return any(
+        isinstance(hook, prune.BasePruningMethod) for m in model.modules() for hook in m._forward_pre_hooks.values()
+    )
 
 
 def _outputs(module: nn.Module, batches: list[torch.Tensor]) -> list:
@@ -101,6 +108,7 @@ def compile(  # noqa: A001 - the issue's public name
     approximate: bool = False,
     cost_model=None,
     merge_plan: str = "cost",
+    channel_alignment: int = CHANNEL_ALIGNMENT,
     steps: list[Step] | None = None,
     debug: bool = False,
     progress: bool = False,
@@ -118,13 +126,16 @@ def compile(  # noqa: A001 - the issue's public name
     exact only away from the border (the measured error is then checked
     against ``tolerance`` like everything else); ``cost_model`` ("analytic",
     "measured", or a cost object from costmodel.py) decides which merges pay;
-    ``merge_plan="all"`` merges every conv chain whole. ``debug`` checks numerics after
+    ``merge_plan="all"`` merges every conv chain whole. ``channel_alignment``
+    (default 8) keeps channel counts left by dead-channel removal at multiples
+    of it: ONNX Runtime's CPU kernels run odd counts far slower (see
+    passes/eliminate_dead_channels.py); 1 removes every dead channel. ``debug`` checks numerics after
     every pass and names the pass that broke them. ``model`` is never mutated.
     """
     started = time.perf_counter()
     split = split_holdout(as_batches(calibration, batch_size=batch_size), holdout)
     # The user's model is only run as is when that cannot change it (eval mode).
-    reference = copy.deepcopy(model).eval() if model.training else model
+    reference = owned_copy(model).eval() if model.training or _has_pruning_hooks(model) else model
     noise_batch = [split.holdout[0][:NOISE_SAMPLES]]
     # The fp64 reference run is slow on CPU: measured up front only in debug
     # mode (every pass is checked against it), else only if the plain fp32
@@ -139,7 +150,9 @@ def compile(  # noqa: A001 - the issue's public name
     predicted_before = conv_seconds(gm, cost)
     example = split.calibrate[0][:1]
     manager = PassManager(
-        steps if steps is not None else default_steps(tolerance, approximate=approximate, cost=cost, plan=merge_plan),
+        steps if steps is not None else default_steps(
+            tolerance, approximate=approximate, cost=cost, plan=merge_plan, channel_alignment=channel_alignment
+        ),
         example_input=example,
         debug_inputs=split.calibrate[0] if debug else None,
         debug_rtol=rtol,

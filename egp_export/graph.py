@@ -35,6 +35,31 @@ class _PathTracer(fx.Tracer):
         return result
 
 
+def owned_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that egp-export may change, with pruning masks made permanent.
+
+    ``torch.nn.utils.prune`` keeps ``weight`` as a computed (non-leaf) tensor,
+    which ``copy.deepcopy`` refuses; the copy gets a detached clone of it, and
+    then ``prune.remove`` turns the copy's ``weight_orig * weight_mask`` into a
+    plain parameter. The user's model keeps its masks.
+    """
+    from torch.nn.utils import prune
+
+    memo: dict[int, object] = {}
+    pruned: list[tuple[str, str]] = []
+    for name, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                methods = hook._pruning_methods if isinstance(hook, prune.PruningContainer) else (hook,)
+                tensor_name = methods[-1]._tensor_name
+                memo[id(getattr(module, tensor_name))] = getattr(module, tensor_name).detach().clone()
+                pruned.append((name, tensor_name))
+    owned = copy.deepcopy(model, memo)
+    for name, tensor_name in pruned:
+        prune.remove(owned.get_submodule(name), tensor_name)
+    return owned
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """An eval-mode torch.fx GraphModule of a deep copy of ``model`` (which is never touched).
 
@@ -50,7 +75,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
             UserWarning,
             stacklevel=3,
         )
-    owned = copy.deepcopy(model).eval()
+    owned = owned_copy(model).eval()
     if isinstance(owned, fx.GraphModule):
         return owned
     tracer = _PathTracer()

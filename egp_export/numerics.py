@@ -87,10 +87,10 @@ def fp32_noise(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
     Returns 0.0 when the model cannot run in fp64 (custom kernels); callers
     then fall back on the fixed fp32 floor.
     """
-    import copy
+    from .graph import owned_copy
 
     try:
-        wide = copy.deepcopy(model).double().eval()
+        wide = owned_copy(model).double().eval()
         with torch.no_grad():
             exact = [wide(b.double()) for b in batches]
             rounded = [model(b) for b in batches]

@@ -62,8 +62,19 @@ class _Group:
         self.channels_first = True  # conv layout [B, C, ...]; False for linear's [..., C]
 
 
+# Channel counts are kept at multiples of this: ONNX Runtime's CPU convolutions
+# run blocked layouts, and an odd count falls off the fast path. Measured (ORT
+# 1.31, one AVX-512 thread, 3x3 conv C->16 at 32x32): C = 56, 60, 64 take
+# 188-192 us, C = 59 and 62 take 290-308 us; a 64->59 cut made a two-conv
+# model 0.70x as fast. Dead channels beyond the multiple stay (as zeros).
+CHANNEL_ALIGNMENT = 8
+
+
 class EliminateDeadChannels(GraphPass):
     name = "eliminate_dead_channels"
+
+    def __init__(self, alignment: int = CHANNEL_ALIGNMENT) -> None:
+        self.alignment = max(1, alignment)
 
     def run(self, gm: fx.GraphModule) -> None:
         self.gm = gm
@@ -97,9 +108,15 @@ class EliminateDeadChannels(GraphPass):
                 affine = module_of(member, self.modules)
                 if isinstance(affine, ChannelAffine):
                     dead &= affine.shift == 0
-            if dead.all():
-                dead[0] = False  # keep one channel: zero-width tensors are not portable
+            # Keep at least one channel (zero-width tensors are not portable) and round the kept count up.
+            alive = int((~dead).sum())
+            keep = min(dead.numel(), max(self.alignment, -(-alive // self.alignment) * self.alignment))
+            spare = keep - alive
+            if spare > 0:
+                dead[dead.nonzero().flatten()[:spare]] = False
             if not dead.any():
+                if spare > 0 and alive < dead.numel():
+                    self.refuse(node, f"{dead.numel() - alive} zero channels kept to stay a multiple of {self.alignment}")
                 continue
             self._remove(group, ~dead)
             consumers = ", ".join(c.name for c, _ in group.consumers) or "none"

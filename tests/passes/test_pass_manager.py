@@ -207,7 +207,7 @@ def test_default_pipeline_flattens_an_engineered_network():
     calibration = calibration_batches((8, 3, 6, 6))
     gm = prepare(model, calibration[0], calibration=calibration)
     before = depth(gm)
-    result = PassManager(default_steps(1e-5), example_input=calibration[0][:1], debug_inputs=torch.randn(4, 3, 6, 6)).run(gm)
+    result = PassManager(default_steps(1e-5, channel_alignment=1), example_input=calibration[0][:1], debug_inputs=torch.randn(4, 3, 6, 6)).run(gm)
 
     assert activation_count(gm) == 0 and affines(gm) == []
     assert count_calls(gm, nn.BatchNorm2d) == 0
@@ -238,7 +238,7 @@ def test_pipeline_records_why_a_site_stays():
     model = _conv_model()
     calibration = calibration_batches((8, 3, 6, 6))
     gm = prepare(model, calibration[0], calibration=calibration)
-    result = PassManager(default_steps(1e-5), example_input=calibration[0][:1]).run(gm)
+    result = PassManager(default_steps(1e-5, channel_alignment=1), example_input=calibration[0][:1]).run(gm)
 
     assert activation_count(gm) == 1
     assert any(r.pass_name == "linearize_activations" and "cross a region boundary" in r.reason for r in result.refusals)
@@ -250,7 +250,7 @@ def test_pipeline_removes_pruned_filters():
     zero_channels(model[0], [0, 2])
     calibration = calibration_batches((8, 3, 6, 6))
     gm = prepare(model, calibration[0], calibration=calibration)
-    PassManager(default_steps(1e-5), example_input=calibration[0][:1]).run(gm)
+    PassManager(default_steps(1e-5, channel_alignment=1), example_input=calibration[0][:1]).run(gm)
 
     assert gm.get_submodule("0").out_channels == 2 and gm.get_submodule("2").in_channels == 2
     assert_same_function(model, gm, torch.randn(4, 3, 6, 6))
