@@ -86,6 +86,8 @@ def _efficientnet_b0(m):
 
 def _vit(m):
     _set(m.encoder.layers[0].mlp[0].bias, 30.0)  # GELU identity: fc2∘fc1 merge
+    # torchvision zero-initialises the head: outputs would all be 0 and every comparison trivially exact.
+    nn.init.normal_(m.heads.head.weight, std=0.5)
 
 
 def _swin(m):
