@@ -120,6 +120,8 @@ def _torch_load(path: Path, *, allow_pickle: bool) -> object:
         ) from None
     except OSError as error:
         raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror or error}.") from None
+    except Exception as error:  # noqa: BLE001 - random bytes make the unpickler fail in any way (IndexError, KeyError...)
+        raise _corrupt(path, error) from None
 
 
 def _refused_by_weights_only(path: Path, error: pickle.UnpicklingError) -> bool:
