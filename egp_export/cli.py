@@ -2,7 +2,7 @@
 
     egp-export analyze --arch A --calibration C --out DIR    per-site activation report
     egp-export compile --arch A --calibration C --out DIR    compiled model.onnx + report
-    egp-export demo --out DIR                                train, compile and check a digits CNN
+    egp-export demo --out DIR                                train, EGP-prune, compile, verify and time a digits ResNet
     egp-export prune ...                                     entropy-guided pruning (prune_cli.py)
     egp-export profile | gate | engine ...                   latency and TensorRT (perf_cli.py)
 
@@ -20,11 +20,16 @@ from pathlib import Path
 
 from . import __version__
 from .errors import EgpExportError
+from .report import COMPILE_OUTPUTS  # report.py imports neither torch nor numpy: --help stays fast
 
 PROG = "egp-export"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 DEFAULT_TOLERANCE = 1e-5
 DEFAULT_HOLDOUT = 0.2
+DEPTH_PLOT = "depth.png"
+PADDING_PLAN = "padding-plan.json"
+# What compile writes into --out (padding-plan.json only when asked).
+COMPILE_FILES = (*COMPILE_OUTPUTS, DEPTH_PLOT)
 
 
 def _positive_int(text: str) -> int:
@@ -107,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     compile_ = commands.add_parser(
         "compile",
         parents=[common],
-        help="compile and export; writes model.onnx, report.json, report.md, entropy.png",
+        help=f"compile and export; writes {', '.join(COMPILE_FILES)} (+ {PADDING_PLAN} with --padding-plan)",
         description="Compile the model on the calibration data, verify it on the held-out part, export it to "
         "ONNX and verify the file in ONNX Runtime.",
     )
@@ -118,19 +123,59 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help=f"fraction of the calibration samples (the last ones) kept out for verification (default {DEFAULT_HOLDOUT})",
     )
+    merging = compile_.add_argument_group("merging")
+    merging.add_argument(
+        "--approximate",
+        action="store_true",
+        help="also merge conv chains that are exact only away from the border (later convs pad); the measured "
+        "error must still be within --tolerance",
+    )
+    merging.add_argument(
+        "--cost-model",
+        choices=("analytic", "measured"),
+        default="analytic",
+        help="how the merge planner predicts conv latency: an analytic model (default) or single convs timed on "
+        "ONNX Runtime CPU, cached in $XDG_CACHE_HOME/egp-export",
+    )
+    merging.add_argument(
+        "--merge-plan",
+        choices=("cost", "all"),
+        default="cost",
+        help="cost: split each conv chain where the cost model predicts it pays (default); all: merge every chain "
+        "whole where that merge is allowed (exact, or border-approximate with --approximate), whatever it costs "
+        "(the Layer-Folding baseline)",
+    )
+    # No literal default: egp_export.passes.CHANNEL_ALIGNMENT is read at run time (importing it loads torch).
+    merging.add_argument(
+        "--channel-alignment",
+        type=_positive_int,
+        metavar="N",
+        help="keep the channel counts dead-channel removal leaves at multiples of N: ONNX Runtime's CPU kernels "
+        "run odd counts far slower; 1 removes every dead channel (default egp_export.passes.CHANNEL_ALIGNMENT, 8)",
+    )
+    merging.add_argument(
+        "--padding-plan",
+        action="store_true",
+        help=f"also write {PADDING_PLAN}: the chains that merge only approximately, with all their padding moved "
+        "to the first conv (LayerMerge's alternative). Applying it changes the function at the border, so it is "
+        "for users who fine-tune afterwards (egp_export.apply_padding_plan); the compile itself is unchanged",
+    )
+    merging.add_argument(
+        "--debug", action="store_true", help="check the numerics after every pass and name the pass that broke them"
+    )
     compile_.set_defaults(run=_run_compile)
 
     demo = commands.add_parser(
         "demo",
-        help="train a small CNN on scikit-learn's digits, compile, export and check it (CPU, under a minute)",
-        description="Train a small conv-BN-ReLU network on scikit-learn's digits, compile it with the training split "
-        "as calibration data, export it and measure ONNX Runtime's test accuracy.",
+        help="train a small ResNet on scikit-learn's digits, EGP-prune, compile, export, verify and time it (CPU)",
+        description="Train a small ResNet-style CNN on scikit-learn's digits (no download), EGP-prune it until some "
+        "activation sites are linear, compile it, export both the pruned and the compiled model to ONNX, verify them "
+        "with ONNX Runtime on the held-out test split, time them, and write DIR/summary.json.",
     )
     demo.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the outputs")
-    demo.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    # No default here: importing egp_export.demo for its DEFAULT_EPOCHS would load torch for --help.
-    demo.add_argument("--epochs", type=_positive_int, help="training epochs (default 10)")
+    demo.add_argument("--quick", action="store_true", help="the CI size: fewer epochs, iterations and timing rounds")
     demo.add_argument("--seed", type=int, default=0, help="seeds the split, initialisation and batch order (default 0)")
+    demo.add_argument("--force", action="store_true", help="overwrite existing outputs")
     demo.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
     demo.set_defaults(run=_run_demo, verbose=False)
 
@@ -231,16 +276,34 @@ def _run_analyze(args: argparse.Namespace) -> None:
 def _run_compile(args: argparse.Namespace) -> None:
     from .calibration import DEFAULT_BATCH_SIZE
     from .compiler import compile as compile_model
+    from .fileio import write_text_atomic
     from .onnx_export import export_onnx
-    from .report import COMPILE_OUTPUTS, ENTROPY_PLOT, ONNX_MODEL, check_outputs, plot_entropy, with_export, write_report
+    from .padding import padding_plan, save_plan
+    from .passes import CHANNEL_ALIGNMENT
+    from .plots import plot_depth
+    from .report import ENTROPY_PLOT, ONNX_MODEL, check_outputs, plot_entropy, with_export, write_report
 
-    paths = check_outputs(args.out, COMPILE_OUTPUTS, force=args.force)
+    names = COMPILE_FILES + ((PADDING_PLAN,) if args.padding_plan else ())
+    paths = check_outputs(args.out, names, force=args.force)
     model = _load_model(args)
     calibration = _load_calibration(args)
-    result = compile_model(model, calibration, args.tolerance, holdout=args.holdout, progress=_progress(args))
+    result = compile_model(
+        model,
+        calibration,
+        args.tolerance,
+        holdout=args.holdout,
+        approximate=args.approximate,
+        cost_model=args.cost_model,
+        merge_plan=args.merge_plan,
+        channel_alignment=CHANNEL_ALIGNMENT if args.channel_alignment is None else args.channel_alignment,
+        debug=args.debug,
+        progress=_progress(args),
+    )
     # compile() held out the last samples; ONNX Runtime is checked on the same unseen inputs.
     held = result.report["calibration"]["holdout_samples"]
     verify = calibration[len(calibration) - held :] if held else calibration
+    # The plan is decided on what compile decided on, and before anything is written.
+    moves = padding_plan(model, calibration[: len(calibration) - held], tolerance=args.tolerance) if args.padding_plan else None
     exported = export_onnx(
         result.module,
         calibration[:1],
@@ -253,9 +316,13 @@ def _run_compile(args: argparse.Namespace) -> None:
     report = with_export(result.report, exported)
     write_report(report, args.out, force=args.force)
     plot_entropy(report, paths[ENTROPY_PLOT], force=args.force)
+    plot_depth(report, paths[DEPTH_PLOT], force=args.force)
+    if moves is not None:
+        write_text_atomic(paths[PADDING_PLAN], save_plan(moves) + "\n", force=args.force)
 
     before, after = report["before"], report["after"]
     pytorch, onnxruntime = report["verification"]["pytorch"], report["verification"]["onnxruntime"]
+    predicted = report["predicted_conv_latency_us"]
     _say(
         args,
         f"{args.arch}: depth {before['depth']} -> {after['depth']}, "
@@ -264,17 +331,31 @@ def _run_compile(args: argparse.Namespace) -> None:
     )
     _say(
         args,
+        f"{len(report['rewrites'])} rewrites, {len(report['refusals'])} refusals (see report.md); predicted conv "
+        f"latency {predicted['before']:g} -> {predicted['after']:g} us ({predicted['cost_model']} cost model)",
+    )
+    _say(
+        args,
         f"max relative error: PyTorch {pytorch['max_rel']:.2e} on {held or len(calibration)} "
         f"{'held-out' if held else 'calibration'} samples, ONNX Runtime {onnxruntime['max_rel']:.2e} "
         f"(allowed {pytorch['rtol']:.2g} and {onnxruntime['rtol']:.2g})",
     )
+    if moves:
+        _say(
+            args,
+            f"padding plan: {len(moves)} conv chain(s) would merge exactly with their padding moved to the first conv; "
+            "applying it changes the model at the border, so fine-tune after egp_export.apply_padding_plan",
+        )
+    elif moves is not None:
+        _say(args, "padding plan: empty, no linear conv chain merges only approximately")
     _say(args, f"wrote {_wrote(paths)}")
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .demo_egp import run_egp_demo
 
-    epochs = {} if args.epochs is None else {"epochs": args.epochs}
-    run_demo(args.out, force=args.force, seed=args.seed, progress=not args.quiet, **epochs)
+    run_egp_demo(args.out, force=args.force, quick=args.quick, seed=args.seed, progress=not args.quiet)
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

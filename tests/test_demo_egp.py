@@ -27,7 +27,7 @@ def test_summary_has_the_promised_keys_and_matches_the_file(demo):
     out, summary = demo
     assert all(key in summary for key in REQUIRED)
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
-    for name in ("model.onnx", "pruned.onnx", "dense.pt", "report.json", "report.md", "entropy.png"):
+    for name in ("model.onnx", "pruned.onnx", "dense.pt", "report.json", "report.md", "entropy.png", "depth.png"):
         assert (out / name).stat().st_size > 0
     assert (out / "prune" / "pruned.pt").exists() and (out / "prune" / "metrics.jsonl").exists()
 
@@ -62,3 +62,11 @@ def test_existing_outputs_are_refused_before_any_work(demo):
     out, _ = demo
     with pytest.raises(OutputError, match="already exists"):
         run_egp_demo(out, quick=True, progress=False)
+
+
+def test_an_existing_pruning_folder_is_refused_before_any_work(tmp_path):
+    (tmp_path / "prune").mkdir()
+    (tmp_path / "prune" / "pruned.pt").write_bytes(b"an earlier run")
+    with pytest.raises(OutputError, match="already exists"):
+        run_egp_demo(tmp_path, quick=True, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prune"]  # nothing trained, nothing written
