@@ -121,7 +121,7 @@ def compile(  # noqa: A001 - the issue's public name
     original on it, and a mismatch beyond ``max(tolerance, 1e-5)`` relative
     to the output scale (see numerics.py) raises VerificationError. ``tolerance`` also bounds
     the error of smooth-activation surrogates. The fp32 floor rises to
-    4x the original model's own fp32-vs-fp64 error where that is larger
+    8x the original model's own fp32-vs-fp64 error where that is larger
     (ill-conditioned networks). ``approximate`` allows conv merges that are
     exact only away from the border (the measured error is then checked
     against ``tolerance`` like everything else); ``cost_model`` ("analytic",

@@ -90,7 +90,11 @@ class ConvLayer:
     def from_module(cls, conv: nn.Module) -> ConvLayer:
         rank = conv.weight.dim() - 2
         weight = conv.weight.detach().to(torch.float64).clone()
-        bias = conv.bias.detach().to(torch.float64).clone() if conv.bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
+        bias = (
+            conv.bias.detach().to(torch.float64).clone()
+            if conv.bias is not None
+            else torch.zeros(weight.shape[0], dtype=torch.float64)
+        )
         return cls(weight, bias, _tuple(conv.stride, rank), explicit_padding(conv), _tuple(conv.dilation, rank), conv.groups)
 
     @classmethod
@@ -130,7 +134,15 @@ class ConvLayer:
 
     def apply(self, x: torch.Tensor, *, bias: bool = True) -> torch.Tensor:
         fn = FUNCTIONAL_BY_RANK[self.rank]
-        return fn(x, self.weight.to(x.dtype), self.bias.to(x.dtype) if bias else None, self.stride, self.padding, self.dilation, self.groups)
+        return fn(
+            x,
+            self.weight.to(x.dtype),
+            self.bias.to(x.dtype) if bias else None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
 
     def output_size(self, size: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(
@@ -176,7 +188,9 @@ def compose(a: ConvLayer, b: ConvLayer) -> ConvLayer:
     rank = a.rank
     w1, w2 = a.dense_weight(), b.dense_weight()
     span1 = tuple((k - 1) * d + 1 for k, d in zip(a.kernel, a.dilation))
-    grid = tuple((k1 - 1) * d1 + (k2 - 1) * d2 * s1 + 1 for k1, d1, k2, d2, s1 in zip(a.kernel, a.dilation, b.kernel, b.dilation, a.stride))
+    grid = tuple(
+        (k1 - 1) * d1 + (k2 - 1) * d2 * s1 + 1 for k1, d1, k2, d2, s1 in zip(a.kernel, a.dilation, b.kernel, b.dilation, a.stride)
+    )
     w1_grid = torch.zeros(*w1.shape[:2], *span1, dtype=torch.float64)
     w1_grid[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in a.dilation)] = w1
     merged = torch.zeros(w2.shape[0], w1.shape[1], *grid, dtype=torch.float64)

@@ -205,6 +205,19 @@ def _summary(report: dict) -> list[str]:
             f"| predicted conv latency, µs ({predicted.get('cost_model', 'cost model')}) | "
             f"{_number(predicted.get('before'))} | {_number(predicted.get('after'))} |"
         )
+    measured = report.get("measured_latency")
+    if measured:
+        lines.append(
+            f"| measured latency, ms ({measured.get('backend', '')}) | {_number(measured.get('original_ms'))} | "
+            f"{_number(measured.get('compiled_ms'))} |"
+        )
+        low, high = measured.get("ci", [None, None])
+        lines += [
+            "",
+            f"**Speedup:** measured {_number(measured.get('speedup'))} "
+            f"({100 * measured.get('confidence', 0.95):.0f}% interval {_number(low)}-{_number(high)}), "
+            f"predicted by the cost model {_number(measured.get('predicted_speedup'))}.",
+        ]
     sites = analysis_of(report).get("sites", [])
     lines += ["", f"**Activations linearized:** {report.get('activations_linearized', 0)} of {len(sites)} sites.", ""]
     lines += _verification(report.get("verification") or {})

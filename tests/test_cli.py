@@ -644,3 +644,18 @@ def test_main_exits_130_on_keyboard_interrupt(monkeypatch, tmp_path, capsys):
 
     assert cli.main(["demo", "--out", str(tmp_path)]) == 130
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_measure_latency_records_measured_beside_predicted(cli_main, workspace):
+    out = workspace.root / "measure-latency"
+    run = cli_main(*_compile_args("cli_models:LinearPair", out, "--measure-latency"))
+
+    assert run.returncode == 0, run.stderr
+    assert (out / "original.onnx").exists()
+    measured = json.loads((out / "report.json").read_text())["measured_latency"]
+    assert measured["original_ms"] > 0 and measured["compiled_ms"] > 0
+    low, high = measured["ci"]
+    assert low <= measured["speedup"] <= high
+    assert measured["predicted_speedup"] > 0
+    assert "measured on ort-cpu" in run.stdout
+    assert "**Speedup:** measured" in (out / "report.md").read_text()

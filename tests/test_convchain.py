@@ -34,7 +34,11 @@ def conv_layers(draw, rank: int, in_channels: int, depthwise_ok: bool = True, po
     seed = draw(st.integers(0, 2**31 - 1))
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(out_channels, in_channels // groups, *([kernel] * rank), generator=generator, dtype=torch.float64)
-    bias = torch.randn(out_channels, generator=generator, dtype=torch.float64) if draw(st.booleans()) else torch.zeros(out_channels, dtype=torch.float64)
+    bias = (
+        torch.randn(out_channels, generator=generator, dtype=torch.float64)
+        if draw(st.booleans())
+        else torch.zeros(out_channels, dtype=torch.float64)
+    )
     return ConvLayer(weight, bias, (stride,) * rank, (padding,) * rank, (dilation,) * rank, groups)
 
 
@@ -101,18 +105,32 @@ def _ring_width(layers) -> int:
     """Output positions within this distance of an edge may read a padded intermediate."""
     width, stride_after = 0, 1
     for layer in reversed(layers[1:]):
-        reach = max(layer.padding) + 0
-        width = max(width, math.ceil(reach / stride_after)) if layer.padded else width
+        if layer.padded:
+            width = max(width, math.ceil(max(layer.padding) / stride_after))
         stride_after *= max(layer.stride)
     # Dilated/strided later taps can reach further inward; be generous but bounded.
-    return width + sum(max(l.dilation) * max(l.kernel) for l in layers[1:])
+    return width + sum(max(layer.dilation) * max(layer.kernel) for layer in layers[1:])
 
 
 @pytest.mark.parametrize("rank", [1, 2])
 def test_pointwise_then_padded_needs_and_gets_a_bias_map(rank):
     generator = torch.Generator().manual_seed(0)
-    a = ConvLayer(torch.randn(6, 3, *([1] * rank), generator=generator, dtype=torch.float64), torch.randn(6, generator=generator, dtype=torch.float64), (1,) * rank, (0,) * rank, (1,) * rank, 1)
-    b = ConvLayer(torch.randn(4, 6, *([3] * rank), generator=generator, dtype=torch.float64), torch.randn(4, generator=generator, dtype=torch.float64), (1,) * rank, (1,) * rank, (1,) * rank, 1)
+    a = ConvLayer(
+        torch.randn(6, 3, *([1] * rank), generator=generator, dtype=torch.float64),
+        torch.randn(6, generator=generator, dtype=torch.float64),
+        (1,) * rank,
+        (0,) * rank,
+        (1,) * rank,
+        1,
+    )
+    b = ConvLayer(
+        torch.randn(4, 6, *([3] * rank), generator=generator, dtype=torch.float64),
+        torch.randn(4, generator=generator, dtype=torch.float64),
+        (1,) * rank,
+        (1,) * rank,
+        (1,) * rank,
+        1,
+    )
     assert chain_class([a, b]) is ChainClass.EXACT_BIAS_MAP
     merged = merge_chain([a, b], (7,) * rank)
     assert merged.bias_map is not None and merged.bias_map.shape == (4,) + (7,) * rank
@@ -125,7 +143,14 @@ def test_pointwise_then_padded_needs_and_gets_a_bias_map(rank):
 def test_three_by_three_twice_is_border_approximate_with_a_five_by_five_kernel():
     generator = torch.Generator().manual_seed(1)
     layers = [
-        ConvLayer(torch.randn(4, 4, 3, 3, generator=generator, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), (1, 1), (1, 1), (1, 1), 1)
+        ConvLayer(
+            torch.randn(4, 4, 3, 3, generator=generator, dtype=torch.float64),
+            torch.zeros(4, dtype=torch.float64),
+            (1, 1),
+            (1, 1),
+            (1, 1),
+            1,
+        )
         for _ in range(2)
     ]
     merged = merge_chain(layers, (8, 8))
@@ -139,8 +164,22 @@ def test_three_by_three_twice_is_border_approximate_with_a_five_by_five_kernel()
 
 def test_depthwise_then_depthwise_stays_depthwise():
     generator = torch.Generator().manual_seed(2)
-    a = ConvLayer(torch.randn(5, 1, 3, 3, generator=generator, dtype=torch.float64), torch.randn(5, generator=generator, dtype=torch.float64), (1, 1), (1, 1), (1, 1), 5)
-    b = ConvLayer(torch.randn(5, 1, 3, 3, generator=generator, dtype=torch.float64), torch.randn(5, generator=generator, dtype=torch.float64), (2, 2), (0, 0), (1, 1), 5)
+    a = ConvLayer(
+        torch.randn(5, 1, 3, 3, generator=generator, dtype=torch.float64),
+        torch.randn(5, generator=generator, dtype=torch.float64),
+        (1, 1),
+        (1, 1),
+        (1, 1),
+        5,
+    )
+    b = ConvLayer(
+        torch.randn(5, 1, 3, 3, generator=generator, dtype=torch.float64),
+        torch.randn(5, generator=generator, dtype=torch.float64),
+        (2, 2),
+        (0, 0),
+        (1, 1),
+        5,
+    )
     merged = compose(a, b)
     assert merged.groups == 5 and merged.weight.shape == (5, 1, 5, 5)
     x = _input(2, 5, 9)

@@ -25,7 +25,9 @@ def test_analytic_cost_grows_with_macs_and_charges_every_layer():
     assert pair > cost.conv_seconds(_conv(16, 16, 1), (8, 8))
     # Grouped convs run at a lower MAC rate than dense ones.
     dense, depthwise = _conv(32, 32, 3), _conv(32, 32, 3, groups=32)
-    assert cost.conv_seconds(depthwise, (16, 16)) / depthwise.macs((16, 16)) > cost.conv_seconds(dense, (16, 16)) / dense.macs((16, 16))
+    assert cost.conv_seconds(depthwise, (16, 16)) / depthwise.macs((16, 16)) > cost.conv_seconds(dense, (16, 16)) / dense.macs(
+        (16, 16)
+    )
 
 
 def test_measured_cost_times_once_caches_and_reloads(tmp_path):

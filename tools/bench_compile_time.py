@@ -45,8 +45,10 @@ def main(argv=None) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     args = parser.parse_args(argv)
     shape = (3, args.size, args.size)
-    print(f"torch threads: {torch.get_num_threads()}; input {args.size}x{args.size}; {args.calibration} calibration samples "
-          "(20% held out)")
+    print(
+        f"torch threads: {torch.get_num_threads()}; input {args.size}x{args.size}; {args.calibration} calibration samples "
+        "(20% held out)"
+    )
     # One untimed compile first: the first convolutions of a process pay for kernel selection.
     warm = recalibrate_batchnorm(torchvision.models.resnet18(num_classes=10), shape)
     egp_export.compile(warm, torch.randn(8, *shape))
@@ -61,7 +63,10 @@ def main(argv=None) -> None:
         result = egp_export.compile(model, data)
         total = time.perf_counter() - started
         seconds = result.report["seconds"]
-        print(f"| {name} | {nodes} | {seconds['calibrate']:.2f} | {seconds['rewrite']:.2f} | {seconds['verify']:.2f} | {total:.2f} |")
+        print(
+            f"| {name} | {nodes} | {seconds['calibrate']:.2f} | {seconds['rewrite']:.2f} | "
+            f"{seconds['verify']:.2f} | {total:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -103,7 +103,9 @@ def vit(blocks: int, size: int):
     from torchvision.models import VisionTransformer
 
     def build():
-        return VisionTransformer(image_size=size, patch_size=16, num_layers=6, num_heads=4, hidden_dim=192, mlp_dim=768, num_classes=1000)
+        return VisionTransformer(
+            image_size=size, patch_size=16, num_layers=6, num_heads=4, hidden_dim=192, mlp_dim=768, num_classes=1000
+        )
 
     model = build()
     # torchvision zero-initialises the ViT head: every output would be 0 and every error trivially 0.

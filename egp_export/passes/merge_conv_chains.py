@@ -134,9 +134,13 @@ class MergeConvChains(GraphPass):
         if merged.bias_map is not None:
             seconds += self.cost.add_seconds(merged.bias_map.numel())
         if self.plan == "cost" and seconds >= split_seconds:
-            return seconds, merged, (
-                f"predicted latency grows: {seconds * 1e6:.1f} us merged vs {split_seconds * 1e6:.1f} us as is "
-                f"({self.cost.name} cost model)"
+            return (
+                seconds,
+                merged,
+                (
+                    f"predicted latency grows: {seconds * 1e6:.1f} us merged vs {split_seconds * 1e6:.1f} us as is "
+                    f"({self.cost.name} cost model)"
+                ),
             )
         return seconds, merged, None
 
@@ -172,7 +176,9 @@ class MergeConvChains(GraphPass):
             first.meta["tensor_meta"] = last.meta["tensor_meta"]
         output = first
         if merged.bias_map is not None:
-            output = insert_module_call(self.gm, last, f"{first.name}_bias_map", ConstantAdd(merged.bias_map), (first,), like=last)
+            output = insert_module_call(
+                self.gm, last, f"{first.name}_bias_map", ConstantAdd(merged.bias_map), (first,), like=last
+            )
         last.replace_all_uses_with(output)
         for node in reversed([n for pair in zip(nodes[1:], gaps) for n in (*pair[1], pair[0])]):
             self.gm.graph.erase_node(node)
@@ -185,12 +191,15 @@ class MergeConvChains(GraphPass):
 
 
 def conv_seconds(gm: fx.GraphModule, cost=None) -> float:
-    """Predicted latency of every conv layer in ``gm`` (shapes must be propagated)."""
+    """Predicted latency of every conv layer and bias-map add in ``gm`` (shapes must be propagated)."""
     cost = cost if cost is not None else AnalyticCost()
     modules = named_modules(gm)
     total = 0.0
     for node in gm.graph.nodes:
         module = module_of(node, modules)
+        if isinstance(module, ConstantAdd):
+            total += cost.add_seconds(module.value.numel())
+            continue
         shape = shape_of(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
         if isinstance(module, CONV_TYPES) and shape is not None:
             try:
@@ -199,4 +208,3 @@ def conv_seconds(gm: fx.GraphModule, cost=None) -> float:
                 continue
             total += cost.conv_seconds(layer, tuple(shape[2:]))
     return total
-

@@ -207,15 +207,22 @@ def test_default_pipeline_flattens_an_engineered_network():
     calibration = calibration_batches((8, 3, 6, 6))
     gm = prepare(model, calibration[0], calibration=calibration)
     before = depth(gm)
-    result = PassManager(default_steps(1e-5, channel_alignment=1), example_input=calibration[0][:1], debug_inputs=torch.randn(4, 3, 6, 6)).run(gm)
+    result = PassManager(
+        default_steps(1e-5, channel_alignment=1), example_input=calibration[0][:1], debug_inputs=torch.randn(4, 3, 6, 6)
+    ).run(gm)
 
     assert activation_count(gm) == 0 and affines(gm) == []
     assert count_calls(gm, nn.BatchNorm2d) == 0
     assert before == 4 and depth(gm) < before
     assert [name for name, _ in result.steps_run][:3] == ["eliminate_eval_identities", "fold_batchnorm", "linearize_activations"]
     passes = {r.pass_name for r in result.rewrites}
-    assert {"fold_batchnorm", "linearize_activations", "fold_channel_affine", "eliminate_dead_channels",
-            "merge_linear_chains"} <= passes
+    assert {
+        "fold_batchnorm",
+        "linearize_activations",
+        "fold_channel_affine",
+        "eliminate_dead_channels",
+        "merge_linear_chains",
+    } <= passes
     assert_same_function(model, gm, torch.randn(8, 3, 6, 6))
     assert_onnx_valid(gm, torch.randn(2, 3, 6, 6))
 
