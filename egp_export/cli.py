@@ -14,16 +14,12 @@ is written unless every output could be.
 from __future__ import annotations
 
 import argparse
-import sys
-import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import EgpExportError
+from .cli_common import PROG, non_negative_float, positive_int, progress, run_command, say
 from .report import COMPILE_OUTPUTS  # report.py imports neither torch nor numpy: --help stays fast
 
-PROG = "egp-export"
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 DEFAULT_TOLERANCE = 1e-5
 DEFAULT_HOLDOUT = 0.2
 DEPTH_PLOT = "depth.png"
@@ -33,18 +29,8 @@ ORIGINAL_MODEL = "original.onnx"
 COMPILE_FILES = (*COMPILE_OUTPUTS, DEPTH_PLOT)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0.0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,11 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="builtin:digits, a .pt/.pth tensor file, a .npy/.npz array, or a folder of images",
     )
-    data.add_argument("--input-size", nargs=2, type=_positive_int, metavar=("H", "W"), help="resize images of a folder")
-    data.add_argument("--calibration-limit", type=_positive_int, metavar="N", help="use the first N samples only")
+    data.add_argument("--input-size", nargs=2, type=positive_int, metavar=("H", "W"), help="resize images of a folder")
+    data.add_argument("--calibration-limit", type=positive_int, metavar="N", help="use the first N samples only")
     data.add_argument(
         "--tolerance",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=DEFAULT_TOLERANCE,
         metavar="T",
         help="largest error allowed for smooth-activation surrogates, relative to the output scale "
@@ -149,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     # No literal default: egp_export.passes.CHANNEL_ALIGNMENT is read at run time (importing it loads torch).
     merging.add_argument(
         "--channel-alignment",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="keep the channel counts dead-channel removal leaves at multiples of N: ONNX Runtime's CPU kernels "
         "run odd counts far slower; 1 removes every dead channel (default egp_export.passes.CHANNEL_ALIGNMENT, 8)",
@@ -198,26 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (0, the gate's 1 on failure, or the error's exit code)."""
-    args = build_parser().parse_args(argv)
-    try:
-        with warnings.catch_warnings():
-            warnings.showwarning = _show_warning
-            return args.run(args) or 0
-    except EgpExportError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    return run_command(build_parser(), argv)
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
-def _say(args: argparse.Namespace, text: str) -> None:
-    if not args.quiet:
-        print(text, flush=True)
 
 
 def _note(args: argparse.Namespace, text: str) -> None:
@@ -225,9 +196,6 @@ def _note(args: argparse.Namespace, text: str) -> None:
         print(f"note: {text}", flush=True)
 
 
-def _progress(args: argparse.Namespace) -> bool:
-    # A progress bar only where someone watches it; in logs it is noise.
-    return not args.quiet and sys.stderr.isatty()
 
 
 def _load_model(args: argparse.Namespace):
@@ -264,7 +232,7 @@ def _run_analyze(args: argparse.Namespace) -> None:
     check_outputs(args.out, ANALYZE_OUTPUTS, force=args.force)
     model = _load_model(args)
     calibration = _load_calibration(args)
-    analysis = analyze(model, calibration, tolerance=args.tolerance, progress=_progress(args))
+    analysis = analyze(model, calibration, tolerance=args.tolerance, progress=progress(args))
     report = {
         "egp_export_version": __version__,
         "tolerance": args.tolerance,
@@ -273,12 +241,12 @@ def _run_analyze(args: argparse.Namespace) -> None:
     }
     paths = write_report(report, args.out, force=args.force)
     dead = sum(site["dead_neurons"] for site in analysis["sites"])
-    _say(
+    say(
         args,
         f"{args.arch}: {analysis['num_sites']} activation sites, {analysis['num_linear_sites']} linear on the data, "
         f"{dead} dead neurons, mean entropy {analysis['mean_entropy']:.3f} bits",
     )
-    _say(args, f"wrote {_wrote(paths)}")
+    say(args, f"wrote {_wrote(paths)}")
 
 
 def _run_compile(args: argparse.Namespace) -> None:
@@ -306,7 +274,7 @@ def _run_compile(args: argparse.Namespace) -> None:
         merge_plan=args.merge_plan,
         channel_alignment=CHANNEL_ALIGNMENT if args.channel_alignment is None else args.channel_alignment,
         debug=args.debug,
-        progress=_progress(args),
+        progress=progress(args),
     )
     # compile() held out the last samples; ONNX Runtime is checked on the same unseen inputs.
     held = result.report["calibration"]["holdout_samples"]
@@ -337,18 +305,18 @@ def _run_compile(args: argparse.Namespace) -> None:
     before, after = report["before"], report["after"]
     pytorch, onnxruntime = report["verification"]["pytorch"], report["verification"]["onnxruntime"]
     predicted = report["predicted_conv_latency_us"]
-    _say(
+    say(
         args,
         f"{args.arch}: depth {before['depth']} -> {after['depth']}, "
         f"{report['activations_linearized']} of {before['activations']} activations linearized, "
         f"params {before['params']:,} -> {after['params']:,}, MACs {before['macs']:,} -> {after['macs']:,}",
     )
-    _say(
+    say(
         args,
         f"{len(report['rewrites'])} rewrites, {len(report['refusals'])} refusals (see report.md); predicted conv "
         f"latency {predicted['before']:g} -> {predicted['after']:g} us ({predicted['cost_model']} cost model)",
     )
-    _say(
+    say(
         args,
         f"max relative error: PyTorch {pytorch['max_rel']:.2e} on {held or len(calibration)} "
         f"{'held-out' if held else 'calibration'} samples, ONNX Runtime {onnxruntime['max_rel']:.2e} "
@@ -356,21 +324,21 @@ def _run_compile(args: argparse.Namespace) -> None:
     )
     measured = report.get("measured_latency")
     if measured:
-        _say(
+        say(
             args,
             f"measured on {measured['backend']}: {measured['original_ms']:.4g} -> {measured['compiled_ms']:.4g} ms, "
             f"speedup {measured['speedup']:.3f} [{measured['ci'][0]:.3f}, {measured['ci'][1]:.3f}] "
             f"(predicted {measured['predicted_speedup']:.3f})",
         )
     if moves:
-        _say(
+        say(
             args,
             f"padding plan: {len(moves)} conv chain(s) would merge exactly with their padding moved to the first conv; "
             "applying it changes the model at the border, so fine-tune after egp_export.apply_padding_plan",
         )
     elif moves is not None:
-        _say(args, "padding plan: empty, no linear conv chain merges only approximately")
-    _say(args, f"wrote {_wrote(paths)}")
+        say(args, "padding plan: empty, no linear conv chain merges only approximately")
+    say(args, f"wrote {_wrote(paths)}")
 
 
 def _measure_latency(args, model, calibration, verify, paths, rtol: float, report: dict) -> dict:
@@ -388,7 +356,7 @@ def _measure_latency(args, model, calibration, verify, paths, rtol: float, repor
         rtol=rtol,
         force=args.force,
     )
-    comparison = compare(paths[ORIGINAL_MODEL], paths[ONNX_MODEL], backend="ort-cpu", progress=_progress(args))
+    comparison = compare(paths[ORIGINAL_MODEL], paths[ONNX_MODEL], backend="ort-cpu", progress=progress(args))
     return {
         "backend": "ort-cpu, 1 thread, batch 1",
         "original_ms": comparison.baseline_stats.median,

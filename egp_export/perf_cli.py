@@ -13,13 +13,20 @@ user can cause print ``egp-export: error: ...`` and exit with the error's code.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from .errors import EgpExportError
+from .cli_common import (
+    PROG,
+    confidence,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    progress,
+    run_command,
+    say,
+)
 
-PROG = "egp-export"
-EXIT_INTERRUPTED = 130
 PROFILE_JSON = "profile.json"
 PROFILE_MARKDOWN = "profile.md"
 PROFILE_PLOT = "latency.png"
@@ -29,39 +36,14 @@ BACKEND_NAMES = ("ort-cpu", "ort-cuda", "torch-cuda", "torch-cuda-graph", "tenso
 ONNX_BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt", "tensorrt-rtx")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0.0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0.0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
-    return value
 
 
-def _confidence(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
 
 
 def _add_backend_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +55,7 @@ def _add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="N",
         help="ONNX Runtime intra/inter-op threads (default 1: reproducible ratios on shared CI machines)",
@@ -81,7 +63,7 @@ def _add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input-shape",
         nargs="+",
-        type=_positive_int,
+        type=positive_int,
         metavar="D",
         help="per-sample input shape (e.g. 3 224 224), needed when the model's dimensions are dynamic",
     )
@@ -97,11 +79,11 @@ def add_perf_commands(subparsers) -> None:
     profile.add_argument("model", type=Path, metavar="MODEL.onnx", help="ONNX file (or a TensorRT engine for tensorrt)")
     _add_backend_arguments(profile)
     profile.add_argument(
-        "--batch-size", nargs="+", type=_positive_int, default=[1], metavar="N", help="batch sizes to time (default 1)"
+        "--batch-size", nargs="+", type=positive_int, default=[1], metavar="N", help="batch sizes to time (default 1)"
     )
-    profile.add_argument("--iterations", type=_positive_int, default=100, metavar="N", help="timed iterations (default 100)")
+    profile.add_argument("--iterations", type=positive_int, default=100, metavar="N", help="timed iterations (default 100)")
     profile.add_argument(
-        "--warmup", type=_non_negative_int, default=10, metavar="N", help="untimed iterations first (default 10)"
+        "--warmup", type=non_negative_int, default=10, metavar="N", help="untimed iterations first (default 10)"
     )
     profile.add_argument("--layers", action="store_true", help="add the backend's per-layer time breakdown where it has one")
     profile.add_argument("--out", type=Path, metavar="DIR", help=f"write {PROFILE_JSON}, {PROFILE_MARKDOWN}, {PROFILE_PLOT} here")
@@ -119,24 +101,24 @@ def add_perf_commands(subparsers) -> None:
     )
     gate.add_argument("baseline", type=Path, metavar="BASELINE.onnx")
     gate.add_argument("candidate", type=Path, metavar="CANDIDATE.onnx")
-    gate.add_argument("--min-speedup", type=_positive_float, required=True, metavar="S", help="required speedup, e.g. 1.2")
+    gate.add_argument("--min-speedup", type=positive_float, required=True, metavar="S", help="required speedup, e.g. 1.2")
     gate.add_argument(
         "--max-rel-error",
-        type=_non_negative_float,
+        type=non_negative_float,
         metavar="E",
         help="also require max |candidate - baseline| / max |baseline| <= E on the same random inputs",
     )
     _add_backend_arguments(gate)
-    gate.add_argument("--batch-size", type=_positive_int, default=1, metavar="N", help="batch size (default 1)")
-    gate.add_argument("--rounds", type=_positive_int, default=20, metavar="N", help="interleaved A/B rounds (default 20)")
+    gate.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="batch size (default 1)")
+    gate.add_argument("--rounds", type=positive_int, default=20, metavar="N", help="interleaved A/B rounds (default 20)")
     gate.add_argument(
-        "--iterations", type=_positive_int, default=20, metavar="N", help="timed runs per model per round (default 20)"
+        "--iterations", type=positive_int, default=20, metavar="N", help="timed runs per model per round (default 20)"
     )
     gate.add_argument(
-        "--warmup", type=_non_negative_int, default=10, metavar="N", help="untimed runs per model first (default 10)"
+        "--warmup", type=non_negative_int, default=10, metavar="N", help="untimed runs per model first (default 10)"
     )
     gate.add_argument("--order", choices=("alternate", "random"), default="alternate", help="who goes first per round")
-    gate.add_argument("--confidence", type=_confidence, default=0.95, metavar="C", help="interval level (default 0.95)")
+    gate.add_argument("--confidence", type=confidence, default=0.95, metavar="C", help="interval level (default 0.95)")
     gate.add_argument("--seed", type=int, default=0, help="seeds inputs, round order and bootstrap (default 0)")
     gate.add_argument("--junit", type=Path, metavar="PATH", help="write a JUnit XML report")
     gate.add_argument("--summary", type=Path, metavar="PATH", help="write a Markdown summary (e.g. for $GITHUB_STEP_SUMMARY)")
@@ -154,14 +136,14 @@ def add_perf_commands(subparsers) -> None:
     engine.add_argument("model", type=Path, metavar="MODEL.onnx")
     engine.add_argument("--out", type=Path, required=True, metavar="PATH", help="engine file to write, e.g. model.engine")
     engine.add_argument("--fp16", action="store_true", help="fp16 (builder flag on TensorRT 10, in the ONNX graph on 11)")
-    engine.add_argument("--dla", type=_non_negative_int, metavar="N", help="build for DLA core N (Jetson; needs --fp16)")
-    engine.add_argument("--workspace-mb", type=_positive_int, metavar="M", help="builder workspace limit (default 1024 MB)")
+    engine.add_argument("--dla", type=non_negative_int, metavar="N", help="build for DLA core N (Jetson; needs --fp16)")
+    engine.add_argument("--workspace-mb", type=positive_int, metavar="M", help="builder workspace limit (default 1024 MB)")
     engine.add_argument("--timing-cache", type=Path, metavar="PATH", help="read and update this TensorRT timing cache")
-    engine.add_argument("--min-batch", type=_positive_int, default=1, metavar="N", help="optimisation profile (default 1)")
-    engine.add_argument("--opt-batch", type=_positive_int, metavar="N", help="batch size tuned for (default: min)")
-    engine.add_argument("--max-batch", type=_positive_int, metavar="N", help="largest batch size (default: opt)")
+    engine.add_argument("--min-batch", type=positive_int, default=1, metavar="N", help="optimisation profile (default 1)")
+    engine.add_argument("--opt-batch", type=positive_int, metavar="N", help="batch size tuned for (default: min)")
+    engine.add_argument("--max-batch", type=positive_int, metavar="N", help="largest batch size (default: opt)")
     engine.add_argument(
-        "--input-shape", nargs="+", type=_positive_int, metavar="D", help="per-sample shape if dynamic besides the batch"
+        "--input-shape", nargs="+", type=positive_int, metavar="D", help="per-sample shape if dynamic besides the batch"
     )
     engine.add_argument("--runtime", choices=("tensorrt", "tensorrt-rtx"), default="tensorrt", help="TensorRT flavour")
     engine.add_argument("--no-tf32", action="store_true", help="build without TF32 kernels (TensorRT enables them by default)")
@@ -178,24 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one of the perf commands; return its exit status (the gate's 0/1, or an error's code)."""
-    args = build_parser().parse_args(argv)
-    try:
-        return args.run(args) or 0
-    except EgpExportError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    return run_command(build_parser(), argv)
 
 
-def _say(args: argparse.Namespace, text: str) -> None:
-    if not getattr(args, "quiet", False):
-        print(text, flush=True)
 
 
-def _progress(args: argparse.Namespace) -> bool:
-    return not getattr(args, "quiet", False) and sys.stderr.isatty()
 
 
 def _run_profile(args: argparse.Namespace) -> int:
@@ -216,16 +185,16 @@ def _run_profile(args: argparse.Namespace) -> int:
         input_shape=args.input_shape,
         layers=args.layers,
         threads=args.threads,
-        progress=_progress(args),
+        progress=progress(args),
     )
     settings = ", ".join(f"{key} {value}" for key, value in result.backend.items() if key != "backend")
-    _say(args, f"{args.model} on {args.backend} ({settings}); {args.iterations} iterations after {args.warmup} warm-up")
+    say(args, f"{args.model} on {args.backend} ({settings}); {args.iterations} iterations after {args.warmup} warm-up")
     print(result.format_table(), flush=True)
     for batch in result.batches:
         if batch.layers:
             total = sum(layer.ms for layer in batch.layers) or 1.0
             top = ", ".join(f"{layer.name} {layer.ms:.3f} ms ({layer.ms / total:.0%})" for layer in batch.layers[:5])
-            _say(args, f"batch {batch.batch_size} slowest layers: {top}")
+            say(args, f"batch {batch.batch_size} slowest layers: {top}")
     if outputs:
         from .plots import plot_profile, render_html
 
@@ -236,7 +205,7 @@ def _run_profile(args: argparse.Namespace) -> int:
         if args.html:
             page = render_html(markdown + f"\n![latency distributions]({PROFILE_PLOT})\n", {PROFILE_PLOT: outputs[PROFILE_PLOT]})
             write_text_atomic(outputs[PROFILE_HTML], page, force=args.force)
-        _say(args, "wrote " + ", ".join(str(path) for path in outputs.values()))
+        say(args, "wrote " + ", ".join(str(path) for path in outputs.values()))
     return 0
 
 
@@ -264,15 +233,15 @@ def _run_gate(args: argparse.Namespace) -> int:
         confidence=args.confidence,
         seed=args.seed,
         threads=args.threads,
-        progress=_progress(args),
+        progress=progress(args),
     )
     c = result.comparison
     base, cand = c.baseline_stats, c.candidate_stats
-    _say(args, f"{'':10} {'median ms':>10} {'p90 ms':>10} {'p99 ms':>10}")
-    _say(args, f"{'baseline':10} {base.median:10.4f} {base.p90:10.4f} {base.p99:10.4f}  {c.baseline}")
-    _say(args, f"{'candidate':10} {cand.median:10.4f} {cand.p90:10.4f} {cand.p99:10.4f}  {c.candidate}")
+    say(args, f"{'':10} {'median ms':>10} {'p90 ms':>10} {'p99 ms':>10}")
+    say(args, f"{'baseline':10} {base.median:10.4f} {base.p90:10.4f} {base.p99:10.4f}  {c.baseline}")
+    say(args, f"{'candidate':10} {cand.median:10.4f} {cand.p90:10.4f} {cand.p99:10.4f}  {c.candidate}")
     for reason in result.reasons:
-        _say(args, f"why: {reason}")
+        say(args, f"why: {reason}")
     written = []
     if args.junit is not None:
         written.append(write_junit(result, args.junit, force=args.force))
@@ -285,7 +254,7 @@ def _run_gate(args: argparse.Namespace) -> int:
 
         written.append(plot_comparison(c, args.plot, min_speedup=args.min_speedup, force=args.force))
     if written:
-        _say(args, "wrote " + ", ".join(str(path) for path in written))
+        say(args, "wrote " + ", ".join(str(path) for path in written))
     print(result.verdict(), flush=True)
     return result.exit_code
 

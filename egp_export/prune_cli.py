@@ -31,49 +31,23 @@ import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from .errors import CalibrationError, EgpExportError
+from .cli_common import PROG, fraction, non_negative_float, non_negative_int, positive_float, positive_int, run_command
+from .errors import CalibrationError
 
-PROG = "egp-export"
 BUILTIN_DIGITS = "builtin:digits"
 INPUT_KEYS = ("inputs", "input", "x", "data", "images")
 TARGET_KEYS = ("targets", "target", "labels", "label", "y")
 DEFAULT_EVAL_FRACTION = 0.2
-EXIT_INTERRUPTED = 130
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0.0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
-    return value
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0.0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
 
 
 def add_prune_command(subparsers) -> argparse.ArgumentParser:
@@ -97,34 +71,34 @@ def add_prune_command(subparsers) -> argparse.ArgumentParser:
     )
     data.add_argument("--eval-data", metavar="SPEC", help="labelled eval data (same forms); default: split off --data")
     data.add_argument(
-        "--eval-fraction", type=_fraction, default=DEFAULT_EVAL_FRACTION, metavar="F",
+        "--eval-fraction", type=fraction, default=DEFAULT_EVAL_FRACTION, metavar="F",
         help=f"fraction of --data held out for eval when --eval-data is not given (default {DEFAULT_EVAL_FRACTION})",
     )
     data.add_argument(
-        "--entropy-samples", type=_positive_int, default=4096, metavar="N",
+        "--entropy-samples", type=positive_int, default=4096, metavar="N",
         help="training samples the activation entropy is measured on (default 4096)",
     )
     method = parser.add_argument_group("pruning")
     method.add_argument("--method", choices=("egp", "nepenthe", "easier"), default="egp", help="default egp")
-    method.add_argument("--rate", type=_fraction, default=0.5, help="fraction of the eligible weights pruned per iteration "
+    method.add_argument("--rate", type=fraction, default=0.5, help="fraction of the eligible weights pruned per iteration "
                         "(default 0.5, the paper's halving)")
-    method.add_argument("--iterations", type=_non_negative_int, default=10, help="at most this many iterations (default 10)")
-    method.add_argument("--target-sparsity", type=_fraction, metavar="S", help="stop at this sparsity of the pruned layers")
+    method.add_argument("--iterations", type=non_negative_int, default=10, help="at most this many iterations (default 10)")
+    method.add_argument("--target-sparsity", type=fraction, metavar="S", help="stop at this sparsity of the pruned layers")
     method.add_argument(
-        "--max-accuracy-drop", type=_non_negative_float, metavar="D",
+        "--max-accuracy-drop", type=non_negative_float, metavar="D",
         help="reject iterations whose eval accuracy falls more than D (a fraction) below the dense model's",
     )
-    method.add_argument("--target-linear-sites", type=_non_negative_int, metavar="N",
+    method.add_argument("--target-linear-sites", type=non_negative_int, metavar="N",
                         help="stop once N activation sites are linear on the data")
     training = parser.add_argument_group("fine-tuning (defaults: the papers' SGD recipe)")
-    training.add_argument("--epochs-per-iteration", type=_non_negative_int, default=5, metavar="E", help="default 5")
+    training.add_argument("--epochs-per-iteration", type=non_negative_int, default=5, metavar="E", help="default 5")
     training.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd")
-    training.add_argument("--lr", type=_positive_float, default=0.1, help="learning rate (default 0.1)")
-    training.add_argument("--momentum", type=_non_negative_float, default=0.9, help="SGD momentum (default 0.9)")
-    training.add_argument("--weight-decay", type=_non_negative_float, default=5e-4, help="default 5e-4")
+    training.add_argument("--lr", type=positive_float, default=0.1, help="learning rate (default 0.1)")
+    training.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum (default 0.9)")
+    training.add_argument("--weight-decay", type=non_negative_float, default=5e-4, help="default 5e-4")
     training.add_argument("--scheduler", choices=("multistep", "cosine", "constant"), default="multistep",
                           help="per iteration: step decay at 50%% and 75%% of the epochs (default), cosine, constant")
-    training.add_argument("--batch-size", type=_positive_int, default=128, help="global batch size (default 128)")
+    training.add_argument("--batch-size", type=positive_int, default=128, help="global batch size (default 128)")
     training.add_argument("--seed", type=int, default=0, help="seeds the data split, batch order and dropout (default 0)")
     output = parser.add_argument_group("output")
     output.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for checkpoints, metrics and plots")
@@ -143,16 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (``prune ...``), run it; return 0 or the error's exit code (no traceback for user errors)."""
-    args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except EgpExportError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return 0
+    return run_command(build_parser(), argv)
 
 
 # Labelled data ---------------------------------------------------------------------------
