@@ -115,12 +115,6 @@ def module_of(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
     return modules.get(str(node.target)) if node.op == "call_module" else None
 
 
-def is_conv(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    return isinstance(module_of(node, modules), CONV_TYPES)
-
-
-def is_linear(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    return isinstance(module_of(node, modules), LINEAR_TYPES)
 
 
 def is_layer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -184,9 +178,6 @@ def activation_nodes(gm: fx.GraphModule) -> Iterable[fx.Node]:
     return [n for n in gm.graph.nodes if activation_spec(n, modules) is not None]
 
 
-def is_nonlinear_activation(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    return activation_spec(node, modules) is not None
-
 
 def depth(gm: fx.GraphModule) -> int:
     """Longest input-to-output path counted in conv/linear layers."""
@@ -223,7 +214,7 @@ def summarize(gm: fx.GraphModule) -> dict[str, int]:
     return {
         "depth": depth(gm),
         "layers": len(layers),
-        "activations": sum(1 for n in gm.graph.nodes if is_nonlinear_activation(n, modules)),
+        "activations": sum(1 for n in gm.graph.nodes if activation_spec(n, modules) is not None),
         "params": sum(p.numel() for p in gm.parameters()),
         "macs": sum(layer_macs(n, modules[str(n.target)]) for n in layers),
     }
