@@ -22,8 +22,8 @@ import torchvision
 import egp_export
 from egp_export.numerics import NOISE_FACTOR, ORT_CPU_RTOL, compare, fp32_noise
 from egp_export.onnx_export import export_onnx
-
-from .test_torchvision_e2e import _set, recalibrate_batchnorm
+from egp_export.zoo import recalibrate_batchnorm
+from egp_export.zoo import set_parameter as _set
 
 
 def _convs(module: nn.Module) -> int:

@@ -10,8 +10,8 @@ import torchvision
 import egp_export
 from egp_export.numerics import compare
 from egp_export.padding import apply_padding_plan, load_plan, padding_plan, save_plan
-
-from .test_torchvision_e2e import _set, recalibrate_batchnorm
+from egp_export.zoo import recalibrate_batchnorm
+from egp_export.zoo import set_parameter as _set
 
 
 def _resnet_with_linear_inner_relu():

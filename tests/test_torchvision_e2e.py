@@ -27,29 +27,16 @@ import egp_export
 from egp_export.graph import summarize
 from egp_export.numerics import NOISE_FACTOR, ORT_CPU_RTOL, compare, fp32_noise
 from egp_export.onnx_export import count_ops, export_onnx, ort_session, run_onnx
+from egp_export.zoo import recalibrate_batchnorm
+from egp_export.zoo import set_parameter as _set
 
 # One ONNX op per activation call, whichever exporter wrote the file.
 ACTIVATION_OPS = ("Relu", "Clip", "HardSwish", "HardSigmoid", "Gelu", "Sigmoid", "LeakyRelu", "PRelu", "Erf")
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 
 
-def _set(parameter: torch.Tensor, values) -> None:
-    with torch.no_grad():
-        parameter.copy_(torch.as_tensor(values, dtype=parameter.dtype).expand_as(parameter))
 
 
-def recalibrate_batchnorm(model: nn.Module, shape: tuple[int, ...], seed: int) -> nn.Module:
-    """Running statistics measured on random data: normalised activations, like a trained network's."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average over the batches below
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(32, *shape, generator=generator))
-    return model.eval()
 
 
 @dataclass

@@ -17,25 +17,15 @@ import argparse
 import time
 
 import torch
-import torch.nn as nn
 import torchvision
 
 import egp_export
 from egp_export.graph import trace
+from egp_export.zoo import recalibrate_batchnorm
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0")
 
 
-def recalibrate_batchnorm(model: nn.Module, shape, seed: int = 1) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(8, *shape, generator=generator))
-    return model.eval()
 
 
 def main(argv=None) -> None:
@@ -50,13 +40,13 @@ def main(argv=None) -> None:
         "(20% held out)"
     )
     # One untimed compile first: the first convolutions of a process pay for kernel selection.
-    warm = recalibrate_batchnorm(torchvision.models.resnet18(num_classes=10), shape)
+    warm = recalibrate_batchnorm(torchvision.models.resnet18(num_classes=10), shape, batches=1, batch_size=8)
     egp_export.compile(warm, torch.randn(8, *shape))
     print("| model | graph nodes | calibrate s | rewrite s | verify s | total s |")
     print("|---|---|---|---|---|---|")
     for name in args.models:
         torch.manual_seed(0)
-        model = recalibrate_batchnorm(getattr(torchvision.models, name)(num_classes=1000), shape)
+        model = recalibrate_batchnorm(getattr(torchvision.models, name)(num_classes=1000), shape, batches=1, batch_size=8)
         nodes = len(trace(model).graph.nodes)
         data = torch.randn(args.calibration, *shape, generator=torch.Generator().manual_seed(2))
         started = time.perf_counter()

@@ -42,27 +42,14 @@ from egp_export.numerics import compare, fp32_noise
 from egp_export.onnx_export import export_onnx
 from egp_export.passes import PassManager, default_steps
 from egp_export.profiler import bootstrap_ratio_ci, run_interleaved
+from egp_export.zoo import recalibrate_batchnorm
+from egp_export.zoo import set_parameter as _set
 
 VARIANTS = ("as-is", "merge-all", "egp", "limit")
 
 
-def _set(parameter: torch.Tensor, value: float) -> None:
-    with torch.no_grad():
-        parameter.fill_(value)
 
 
-def recalibrate_batchnorm(model: nn.Module, shape: tuple[int, ...], seed: int = 1) -> nn.Module:
-    """BatchNorm statistics measured on random data, so the network is well scaled like a trained one."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(16, *shape, generator=generator))
-    return model.eval()
 
 
 # Model builders: (model with engineered linear blocks, limit model) -------------------------
@@ -172,8 +159,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     shape = (3, args.size, args.size)
     model, limit, chosen = BUILDERS[args.model](args.linear_blocks, args.size)
-    model = recalibrate_batchnorm(model, shape)
-    limit = recalibrate_batchnorm(limit, shape)
+    model = recalibrate_batchnorm(model, shape, batch_size=16)
+    limit = recalibrate_batchnorm(limit, shape, batch_size=16)
     calibration = torch.randn(args.calibration, *shape, generator=torch.Generator().manual_seed(2))
     fresh = torch.randn(2, *shape, generator=torch.Generator().manual_seed(3))
 

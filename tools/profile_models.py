@@ -46,28 +46,15 @@ from egp_export.fileio import write_text_atomic
 from egp_export.gate import check_numerics
 from egp_export.onnx_export import count_ops, export_onnx
 from egp_export.profiler import compare
+from egp_export.zoo import recalibrate_batchnorm
+from egp_export.zoo import set_parameter as _set
 
 MOBILENET_LINEAR_BLOCKS = (3, 5, 6, 8, 9, 10, 12, 13, 15, 16)
 CALIBRATION_SAMPLES = 96
 
 
-def recalibrate_batchnorm(model: nn.Module, shape: tuple[int, ...], seed: int) -> nn.Module:
-    """Running statistics measured on random data: normalised activations, like a trained network's."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average over the batches below
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(32, *shape, generator=generator))
-    return model.eval()
 
 
-def _set(parameter: torch.Tensor, value) -> None:
-    with torch.no_grad():
-        parameter.copy_(torch.as_tensor(value, dtype=parameter.dtype).expand_as(parameter))
 
 
 def engineer_resnet18(model: nn.Module) -> str:
