@@ -222,18 +222,8 @@ class EliminateDeadChannels(GraphPass):
             seen.update(linears)
             group.consumers.extend((u, block) for u in linears)
             return
-        if self._transparent(user) and user.args and user.args[0] is source:
-            seen.add(user)
-            group.members.append(user)
-            forward.append(user)
-            return
-        if self._is_add(user):
-            seen.add(user)
-            group.members.append(user)
-            forward.append(user)
-            for operand in user.all_input_nodes:
-                if operand not in seen:
-                    self._walk_back(operand, group, seen, forward)
+        if (self._transparent(user) and user.args and user.args[0] is source) or self._is_add(user):
+            self._join(user, group, seen, forward)
             return
         group.blocker = f"channels reach '{user.name}' ({user.op} {getattr(user.target, '__name__', user.target)})"
 
@@ -248,13 +238,19 @@ class EliminateDeadChannels(GraphPass):
             forward.append(node)
             return
         if (self._transparent(node) or self._is_add(node)) and node.all_input_nodes:
-            group.members.append(node)
-            forward.append(node)
-            for operand in node.all_input_nodes:
-                if operand not in seen:
-                    self._walk_back(operand, group, seen, forward)
+            self._join(node, group, seen, forward)
             return
         group.blocker = f"residual operand '{node.name}' is not produced by a prunable conv/linear"
+
+    def _join(self, node: fx.Node, group: _Group, seen: set, forward: list) -> None:
+        """``node`` shares the group's channels: its users are walked, and its other inputs (a residual add's
+        operands) must themselves come from the group's producers."""
+        seen.add(node)
+        group.members.append(node)
+        forward.append(node)
+        for operand in node.all_input_nodes:
+            if operand not in seen:
+                self._walk_back(operand, group, seen, forward)
 
     # Removing ------------------------------------------------------------
 
