@@ -160,7 +160,7 @@ def run_egp_demo(
     from .onnx_export import export_onnx
     from .plots import plot_depth
     from .profiler import compare
-    from .pruning import _check_outputs as check_prune_outputs
+    from .pruning import check_outputs as check_prune_outputs
     from .pruning import make_permanent, prune
     from .report import COMPILE_OUTPUTS, ENTROPY_PLOT, ONNX_MODEL, check_outputs, plot_entropy, with_export, write_report
     from .training import OptimConfig, as_dataset, evaluate, train

@@ -249,7 +249,8 @@ def run_prune(args: argparse.Namespace) -> None:
             flush=True,
         )
     print(f"wrote {checkpoint}, {args.out / 'metrics.jsonl'}, plots and per-iteration checkpoints in {args.out}", flush=True)
-    print(f"next: egp-export compile --arch {args.arch} --checkpoint {checkpoint} --calibration ... --out DIR", flush=True)
+    if not result.identity_sites:
+        print(f"next: egp-export compile --arch {args.arch} --checkpoint {checkpoint} --calibration ... --out DIR", flush=True)
 
 
 if __name__ == "__main__":

@@ -719,7 +719,8 @@ def _output_paths(out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def _check_outputs(out_dir: Path, *, force: bool) -> None:
+def check_outputs(out_dir: Path, *, force: bool) -> None:
+    """Refuse, before any work, a prune output folder whose files exist (without ``force``) or cannot be written."""
     for name, path in _output_paths(out_dir).items():
         if name == ITERATIONS_DIR:
             if path.is_dir() and any(path.iterdir()) and not force:
@@ -808,7 +809,7 @@ def prune(
         if resume and state_file.exists():
             state = _load_state(state_file, settings)
         else:
-            _check_outputs(Path(out_dir), force=force)
+            check_outputs(Path(out_dir), force=force)
         runtime.barrier()
     show = progress and runtime.is_main
     run = _Pruning(
