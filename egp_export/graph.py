@@ -147,26 +147,50 @@ def shape_of(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def neuron_dim(node: fx.Node, modules: dict[str, nn.Module]) -> int:
+def _permutation(node: fx.Node, rank: int) -> list[int] | None:
+    """Output axis i of a permute/transpose node takes input axis perm[i]; None for other nodes."""
+    is_method = node.op == "call_method"
+    if (is_method and node.target == "permute") or (node.op == "call_function" and node.target is torch.permute):
+        dims = node.args[1:] if is_method else node.args[1:2] or [node.kwargs.get("dims")]
+        dims = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else list(dims)
+        return [d % rank for d in dims]
+    if (is_method and node.target == "transpose") or (node.op == "call_function" and node.target is torch.transpose):
+        a, b = (d % rank for d in node.args[1:3])
+        perm = list(range(rank))
+        perm[a], perm[b] = perm[b], perm[a]
+        return perm
+    return None
+
+
+def neuron_dim(node: fx.Node, modules: dict[str, nn.Module], _depth: int = 0) -> int:
     """The axis that indexes neurons of ``node``'s output: 1 for conv layouts, -1 for token layouts.
 
     Walks up through elementwise/activation ops to the nearest layer that fixes
-    the layout: conv / batchnorm produce channels-first, linear / layernorm /
-    permute produce channels-last (Swin's ``[B, H, W, C]``, ViT's ``[B, N, C]``).
+    the layout: conv / batchnorm produce channels-first, linear / layernorm
+    channels-last (Swin's ``[B, H, W, C]``, ViT's ``[B, N, C]``); a permute or
+    transpose moves the axis its input had (ConvNeXt permutes to channels-last
+    and back).
     """
-    seen = 0
     current: fx.Node | None = node
-    while current is not None and seen < 64:
-        seen += 1
+    for _ in range(64):
+        if current is None or _depth > 16:
+            break
         module = module_of(current, modules)
         if isinstance(module, CONV_TYPES + BATCHNORM_TYPES):
             return 1
         if isinstance(module, LINEAR_TYPES + (nn.LayerNorm,)):
             return -1
-        if current.op == "call_method" and current.target in ("permute", "transpose"):
-            return -1
-        if current.op == "call_function" and current.target in (torch.permute, torch.transpose):
-            return -1
+        shape = shape_of(current)
+        perm = _permutation(current, len(shape)) if shape is not None else None
+        if perm is not None:
+            source = current.args[0]
+            axis = neuron_dim(source, modules, _depth + 1) % len(shape)
+            moved = perm.index(axis)
+            return -1 if moved == len(shape) - 1 else moved
+        if shape is None and current.op in ("call_method", "call_function") and current.target in (
+            "permute", "transpose", torch.permute, torch.transpose
+        ):
+            return -1  # no shapes yet: a permute in these networks goes to channels-last
         inputs = [a for a in current.all_input_nodes if a.op != "get_attr"]
         current = inputs[0] if inputs else None
     shape = shape_of(node)

@@ -372,3 +372,24 @@ def test_activation_module_called_with_a_keyword_argument_is_a_site():
     (stats,) = calibrate(trace(ActivationByKeyword().eval()), [torch.randn(6, 3)])
 
     assert stats.num_neurons == 4 and stats.observations == 6
+
+
+def test_neuron_axis_follows_permutes_both_ways():
+    """ConvNeXt-style: conv (channels-first) -> permute to channels-last -> Linear -> permute back -> activation."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 1)
+            self.fc = nn.Linear(6, 5)
+
+        def forward(self, x):
+            y = self.conv(x).permute(0, 2, 3, 1)
+            a = torch.relu(y)  # channels-last after the first permute: neurons on the last axis (6)
+            z = self.fc(a).permute(0, 3, 1, 2)
+            b = torch.relu(z.transpose(2, 3))  # back to channels-first, then a spatial transpose: axis 1 (5)
+            return b
+
+    sites = {s.name: s for s in calibrate(trace(Block().eval()), [torch.randn(2, 3, 4, 4)])}
+    assert (sites["relu"].dim, sites["relu"].num_neurons) == (-1, 6)
+    assert (sites["relu_1"].dim, sites["relu_1"].num_neurons) == (1, 5)
