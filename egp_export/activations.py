@@ -20,7 +20,7 @@ parameters (PReLU's slopes) are resolved from the module at the call site.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
@@ -143,7 +143,7 @@ def _module_spec(module: nn.Module) -> ActivationSpec | None:
         spec = _mish()
     else:
         return None
-    return ActivationSpec(spec.kind, spec.boundaries, spec.regions, spec.fn, inplace)
+    return replace(spec, inplace=inplace)
 
 
 def _arg(node: fx.Node, index: int, name: str, default):
@@ -186,10 +186,10 @@ def activation_spec(node: fx.Node, modules: dict[str, nn.Module]) -> ActivationS
     if node.op == "call_function" and node.target in _FUNCTIONS:
         spec = _FUNCTIONS[node.target](node)
         inplace = node.target in _INPLACE_FUNCTIONS or bool(node.kwargs.get("inplace", False))
-        return ActivationSpec(spec.kind, spec.boundaries, spec.regions, spec.fn, inplace)
+        return replace(spec, inplace=inplace)
     if node.op == "call_method" and node.target in _METHODS:
         spec = _METHODS[str(node.target)](node)
-        return ActivationSpec(spec.kind, spec.boundaries, spec.regions, spec.fn, node.target.endswith("_"))
+        return replace(spec, inplace=node.target.endswith("_"))
     return None
 
 

@@ -42,13 +42,6 @@ def verification_rtol(tolerance: float, noise: float = 0.0) -> float:
     return max(tolerance, FP32_RTOL, NOISE_FACTOR * noise)
 
 
-def _has_pruning_hooks(model: nn.Module) -> bool:
-    from torch.nn.utils import prune
-
-    return any(
-        isinstance(hook, prune.BasePruningMethod) for m in model.modules() for hook in m._forward_pre_hooks.values()
-    )
-
 
 def _outputs(module: nn.Module, batches: list[torch.Tensor]) -> list:
     with torch.no_grad():
@@ -135,7 +128,7 @@ def compile(  # noqa: A001 - the issue's public name
     started = time.perf_counter()
     split = split_holdout(as_batches(calibration, batch_size=batch_size), holdout)
     # The user's model is only run as is when that cannot change it (eval mode).
-    reference = owned_copy(model).eval() if model.training or _has_pruning_hooks(model) else model
+    reference = owned_copy(model).eval() if model.training else model
     noise_batch = [split.holdout[0][:NOISE_SAMPLES]]
     # The fp64 reference run is slow on CPU: measured up front only in debug
     # mode (every pass is checked against it), else only if the plain fp32
