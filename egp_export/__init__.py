@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .errors import (
+from egp_export.errors import (
     ArchitectureError,
     CalibrationError,
     CheckpointError,
@@ -32,22 +32,22 @@ __version__ = "0.1.0"
 _LAZY = {
     "compile": "compiler",
     "CompileResult": "compiler",
-    "analyze": "analysis",
-    "export_onnx": "onnx_export",
-    "ExportResult": "onnx_export",
-    "padding_plan": "padding",
-    "apply_padding_plan": "padding",
-    "profile": "profiler",
-    "build_engine": "tensorrt_engine",
+    "analyze": "analysis.stats",
+    "export_onnx": "export.onnx",
+    "ExportResult": "export.onnx",
+    "padding_plan": "algebra.padding",
+    "apply_padding_plan": "algebra.padding",
+    "profile": "runtime.profiler",
+    "build_engine": "runtime.tensorrt",
 }
 
 if TYPE_CHECKING:
-    from .analysis import analyze
-    from .compiler import CompileResult, compile  # noqa: A004 - the issue's public name
-    from .onnx_export import ExportResult, export_onnx
-    from .padding import apply_padding_plan, padding_plan
-    from .profiler import profile
-    from .tensorrt_engine import build_engine
+    from egp_export.algebra.padding import apply_padding_plan, padding_plan
+    from egp_export.analysis.stats import analyze
+    from egp_export.compiler import CompileResult, compile  # noqa: A004 - the issue's public name
+    from egp_export.export.onnx import ExportResult, export_onnx
+    from egp_export.runtime.profiler import profile
+    from egp_export.runtime.tensorrt import build_engine
 
 __all__ = [
     "ArchitectureError",

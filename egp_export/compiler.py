@@ -9,14 +9,16 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import __version__
-from .analysis import SiteStats, calibrate, summarize_sites
-from .calibration import DEFAULT_BATCH_SIZE, as_batches, split_holdout
-from .costmodel import AnalyticCost, MeasuredCost
-from .errors import VerificationError
-from .graph import owned_copy, propagate_shapes, summarize, trace
-from .numerics import FP32_RTOL, NOISE_FACTOR, compare, fp32_noise
-from .passes import CHANNEL_ALIGNMENT, PassManager, Step, conv_seconds, default_steps
+from egp_export import __version__
+from egp_export.algebra.costmodel import AnalyticCost, MeasuredCost
+from egp_export.analysis.batches import DEFAULT_BATCH_SIZE, as_batches, split_holdout
+from egp_export.analysis.fx import propagate_shapes
+from egp_export.analysis.numerics import FP32_RTOL, NOISE_FACTOR, compare, fp32_noise
+from egp_export.analysis.stats import SiteStats, calibrate, summarize_sites
+from egp_export.analysis.summary import summarize
+from egp_export.analysis.trace import owned_copy, trace
+from egp_export.errors import VerificationError
+from egp_export.passes import CHANNEL_ALIGNMENT, PassManager, Step, conv_seconds, default_steps
 
 
 @dataclass

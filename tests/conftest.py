@@ -21,11 +21,13 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from egp_export.analysis import calibrate
-from egp_export.graph import activation_nodes, named_modules, propagate_shapes, trace
-from egp_export.modules import ChannelAffine
-from egp_export.numerics import FP32_RTOL, ORT_CPU_RTOL, compare
+from egp_export.analysis.fx import activation_nodes, propagate_shapes
+from egp_export.analysis.numerics import FP32_RTOL, ORT_CPU_RTOL, compare
+from egp_export.analysis.ops import named_modules
+from egp_export.analysis.stats import calibrate
+from egp_export.analysis.trace import trace
 from egp_export.passes import PassResult, finalize
+from egp_export.passes.modules import ChannelAffine
 
 
 @pytest.fixture

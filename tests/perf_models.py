@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from egp_export.onnx_export import export_onnx
+from egp_export.export.onnx import export_onnx
 
 CHANNELS = 8
 IDENTITY_CONVS = 30  # enough for a >5x latency ratio on ONNX Runtime CPU at 16x16

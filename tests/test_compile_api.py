@@ -12,8 +12,8 @@ from torch.nn.utils import prune
 from torch.utils.data import DataLoader, TensorDataset
 
 import egp_export
+from egp_export.analysis.numerics import compare
 from egp_export.errors import CalibrationError, TraceError
-from egp_export.numerics import compare
 
 
 def _net() -> nn.Module:

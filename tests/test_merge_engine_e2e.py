@@ -20,10 +20,10 @@ import torch.nn as nn
 import torchvision
 
 import egp_export
-from egp_export.numerics import NOISE_FACTOR, ORT_CPU_RTOL, compare, fp32_noise
-from egp_export.onnx_export import export_onnx
-from egp_export.zoo import recalibrate_batchnorm
-from egp_export.zoo import set_parameter as _set
+from egp_export.analysis.numerics import NOISE_FACTOR, ORT_CPU_RTOL, compare, fp32_noise
+from egp_export.export.onnx import export_onnx
+from egp_export.testing import recalibrate_batchnorm
+from egp_export.testing import set_parameter as _set
 
 
 def _convs(module: nn.Module) -> int:

@@ -24,11 +24,11 @@ from torchvision.models import VisionTransformer
 from torchvision.models.swin_transformer import SwinTransformer
 
 import egp_export
-from egp_export.graph import summarize
-from egp_export.numerics import NOISE_FACTOR, ORT_CPU_RTOL, compare, fp32_noise
-from egp_export.onnx_export import count_ops, export_onnx, ort_session, run_onnx
-from egp_export.zoo import recalibrate_batchnorm
-from egp_export.zoo import set_parameter as _set
+from egp_export.analysis.numerics import NOISE_FACTOR, ORT_CPU_RTOL, compare, fp32_noise
+from egp_export.analysis.summary import summarize
+from egp_export.export.onnx import count_ops, export_onnx, ort_session, run_onnx
+from egp_export.testing import recalibrate_batchnorm
+from egp_export.testing import set_parameter as _set
 
 # One ONNX op per activation call, whichever exporter wrote the file.
 ACTIVATION_OPS = ("Relu", "Clip", "HardSwish", "HardSigmoid", "Gelu", "Sigmoid", "LeakyRelu", "PRelu", "Erf")
@@ -235,7 +235,7 @@ def test_compiled_summary_matches_report():
     _vit(model)
     model.eval()
     result = egp_export.compile(model, torch.randn(32, 3, 32, 32))
-    from egp_export.graph import propagate_shapes
+    from egp_export.analysis.fx import propagate_shapes
 
     propagate_shapes(result.module, torch.randn(1, 3, 32, 32))
     assert summarize(result.module) == result.report["after"]

@@ -20,8 +20,8 @@ import torch
 import torchvision
 
 import egp_export
-from egp_export.graph import trace
-from egp_export.zoo import recalibrate_batchnorm
+from egp_export.analysis.trace import trace
+from egp_export.testing import recalibrate_batchnorm
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0")
 

@@ -34,16 +34,16 @@ import torch.nn as nn
 import torchvision
 
 from egp_export import compile as egp_compile
-from egp_export.analysis import calibrate
-from egp_export.backends import get_backend
-from egp_export.fileio import write_text_atomic
-from egp_export.graph import trace
-from egp_export.numerics import compare, fp32_noise
-from egp_export.onnx_export import export_onnx
+from egp_export.analysis.numerics import compare, fp32_noise
+from egp_export.analysis.stats import calibrate
+from egp_export.analysis.trace import trace
+from egp_export.export.onnx import export_onnx
+from egp_export.io.fileio import write_text_atomic
 from egp_export.passes import PassManager, default_steps
-from egp_export.profiler import bootstrap_ratio_ci, run_interleaved
-from egp_export.zoo import recalibrate_batchnorm
-from egp_export.zoo import set_parameter as _set
+from egp_export.runtime.backends import get_backend
+from egp_export.runtime.profiler import bootstrap_ratio_ci, run_interleaved
+from egp_export.testing import recalibrate_batchnorm
+from egp_export.testing import set_parameter as _set
 
 VARIANTS = ("as-is", "merge-all", "egp", "limit")
 

@@ -14,8 +14,8 @@ import argparse
 
 import torch
 
-from egp_export.convchain import ConvLayer
-from egp_export.costmodel import AnalyticCost, time_onnx_conv
+from egp_export.algebra.convchain import ConvLayer
+from egp_export.algebra.costmodel import AnalyticCost, time_onnx_conv
 
 
 def conv(cin: int, cout: int, kernel: int, groups: int = 1, stride: int = 1) -> ConvLayer:

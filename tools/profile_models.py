@@ -41,13 +41,13 @@ import torchvision
 from torch import nn
 
 import egp_export
-from egp_export.backends import BACKENDS, backend_availability
-from egp_export.fileio import write_text_atomic
-from egp_export.gate import check_numerics
-from egp_export.onnx_export import count_ops, export_onnx
-from egp_export.profiler import compare
-from egp_export.zoo import recalibrate_batchnorm
-from egp_export.zoo import set_parameter as _set
+from egp_export.export.onnx import count_ops, export_onnx
+from egp_export.io.fileio import write_text_atomic
+from egp_export.runtime.backends import BACKENDS, backend_availability
+from egp_export.runtime.gate import check_numerics
+from egp_export.runtime.profiler import compare
+from egp_export.testing import recalibrate_batchnorm
+from egp_export.testing import set_parameter as _set
 
 MOBILENET_LINEAR_BLOCKS = (3, 5, 6, 8, 9, 10, 12, 13, 15, 16)
 CALIBRATION_SAMPLES = 96

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from .base import GraphPass, PassManager, PassResult, PipelineResult, Refusal, Rewrite, Step, finalize
-from .eliminate_dead_channels import CHANNEL_ALIGNMENT, EliminateDeadChannels
-from .eliminate_eval_identities import EliminateEvalIdentities
-from .fold_batchnorm import FoldBatchNorm
-from .fold_channel_affine import FoldChannelAffine
-from .fold_residuals import FoldResiduals
-from .linearize_activations import LinearizeActivations
-from .merge_conv_chains import MergeConvChains, conv_seconds
-from .merge_linear_chains import MERGE_RULES, MergeLinearChains, MergeRule
+from egp_export.passes.base import GraphPass, PassManager, PassResult, PipelineResult, Refusal, Rewrite, Step, finalize
+from egp_export.passes.eliminate_dead_channels import CHANNEL_ALIGNMENT, EliminateDeadChannels
+from egp_export.passes.eliminate_eval_identities import EliminateEvalIdentities
+from egp_export.passes.fold_batchnorm import FoldBatchNorm
+from egp_export.passes.fold_channel_affine import FoldChannelAffine
+from egp_export.passes.fold_residuals import FoldResiduals
+from egp_export.passes.linearize_activations import LinearizeActivations
+from egp_export.passes.merge_conv_chains import MergeConvChains, conv_seconds
+from egp_export.passes.merge_linear_chains import MERGE_RULES, MergeLinearChains, MergeRule
 
 
 def default_steps(

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ..errors import VerificationError
-from ..graph import propagate_shapes
-from ..numerics import FP32_RTOL, compare
+from egp_export.analysis.fx import propagate_shapes
+from egp_export.analysis.numerics import FP32_RTOL, compare
+from egp_export.errors import VerificationError
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..activations import activation_spec
-from ..graph import CONV_TYPES, LINEAR_TYPES, call_sites, module_of, named_modules, shape_of
-from ..modules import ChannelAffine
-from .base import GraphPass
+from egp_export.analysis.activations import activation_spec
+from egp_export.analysis.fx import call_sites, shape_of
+from egp_export.analysis.ops import CONV_TYPES, LINEAR_TYPES, module_of, named_modules
+from egp_export.passes.base import GraphPass
+from egp_export.passes.modules import ChannelAffine
 
 _POOL_TYPES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,

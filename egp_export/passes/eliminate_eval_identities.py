@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..graph import is_identity, named_modules
-from .base import GraphPass
+from egp_export.analysis.ops import is_identity, named_modules
+from egp_export.passes.base import GraphPass
 
 # Functional forms and the position of their ``training`` argument.
 _TRAINING_ARGUMENT = {F.dropout: (2, True), F.dropout1d: (2, True), F.dropout2d: (2, True), F.alpha_dropout: (2, False)}

@@ -14,10 +14,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..graph import BATCHNORM_TYPES, insert_module_call, module_of, named_modules, shape_of
-from ..modules import ChannelAffine
-from ._fold import fold_into_producer, producer_refusal
-from .base import GraphPass
+from egp_export.algebra.affine import fold_into_producer, producer_refusal
+from egp_export.analysis.fx import insert_module_call, shape_of
+from egp_export.analysis.ops import BATCHNORM_TYPES, module_of, named_modules
+from egp_export.passes.base import GraphPass
+from egp_export.passes.modules import ChannelAffine
 
 
 def batchnorm_affine(module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..graph import named_modules, shape_of
-from ..modules import ChannelAffine
-from ._fold import consumer_refusal, fold_into_consumer, fold_into_producer, producer_refusal
-from .base import GraphPass
+from egp_export.algebra.affine import consumer_refusal, fold_into_consumer, fold_into_producer, producer_refusal
+from egp_export.analysis.fx import shape_of
+from egp_export.analysis.ops import named_modules
+from egp_export.passes.base import GraphPass
+from egp_export.passes.modules import ChannelAffine
 
 
 class FoldChannelAffine(GraphPass):

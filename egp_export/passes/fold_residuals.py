@@ -20,10 +20,11 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..convchain import explicit_padding
-from ..graph import CONV_TYPES, call_sites, module_of, named_modules, shape_of
-from ..modules import ConstantAdd
-from .base import GraphPass
+from egp_export.algebra.convchain import explicit_padding
+from egp_export.analysis.fx import call_sites, shape_of
+from egp_export.analysis.ops import CONV_TYPES, module_of, named_modules
+from egp_export.passes.base import GraphPass
+from egp_export.passes.modules import ConstantAdd
 
 _ADDS = {operator.add, torch.add, operator.iadd}
 

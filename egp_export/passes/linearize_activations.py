@@ -23,11 +23,12 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..analysis import site_stats
-from ..graph import insert_module_call, named_modules, shape_of
-from ..modules import ChannelAffine
-from ._fold import producer_refusal
-from .base import GraphPass
+from egp_export.algebra.affine import producer_refusal
+from egp_export.analysis.fx import insert_module_call, shape_of
+from egp_export.analysis.ops import named_modules
+from egp_export.analysis.stats import site_stats
+from egp_export.passes.base import GraphPass
+from egp_export.passes.modules import ChannelAffine
 
 
 def _describe(scale: torch.Tensor, shift: torch.Tensor) -> str:

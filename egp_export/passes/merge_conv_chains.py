@@ -29,11 +29,12 @@ from collections import Counter
 
 import torch.fx as fx
 
-from ..convchain import ChainClass, ConvLayer, explicit_padding, merge_chain
-from ..costmodel import AnalyticCost
-from ..graph import CONV_TYPES, insert_module_call, is_identity, module_of, named_modules, shape_of
-from ..modules import ConstantAdd
-from .base import GraphPass
+from egp_export.algebra.convchain import ChainClass, ConvLayer, explicit_padding, merge_chain
+from egp_export.algebra.costmodel import AnalyticCost
+from egp_export.analysis.fx import insert_module_call, shape_of
+from egp_export.analysis.ops import CONV_TYPES, is_identity, module_of, named_modules
+from egp_export.passes.base import GraphPass
+from egp_export.passes.modules import ConstantAdd
 
 
 class MergeConvChains(GraphPass):

@@ -23,9 +23,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..graph import CONV_TYPES, LINEAR_TYPES, is_identity, module_of, named_modules
-from ._fold import layer_refusal
-from .base import GraphPass
+from egp_export.algebra.affine import layer_refusal
+from egp_export.analysis.ops import CONV_TYPES, LINEAR_TYPES, is_identity, module_of, named_modules
+from egp_export.passes.base import GraphPass
 
 
 @dataclass(frozen=True)

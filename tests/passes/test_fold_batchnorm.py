@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from egp_export.modules import ChannelAffine
 from egp_export.passes import FoldBatchNorm
 from egp_export.passes.fold_batchnorm import batchnorm_affine
+from egp_export.passes.modules import ChannelAffine
 from tests.conftest import (
     CONV_IDS,
     CONV_VARIANTS,

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from egp_export.modules import ChannelAffine
 from egp_export.passes import FoldChannelAffine
+from egp_export.passes.modules import ChannelAffine
 from tests.conftest import (
     CONV_IDS,
     CONV_VARIANTS,

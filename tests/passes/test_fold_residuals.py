@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from egp_export.graph import propagate_shapes, trace
-from egp_export.numerics import compare
+from egp_export.analysis.fx import propagate_shapes
+from egp_export.analysis.numerics import compare
+from egp_export.analysis.trace import trace
 from egp_export.passes import FoldResiduals, finalize
 
 

@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from egp_export.costmodel import AnalyticCost
-from egp_export.graph import propagate_shapes, trace
-from egp_export.modules import ConstantAdd
-from egp_export.numerics import compare
+from egp_export.algebra.costmodel import AnalyticCost
+from egp_export.analysis.fx import propagate_shapes
+from egp_export.analysis.numerics import compare
+from egp_export.analysis.trace import trace
 from egp_export.passes import MergeConvChains, finalize
+from egp_export.passes.modules import ConstantAdd
 
 
 def _run(model: nn.Module, shape, **options):

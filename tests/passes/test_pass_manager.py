@@ -7,9 +7,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from egp_export.analysis.summary import depth, summarize
 from egp_export.compiler import compile as egp_compile
 from egp_export.errors import VerificationError
-from egp_export.graph import depth, summarize
 from egp_export.passes import GraphPass, MergeLinearChains, PassManager, Step, default_steps
 from tests.conftest import (
     activation_count,

@@ -1,0 +1,1 @@
+"""Tracing, the op vocabulary and the calibration analysis: what the rewrite passes read."""

@@ -1,0 +1,116 @@
+"""torch.fx plumbing shared by the analyses and passes: module lookup, shapes, neuron axes, inserting calls."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from egp_export.analysis.activations import activation_spec
+from egp_export.analysis.ops import BATCHNORM_TYPES, CONV_TYPES, LINEAR_TYPES, module_of, named_modules
+
+
+def call_sites(gm: fx.GraphModule, target: str) -> int:
+    """How many nodes call the submodule ``target`` (a shared module has several)."""
+    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
+
+
+def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """Store every node's output shape in ``node.meta['tensor_meta']`` (torch.fx ShapeProp on one sample).
+
+    A real forward of one sample: measured faster than fake tensors once the
+    process is warm (ResNet-50 at 224x224: 0.08 s real vs 0.28 s fake;
+    EfficientNetV2-S at 32x32: 0.04 s vs 0.67 s).
+    """
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example)
+
+
+def shape_of(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _permutation(node: fx.Node, rank: int) -> list[int] | None:
+    """Output axis i of a permute/transpose node takes input axis perm[i]; None for other nodes."""
+    is_method = node.op == "call_method"
+    if (is_method and node.target == "permute") or (node.op == "call_function" and node.target is torch.permute):
+        dims = node.args[1:] if is_method else node.args[1:2] or [node.kwargs.get("dims")]
+        dims = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else list(dims)
+        return [d % rank for d in dims]
+    if (is_method and node.target == "transpose") or (node.op == "call_function" and node.target is torch.transpose):
+        a, b = (d % rank for d in node.args[1:3])
+        perm = list(range(rank))
+        perm[a], perm[b] = perm[b], perm[a]
+        return perm
+    return None
+
+
+def neuron_dim(node: fx.Node, modules: dict[str, nn.Module], _depth: int = 0) -> int:
+    """The axis that indexes neurons of ``node``'s output: 1 for conv layouts, -1 for token layouts.
+
+    Walks up through elementwise/activation ops to the nearest layer that fixes
+    the layout: conv / batchnorm produce channels-first, linear / layernorm
+    channels-last (Swin's ``[B, H, W, C]``, ViT's ``[B, N, C]``); a permute or
+    transpose moves the axis its input had (ConvNeXt permutes to channels-last
+    and back).
+    """
+    current: fx.Node | None = node
+    for _ in range(64):
+        if current is None or _depth > 16:
+            break
+        module = module_of(current, modules)
+        if isinstance(module, CONV_TYPES + BATCHNORM_TYPES):
+            return 1
+        if isinstance(module, LINEAR_TYPES + (nn.LayerNorm,)):
+            return -1
+        shape = shape_of(current)
+        perm = _permutation(current, len(shape)) if shape is not None else None
+        if perm is not None:
+            source = current.args[0]
+            axis = neuron_dim(source, modules, _depth + 1) % len(shape)
+            moved = perm.index(axis)
+            return -1 if moved == len(shape) - 1 else moved
+        if shape is None and current.op in ("call_method", "call_function") and current.target in (
+            "permute", "transpose", torch.permute, torch.transpose
+        ):
+            return -1  # no shapes yet: a permute in these networks goes to channels-last
+        inputs = [a for a in current.all_input_nodes if a.op != "get_attr"]
+        current = inputs[0] if inputs else None
+    shape = shape_of(node)
+    return 1 if shape is not None and len(shape) > 2 else -1
+
+
+def activation_nodes(gm: fx.GraphModule) -> Iterable[fx.Node]:
+    modules = named_modules(gm)
+    return [n for n in gm.graph.nodes if activation_spec(n, modules) is not None]
+
+
+def unique_submodule_name(gm: fx.GraphModule, hint: str) -> str:
+    existing = set(dict(gm.named_modules()))
+    base = hint.replace(".", "_")
+    name, suffix = base, 0
+    while name in existing or hasattr(gm, name):
+        suffix += 1
+        name = f"{base}_{suffix}"
+    return name
+
+
+def insert_module_call(
+    gm: fx.GraphModule, before: fx.Node, hint: str, module: nn.Module, args: tuple, *, like: fx.Node | None = None
+) -> fx.Node:
+    """Register ``module`` under a fresh name and call it on ``args`` just before ``before``.
+
+    ``like``: a node whose output has the same shape; its shape facts are
+    copied so later passes in the same run can read them.
+    """
+    name = unique_submodule_name(gm, hint)
+    gm.add_submodule(name, module.train(gm.training))
+    with gm.graph.inserting_before(before):
+        node = gm.graph.call_module(name, args)
+    if like is not None and "tensor_meta" in like.meta:
+        node.meta["tensor_meta"] = like.meta["tensor_meta"]
+    return node

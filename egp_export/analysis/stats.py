@@ -1,0 +1,342 @@
+"""Per-call-site activation statistics on calibration data, stored on fx nodes.
+
+``ActivationStatsInterpreter`` runs the traced model batch by batch and, at
+every activation call site, accumulates per-neuron facts about the
+activation's *input* z (before the call: an inplace activation overwrites it):
+
+- how many observations fell in each linear region of the activation,
+- how many were ON (z > 0): EGP's state, whose per-neuron frequency p gives
+  the binary entropy h(p) and the site entropy mean_c h(p_c),
+- the smallest and largest z,
+- the margin: the smallest distance of any z to a region boundary.
+
+Everything accumulates as counts, minima and maxima, so memory does not grow
+with the data and two ranks' statistics merge exactly (``SiteStats.merge``).
+The results live in ``node.meta["egp_activation"]``; passes read them there
+and never run the model again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from egp_export.analysis.activations import ActivationSpec, activation_spec, binary_entropy, categorical_entropy, fit_affine
+from egp_export.analysis.fx import neuron_dim, propagate_shapes
+from egp_export.analysis.ops import named_modules
+from egp_export.errors import CalibrationError
+
+META_KEY = "egp_activation"
+
+
+def _describe_target(node: fx.Node) -> tuple[str, str]:
+    """(form, target) of a call site: ('module', 'layer1.0.relu'), ('function', 'relu'), ..."""
+    if node.op == "call_module":
+        return "module", str(node.target)
+    if node.op == "call_method":
+        return "method", f".{node.target}()"
+    return "function", getattr(node.target, "__name__", str(node.target))
+
+
+@dataclass
+class LinearMap:
+    """The affine map a site is on its data, or why it is not one."""
+
+    scale: torch.Tensor | None
+    shift: torch.Tensor | None
+    max_error: float  # 0 for exact piecewise-linear regions
+    reason: str | None  # None when the map is valid
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+@dataclass
+class SiteStats:
+    """Per-neuron statistics of one activation call site, accumulated over batches."""
+
+    name: str
+    form: str
+    target: str
+    spec: ActivationSpec
+    dim: int
+    num_neurons: int = 0
+    observations: int = 0
+    region_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    on_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    low: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    high: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    margin: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+
+    def _reduce_dims(self, z: torch.Tensor) -> tuple[int, ...]:
+        """Every axis but the neuron axis: statistics reduce over batch and space without copying z."""
+        dim = self.dim if self.dim >= 0 else z.dim() + self.dim
+        if z.dim() < 2 or dim >= z.dim():
+            raise CalibrationError(
+                f"activation '{self.name}' got an input of shape {tuple(z.shape)}; expected at least [batch, neurons]."
+            )
+        return tuple(d for d in range(z.dim()) if d != dim)
+
+    def observe(self, z: torch.Tensor) -> None:
+        z = z.detach()
+        dims = self._reduce_dims(z)
+        neurons = z.shape[self.dim]
+        if self.observations == 0:
+            self.num_neurons = neurons
+            self.region_counts = torch.zeros(len(self.spec.regions), neurons, dtype=torch.int64)
+            self.on_counts = torch.zeros(neurons, dtype=torch.int64)
+            self.low = torch.full((neurons,), float("inf"), dtype=torch.float64)
+            self.high = torch.full((neurons,), float("-inf"), dtype=torch.float64)
+            self.margin = torch.full((neurons,), float("inf"), dtype=torch.float64)
+        elif neurons != self.num_neurons:
+            raise CalibrationError(
+                f"activation '{self.name}' saw {neurons} neurons in one batch and {self.num_neurons} in another; "
+                "calibration samples must all have the same shape."
+            )
+        count = z.numel() // neurons
+        self.observations += count
+        # Reductions run where z lives (GPU too); the accumulators stay on the CPU.
+        self.on_counts += (z > 0).sum(dims).cpu()
+        self.low = torch.minimum(self.low, z.amin(dims).cpu().to(torch.float64))
+        self.high = torch.maximum(self.high, z.amax(dims).cpu().to(torch.float64))
+        if not self.spec.boundaries:
+            self.region_counts[0] += count
+            return
+        # Region r holds boundaries[r-1] < z <= boundaries[r]: count how many exceed each boundary.
+        above = [(z > b).sum(dims).cpu() for b in self.spec.boundaries]
+        self.region_counts[0] += count - above[0]
+        for r in range(1, len(above)):
+            self.region_counts[r] += above[r - 1] - above[r]
+        self.region_counts[-1] += above[-1]
+        for b in self.spec.boundaries:
+            self.margin = torch.minimum(self.margin, (z - b).abs().amin(dims).cpu().to(torch.float64))
+
+    def merge(self, other: SiteStats) -> None:
+        """Add another shard's statistics of the same site (e.g. another DDP rank)."""
+        if other.observations == 0:
+            return
+        if self.observations == 0:
+            self.num_neurons, self.observations = other.num_neurons, other.observations
+            self.region_counts, self.on_counts = other.region_counts.clone(), other.on_counts.clone()
+            self.low, self.high, self.margin = other.low.clone(), other.high.clone(), other.margin.clone()
+            return
+        self.observations += other.observations
+        self.region_counts += other.region_counts
+        self.on_counts += other.on_counts
+        self.low = torch.minimum(self.low, other.low)
+        self.high = torch.maximum(self.high, other.high)
+        self.margin = torch.minimum(self.margin, other.margin)
+
+    # Derived facts -------------------------------------------------------
+
+    @property
+    def on_fraction(self) -> torch.Tensor:
+        return self.on_counts.to(torch.float64) / max(self.observations, 1)
+
+    @property
+    def neuron_entropy(self) -> torch.Tensor:
+        """EGP's per-neuron entropy h(p_c) in bits, p_c = P(z > 0)."""
+        return binary_entropy(self.on_fraction)
+
+    @property
+    def entropy(self) -> float:
+        """EGP's layer entropy: the mean of h(p_c) over neurons (0 iff every neuron is constant ON/OFF)."""
+        return float(self.neuron_entropy.mean()) if self.num_neurons else 0.0
+
+    @property
+    def region_entropy(self) -> float:
+        """Mean per-neuron entropy of the region distribution (0 iff every neuron stays in one region)."""
+        return float(categorical_entropy(self.region_counts).mean()) if self.num_neurons else 0.0
+
+    @property
+    def neuron_region(self) -> torch.Tensor:
+        """The region each neuron always stayed in, or -1 for neurons seen in several."""
+        occupied = self.region_counts > 0
+        single = occupied.sum(0) == 1
+        return torch.where(single, occupied.to(torch.int64).argmax(0), torch.full_like(single, -1, dtype=torch.int64))
+
+    @property
+    def constant_fraction(self) -> float:
+        """Fraction of neurons that stayed in one region (for smooth sites: fraction never changing sign)."""
+        if not self.num_neurons:
+            return 0.0
+        if self.spec.smooth:
+            return float(((self.on_counts == 0) | (self.on_counts == self.observations)).to(torch.float64).mean())
+        return float((self.neuron_region >= 0).to(torch.float64).mean())
+
+    @property
+    def region_fractions(self) -> list[float]:
+        total = int(self.region_counts.sum())
+        return [int(c) / total if total else 0.0 for c in self.region_counts.sum(1)]
+
+    def dead_neurons(self) -> torch.Tensor:
+        """Neurons whose output was exactly zero on every observation (and f(0) = 0)."""
+        dead = torch.zeros(self.num_neurons, dtype=torch.bool)
+        if self.spec.smooth or not self.spec.zero_at_zero:
+            return dead
+        region = self.neuron_region
+        for r, (slope, intercept) in enumerate(self.spec.regions):
+            if slope is not None and intercept == 0 and torch.all(torch.as_tensor(slope) == 0):
+                dead |= region == r
+        return dead
+
+    def linear_map(self, tolerance: float) -> LinearMap:
+        """The per-neuron affine map this site is on its calibration data, if it is one.
+
+        Piecewise-linear activations: exact when every neuron stayed in one
+        region whose map is affine. Smooth activations: the best affine fit on
+        each neuron's input range, accepted when its largest deviation is at
+        most ``tolerance`` times the site's output scale (max(1, max |f(z)|)).
+        """
+        if self.observations == 0:
+            return LinearMap(None, None, 0.0, "no calibration data reached this site")
+        if self.spec.smooth:
+            scale = max(1.0, float(torch.maximum(self.spec.fn(self.low).abs(), self.spec.fn(self.high).abs()).max()))
+            slope, intercept, error = fit_affine(self.spec.fn, self.low, self.high, allowed_error=tolerance * scale)
+            worst = float(error.max())
+            if worst > tolerance * scale:
+                over = int((error > tolerance * scale).sum())
+                return LinearMap(
+                    None,
+                    None,
+                    worst,
+                    f"{over} of {self.num_neurons} neurons deviate from their best affine fit by up to "
+                    f"{worst:.3g} (> tolerance {tolerance:.3g} x output scale {scale:.3g})",
+                )
+            return LinearMap(slope, intercept, worst, None)
+        region = self.neuron_region
+        mixed = int((region < 0).sum())
+        if mixed:
+            return LinearMap(
+                None, None, 0.0, f"{mixed} of {self.num_neurons} neurons cross a region boundary on the data"
+            )
+        scale = torch.empty(self.num_neurons, dtype=torch.float64)
+        shift = torch.empty(self.num_neurons, dtype=torch.float64)
+        for r in range(len(self.spec.regions)):
+            members = region == r
+            if not members.any():
+                continue
+            affine = self.spec.region_map(r, self.num_neurons)
+            if affine is None:
+                return LinearMap(
+                    None,
+                    None,
+                    0.0,
+                    f"{int(members.sum())} neurons stay in a region where {self.spec.kind} is not affine",
+                )
+            scale[members] = affine[0][members]
+            shift[members] = affine[1][members]
+        return LinearMap(scale, shift, 0.0, None)
+
+    def to_dict(self, tolerance: float) -> dict:
+        """The report's row for this site (JSON-serialisable)."""
+        linear = self.linear_map(tolerance)
+        finite_margin = self.margin[torch.isfinite(self.margin)] if self.num_neurons else self.margin
+        return {
+            "name": self.name,
+            "form": self.form,
+            "target": self.target,
+            "activation": self.spec.kind,
+            "neuron_dim": self.dim,
+            "neurons": self.num_neurons,
+            "observations": self.observations,
+            "entropy": self.entropy,
+            "region_entropy": self.region_entropy,
+            "constant_fraction": self.constant_fraction,
+            "region_fractions": self.region_fractions,
+            "dead_neurons": int(self.dead_neurons().sum()),
+            "min_margin": float(finite_margin.min()) if finite_margin.numel() else None,
+            "median_margin": float(finite_margin.median()) if finite_margin.numel() else None,
+            "input_range": [float(self.low.min()), float(self.high.max())] if self.num_neurons else None,
+            "linear": linear.ok,
+            "surrogate_error": linear.max_error if self.spec.smooth else 0.0,
+            "why_not_linear": linear.reason,
+        }
+
+
+class ActivationStatsInterpreter(fx.Interpreter):
+    """Runs a GraphModule and records ``SiteStats`` for every activation call site."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        modules = named_modules(gm)
+        self.sites: dict[fx.Node, SiteStats] = {}
+        for node in gm.graph.nodes:
+            spec = activation_spec(node, modules)
+            if spec is None or not node.all_input_nodes:
+                continue
+            form, target = _describe_target(node)
+            self.sites[node] = SiteStats(node.name, form, target, spec, neuron_dim(node.args[0], modules))
+
+    def run_node(self, n: fx.Node):
+        site = self.sites.get(n)
+        if site is not None:
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            site.observe(args[0])  # before the call: inplace activations overwrite z
+        return super().run_node(n)
+
+    def store(self) -> None:
+        for node, site in self.sites.items():
+            node.meta[META_KEY] = site
+
+
+def calibrate(gm: fx.GraphModule, batches: Iterable[torch.Tensor], *, progress: bool = False) -> list[SiteStats]:
+    """Run ``batches`` through ``gm``, store SiteStats on its activation nodes, return them in graph order."""
+    batches = list(batches)
+    interpreter = ActivationStatsInterpreter(gm)
+    try:
+        # A plain forward first: ShapeProp prints a traceback of its own before re-raising.
+        with torch.no_grad():
+            gm(batches[0][:1])
+    except Exception as error:  # any failure here is the model rejecting the data
+        raise CalibrationError(
+            f"the model rejects calibration samples of shape {tuple(batches[0].shape[1:])}: "
+            f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}. "
+            "Check the input size and channel count the model expects."
+        ) from None
+    propagate_shapes(gm, batches[0][:1])
+    # Shapes are known now, so the neuron axis can fall back on ranks.
+    modules = named_modules(gm)
+    for node, site in interpreter.sites.items():
+        site.dim = neuron_dim(node.args[0], modules)
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, desc="calibrating", unit="batch", leave=False)
+    with torch.no_grad():
+        for batch in iterator:
+            interpreter.run(batch)
+    interpreter.store()
+    return list(interpreter.sites.values())
+
+
+def site_stats(node: fx.Node) -> SiteStats | None:
+    return node.meta.get(META_KEY)
+
+
+def summarize_sites(sites: list[SiteStats], tolerance: float) -> dict:
+    """The analysis part of the report: one row per site plus totals."""
+    rows = [site.to_dict(tolerance) for site in sites]
+    return {
+        "sites": rows,
+        "num_sites": len(rows),
+        "num_linear_sites": sum(1 for r in rows if r["linear"]),
+        "mean_entropy": sum(r["entropy"] for r in rows) / len(rows) if rows else 0.0,
+        "zero_entropy_sites": sum(1 for r in rows if r["entropy"] == 0.0),
+    }
+
+
+def analyze(model: nn.Module, calibration, *, tolerance: float = 1e-5, progress: bool = False) -> dict:
+    """Per-site activation analysis of ``model`` on all of ``calibration`` (no rewriting)."""
+    from egp_export.analysis.batches import as_batches
+    from egp_export.analysis.trace import trace
+
+    gm = trace(model)
+    sites = calibrate(gm, as_batches(calibration), progress=progress)
+    return summarize_sites(sites, tolerance)

@@ -1,0 +1,68 @@
+"""What every egp-export command shares: argument types, the error contract, printing.
+
+Imports nothing heavy, so ``egp-export --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Callable
+
+from egp_export.errors import EgpExportError
+
+PROG = "egp-export"
+EXIT_INTERRUPTED = 130
+
+
+def _number(parse: Callable[[str], float], accept: Callable[[float], bool], what: str):
+    def convert(text: str):
+        value = parse(text)
+        if not accept(value):  # written so that NaN is refused too
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    convert.__name__ = what.replace(" ", "_")  # argparse names the type in its messages
+    return convert
+
+
+positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
+positive_float = _number(float, lambda v: v > 0.0, "a positive number")
+non_negative_float = _number(float, lambda v: v >= 0.0, "a non-negative number")
+fraction = _number(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
+confidence = _number(float, lambda v: 0.0 < v < 1.0, "between 0 and 1")
+
+
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse ``argv`` and run the chosen command; the exit status is 0, the command's own (the gate's 1), or the error's.
+
+    Errors the user can cause print ``egp-export: error: ...`` without a
+    traceback; warnings print as one line each.
+    """
+    args = parser.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.run(args) or 0
+    except EgpExportError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+def say(args: argparse.Namespace, text: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(text, flush=True)
+
+
+def progress(args: argparse.Namespace) -> bool:
+    # A progress bar only where someone watches it; in logs it is noise.
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()

@@ -1,0 +1,380 @@
+"""``egp-export``: the command line. It parses, calls the library and prints; Python reaches all of it.
+
+    egp-export analyze --arch A --calibration C --out DIR    per-site activation report
+    egp-export compile --arch A --calibration C --out DIR    compiled model.onnx + report
+    egp-export demo --out DIR                                train, EGP-prune, compile, verify and time a digits ResNet
+    egp-export prune ...                                     entropy-guided pruning (prune_cli.py)
+    egp-export profile | gate | engine ...                   latency and TensorRT (perf_cli.py)
+
+Errors the user can cause (EgpExportError) are printed as one
+``egp-export: error: ...`` message and exit with the error's code; nothing
+is written unless every output could be.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from egp_export import __version__
+from egp_export.cli.common import PROG, non_negative_float, positive_int, progress, run_command, say
+from egp_export.report.report import COMPILE_OUTPUTS  # report.py imports neither torch nor numpy: --help stays fast
+
+DEFAULT_TOLERANCE = 1e-5
+DEFAULT_HOLDOUT = 0.2
+DEPTH_PLOT = "depth.png"
+PADDING_PLAN = "padding-plan.json"
+ORIGINAL_MODEL = "original.onnx"
+# What compile writes into --out (padding-plan.json only when asked).
+COMPILE_FILES = (*COMPILE_OUTPUTS, DEPTH_PLOT)
+
+
+
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Compile depth-reduced (entropy-guided pruned) PyTorch networks: linearize activations that are "
+        "linear on calibration data, fold and merge what they leave, export a verified ONNX file.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    model = common.add_argument_group("model")
+    model.add_argument(
+        "--arch",
+        required=True,
+        metavar="SPEC",
+        help="torchvision:NAME (e.g. torchvision:resnet18) or package.module:factory (e.g. mypkg.models:make_net)",
+    )
+    model.add_argument(
+        "--arch-kwargs", nargs="+", default=[], metavar="K=V", help="keyword arguments for the factory, e.g. num_classes=10"
+    )
+    model.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="PATH",
+        help="weights: a state dict, a training wrapper ({'state_dict': ...}), DataParallel/compile prefixes and "
+        "torch.nn.utils.prune masks are handled; without it the factory's own initialisation is used",
+    )
+    model.add_argument(
+        "--unsafe-pickle",
+        action="store_true",
+        help="allow checkpoints holding pickled Python objects (e.g. a whole nn.Module); this runs code from the file",
+    )
+    data = common.add_argument_group("calibration data")
+    data.add_argument(
+        "--calibration",
+        required=True,
+        metavar="SPEC",
+        help="builtin:digits, a .pt/.pth tensor file, a .npy/.npz array, or a folder of images",
+    )
+    data.add_argument("--input-size", nargs=2, type=positive_int, metavar=("H", "W"), help="resize images of a folder")
+    data.add_argument("--calibration-limit", type=positive_int, metavar="N", help="use the first N samples only")
+    data.add_argument(
+        "--tolerance",
+        type=non_negative_float,
+        default=DEFAULT_TOLERANCE,
+        metavar="T",
+        help="largest error allowed for smooth-activation surrogates, relative to the output scale "
+        f"(default {DEFAULT_TOLERANCE:g}; verification allows at least max(T, {DEFAULT_TOLERANCE:g}))",
+    )
+    output = common.add_argument_group("output")
+    output.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the outputs")
+    output.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    output.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
+    output.add_argument("--verbose", action="store_true", help="print notes (mode switches, exporter notes)")
+
+    analyze = commands.add_parser(
+        "analyze",
+        parents=[common],
+        help="measure activations per call site (entropy, regions, dead neurons); writes report.json, report.md",
+        description="Measure every activation call site on the calibration data; nothing is rewritten.",
+    )
+    analyze.set_defaults(run=_run_analyze)
+
+    compile_ = commands.add_parser(
+        "compile",
+        parents=[common],
+        help=f"compile and export; writes {', '.join(COMPILE_FILES)} (+ {PADDING_PLAN} with --padding-plan)",
+        description="Compile the model on the calibration data, verify it on the held-out part, export it to "
+        "ONNX and verify the file in ONNX Runtime.",
+    )
+    compile_.add_argument(
+        "--holdout",
+        type=float,
+        default=DEFAULT_HOLDOUT,
+        metavar="F",
+        help=f"fraction of the calibration samples (the last ones) kept out for verification (default {DEFAULT_HOLDOUT})",
+    )
+    merging = compile_.add_argument_group("merging")
+    merging.add_argument(
+        "--approximate",
+        action="store_true",
+        help="also merge conv chains that are exact only away from the border (later convs pad); the measured "
+        "error must still be within --tolerance",
+    )
+    merging.add_argument(
+        "--cost-model",
+        choices=("analytic", "measured"),
+        default="analytic",
+        help="how the merge planner predicts conv latency: an analytic model (default) or single convs timed on "
+        "ONNX Runtime CPU, cached in $XDG_CACHE_HOME/egp-export",
+    )
+    merging.add_argument(
+        "--merge-plan",
+        choices=("cost", "all"),
+        default="cost",
+        help="cost: split each conv chain where the cost model predicts it pays (default); all: merge every chain "
+        "whole where that merge is allowed (exact, or border-approximate with --approximate), whatever it costs "
+        "(the Layer-Folding baseline)",
+    )
+    # No literal default: egp_export.passes.CHANNEL_ALIGNMENT is read at run time (importing it loads torch).
+    merging.add_argument(
+        "--channel-alignment",
+        type=positive_int,
+        metavar="N",
+        help="keep the channel counts dead-channel removal leaves at multiples of N: ONNX Runtime's CPU kernels "
+        "run odd counts far slower; 1 removes every dead channel (default egp_export.passes.CHANNEL_ALIGNMENT, 8)",
+    )
+    merging.add_argument(
+        "--padding-plan",
+        action="store_true",
+        help=f"also write {PADDING_PLAN}: the chains that merge only approximately, with all their padding moved "
+        "to the first conv (LayerMerge's alternative). Applying it changes the function at the border, so it is "
+        "for users who fine-tune afterwards (egp_export.apply_padding_plan); the compile itself is unchanged",
+    )
+    merging.add_argument(
+        "--debug", action="store_true", help="check the numerics after every pass and name the pass that broke them"
+    )
+    merging.add_argument(
+        "--measure-latency",
+        action="store_true",
+        help=f"also export the model as it is to {ORIGINAL_MODEL} and time it against the compiled model on ONNX "
+        "Runtime CPU (interleaved, bootstrap interval); the report then shows measured beside predicted latency, "
+        f"and {ORIGINAL_MODEL} is the baseline for 'egp-export gate'",
+    )
+    compile_.set_defaults(run=_run_compile)
+
+    demo = commands.add_parser(
+        "demo",
+        help="train a small ResNet on scikit-learn's digits, EGP-prune, compile, export, verify and time it (CPU)",
+        description="Train a small ResNet-style CNN on scikit-learn's digits (no download), EGP-prune it until some "
+        "activation sites are linear, compile it, export both the pruned and the compiled model to ONNX, verify them "
+        "with ONNX Runtime on the held-out test split, time them, and write DIR/summary.json.",
+    )
+    demo.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the outputs")
+    demo.add_argument("--quick", action="store_true", help="the CI size: fewer epochs, iterations and timing rounds")
+    demo.add_argument("--seed", type=int, default=0, help="seeds the split, initialisation and batch order (default 0)")
+    demo.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    demo.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
+    demo.set_defaults(run=_run_demo, verbose=False)
+
+    # Commands defined beside their libraries; both modules stay light until a command runs.
+    from egp_export.cli.perf import add_perf_commands
+    from egp_export.cli.prune import add_prune_command
+
+    add_prune_command(commands)
+    add_perf_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status (0, the gate's 1 on failure, or the error's exit code)."""
+    return run_command(build_parser(), argv)
+
+
+
+
+
+
+def _note(args: argparse.Namespace, text: str) -> None:
+    if args.verbose and not args.quiet:
+        print(f"note: {text}", flush=True)
+
+
+
+
+def _load_model(args: argparse.Namespace):
+    from egp_export.io.arch import build_model, parse_kwargs
+    from egp_export.io.checkpoint import apply_state_dict, load_state_dict
+
+    model = build_model(args.arch, parse_kwargs(args.arch_kwargs))
+    if args.checkpoint is not None:
+        apply_state_dict(model, load_state_dict(args.checkpoint, allow_pickle=args.unsafe_pickle))
+    elif args.unsafe_pickle:
+        _note(args, "--unsafe-pickle has no effect without --checkpoint")
+    if model.training:
+        # Freshly built models (torchvision's included) start in training mode; deployment means eval.
+        model.eval()
+        _note(args, f"{args.arch} was in training mode; switched it to eval mode")
+    return model
+
+
+def _load_calibration(args: argparse.Namespace):
+    from egp_export.io.datasets import load_calibration
+
+    input_size = tuple(args.input_size) if args.input_size else None
+    return load_calibration(args.calibration, input_size=input_size, limit=args.calibration_limit)
+
+
+def _wrote(paths) -> str:
+    return ", ".join(str(path) for path in paths.values())
+
+
+def _run_analyze(args: argparse.Namespace) -> None:
+    from egp_export.analysis.stats import analyze
+    from egp_export.report.report import ANALYZE_OUTPUTS, check_outputs, write_report
+
+    check_outputs(args.out, ANALYZE_OUTPUTS, force=args.force)
+    model = _load_model(args)
+    calibration = _load_calibration(args)
+    analysis = analyze(model, calibration, tolerance=args.tolerance, progress=progress(args))
+    report = {
+        "egp_export_version": __version__,
+        "tolerance": args.tolerance,
+        "calibration": {"samples": len(calibration), "sample_shape": list(calibration.shape[1:])},
+        "analysis": analysis,
+    }
+    paths = write_report(report, args.out, force=args.force)
+    dead = sum(site["dead_neurons"] for site in analysis["sites"])
+    say(
+        args,
+        f"{args.arch}: {analysis['num_sites']} activation sites, {analysis['num_linear_sites']} linear on the data, "
+        f"{dead} dead neurons, mean entropy {analysis['mean_entropy']:.3f} bits",
+    )
+    say(args, f"wrote {_wrote(paths)}")
+
+
+def _run_compile(args: argparse.Namespace) -> None:
+    from egp_export.algebra.padding import padding_plan, save_plan
+    from egp_export.analysis.batches import DEFAULT_BATCH_SIZE
+    from egp_export.analysis.numerics import ORT_CPU_RTOL
+    from egp_export.compiler import compile as compile_model
+    from egp_export.export.onnx import export_onnx
+    from egp_export.io.fileio import write_text_atomic
+    from egp_export.passes import CHANNEL_ALIGNMENT
+    from egp_export.report.plots import plot_depth
+    from egp_export.report.report import ENTROPY_PLOT, ONNX_MODEL, check_outputs, plot_entropy, with_export, write_report
+
+    names = COMPILE_FILES + ((PADDING_PLAN,) if args.padding_plan else ()) + ((ORIGINAL_MODEL,) if args.measure_latency else ())
+    paths = check_outputs(args.out, names, force=args.force)
+    model = _load_model(args)
+    calibration = _load_calibration(args)
+    result = compile_model(
+        model,
+        calibration,
+        args.tolerance,
+        holdout=args.holdout,
+        approximate=args.approximate,
+        cost_model=args.cost_model,
+        merge_plan=args.merge_plan,
+        channel_alignment=CHANNEL_ALIGNMENT if args.channel_alignment is None else args.channel_alignment,
+        debug=args.debug,
+        progress=progress(args),
+    )
+    # compile() held out the last samples; ONNX Runtime is checked on the same unseen inputs.
+    held = result.report["calibration"]["holdout_samples"]
+    verify = calibration[len(calibration) - held :] if held else calibration
+    # The plan is decided on what compile decided on, and before anything is written.
+    moves = padding_plan(model, calibration[: len(calibration) - held], tolerance=args.tolerance) if args.padding_plan else None
+    # ONNX Runtime is held to the same floor as the compile: 1e-5, or 8x the model's own fp32 noise.
+    rtol = max(ORT_CPU_RTOL, result.report["verification"]["pytorch"]["rtol"])
+    exported = export_onnx(
+        result.module,
+        calibration[:1],
+        paths[ONNX_MODEL],
+        verify_inputs=list(verify.split(DEFAULT_BATCH_SIZE)),
+        rtol=rtol,
+        force=args.force,
+    )
+    for note in exported.notes:
+        _note(args, f"ONNX export: {note}")
+    report = with_export(result.report, exported)
+    if args.measure_latency:
+        report["measured_latency"] = _measure_latency(args, model, calibration, verify, paths, rtol, report)
+    write_report(report, args.out, force=args.force)
+    plot_entropy(report, paths[ENTROPY_PLOT], force=args.force)
+    plot_depth(report, paths[DEPTH_PLOT], force=args.force)
+    if moves is not None:
+        write_text_atomic(paths[PADDING_PLAN], save_plan(moves) + "\n", force=args.force)
+
+    before, after = report["before"], report["after"]
+    pytorch, onnxruntime = report["verification"]["pytorch"], report["verification"]["onnxruntime"]
+    predicted = report["predicted_conv_latency_us"]
+    say(
+        args,
+        f"{args.arch}: depth {before['depth']} -> {after['depth']}, "
+        f"{report['activations_linearized']} of {before['activations']} activations linearized, "
+        f"params {before['params']:,} -> {after['params']:,}, MACs {before['macs']:,} -> {after['macs']:,}",
+    )
+    say(
+        args,
+        f"{len(report['rewrites'])} rewrites, {len(report['refusals'])} refusals (see report.md); predicted conv "
+        f"latency {predicted['before']:g} -> {predicted['after']:g} us ({predicted['cost_model']} cost model)",
+    )
+    say(
+        args,
+        f"max relative error: PyTorch {pytorch['max_rel']:.2e} on {held or len(calibration)} "
+        f"{'held-out' if held else 'calibration'} samples, ONNX Runtime {onnxruntime['max_rel']:.2e} "
+        f"(allowed {pytorch['rtol']:.2g} and {onnxruntime['rtol']:.2g})",
+    )
+    measured = report.get("measured_latency")
+    if measured:
+        say(
+            args,
+            f"measured on {measured['backend']}: {measured['original_ms']:.4g} -> {measured['compiled_ms']:.4g} ms, "
+            f"speedup {measured['speedup']:.3f} [{measured['ci'][0]:.3f}, {measured['ci'][1]:.3f}] "
+            f"(predicted {measured['predicted_speedup']:.3f})",
+        )
+    if moves:
+        say(
+            args,
+            f"padding plan: {len(moves)} conv chain(s) would merge exactly with their padding moved to the first conv; "
+            "applying it changes the model at the border, so fine-tune after egp_export.apply_padding_plan",
+        )
+    elif moves is not None:
+        say(args, "padding plan: empty, no linear conv chain merges only approximately")
+    say(args, f"wrote {_wrote(paths)}")
+
+
+def _measure_latency(args, model, calibration, verify, paths, rtol: float, report: dict) -> dict:
+    """Export the model as it is and time it against the compiled file (ONNX Runtime CPU, interleaved)."""
+    from egp_export.analysis.batches import DEFAULT_BATCH_SIZE
+    from egp_export.export.onnx import export_onnx
+    from egp_export.report.report import ONNX_MODEL
+    from egp_export.runtime.profiler import compare
+
+    export_onnx(
+        model,
+        calibration[:1],
+        paths[ORIGINAL_MODEL],
+        verify_inputs=list(verify.split(DEFAULT_BATCH_SIZE)),
+        rtol=rtol,
+        force=args.force,
+    )
+    comparison = compare(paths[ORIGINAL_MODEL], paths[ONNX_MODEL], backend="ort-cpu", progress=progress(args))
+    return {
+        "backend": "ort-cpu, 1 thread, batch 1",
+        "original_ms": comparison.baseline_stats.median,
+        "compiled_ms": comparison.candidate_stats.median,
+        "speedup": comparison.speedup,
+        "ci": list(comparison.ci),
+        "confidence": comparison.confidence,
+        # The cost model only sees conv layers and bias maps: this is its view of the same ratio.
+        "predicted_speedup": report["predicted_conv_latency_us"]["before"]
+        / max(report["predicted_conv_latency_us"]["after"], 1e-9),
+    }
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from egp_export.demo.digits import run_egp_demo
+
+    run_egp_demo(args.out, force=args.force, quick=args.quick, seed=args.seed, progress=not args.quiet)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,257 @@
+"""``egp-export prune``: entropy-guided pruning from the command line, writing checkpoints ``compile`` reads.
+
+    egp-export prune --arch egp_export.demo.digits:digits_resnet --checkpoint dense.pt \\
+        --data builtin:digits --out pruned/ --method egp --target-linear-sites 2
+    egp-export compile --arch egp_export.demo.digits:digits_resnet --checkpoint pruned/pruned.pt \\
+        --calibration builtin:digits --out compiled/
+
+``--data`` is labelled data:
+
+* ``builtin:digits``: scikit-learn's digits, split as ``datasets.load_digits_split``
+  (seeded by ``--seed``); the held-out 25 % is the eval split;
+* a ``.pt``/``.pth`` file holding an ``(inputs, targets)`` pair, or a dict
+  with the inputs under one of ``inputs``/``input``/``x``/``data``/``images``
+  and the targets under one of ``targets``/``target``/``labels``/``label``/``y``;
+* a ``.npz`` archive with the same keys.
+
+The eval split is ``--eval-data`` (same forms) or, without it, the last
+``--eval-fraction`` of a seeded permutation of ``--data``.
+
+Under ``torchrun`` the same command runs distributed (egp_export.prune.distributed).
+Errors the user can cause print ``egp-export: error: ...`` and exit with the
+error's code; nothing but the pruning outputs is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from egp_export.cli.common import PROG, fraction, non_negative_float, non_negative_int, positive_float, positive_int, run_command
+from egp_export.errors import CalibrationError
+
+BUILTIN_DIGITS = "builtin:digits"
+INPUT_KEYS = ("inputs", "input", "x", "data", "images")
+TARGET_KEYS = ("targets", "target", "labels", "label", "y")
+DEFAULT_EVAL_FRACTION = 0.2
+
+
+
+
+
+
+
+
+
+
+
+
+def add_prune_command(subparsers) -> argparse.ArgumentParser:
+    """Register ``prune`` on an ``add_subparsers()`` object; the parsed namespace's ``run`` executes it."""
+    # Defaults are literals here: importing pruning.py for them would load torch for --help.
+    parser = subparsers.add_parser(
+        "prune",
+        help="entropy-guided pruning (EGP, NEPENTHE, EASIER) with fine-tuning; writes pruned.pt for compile",
+        description="Prune the weights of low-entropy layers until activations become linear on the data, "
+        "fine-tuning after every step; write checkpoints that 'egp-export compile --checkpoint' reads.",
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--arch", required=True, metavar="SPEC", help="torchvision:NAME or package.module:factory")
+    model.add_argument("--arch-kwargs", nargs="+", default=[], metavar="K=V", help="keyword arguments for the factory")
+    model.add_argument("--checkpoint", type=Path, metavar="PATH", help="trained weights to start from (a state dict)")
+    model.add_argument("--unsafe-pickle", action="store_true", help="allow checkpoints holding pickled Python objects")
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data", required=True, metavar="SPEC",
+        help="labelled training data: builtin:digits, a .pt/.pth file with (inputs, targets), or a .npz archive",
+    )
+    data.add_argument("--eval-data", metavar="SPEC", help="labelled eval data (same forms); default: split off --data")
+    data.add_argument(
+        "--eval-fraction", type=fraction, default=DEFAULT_EVAL_FRACTION, metavar="F",
+        help=f"fraction of --data held out for eval when --eval-data is not given (default {DEFAULT_EVAL_FRACTION})",
+    )
+    data.add_argument(
+        "--entropy-samples", type=positive_int, default=4096, metavar="N",
+        help="training samples the activation entropy is measured on (default 4096)",
+    )
+    method = parser.add_argument_group("pruning")
+    method.add_argument("--method", choices=("egp", "nepenthe", "easier"), default="egp", help="default egp")
+    method.add_argument("--rate", type=fraction, default=0.5, help="fraction of the eligible weights pruned per iteration "
+                        "(default 0.5, the paper's halving)")
+    method.add_argument("--iterations", type=non_negative_int, default=10, help="at most this many iterations (default 10)")
+    method.add_argument("--target-sparsity", type=fraction, metavar="S", help="stop at this sparsity of the pruned layers")
+    method.add_argument(
+        "--max-accuracy-drop", type=non_negative_float, metavar="D",
+        help="reject iterations whose eval accuracy falls more than D (a fraction) below the dense model's",
+    )
+    method.add_argument("--target-linear-sites", type=non_negative_int, metavar="N",
+                        help="stop once N activation sites are linear on the data")
+    training = parser.add_argument_group("fine-tuning (defaults: the papers' SGD recipe)")
+    training.add_argument("--epochs-per-iteration", type=non_negative_int, default=5, metavar="E", help="default 5")
+    training.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd")
+    training.add_argument("--lr", type=positive_float, default=0.1, help="learning rate (default 0.1)")
+    training.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum (default 0.9)")
+    training.add_argument("--weight-decay", type=non_negative_float, default=5e-4, help="default 5e-4")
+    training.add_argument("--scheduler", choices=("multistep", "cosine", "constant"), default="multistep",
+                          help="per iteration: step decay at 50%% and 75%% of the epochs (default), cosine, constant")
+    training.add_argument("--batch-size", type=positive_int, default=128, help="global batch size (default 128)")
+    training.add_argument("--seed", type=int, default=0, help="seeds the data split, batch order and dropout (default 0)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for checkpoints, metrics and plots")
+    output.add_argument("--resume", action="store_true", help="continue from DIR/state.pt (same settings)")
+    output.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    output.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    parser.set_defaults(run=run_prune, verbose=False)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="egp-export pruning")
+    add_prune_command(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (``prune ...``), run it; return 0 or the error's exit code (no traceback for user errors)."""
+    return run_command(build_parser(), argv)
+
+
+# Labelled data ---------------------------------------------------------------------------
+
+
+def _pick(mapping: Mapping, keys: tuple[str, ...], what: str, source: str):
+    for key in keys:
+        if key in mapping:
+            return mapping[key]
+    found = ", ".join(repr(str(key)) for key in mapping) or "none"
+    raise CalibrationError(f"{source} has no {what} (keys found: {found}); store them under {keys[0]!r}.")
+
+
+def load_labelled(spec: str):
+    """``(inputs, targets)`` tensors from a ``.pt``/``.pth`` file or a ``.npz`` archive (see the module docstring)."""
+    import numpy as np
+    import torch
+
+    path = Path(spec)
+    if not path.is_file():
+        raise CalibrationError(f"labelled data {path} does not exist; give {BUILTIN_DIGITS}, a .pt/.pth file or a .npz archive.")
+    suffix = path.suffix.lower()
+    if suffix in (".pt", ".pth"):
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+            raise CalibrationError(
+                f"cannot read {path} ({type(error).__name__}); save (inputs, targets) with torch.save."
+            ) from None
+        if isinstance(loaded, (tuple, list)) and len(loaded) == 2:
+            inputs, targets = loaded
+        elif isinstance(loaded, Mapping):
+            inputs = _pick(loaded, INPUT_KEYS, "inputs", str(path))
+            targets = _pick(loaded, TARGET_KEYS, "targets", str(path))
+        else:
+            raise CalibrationError(
+                f"{path} holds a {type(loaded).__name__}; save an (inputs, targets) pair or a dict with 'inputs' and 'targets'."
+            )
+    elif suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {name: archive[name] for name in archive.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+            raise CalibrationError(f"cannot read {path} as a .npz archive ({error}).") from None
+        inputs = _pick(arrays, INPUT_KEYS, "inputs", str(path))
+        targets = _pick(arrays, TARGET_KEYS, "targets", str(path))
+    else:
+        raise CalibrationError(
+            f"labelled data {path} has an unsupported type; give {BUILTIN_DIGITS}, a .pt/.pth file or a .npz archive."
+        )
+    try:
+        return torch.as_tensor(np.asarray(inputs)), torch.as_tensor(np.asarray(targets))
+    except (TypeError, ValueError) as error:
+        raise CalibrationError(f"{path}: inputs and targets must be numeric arrays ({error}).") from None
+
+
+def load_splits(args: argparse.Namespace):
+    """(train pair, eval pair) from ``--data`` / ``--eval-data`` / ``--eval-fraction``."""
+    import torch
+
+    from egp_export.io.datasets import load_digits_split
+
+    if args.data == BUILTIN_DIGITS:
+        x_train, y_train, x_test, y_test = load_digits_split(seed=args.seed)
+        train, held_out = (x_train, y_train), (x_test, y_test)
+    elif args.data.startswith("builtin:"):
+        raise CalibrationError(f"unknown built-in data set {args.data!r}; the only one is {BUILTIN_DIGITS}.")
+    else:
+        train, held_out = load_labelled(args.data), None
+    if args.eval_data is not None:
+        return train, load_labelled(args.eval_data)
+    if held_out is not None:
+        return train, held_out
+    inputs, targets = train
+    if len(inputs) != len(targets):
+        raise CalibrationError(f"{args.data}: {len(inputs)} inputs but {len(targets)} targets.")
+    count = len(inputs)
+    held = max(1, round(count * args.eval_fraction))
+    if held >= count:
+        raise CalibrationError(f"{args.data} has {count} samples: too few to hold {args.eval_fraction:.0%} out for eval.")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(args.seed))
+    keep, rest = order[: count - held], order[count - held :]
+    return (inputs[keep], targets[keep]), (inputs[rest], targets[rest])
+
+
+# Running -------------------------------------------------------------------------------
+
+
+def run_prune(args: argparse.Namespace) -> None:
+    from egp_export.io.arch import build_model, parse_kwargs
+    from egp_export.io.checkpoint import apply_state_dict, load_state_dict
+    from egp_export.prune.distributed import runtime_from_env, shutdown
+    from egp_export.prune.pruning import PRUNED_CHECKPOINT, prune
+
+    runtime = runtime_from_env()
+    talk = not args.quiet and runtime.is_main
+    try:
+        model = build_model(args.arch, parse_kwargs(args.arch_kwargs))
+        if args.checkpoint is not None:
+            apply_state_dict(model, load_state_dict(args.checkpoint, allow_pickle=args.unsafe_pickle))
+        train, held_out = load_splits(args)
+        result = prune(
+            model.eval(), train, held_out, args.method,
+            rate=args.rate, iterations=args.iterations, target_sparsity=args.target_sparsity,
+            max_accuracy_drop=args.max_accuracy_drop, target_linear_sites=args.target_linear_sites,
+            epochs_per_iteration=args.epochs_per_iteration, optimizer=args.optimizer, lr=args.lr,
+            momentum=args.momentum, weight_decay=args.weight_decay, scheduler=args.scheduler,
+            batch_size=args.batch_size, entropy_samples=args.entropy_samples, out_dir=args.out,
+            resume=args.resume, force=args.force, seed=args.seed,
+            progress=talk and sys.stderr.isatty(), runtime=runtime,
+        )
+    finally:
+        shutdown()
+    if not talk:
+        return
+    final = result.final
+    print(
+        f"{args.method.upper()}: {len(result.history) - 1} iteration(s); stopped: {result.stop_reason}\n"
+        f"accuracy {result.dense_accuracy:.4f} -> {final['accuracy']:.4f} (iteration {final['iteration']}), "
+        f"sparsity {final['sparsity']:.3f}, {final['linear_sites']} of {len(result.history[0]['entropies'])} "
+        f"activation sites linear on the data",
+        flush=True,
+    )
+    checkpoint = args.out / PRUNED_CHECKPOINT
+    if result.identity_sites:
+        print(
+            f"note: EASIER replaced {', '.join(result.identity_sites)} by the identity; 'egp-export compile' restores "
+            "them from --arch, so compile this result from Python: egp_export.prune.pruning.load_pruned(model, path).",
+            flush=True,
+        )
+    print(f"wrote {checkpoint}, {args.out / 'metrics.jsonl'}, plots and per-iteration checkpoints in {args.out}", flush=True)
+    if not result.identity_sites:
+        print(f"next: egp-export compile --arch {args.arch} --checkpoint {checkpoint} --calibration ... --out DIR", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,241 @@
+"""Loading calibration inputs from files into one float32 batch ``[N, ...]``.
+
+Accepted ``--calib`` specifications:
+
+* ``builtin:digits`` - scikit-learn's 8x8 handwritten digits, ``[N, 1, 8, 8]`` in [0, 1];
+* a ``.pt``/``.pth`` file holding a tensor, a tuple/list ``(inputs, ...)`` or a dict;
+* a ``.npy`` file, or a ``.npz`` archive;
+* a folder of images (searched recursively), read as RGB ``[N, 3, H, W]`` in [0, 1].
+
+Dicts and ``.npz`` archives are searched for the first of :data:`INPUT_KEYS`.
+Every result is checked: at least one sample, and only finite values.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from egp_export.errors import CalibrationError
+
+# Names under which a dict or .npz archive commonly stores the model inputs, in order of preference.
+INPUT_KEYS = ("inputs", "input", "x", "data", "images")
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
+TORCH_SUFFIXES = frozenset({".pt", ".pth"})
+BUILTIN_DIGITS = "builtin:digits"
+_ACCEPTED = (
+    f"{BUILTIN_DIGITS}, a .pt/.pth file (tensor, (inputs, ...) tuple, or dict with one of the keys "
+    f"{', '.join(INPUT_KEYS)}), a .npy file, a .npz archive, or a folder of images "
+    f"({', '.join(sorted(IMAGE_SUFFIXES))})"
+)
+# sklearn's digits are 4-bit grey levels: 0..16.
+_DIGITS_MAX = 16.0
+
+
+def load_calibration(spec: str, *, input_size: tuple[int, int] | None = None, limit: int | None = None) -> torch.Tensor:
+    """Load the calibration inputs named by ``spec`` as a float32 tensor ``[N, ...]``.
+
+    ``input_size`` (H, W) resizes images of an image folder and is needed when
+    they differ in size; other sources are returned as stored. ``limit`` keeps
+    the first ``limit`` samples. Raises CalibrationError for unreadable, empty
+    or non-finite data.
+    """
+    if limit is not None and limit < 1:
+        raise CalibrationError(f"calibration limit must be at least 1, got {limit}.")
+    if input_size is not None:
+        input_size = _check_input_size(input_size)
+    if spec.startswith("builtin:"):
+        if spec != BUILTIN_DIGITS:
+            raise CalibrationError(f"unknown built-in calibration set {spec!r}; the only one is {BUILTIN_DIGITS}.")
+        data = _digits()[0]
+        source = spec
+    else:
+        path = Path(spec)
+        source = str(path)
+        if path.is_dir():
+            data = _load_image_folder(path, input_size=input_size, limit=limit)
+        elif not path.exists():
+            raise CalibrationError(f"calibration data {path} does not exist; give {_ACCEPTED}.")
+        elif path.suffix.lower() in TORCH_SUFFIXES:
+            data = _load_torch_file(path)
+        elif path.suffix.lower() == ".npy":
+            data = _load_npy(path)
+        elif path.suffix.lower() == ".npz":
+            data = _load_npz(path)
+        else:
+            raise CalibrationError(f"calibration data {path} has an unsupported type; give {_ACCEPTED}.")
+    if limit is not None:
+        data = data[:limit]
+    return _validated(data, source)
+
+
+def load_digits_split(
+    seed: int = 0, test_fraction: float = 0.25
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(x_train, y_train, x_test, y_test)`` from scikit-learn's digits, split deterministically.
+
+    Inputs are float32 ``[N, 1, 8, 8]`` in [0, 1], labels int64. The split is
+    stratified by class, so both parts contain every digit.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
+    from sklearn.model_selection import train_test_split
+
+    images, labels = _digits()
+    x_train, x_test, y_train, y_test = train_test_split(
+        images.numpy(), labels.numpy(), test_size=test_fraction, random_state=seed, stratify=labels.numpy()
+    )
+    return (torch.from_numpy(x_train), torch.from_numpy(y_train), torch.from_numpy(x_test), torch.from_numpy(y_test))
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    # Bundled with scikit-learn, so nothing is downloaded.
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.from_numpy((bunch.images / _DIGITS_MAX).astype(np.float32)).unsqueeze(1)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    return images, labels
+
+
+def _load_torch_file(path: Path) -> torch.Tensor:
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CalibrationError(
+            f"calibration file {path} is corrupt or holds Python objects other than tensors; "
+            "save the inputs with torch.save(inputs_tensor, path)."
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+        raise CalibrationError(f"cannot read calibration file {path} ({error}); re-save it with torch.save.") from None
+    if isinstance(loaded, (tuple, list)):
+        if not loaded:
+            raise CalibrationError(f"calibration file {path} holds an empty {type(loaded).__name__}.")
+        # (inputs, labels) pairs are common; the inputs come first.
+        loaded = loaded[0]
+    elif isinstance(loaded, Mapping):
+        loaded = _pick_input(loaded, path)
+    if isinstance(loaded, np.ndarray):
+        return _from_numpy(loaded, path)
+    if not isinstance(loaded, torch.Tensor):
+        raise CalibrationError(f"calibration file {path} holds a {type(loaded).__name__}, not a tensor; give {_ACCEPTED}.")
+    return loaded
+
+
+def _load_npy(path: Path) -> torch.Tensor:
+    try:
+        # allow_pickle=False: object arrays would execute code from the file.
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise CalibrationError(
+            f"cannot read {path} as a numeric .npy array ({error}); save it with numpy.save(path, array)."
+        ) from None
+    return _from_numpy(array, path)
+
+
+def _load_npz(path: Path) -> torch.Tensor:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise CalibrationError(
+            f"cannot read {path} as a numeric .npz archive ({error}); save it with numpy.savez(path, inputs=array)."
+        ) from None
+    return _from_numpy(_pick_input(arrays, path), path)
+
+
+def _pick_input(mapping: Mapping, path: Path) -> object:
+    """The entry under the first of INPUT_KEYS, else the only entry, else a CalibrationError."""
+    for key in INPUT_KEYS:
+        if key in mapping:
+            return mapping[key]
+    if len(mapping) == 1:
+        return next(iter(mapping.values()))
+    keys = ", ".join(repr(str(key)) for key in mapping) or "none"
+    raise CalibrationError(
+        f"calibration data {path} has the keys {keys} and none of them is one of {', '.join(INPUT_KEYS)}; "
+        "store the inputs under 'inputs'."
+    )
+
+
+def _from_numpy(array: object, path: Path) -> torch.Tensor:
+    if not isinstance(array, np.ndarray):
+        raise CalibrationError(f"calibration data {path} holds a {type(array).__name__}, not an array.")
+    if array.dtype.kind not in "biuf":
+        raise CalibrationError(
+            f"calibration data {path} has dtype {array.dtype}; only boolean, integer and floating data are usable."
+        )
+    # order="C" copies only arrays torch cannot view (negative strides); unlike ascontiguousarray it keeps 0-d.
+    return torch.from_numpy(np.asarray(array, order="C"))
+
+
+def _load_image_folder(folder: Path, *, input_size: tuple[int, int] | None, limit: int | None) -> torch.Tensor:
+    from PIL import Image
+
+    # Sorted by path so the batch (and any calibration derived from it) is reproducible.
+    files = sorted(
+        (path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()),
+        key=lambda path: path.relative_to(folder).as_posix(),
+    )
+    if not files:
+        raise CalibrationError(
+            f"the folder {folder} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+            "point --calib at a folder of images or at a .pt/.npy/.npz file."
+        )
+    if limit is not None:
+        files = files[:limit]
+    tensors = []
+    first_size: tuple[int, int] | None = None
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                rgb = image.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            raise CalibrationError(f"cannot read image {file} ({error}); remove or convert it.") from None
+        if input_size is not None:
+            height, width = input_size
+            rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
+        size = (rgb.height, rgb.width)
+        if first_size is None:
+            first_size = size
+        elif size != first_size:
+            raise CalibrationError(
+                f"images in {folder} differ in size ({files[0].name} is {first_size[0]}x{first_size[1]}, "
+                f"{file.name} is {size[0]}x{size[1]}, HxW); pass --input-size H W (input_size=(H, W)) to resize them."
+            )
+        # HWC uint8 -> CHW float in [0, 1].
+        tensors.append(torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1))
+    return torch.stack(tensors).to(torch.float32) / 255.0
+
+
+def _check_input_size(input_size: tuple[int, int]) -> tuple[int, int]:
+    size = tuple(input_size)
+    if len(size) != 2 or not all(isinstance(side, int) and side > 0 for side in size):
+        raise CalibrationError(f"input size must be two positive integers H W, got {input_size!r}.")
+    return size  # type: ignore[return-value]
+
+
+def _validated(data: torch.Tensor, source: str) -> torch.Tensor:
+    """Check a loaded batch and return it as float32."""
+    if data.dim() == 0:
+        raise CalibrationError(f"calibration data {source} is a single number; it needs a batch dimension [N, ...].")
+    if data.shape[0] == 0:
+        raise CalibrationError(
+            f"calibration data {source} is empty (0 samples, shape {tuple(data.shape)}); give at least one sample."
+        )
+    if data.is_complex():
+        raise CalibrationError(f"calibration data {source} is complex ({data.dtype}); give real-valued inputs.")
+    data = data.to(torch.float32)
+    nan_count = int(torch.isnan(data).sum())
+    inf_count = int(torch.isinf(data).sum())
+    if nan_count or inf_count:
+        raise CalibrationError(
+            f"calibration data {source} contains {nan_count} NaN and {inf_count} Inf values "
+            f"(of {data.numel()}); clean or drop those samples."
+        )
+    return data.contiguous()

@@ -1,0 +1,149 @@
+"""Pruning and fine-tuning under ``torchrun``: DistributedDataParallel, and statistics every rank agrees on.
+
+    torchrun --nproc_per_node=2 -m egp_export.prune.distributed --arch ... --data builtin:digits --out DIR
+    torchrun --nproc_per_node=2 -m egp_export prune --arch ... --data builtin:digits --out DIR
+
+Both read the ``prune`` command's arguments (prune_cli.py). Under torchrun
+(``WORLD_SIZE`` > 1) the process group is initialised from the environment:
+NCCL on ``cuda:LOCAL_RANK`` when CUDA is available, gloo on the CPU otherwise.
+
+What makes every rank prune identically:
+
+- training wraps the model in DistributedDataParallel, so gradients (and
+  hence weights) are averaged; each rank trains on its shard of one seeded
+  permutation (training.py);
+- activation statistics are computed on each rank's shard of the entropy
+  samples (on a CPU copy of the model: ``SiteStats`` accumulates in CPU
+  tensors) and all-reduced field by field (counts summed, ``low``/``margin``
+  minimised, ``high`` maximised): the merged ``SiteStats`` equal those of one
+  process on all samples, so budgets and EASIER's choice are the same on
+  every rank and so are the masks (the pruning itself is deterministic);
+- BatchNorm running statistics, which each rank updates from its own
+  batches, are broadcast from rank 0 after every fine-tuning phase;
+- accuracy is counted on each rank's shard and summed.
+
+Only rank 0 writes files and shows progress.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from egp_export.analysis.stats import SiteStats
+from egp_export.errors import CalibrationError
+from egp_export.prune.training import Runtime
+
+
+def all_reduce_site_stats(sites: list[SiteStats], device: torch.device | None = None) -> None:
+    """Merge every rank's ``SiteStats`` into ``sites`` in place, with three collective calls.
+
+    Every rank must hold the same sites in the same order (the same model
+    traced the same way) and at least one observation of each.
+    """
+    if not sites:
+        return
+    device = device or torch.device("cpu")
+    empty = [site.name for site in sites if site.observations == 0]
+    if empty:
+        raise CalibrationError(f"no calibration sample reached {', '.join(empty)} on rank {dist.get_rank()}.")
+    # Counts: observations, then each site's region counts and ON counts, flattened.
+    counts = torch.cat([
+        torch.tensor([site.observations for site in sites], dtype=torch.int64),
+        *[torch.cat([site.region_counts.flatten(), site.on_counts]) for site in sites],
+    ]).to(device)
+    minima = torch.cat([torch.cat([site.low, site.margin]) for site in sites]).to(device)
+    maxima = torch.cat([site.high for site in sites]).to(device)
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    dist.all_reduce(minima, op=dist.ReduceOp.MIN)
+    dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+    counts, minima, maxima = counts.cpu(), minima.cpu(), maxima.cpu()
+    offset, low_offset, high_offset = len(sites), 0, 0
+    for index, site in enumerate(sites):
+        neurons = site.num_neurons
+        regions = site.region_counts.numel()
+        site.observations = int(counts[index])
+        site.region_counts = counts[offset : offset + regions].reshape(site.region_counts.shape).clone()
+        site.on_counts = counts[offset + regions : offset + regions + neurons].clone()
+        offset += regions + neurons
+        site.low = minima[low_offset : low_offset + neurons].clone()
+        site.margin = minima[low_offset + neurons : low_offset + 2 * neurons].clone()
+        low_offset += 2 * neurons
+        site.high = maxima[high_offset : high_offset + neurons].clone()
+        high_offset += neurons
+
+
+class DistributedRuntime(Runtime):
+    """One rank of an initialised default process group."""
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("DistributedRuntime needs an initialised process group (torch.distributed)")
+        if device is None:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if dist.get_backend() == "nccl" else "cpu"
+        super().__init__(device)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        reduced = values.to(self.device)
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        return reduced.to(values.device)
+
+    def reduce_sites(self, sites: list[SiteStats]) -> None:
+        all_reduce_site_stats(sites, self.device if self.device.type == "cuda" else None)
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        with torch.no_grad():
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def runtime_from_env() -> Runtime:
+    """The runtime this process runs in: one CPU process, or a rank of the torchrun job that started it.
+
+    Initialises the default process group from torchrun's environment when
+    needed: NCCL when CUDA is available, gloo otherwise.
+    """
+    if not launched_by_torchrun():
+        return Runtime()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend)
+    return DistributedRuntime()
+
+
+def shutdown() -> None:
+    """Leave the process group (if this process joined one)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m egp_export.prune.distributed`` / ``torchrun -m egp_export.prune.distributed``: the ``prune`` command."""
+    from egp_export.cli.prune import main as prune_main
+
+    return prune_main(["prune", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,334 @@
+"""The plain training loop EGP fine-tunes with: optimizer and schedule from arguments, seeded batches, metrics, plots.
+
+Defaults follow the EGP / EASIER papers' CIFAR-10 recipe: SGD with learning
+rate 0.1, momentum 0.9 and weight decay 5e-4 (EGP; EASIER's released code
+uses 1e-4), batch 128, and a step schedule dividing the learning rate by 10
+at 50 % and 75 % of the epochs (the papers' milestones 80 and 120 of 160).
+Every pruning iteration builds a fresh optimizer and schedule, as the
+released EASIER code does, so nothing but the model carries over between
+iterations and a resumed run repeats an uninterrupted one exactly.
+
+Batches are drawn from a ``torch.Generator`` seeded per call, never from the
+global RNG, and the global RNG (dropout) is reseeded at the start of each
+call: the same seed gives the same weights, on resume as well.
+
+A :class:`Runtime` says where the work runs. The default is one CPU
+process; ``egp_export.prune.distributed`` supplies one for DistributedDataParallel
+that shards batches by rank and all-reduces what the ranks must agree on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from egp_export.errors import CalibrationError
+from egp_export.io.fileio import atomic_path, check_writable, write_text_atomic
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("multistep", "cosine", "constant")
+DEFAULT_LR = 0.1
+DEFAULT_MOMENTUM = 0.9
+DEFAULT_WEIGHT_DECAY = 5e-4
+DEFAULT_BATCH_SIZE = 128
+# The papers' MultiStepLR(milestones=[80, 120], gamma=0.1) over 160 epochs, as fractions of the epochs.
+MILESTONE_FRACTIONS = (0.5, 0.75)
+MILESTONE_GAMMA = 0.1
+EVAL_BATCH_SIZE = 512
+
+METRICS_LOG = "metrics.jsonl"
+ENTROPY_PLOT = "entropy_per_site.png"
+ACCURACY_PLOT = "accuracy_vs_sparsity.png"
+LINEAR_SITES_PLOT = "linear_sites.png"
+PLOTS = (ENTROPY_PLOT, ACCURACY_PLOT, LINEAR_SITES_PLOT)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """How one fine-tuning phase trains."""
+
+    epochs: int
+    optimizer: str = "sgd"
+    lr: float = DEFAULT_LR
+    momentum: float = DEFAULT_MOMENTUM
+    weight_decay: float = DEFAULT_WEIGHT_DECAY
+    scheduler: str = "multistep"
+    batch_size: int = DEFAULT_BATCH_SIZE
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be non-negative, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not self.lr > 0.0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+
+class Runtime:
+    """One process on one device: the single-machine case, and the interface DDP overrides."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files and shows progress."""
+        return self.rank == 0
+
+    def shard(self, indices: torch.Tensor) -> torch.Tensor:
+        """This rank's share of ``indices`` (every world_size-th one, so shards differ by at most one)."""
+        return indices[self.rank :: self.world_size]
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module to train (DistributedDataParallel under torchrun)."""
+        return model
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over ranks."""
+        return values
+
+    def reduce_sites(self, sites: list) -> None:
+        """Merge every rank's activation statistics into ``sites`` in place (one process: nothing to merge)."""
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Make buffers (BatchNorm running statistics) identical on every rank."""
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+
+
+def as_dataset(data, what: str) -> Dataset:
+    """A map-style dataset of (input, target) from ``(inputs, targets)`` tensors, a Dataset or a DataLoader.
+
+    A DataLoader contributes its dataset only: batching and shuffling are
+    redone here with a seeded generator, so that runs are reproducible and
+    resumable and DDP ranks see disjoint shards.
+    """
+    if isinstance(data, DataLoader):
+        return data.dataset
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        inputs, targets = (torch.as_tensor(part) for part in data)
+        if inputs.dim() == 0 or len(inputs) == 0:
+            raise CalibrationError(f"{what}: the inputs are empty; give at least one sample.")
+        if len(inputs) != len(targets):
+            raise CalibrationError(f"{what}: {len(inputs)} inputs but {len(targets)} targets; give one target per input.")
+        if targets.is_floating_point() or targets.is_complex():
+            raise CalibrationError(f"{what}: targets must be integer class labels, got {targets.dtype}.")
+        if not inputs.is_floating_point():
+            inputs = inputs.to(torch.float32)
+        bad = int((~torch.isfinite(inputs)).sum())
+        if bad:
+            raise CalibrationError(f"{what}: the inputs hold {bad} NaN/Inf values; clean or drop those samples.")
+        return TensorDataset(inputs, targets.to(torch.int64))
+    raise CalibrationError(
+        f"{what} must be an (inputs, targets) pair of tensors, a map-style Dataset of (input, target), "
+        f"or a DataLoader; got {type(data).__name__}."
+    )
+
+
+def iterate(dataset: Dataset, indices: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) batches of ``dataset[indices]`` in that order."""
+    if isinstance(dataset, TensorDataset):
+        for start in range(0, len(indices), batch_size):
+            inputs, targets = dataset[indices[start : start + batch_size]]
+            yield inputs, targets
+        return
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices.tolist(), num_workers=0)
+    for inputs, targets in loader:
+        yield inputs, targets
+
+
+def build_optimizer(parameters, config: OptimConfig) -> torch.optim.Optimizer:
+    trainable = [p for p in parameters if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """A per-epoch schedule: step decay at the papers' milestones, cosine annealing, or constant."""
+    if config.scheduler == "multistep":
+        milestones = sorted({max(1, math.ceil(f * config.epochs)) for f in MILESTONE_FRACTIONS})
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=MILESTONE_GAMMA)
+    if config.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs))
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    config: OptimConfig,
+    *,
+    seed: int,
+    runtime: Runtime | None = None,
+    progress: bool = False,
+    desc: str = "training",
+) -> float:
+    """Train ``model`` in place for ``config.epochs`` epochs; return the mean loss of the last epoch (nan if none).
+
+    Each rank trains on its shard of one seeded permutation per epoch with
+    ``batch_size // world_size`` samples per step, so the global batch is
+    ``batch_size`` whatever the number of processes. The model is left in
+    eval mode.
+    """
+    runtime = runtime or Runtime()
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    per_rank = max(1, config.batch_size // runtime.world_size)
+    trained = runtime.wrap(model)
+    optimizer = build_optimizer(trained.parameters(), config)
+    scheduler = build_scheduler(optimizer, config)
+    epochs = range(config.epochs)
+    if progress and runtime.is_main:
+        from tqdm.auto import tqdm
+
+        epochs = tqdm(epochs, desc=desc, unit="epoch", leave=False)
+    last_loss = float("nan")
+    for _ in epochs:
+        trained.train()
+        order = runtime.shard(torch.randperm(len(dataset), generator=generator))
+        total = torch.zeros(2, dtype=torch.float64)
+        for inputs, targets in iterate(dataset, order, per_rank):
+            inputs, targets = inputs.to(runtime.device), targets.to(runtime.device)
+            loss = F.cross_entropy(trained(inputs), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += torch.tensor([loss.item() * len(targets), len(targets)], dtype=torch.float64)
+        scheduler.step()
+        total = runtime.sum(total)
+        last_loss = float(total[0] / total[1]) if total[1] else float("nan")
+        if progress and runtime.is_main:
+            epochs.set_postfix(loss=f"{last_loss:.4f}")
+    model.eval()
+    runtime.sync_buffers(model)
+    return last_loss
+
+
+def evaluate(model: nn.Module, dataset: Dataset, *, runtime: Runtime | None = None, batch_size: int = EVAL_BATCH_SIZE) -> float:
+    """Top-1 accuracy of ``model`` (eval mode) on all of ``dataset``, counted over every rank's shard."""
+    runtime = runtime or Runtime()
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for inputs, targets in iterate(dataset, runtime.shard(torch.arange(len(dataset))), batch_size):
+            predictions = model(inputs.to(runtime.device)).argmax(dim=1).cpu()
+            counts += torch.tensor([float((predictions == targets).sum()), float(len(targets))], dtype=torch.float64)
+    counts = runtime.sum(counts)
+    return float(counts[0] / counts[1])
+
+
+def input_batches(
+    dataset: Dataset, samples: int | None, *, runtime: Runtime | None = None, batch_size: int = EVAL_BATCH_SIZE
+) -> list[torch.Tensor]:
+    """This rank's share of the first ``samples`` inputs of ``dataset`` (all of them for None), as CPU batches.
+
+    The shards of all ranks together are exactly those samples, so statistics
+    merged across ranks equal the single-process ones.
+    """
+    runtime = runtime or Runtime()
+    count = len(dataset) if samples is None else min(samples, len(dataset))
+    if count < runtime.world_size:
+        raise CalibrationError(
+            f"{count} sample(s) for activation statistics cannot be shared by {runtime.world_size} processes; "
+            "use more data or fewer processes."
+        )
+    return [inputs for inputs, _ in iterate(dataset, runtime.shard(torch.arange(count)), batch_size)]
+
+
+# Files -------------------------------------------------------------------
+
+
+def save_torch_atomic(obj, path: str | os.PathLike, *, force: bool = True) -> Path:
+    """``torch.save`` to ``path`` atomically: a crash leaves the previous file intact."""
+    with atomic_path(path, force=force) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def write_metrics(records: Sequence[dict], path: str | os.PathLike, *, force: bool = True) -> Path:
+    """The whole metrics log as JSON lines (rewritten each time, so a resumed run never duplicates a line)."""
+    text = "".join(json.dumps(record, allow_nan=False) + "\n" for record in records)
+    return write_text_atomic(path, text, force=force)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_history(history: Sequence[dict], out_dir: str | os.PathLike, *, force: bool = True) -> dict[str, Path]:
+    """Three PNGs: entropy per site across iterations, accuracy vs sparsity, number of linear sites per iteration."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    paths = {name: check_writable(Path(out_dir) / name, force=force) for name in PLOTS}
+    iterations = [record["iteration"] for record in history]
+
+    def save(figure: Figure, name: str) -> None:
+        for axes in figure.axes:
+            if axes.get_xlabel() == "iteration":
+                axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        figure.tight_layout()
+        with atomic_path(paths[name], force=force) as tmp:
+            figure.savefig(tmp, format="png")
+
+    figure = Figure(figsize=(7.0, 4.0), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    sites = list(dict.fromkeys(name for record in history for name in record["entropies"]))
+    for site in sites:
+        points = [(r["iteration"], r["entropies"][site]) for r in history if site in r["entropies"]]
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=site)
+    axes.set_xlabel("iteration")
+    axes.set_ylabel("entropy (bits)")
+    axes.set_title("EGP entropy per activation site")
+    if len(sites) <= 12:
+        axes.legend(fontsize=7, ncols=2, frameon=False)
+    save(figure, ENTROPY_PLOT)
+
+    figure = Figure(figsize=(5.0, 4.0), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot([r["sparsity"] for r in history], [r["accuracy"] for r in history], marker="o")
+    for record in history:
+        axes.annotate(str(record["iteration"]), (record["sparsity"], record["accuracy"]), fontsize=7, xytext=(3, 3),
+                      textcoords="offset points")
+    axes.set_xlabel("sparsity of the pruned layers")
+    axes.set_ylabel("accuracy (eval data)")
+    axes.set_title("accuracy vs sparsity")
+    save(figure, ACCURACY_PLOT)
+
+    figure = Figure(figsize=(5.0, 4.0), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot(iterations, [r["linear_sites"] for r in history], marker="o", label="linear on the data")
+    axes.plot(iterations, [r["zero_entropy_sites"] for r in history], marker="x", linestyle="--", label="zero entropy")
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("iteration")
+    axes.set_ylabel("activation sites")
+    axes.set_title("linear activation sites")
+    axes.legend(fontsize=8, frameon=False)
+    save(figure, LINEAR_SITES_PLOT)
+    return paths

@@ -1,0 +1,398 @@
+"""The compile report as files: JSON for machines, Markdown for people, an entropy bar chart.
+
+``compile()`` returns its report as a plain dict (see compiler.py for the keys);
+:func:`with_export` adds the ONNX export under ``"onnx"``
+(``ExportResult.to_dict()``) and ONNX Runtime's error under
+``["verification"]["onnxruntime"]``. An ``analyze()`` result (the per-site
+table alone) is accepted everywhere a report is, bare or under ``"analysis"``.
+
+Every file is written atomically (fileio.py): an existing file is replaced only
+with ``force``, and a failure leaves no partial file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from egp_export.io.fileio import atomic_path, check_writable, write_text_atomic
+
+if TYPE_CHECKING:  # onnx_export imports onnx and onnxruntime; reports are written without them
+    from egp_export.export.onnx import ExportResult
+
+REPORT_JSON = "report.json"
+REPORT_MARKDOWN = "report.md"
+ENTROPY_PLOT = "entropy.png"
+ONNX_MODEL = "model.onnx"
+# What each command writes into its --out folder.
+ANALYZE_OUTPUTS = (REPORT_JSON, REPORT_MARKDOWN)
+COMPILE_OUTPUTS = (ONNX_MODEL, REPORT_JSON, REPORT_MARKDOWN, ENTROPY_PLOT)
+
+# Site actions that mean "this activation is gone" (linearize_activations' wording).
+_LINEARIZED_MARK = "-> affine"
+_MISSING = "—"
+# Bar colours of the entropy chart: kept nonlinear, linearized.
+_KEPT_COLOUR = "#4c72b0"
+_LINEARIZED_COLOUR = "#dd8452"
+# Above this many sites the per-bar value labels would overlap.
+_ANNOTATED_SITES = 40
+
+
+def check_outputs(out_dir: str | os.PathLike, names: tuple[str, ...], *, force: bool) -> dict[str, Path]:
+    """Check that every output ``out_dir/name`` may be written, before any expensive work.
+
+    Creates ``out_dir`` if needed. Raises OutputError naming the first file
+    that exists (without ``force``) or cannot be written.
+    """
+    return {name: check_writable(Path(out_dir) / name, force=force) for name in names}
+
+
+def with_export(report: dict, export: ExportResult) -> dict:
+    """A copy of a compile report with the ONNX export and its ONNX Runtime check added."""
+    verification = dict(report.get("verification") or {})
+    if export.error is not None:
+        verification["onnxruntime"] = {**export.error.to_dict(), "rtol": export.rtol, "passed": True}
+    return {**report, "verification": verification, "onnx": export.to_dict()}
+
+
+def is_linearized(site: dict) -> bool:
+    """Whether the compile replaced this site by an affine map (an analysis row: whether it could)."""
+    action = site.get("action")
+    if action is None:
+        return bool(site.get("linear"))
+    return _LINEARIZED_MARK in action
+
+
+def analysis_of(report: dict) -> dict:
+    """The per-site analysis of a compile report, or the report itself if it is an ``analyze()`` result."""
+    if "sites" in report:
+        return report
+    return report.get("analysis") or {"sites": []}
+
+
+def to_json(report: dict) -> str:
+    """The report as strict JSON: non-finite floats become the strings "inf", "-inf", "nan"."""
+    return json.dumps(_strict(report), indent=2, allow_nan=False) + "\n"
+
+
+def write_report(report: dict, out_dir: str | os.PathLike, *, force: bool = False) -> dict[str, Path]:
+    """Write ``report.json`` and ``report.md`` into ``out_dir``; return their paths by file name.
+
+    Both paths are checked before either is written, so an existing
+    ``report.md`` (without ``force``) does not leave a fresh ``report.json``
+    beside a stale one.
+    """
+    paths = check_outputs(out_dir, ANALYZE_OUTPUTS, force=force)
+    write_text_atomic(paths[REPORT_JSON], to_json(report), force=force)
+    write_text_atomic(paths[REPORT_MARKDOWN], to_markdown(report), force=force)
+    return paths
+
+
+def plot_entropy(report: dict, path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write a PNG bar chart of EGP's layer entropy per activation site, linearized sites highlighted."""
+    # The object-oriented API with an Agg canvas: no pyplot state, no global backend switch.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    target = check_writable(path, force=force)
+    sites = analysis_of(report).get("sites", [])
+    names = [site["name"] for site in sites]
+    entropies = [float(site.get("entropy", 0.0)) for site in sites]
+    colours = [_LINEARIZED_COLOUR if is_linearized(site) else _KEPT_COLOUR for site in sites]
+    compiled = "activations_linearized" in report
+    figure = Figure(figsize=(min(max(4.0, 0.35 * len(sites) + 2.0), 24.0), 4.0), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    positions = range(len(sites))
+    axes.bar(positions, entropies, color=colours)
+    # Linearized sites have zero entropy, hence no visible bar: mark them by colour in the tick labels too.
+    axes.set_xticks(positions, names, rotation=90 if len(sites) > 6 else 0, fontsize=8)
+    for label, colour in zip(axes.get_xticklabels(), colours):
+        label.set_color(colour)
+    if len(sites) <= _ANNOTATED_SITES:
+        for position, entropy, colour in zip(positions, entropies, colours):
+            axes.annotate(
+                f"{entropy:.2f}",
+                (position, entropy),
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                color=colour,
+            )
+    axes.set_ylim(0.0, 1.3)
+    axes.set_yticks([0.0, 0.25, 0.5, 0.75, 1.0])
+    axes.set_ylabel("entropy (bits)")
+    axes.set_xlabel("activation call site")
+    axes.set_title("EGP layer entropy per activation site" + ("" if sites else " (no activation sites)"))
+    linear_label = "linearized" if compiled else "linear on the data"
+    axes.legend(
+        handles=[Patch(color=_KEPT_COLOUR, label="nonlinear"), Patch(color=_LINEARIZED_COLOUR, label=linear_label)],
+        loc="upper center",
+        ncols=2,
+        fontsize=8,
+        frameon=False,
+    )
+    figure.tight_layout()
+    with atomic_path(target, force=force) as tmp:
+        figure.savefig(tmp, format="png")
+    return target
+
+
+# Markdown ---------------------------------------------------------------
+
+
+def to_markdown(report: dict) -> str:
+    """A readable Markdown rendering of a compile report (or of an ``analyze()`` result)."""
+    compiled = "before" in report and "after" in report
+    title = "egp-export compile report" if compiled else "egp-export activation analysis"
+    lines = [f"# {title}", ""]
+    lines += _header(report)
+    if compiled:
+        lines += _summary(report)
+    else:
+        lines += _analysis_summary(analysis_of(report))
+    lines += _site_table(analysis_of(report), with_action=compiled)
+    if compiled:
+        lines += _rewrites(report.get("rewrites", []))
+        lines += _refusals(report.get("refusals", []))
+    if report.get("onnx"):
+        lines += _onnx(report["onnx"])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _header(report: dict) -> list[str]:
+    facts = []
+    if "egp_export_version" in report:
+        facts.append(f"egp-export {report['egp_export_version']}")
+    if "tolerance" in report:
+        facts.append(f"tolerance {report['tolerance']:g}")
+    calibration = report.get("calibration") or {}
+    if "samples" in calibration:
+        held = calibration.get("holdout_samples")
+        shape = "×".join(str(size) for size in calibration.get("sample_shape", []))
+        text = f"calibration: {calibration['samples']} samples"
+        if held:
+            text += f" (+{held} held out for verification)"
+        if shape:
+            text += f", sample shape {shape}"
+        facts.append(text)
+    if "compile_seconds" in report:
+        facts.append(f"compiled in {report['compile_seconds']:.2f} s")
+    return [" · ".join(facts), ""] if facts else []
+
+
+def _summary(report: dict) -> list[str]:
+    before, after = report["before"], report["after"]
+    rows = [
+        ("depth (longest conv/linear chain)", "depth"),
+        ("conv/linear layers", "layers"),
+        ("nonlinear activations", "activations"),
+        ("parameters", "params"),
+        ("MACs per sample", "macs"),
+    ]
+    lines = ["## Summary", "", "| | before | after |", "|---|---:|---:|"]
+    for label, key in rows:
+        lines.append(f"| {label} | {_count(before.get(key))} | {_count(after.get(key))} |")
+    predicted = report.get("predicted_conv_latency_us")
+    if predicted:
+        lines.append(
+            f"| predicted conv latency, µs ({predicted.get('cost_model', 'cost model')}) | "
+            f"{_number(predicted.get('before'))} | {_number(predicted.get('after'))} |"
+        )
+    measured = report.get("measured_latency")
+    if measured:
+        lines.append(
+            f"| measured latency, ms ({measured.get('backend', '')}) | {_number(measured.get('original_ms'))} | "
+            f"{_number(measured.get('compiled_ms'))} |"
+        )
+        low, high = measured.get("ci", [None, None])
+        lines += [
+            "",
+            f"**Speedup:** measured {_number(measured.get('speedup'))} "
+            f"({100 * measured.get('confidence', 0.95):.0f}% interval {_number(low)}-{_number(high)}), "
+            f"predicted by the cost model {_number(measured.get('predicted_speedup'))}.",
+        ]
+    sites = analysis_of(report).get("sites", [])
+    lines += ["", f"**Activations linearized:** {report.get('activations_linearized', 0)} of {len(sites)} sites.", ""]
+    lines += _verification(report.get("verification") or {})
+    return lines
+
+
+def _verification(verification: dict) -> list[str]:
+    checks = [
+        ("PyTorch: compiled vs original, held-out inputs", verification.get("pytorch")),
+        ("ONNX Runtime: exported file vs compiled module", verification.get("onnxruntime")),
+    ]
+    checks = [(label, stats) for label, stats in checks if stats]
+    if not checks:
+        return []
+    lines = ["| check | max abs error | max rel error | allowed rel | passed |", "|---|---:|---:|---:|---|"]
+    for label, stats in checks:
+        passed = stats.get("passed")
+        lines.append(
+            f"| {label} | {_error(stats.get('max_abs'))} | {_error(stats.get('max_rel'))} | "
+            f"{_error(stats.get('rtol'))} | {_MISSING if passed is None else ('yes' if passed else 'NO')} |"
+        )
+    lines.append("")
+    lines.append(
+        "Relative error = max |candidate − reference| / max |reference| (relative to the output's scale)."
+        + (
+            f" The original model's own fp32 rounding noise (vs fp64) was {_error(verification['fp32_noise'])}."
+            if verification.get("fp32_noise") is not None
+            else ""
+        )
+    )
+    lines.append("")
+    return lines
+
+
+def _analysis_summary(analysis: dict) -> list[str]:
+    sites = analysis.get("sites", [])
+    return [
+        "## Summary",
+        "",
+        f"- activation sites: {analysis.get('num_sites', len(sites))}",
+        f"- linear on the calibration data (would be linearized): {analysis.get('num_linear_sites', 0)}",
+        f"- zero-entropy sites: {analysis.get('zero_entropy_sites', 0)}",
+        f"- mean entropy: {_number(analysis.get('mean_entropy'))} bits",
+        f"- dead neurons (always off, removable): {sum(int(site.get('dead_neurons') or 0) for site in sites)}",
+        "",
+    ]
+
+
+def _site_table(analysis: dict, *, with_action: bool) -> list[str]:
+    sites = analysis.get("sites", [])
+    lines = ["## Activation sites", ""]
+    if not sites:
+        return lines + ["The model has no activation call sites.", ""]
+    lines += [
+        "One row per call site (a module called twice has two rows). Entropy is EGP's: the mean over "
+        "neurons of the binary entropy of P(z > 0), in bits; 0 means every neuron is always on or always off. "
+        "Region fractions are the shares of observations in each linear region of the activation, from the "
+        "lowest inputs up (ReLU: off / on). Min margin is the smallest distance of any input to a region "
+        "boundary.",
+        "",
+    ]
+    header = ["site", "activation", "neurons", "entropy", "regions", "constant", "dead", "min margin"]
+    header.append("action" if with_action else "linear")
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join(["---", "---", "---:", "---:", "---", "---:", "---:", "---:", "---"]) + "|")
+    for site in sites:
+        fractions = " / ".join(f"{fraction:.2f}" for fraction in site.get("region_fractions", []))
+        if with_action:
+            last = site.get("action", _MISSING)
+        else:
+            last = "yes" if site.get("linear") else f"no: {site.get('why_not_linear') or 'nonlinear'}"
+        cells = [
+            f"`{site['name']}`",
+            str(site.get("activation", _MISSING)),
+            _count(site.get("neurons")),
+            _number(site.get("entropy")),
+            fractions or _MISSING,
+            _number(site.get("constant_fraction")),
+            _count(site.get("dead_neurons")),
+            _number(site.get("min_margin")),
+            last,
+        ]
+        lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
+    return lines + [""]
+
+
+def _rewrites(rewrites: list[dict]) -> list[str]:
+    lines = ["## Rewrites", ""]
+    if not rewrites:
+        return lines + ["None: the compiled model has the original's structure.", ""]
+    lines += ["| pass | nodes | what |", "|---|---|---|"]
+    for rewrite in rewrites:
+        nodes = ", ".join(f"`{node}`" for node in rewrite.get("nodes", []))
+        lines.append(f"| {rewrite.get('pass', _MISSING)} | {_cell(nodes)} | {_cell(rewrite.get('action', ''))} |")
+    return lines + [""]
+
+
+def _refusals(refusals: list[dict]) -> list[str]:
+    lines = ["## Refusals", ""]
+    if not refusals:
+        return lines + ["None.", ""]
+    lines += ["Candidates a pass looked at and left alone, with the reason.", ""]
+    lines += ["| pass | node | reason |", "|---|---|---|"]
+    for refusal in refusals:
+        lines.append(
+            f"| {refusal.get('pass', _MISSING)} | `{_cell(refusal.get('node', ''))}` | {_cell(refusal.get('reason', ''))} |"
+        )
+    return lines + [""]
+
+
+def _onnx(onnx: dict) -> list[str]:
+    lines = ["## ONNX export", ""]
+    facts = [
+        f"file: `{onnx.get('path', _MISSING)}`",
+        f"exporter: {onnx.get('exporter', _MISSING)}, opset {onnx.get('opset', _MISSING)}",
+        f"onnx-simplifier applied: {'yes' if onnx.get('simplified') else 'no'}",
+    ]
+    error = onnx.get("error")
+    if error:
+        facts.append(
+            f"ONNX Runtime vs PyTorch: max abs {_error(error.get('max_abs'))}, max rel {_error(error.get('max_rel'))} "
+            f"(allowed {_error(onnx.get('rtol'))})"
+        )
+    lines += [f"- {fact}" for fact in facts]
+    for note in onnx.get("notes", []):
+        lines.append(f"- note: {_cell(note)}")
+    lines.append("")
+    exported = onnx.get("op_counts_exported") or {}
+    written = onnx.get("op_counts") or {}
+    if exported or written:
+        lines += [
+            "ONNX op counts, as torch.onnx exported the compiled module and as written (after onnx-simplifier):",
+            "",
+            "| op | exported | written |",
+            "|---|---:|---:|",
+        ]
+        for op in sorted(set(exported) | set(written)):
+            lines.append(f"| {op} | {exported.get(op, 0)} | {written.get(op, 0)} |")
+        lines.append(f"| **total** | **{sum(exported.values())}** | **{sum(written.values())}** |")
+        lines.append("")
+    return lines
+
+
+# Formatting -------------------------------------------------------------
+
+
+def _count(value) -> str:
+    return _MISSING if value is None else f"{int(value):,}"
+
+
+def _number(value) -> str:
+    if value is None:
+        return _MISSING
+    return f"{float(value):.3g}"
+
+
+def _error(value) -> str:
+    if value is None:
+        return _MISSING
+    value = float(value)
+    return "0" if value == 0 else f"{value:.2e}"
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _strict(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {str(key): _strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(item) for item in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value

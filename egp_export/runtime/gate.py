@@ -1,0 +1,337 @@
+"""The CI latency gate: is the candidate at least S times faster than the baseline, and still correct?
+
+``gate()`` times both ONNX models interleaved on one backend
+(profiler.compare) and passes when the **lower** bound of the bootstrap
+confidence interval of the speedup (baseline / candidate median latency)
+reaches ``min_speedup``: a noisy runner widens the interval and fails the
+gate rather than letting a lucky run through. With ``max_rel_error`` the
+candidate's outputs on the same seeded random inputs must also be within that
+relative error of the baseline's (numerics.compare: max |Δ| / max |baseline|).
+
+Writers: JUnit XML (one test case per check, for CI test reports) and a
+Markdown summary (for ``$GITHUB_STEP_SUMMARY`` and pull-request comments);
+both atomic, neither overwrites without ``force``. ``GateResult.verdict()`` is
+the one line a CI log ends with.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from egp_export.analysis.numerics import ErrorStats, compare
+from egp_export.io.fileio import write_text_atomic
+from egp_export.runtime.backends import DEFAULT_BACKEND, DEFAULT_THREADS, get_backend, onnx_input_spec
+from egp_export.runtime.profiler import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_RESAMPLES,
+    DEFAULT_ROUND_ITERATIONS,
+    DEFAULT_ROUNDS,
+    DEFAULT_WARMUP,
+    Comparison,
+)
+from egp_export.runtime.profiler import compare as compare_latency
+
+EXIT_PASSED = 0
+EXIT_FAILED = 1
+# Samples of seeded standard-normal input the numeric check runs both models on.
+NUMERIC_SAMPLES = 8
+NUMERIC_SEED = 4321
+
+
+@dataclass
+class NumericCheck:
+    """Candidate vs baseline outputs on the same inputs."""
+
+    error: ErrorStats | None  # None when the outputs could not be compared at all
+    max_rel_error: float
+    samples: int
+    problem: str = ""  # why the outputs could not be compared (count or shape mismatch)
+
+    @property
+    def passed(self) -> bool:
+        return self.error is not None and self.error.within(self.max_rel_error)
+
+    def to_dict(self) -> dict:
+        return {
+            "error": None if self.error is None else self.error.to_dict(),
+            "max_rel_error": self.max_rel_error,
+            "samples": self.samples,
+            "problem": self.problem,
+            "passed": self.passed,
+        }
+
+
+@dataclass
+class GateResult:
+    """The gate's decision and the evidence for it."""
+
+    comparison: Comparison
+    min_speedup: float
+    numeric: NumericCheck | None = None
+    reasons: list[str] = field(default_factory=list)  # why it failed; empty when it passed
+
+    @property
+    def latency_passed(self) -> bool:
+        return self.comparison.ci[0] >= self.min_speedup
+
+    @property
+    def passed(self) -> bool:
+        return self.latency_passed and (self.numeric is None or self.numeric.passed)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_PASSED if self.passed else EXIT_FAILED
+
+    def verdict(self) -> str:
+        """One line: PASS/FAIL, the speedup with its interval against the threshold, the numeric check, the setup."""
+        c = self.comparison
+        low, high = c.ci
+        level = f"{c.confidence:.0%} CI"
+        relation = "≥" if self.latency_passed else "<"
+        parts = [
+            f"speedup {c.speedup:.2f}x ({level} {low:.2f}–{high:.2f}x, lower bound {low:.2f}x {relation} required "
+            f"{self.min_speedup:.2f}x)"
+        ]
+        if self.numeric is not None:
+            n = self.numeric
+            if n.error is None:
+                parts.append(f"outputs not comparable: {n.problem}")
+            else:
+                relation = "≤" if n.passed else ">"
+                parts.append(f"max rel error {n.error.max_rel:.2e} {relation} {n.max_rel_error:.0e}")
+        setup = f"{c.backend.get('backend')}, batch {c.batch_size}, {c.baseline_rounds.shape[0]} rounds"
+        return f"egp-export gate: {'PASS' if self.passed else 'FAIL'}: " + "; ".join(parts) + f" [{setup}]"
+
+    def to_dict(self) -> dict:
+        return {
+            "passed": self.passed,
+            "latency_passed": self.latency_passed,
+            "min_speedup": self.min_speedup,
+            "numeric": None if self.numeric is None else self.numeric.to_dict(),
+            "reasons": list(self.reasons),
+            "verdict": self.verdict(),
+            "comparison": self.comparison.to_dict(),
+        }
+
+
+def evaluate(comparison: Comparison, min_speedup: float, numeric: NumericCheck | None = None) -> GateResult:
+    """The decision for a finished comparison (and numeric check): pure, no timing."""
+    result = GateResult(comparison=comparison, min_speedup=min_speedup, numeric=numeric)
+    low = comparison.ci[0]
+    if not result.latency_passed:
+        result.reasons.append(
+            f"the speedup's {comparison.confidence:.0%} confidence interval starts at {low:.3f}x, below the required "
+            f"{min_speedup:.3f}x (point estimate {comparison.speedup:.3f}x)"
+        )
+    if numeric is not None and not numeric.passed:
+        if numeric.error is None:
+            result.reasons.append(f"the candidate's outputs cannot be compared with the baseline's: {numeric.problem}")
+        else:
+            result.reasons.append(
+                f"the candidate's outputs differ from the baseline's by max_rel={numeric.error.max_rel:.3g} "
+                f"(max_abs={numeric.error.max_abs:.3g}) > {numeric.max_rel_error:g}"
+            )
+    return result
+
+
+def check_numerics(
+    baseline_onnx,
+    candidate_onnx,
+    *,
+    max_rel_error: float,
+    backend: str = DEFAULT_BACKEND,
+    input_shape: Sequence[int] | None = None,
+    samples: int = NUMERIC_SAMPLES,
+    seed: int = NUMERIC_SEED,
+    threads: int = DEFAULT_THREADS,
+    backend_options: dict | None = None,
+) -> NumericCheck:
+    """Both models on the same seeded random batch, on ``backend``; the candidate's error against the baseline.
+
+    The batch holds ``samples`` samples, or the model's fixed batch size if it has one.
+    """
+    if Path(baseline_onnx).suffix.lower() == ".onnx":
+        # A model exported with a fixed batch size is checked at that batch size.
+        samples = onnx_input_spec(baseline_onnx, input_shape).fixed_batch or samples
+    runners = [get_backend(backend, threads=threads, **(backend_options or {})) for _ in range(2)]
+    try:
+        for runner, model in zip(runners, (baseline_onnx, candidate_onnx)):
+            runner.prepare(model, input_shape=input_shape, batch_sizes=(samples,))
+        inputs = runners[0].input_spec.random_batch(samples, seed)
+        reference = runners[0].run(inputs)
+        candidate = runners[1].run(inputs.astype(runners[1].input_spec.dtype))
+    finally:
+        for runner in runners:
+            runner.close()
+    try:
+        error = compare(reference, candidate)
+    except ValueError as problem:  # output count or shape differs
+        return NumericCheck(error=None, max_rel_error=max_rel_error, samples=samples, problem=str(problem))
+    return NumericCheck(error=error, max_rel_error=max_rel_error, samples=samples)
+
+
+def gate(
+    baseline_onnx: str | os.PathLike,
+    candidate_onnx: str | os.PathLike,
+    *,
+    min_speedup: float,
+    max_rel_error: float | None = None,
+    backend: str = DEFAULT_BACKEND,
+    batch_size: int = 1,
+    input_shape: Sequence[int] | None = None,
+    rounds: int = DEFAULT_ROUNDS,
+    iterations: int = DEFAULT_ROUND_ITERATIONS,
+    warmup: int = DEFAULT_WARMUP,
+    order: str = "alternate",
+    confidence: float = DEFAULT_CONFIDENCE,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    threads: int = DEFAULT_THREADS,
+    backend_options: dict | None = None,
+    progress: bool = False,
+) -> GateResult:
+    """Decide whether ``candidate_onnx`` is at least ``min_speedup`` times faster than ``baseline_onnx``.
+
+    Passes when the lower bound of the speedup's bootstrap interval (at
+    ``confidence``) is ≥ ``min_speedup`` and, if ``max_rel_error`` is given, the
+    candidate's outputs are within it of the baseline's. The numeric check runs
+    first: it is cheap and a wrong model need not be timed precisely. Timing
+    arguments are those of :func:`egp_export.runtime.profiler.compare`.
+    """
+    if not min_speedup > 0:
+        raise ValueError(f"min_speedup must be positive, got {min_speedup}")
+    numeric = None
+    if max_rel_error is not None:
+        numeric = check_numerics(
+            baseline_onnx,
+            candidate_onnx,
+            max_rel_error=max_rel_error,
+            backend=backend,
+            input_shape=input_shape,
+            threads=threads,
+            backend_options=backend_options,
+        )
+    comparison = compare_latency(
+        baseline_onnx,
+        candidate_onnx,
+        backend=backend,
+        batch_size=batch_size,
+        input_shape=input_shape,
+        rounds=rounds,
+        iterations=iterations,
+        warmup=warmup,
+        order=order,
+        confidence=confidence,
+        resamples=resamples,
+        seed=seed,
+        threads=threads,
+        backend_options=backend_options,
+        progress=progress,
+    )
+    return evaluate(comparison, min_speedup, numeric)
+
+
+# Writers ---------------------------------------------------------------------------------------
+
+
+def to_junit_xml(result: GateResult) -> str:
+    """JUnit XML: one test case for latency and one for numerics (when checked), failures with the reason."""
+    c = result.comparison
+    seconds = float(c.baseline_rounds.sum() + c.candidate_rounds.sum()) / 1000.0
+    cases = [("latency", f"speedup >= {result.min_speedup:g}x", result.latency_passed, seconds)]
+    if result.numeric is not None:
+        cases.append(("numerics", f"max relative error <= {result.numeric.max_rel_error:g}", result.numeric.passed, 0.0))
+    failures = sum(1 for _, _, ok, _ in cases if not ok)
+    suites = ET.Element("testsuites", name="egp-export gate", tests=str(len(cases)), failures=str(failures))
+    suite = ET.SubElement(
+        suites,
+        "testsuite",
+        name="egp-export gate",
+        tests=str(len(cases)),
+        failures=str(failures),
+        errors="0",
+        skipped="0",
+        time=f"{seconds:.3f}",
+    )
+    properties = ET.SubElement(suite, "properties")
+    facts = {
+        "baseline": c.baseline,
+        "candidate": c.candidate,
+        "backend": c.backend.get("backend", ""),
+        "batch_size": c.batch_size,
+        "speedup": f"{c.speedup:.4f}",
+        "ci_low": f"{c.ci[0]:.4f}",
+        "ci_high": f"{c.ci[1]:.4f}",
+        "confidence": c.confidence,
+        "rounds": c.baseline_rounds.shape[0],
+        "iterations_per_round": c.baseline_rounds.shape[1],
+    }
+    for key, value in facts.items():
+        ET.SubElement(properties, "property", name=key, value=str(value))
+    reasons = iter(result.reasons)
+    for kind, name, ok, case_seconds in cases:
+        case = ET.SubElement(suite, "testcase", classname=f"egp_export.gate.{kind}", name=name, time=f"{case_seconds:.3f}")
+        if not ok:
+            reason = next(reasons, "failed")
+            failure = ET.SubElement(case, "failure", message=reason, type="GateFailure")
+            failure.text = result.verdict()
+    ET.SubElement(suite, "system-out").text = result.verdict()
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+
+
+def to_markdown(result: GateResult) -> str:
+    """A Markdown summary: verdict, latency table, numerics, and the reasons of a failure."""
+    c = result.comparison
+    base, cand = c.baseline_stats, c.candidate_stats
+    settings = ", ".join(f"{key} {value}" for key, value in c.backend.items() if key != "backend")
+    mark = "✅ PASS" if result.passed else "❌ FAIL"
+    lines = [
+        f"## egp-export latency gate: {mark}",
+        "",
+        f"`{result.verdict()}`",
+        "",
+        f"Backend **{c.backend.get('backend')}**"
+        + (f" ({settings})" if settings else "")
+        + f", batch {c.batch_size}, input {'×'.join(map(str, c.input_shape))}; {c.baseline_rounds.shape[0]} interleaved "
+        f"rounds × {c.baseline_rounds.shape[1]} iterations per model, clock: {c.clock}.",
+        "",
+        "| model | file | median ms | p90 ms | p99 ms | mean ms | std ms |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        f"| baseline | `{c.baseline}` | {base.median:.4f} | {base.p90:.4f} | {base.p99:.4f} | {base.mean:.4f} | {base.std:.4f} |",
+        f"| candidate | `{c.candidate}` | {cand.median:.4f} | {cand.p90:.4f} | {cand.p99:.4f} | {cand.mean:.4f} "
+        f"| {cand.std:.4f} |",
+        "",
+        f"**Speedup** (baseline / candidate median latency): **{c.speedup:.3f}x**, {c.confidence:.0%} bootstrap "
+        f"confidence interval {c.ci[0]:.3f}–{c.ci[1]:.3f}x ({c.resamples} resamples of whole rounds, seed {c.seed}); "
+        f"required: lower bound ≥ {result.min_speedup:.3f}x. Per-round speedups ranged "
+        f"{min(c.round_speedups):.3f}–{max(c.round_speedups):.3f}x.",
+        "",
+    ]
+    if result.numeric is not None:
+        n = result.numeric
+        if n.error is None:
+            lines.append(f"**Numerics:** outputs not comparable: {n.problem}.")
+        else:
+            lines.append(
+                f"**Numerics** (candidate vs baseline, {n.samples} random samples): max abs error {n.error.max_abs:.3e}, "
+                f"max rel error {n.error.max_rel:.3e}; allowed {n.max_rel_error:.1e} — {'passed' if n.passed else 'FAILED'}."
+            )
+        lines.append("")
+    if result.reasons:
+        lines += ["**Why it failed:**", ""] + [f"- {reason}" for reason in result.reasons] + [""]
+    return "\n".join(lines)
+
+
+def write_junit(result: GateResult, path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write :func:`to_junit_xml` atomically; refuses to overwrite without ``force``."""
+    return write_text_atomic(path, to_junit_xml(result), force=force)
+
+
+def write_summary(result: GateResult, path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write :func:`to_markdown` atomically; refuses to overwrite without ``force``."""
+    return write_text_atomic(path, to_markdown(result), force=force)

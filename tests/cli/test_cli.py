@@ -1,0 +1,663 @@
+"""The command line, run as a user runs it: a real ``python -m egp_export`` subprocess.
+
+Every failure a user can cause must exit non-zero with one clear
+``egp-export: error:`` line naming the problem, print no traceback, and leave
+existing files untouched. Each subprocess imports torch (seconds), so the
+failure cases run concurrently, the compile options run in-process through
+``cli.main``, and the models, checkpoints and data files are made once per
+module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import egp_export
+from egp_export.cli import main as cli
+from egp_export.cli.main import COMPILE_FILES, DEPTH_PLOT, PADDING_PLAN
+from egp_export.errors import CheckpointError
+from egp_export.passes import CHANNEL_ALIGNMENT
+from egp_export.report.report import ANALYZE_OUTPUTS
+
+SUBPROCESS_TIMEOUT_S = 300
+PARALLEL_RUNS = 4
+CALIBRATION_LIMIT = 600  # digits used by the compile runs: enough to calibrate, quick to export
+DEMO_SUMMARY_KEYS = (
+    "accuracy_dense", "accuracy_pruned", "accuracy_compiled", "sparsity", "activations_linearized",
+    "depth_before", "depth_after", "latency_ratio",
+)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# A user's model package, importable through PYTHONPATH as --arch cli_models:...
+MODELS_SOURCE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    class SmallCNN(nn.Module):
+        def __init__(self, channels: int = 4) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv1 = nn.Conv2d(1, channels, 3, padding=1)
+            self.bn1 = nn.BatchNorm2d(channels)
+            self.relu1 = nn.ReLU()
+            self.conv2 = nn.Conv2d(channels, 8, 1)
+            self.relu2 = nn.ReLU()
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(8, 10)
+            with torch.no_grad():
+                self.conv1.bias[0] = -100.0  # channel 0 never fires: a dead channel to remove
+
+        def forward(self, x):
+            x = self.relu1(self.bn1(self.conv1(x)))
+            x = self.relu2(self.conv2(x))
+            return self.fc(self.pool(x).flatten(1))
+
+
+    class Branchy(SmallCNN):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+                return super().forward(x)
+            return super().forward(-x)
+
+
+    class LinearPair(nn.Module):
+        # 3x3 conv -> ReLU that never switches off -> padded 3x3 conv: a chain exact only away from the border.
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+            self.relu1 = nn.ReLU()
+            self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+            self.relu2 = nn.ReLU()
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(8, 10)
+            with torch.no_grad():  # inputs in [0, 1], weights >= 0, bias > 0: relu1 is always on
+                self.conv1.weight.abs_()
+                self.conv1.bias.fill_(0.1)
+
+        def forward(self, x):
+            return self.fc(self.pool(self.relu2(self.conv2(self.relu1(self.conv1(x))))).flatten(1))
+
+
+    class Narrow(nn.Module):
+        # ... -> 1x1 conv to 2 channels -> ReLU that never switches off -> 3x3 conv back to 16 channels: the
+        # 1x1 -> 3x3 chain merges exactly, into a 16 -> 16 3x3 conv that costs more than the pair.
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = nn.Conv2d(1, 16, 3, padding=1)
+            self.relu = nn.ReLU()
+            self.reduce = nn.Conv2d(16, 2, 1)
+            self.relu_reduce = nn.ReLU()
+            self.expand = nn.Conv2d(2, 16, 3, padding=1)
+            self.relu_expand = nn.ReLU()
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(16, 10)
+            with torch.no_grad():  # reduce reads a ReLU's output (>= 0): relu_reduce is always on
+                self.reduce.weight.abs_()
+                self.reduce.bias.fill_(0.1)
+
+        def forward(self, x):
+            x = self.relu_reduce(self.reduce(self.relu(self.conv(x))))
+            return self.fc(self.pool(self.relu_expand(self.expand(x))).flatten(1))
+    """
+)
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@dataclass
+class Workspace:
+    root: Path
+    env: dict[str, str]
+    checkpoint: Path  # a training wrapper with DataParallel prefixes
+    files: dict[str, Path]
+
+    def run(self, *args: str | os.PathLike) -> Run:
+        completed = subprocess.run(
+            [sys.executable, "-m", "egp_export", *map(str, args)],
+            cwd=self.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=SUBPROCESS_TIMEOUT_S,
+        )
+        return Run(completed.returncode, completed.stdout, completed.stderr)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Workspace:
+    root = tmp_path_factory.mktemp("cli")
+    models = root / "models"
+    models.mkdir()
+    (models / "cli_models.py").write_text(MODELS_SOURCE)
+    sys.path.insert(0, str(models))
+    try:
+        import cli_models  # exists only while its folder is on sys.path
+
+        model = cli_models.SmallCNN()
+        files = _write_inputs(root, model)
+    finally:
+        sys.path.remove(str(models))
+        sys.modules.pop("cli_models", None)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(models), env.get("PYTHONPATH")]))
+    env["OMP_NUM_THREADS"] = "1"  # tiny models: extra threads only contend with the concurrent runs
+    return Workspace(root=root, env=env, checkpoint=files.pop("checkpoint"), files=files)
+
+
+def _write_inputs(root: Path, model: torch.nn.Module) -> dict[str, Path]:
+    state = model.state_dict()
+    files = {name: root / name for name in ("checkpoint.pt", "corrupt.pt", "renamed.pt", "module.pt")}
+    # What a DataParallel training script saves: a wrapper with metadata and module. prefixes.
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, files["checkpoint.pt"])
+    files["corrupt.pt"].write_bytes(files["checkpoint.pt"].read_bytes()[:200])  # a truncated download
+    renamed = {k.replace("conv2.", "pointwise."): v for k, v in state.items()}
+    torch.save(renamed, files["renamed.pt"])
+    torch.save(model, files["module.pt"])  # a pickled nn.Module, not a state dict
+    digits = np.random.default_rng(0).random((64, 1, 8, 8), dtype=np.float32)
+    with_nan = digits.copy()
+    with_nan[5, 0, 3, 3] = np.nan
+    arrays = {
+        "nan.npy": with_nan,
+        "empty.npy": np.zeros((0, 1, 8, 8), np.float32),
+        "rgb.npy": np.random.default_rng(0).random((64, 3, 8, 8), dtype=np.float32),
+    }
+    for name, array in arrays.items():
+        np.save(root / name, array)
+        files[name] = root / name
+    files["checkpoint"] = files.pop("checkpoint.pt")
+    return files
+
+
+def _model_args(workspace: Workspace, checkpoint: Path | None = None, calibration: str = "builtin:digits") -> list[str]:
+    args = ["--arch", "cli_models:SmallCNN", "--calibration", calibration, "--calibration-limit", str(CALIBRATION_LIMIT)]
+    return args + ["--checkpoint", str(checkpoint or workspace.checkpoint)]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` by relative path, with its bytes."""
+    files = sorted(path for path in folder.rglob("*") if path.is_file()) if folder.exists() else []
+    return {str(path.relative_to(folder)): path.read_bytes() for path in files}
+
+
+def _assert_clean_failure(run: Run, *fragments: str, exit_code: int = 2) -> None:
+    assert run.returncode == exit_code, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("egp-export: error: ")]
+    assert errors, run.stderr
+    for fragment in fragments:
+        assert fragment in run.stderr, f"{fragment!r} not in {run.stderr!r}"
+
+
+# Success ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo(workspace):
+    out = workspace.root / "demo"
+    run = workspace.run("demo", "--out", out, "--quick", "--seed", 0)
+    assert run.returncode == 0, run.stderr
+    return run, out
+
+
+def test_demo_writes_summary_and_all_outputs(demo):
+    run, out = demo
+    summary = json.loads((out / "summary.json").read_text())
+
+    for name in (*COMPILE_FILES, "pruned.onnx", "dense.pt", "summary.json", "prune/pruned.pt", "prune/metrics.jsonl"):
+        assert (out / name).is_file(), name
+    for key in DEMO_SUMMARY_KEYS:
+        assert key in summary, key
+    assert summary["quick"] is True
+    # The compile is exact: ONNX Runtime's predictions on the test split are the pruned model's, to the sample.
+    assert summary["accuracy_compiled"] == summary["accuracy_pruned"]
+    assert summary["activations_linearized"] >= 1
+    assert summary["depth_after"] < summary["depth_before"]
+    assert summary["latency_ratio"] > 0  # measured; too noisy on shared runners to assert a speedup
+    assert "test accuracy: dense" in run.stdout
+    assert "latency (ONNX Runtime CPU, batch 1, median)" in run.stdout
+    assert "epoch/s" not in run.stderr  # no progress bars where nobody watches (stderr is not a terminal)
+    assert "Traceback" not in run.stderr
+
+
+def test_demo_report_holds_the_onnx_export(demo):
+    _, out = demo
+    report = json.loads((out / "report.json").read_text())
+
+    assert report["onnx"]["path"] == str(out / "model.onnx")
+    assert report["verification"]["onnxruntime"]["passed"] is True
+    assert "## ONNX export" in (out / "report.md").read_text()
+    assert (out / DEPTH_PLOT).read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_demo_refuses_existing_outputs_before_training(demo, workspace):
+    _, out = demo
+    before = _snapshot(out)
+
+    run = workspace.run("demo", "--out", out, "--quick", "--quiet")
+
+    _assert_clean_failure(run, "already exists", "--force")
+    assert run.stdout == ""
+    assert _snapshot(out) == before
+
+
+@pytest.fixture(scope="module")
+def compiled(workspace):
+    out = workspace.root / "compiled"
+    run = workspace.run("compile", *_model_args(workspace), "--out", out, "--verbose", "--channel-alignment", 1)
+    assert run.returncode == 0, run.stderr
+    return run, out
+
+
+def test_compile_writes_model_and_reports(compiled):
+    run, out = compiled
+    report = json.loads((out / "report.json").read_text())
+
+    assert sorted(p.name for p in out.iterdir()) == sorted(COMPILE_FILES)
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    assert (out / DEPTH_PLOT).read_bytes().startswith(PNG_SIGNATURE)
+    assert report["calibration"]["samples"] + report["calibration"]["holdout_samples"] == CALIBRATION_LIMIT
+    assert report["verification"]["pytorch"]["passed"] is True
+    assert report["verification"]["onnxruntime"]["passed"] is True
+    assert report["onnx"]["op_counts"]
+    # conv1's channel 0 never fires: it is masked and, with --channel-alignment 1, removed.
+    assert any(r["pass"] == "eliminate_dead_channels" for r in report["rewrites"]), report["rewrites"]
+    assert report["after"]["params"] < report["before"]["params"]
+    assert "depth 3 -> 3" in run.stdout
+    assert f"wrote {out / 'model.onnx'}" in run.stdout
+    assert "switched it to eval mode" in run.stdout  # --verbose says so; SmallCNN is built in training mode
+    assert "Traceback" not in run.stderr
+
+
+def test_compiled_onnx_matches_the_checkpoint_model(compiled, workspace):
+    from egp_export.export.onnx import ort_session, run_onnx
+    from egp_export.io.datasets import load_calibration
+
+    _, out = compiled
+    sys.path.insert(0, str(workspace.root / "models"))
+    try:
+        import cli_models
+
+        model = cli_models.SmallCNN().eval()
+    finally:
+        sys.path.pop(0)
+        sys.modules.pop("cli_models", None)
+    state = torch.load(workspace.checkpoint, weights_only=True)["state_dict"]
+    model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+    inputs = load_calibration("builtin:digits")[-100:]  # never seen by the compile (limit 600)
+
+    (onnx_output,) = run_onnx(ort_session(out / "model.onnx"), inputs)
+    with torch.no_grad():
+        expected = model(inputs).numpy()
+
+    np.testing.assert_allclose(onnx_output, expected, rtol=0, atol=1e-4 * float(np.abs(expected).max()))
+
+
+def test_compile_refuses_existing_outputs_then_force_overwrites(compiled, workspace):
+    _, out = compiled
+    before = _snapshot(out)
+
+    refused = workspace.run("compile", *_model_args(workspace), "--out", out, "--quiet")
+    _assert_clean_failure(refused, "already exists", "--force")
+    assert _snapshot(out) == before
+
+    forced = workspace.run("compile", *_model_args(workspace), "--out", out, "--force", "--quiet")
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stdout == ""  # --quiet
+    assert sorted(p.name for p in out.iterdir()) == sorted(COMPILE_FILES)
+    report = json.loads((out / "report.json").read_text())
+    assert report["verification"]["onnxruntime"]["passed"] is True
+    # The default channel alignment keeps conv1's 4 channels, dead one included (3 would be off the fast path).
+    assert not any(r["pass"] == "eliminate_dead_channels" for r in report["rewrites"])
+    assert any(f"kept to stay a multiple of {CHANNEL_ALIGNMENT}" in r["reason"] for r in report["refusals"])
+
+
+def test_analyze_writes_reports_only(workspace):
+    out = workspace.root / "analyzed"
+    run = workspace.run("analyze", *_model_args(workspace), "--out", out)
+
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(ANALYZE_OUTPUTS)
+    report = json.loads((out / "report.json").read_text())
+    assert [site["name"] for site in report["analysis"]["sites"]] == ["relu1", "relu2"]
+    assert report["analysis"]["sites"][0]["dead_neurons"] >= 1
+    assert "# egp-export activation analysis" in (out / "report.md").read_text()
+    assert "2 activation sites" in run.stdout
+
+
+def test_pickled_module_loads_with_unsafe_pickle_and_a_warning(workspace):
+    out = workspace.root / "unsafe"
+    run = workspace.run("analyze", *_model_args(workspace, workspace.files["module.pt"]), "--unsafe-pickle", "--out", out)
+
+    assert run.returncode == 0, run.stderr
+    assert "egp-export: warning:" in run.stderr
+    assert "arbitrary code" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_version_and_help_are_quick_and_clean(workspace):
+    version = workspace.run("--version")
+    assert version.returncode == 0
+    assert version.stdout.strip() == f"egp-export {egp_export.__version__}"
+    helps = {}
+    for command in ("analyze", "compile", "demo"):
+        help_run = workspace.run(command, "--help")
+        assert help_run.returncode == 0
+        assert "--out" in help_run.stdout
+        helps[command] = " ".join(help_run.stdout.split())  # argparse wraps lines
+    for option in ("--approximate", "--cost-model {analytic,measured}", "--merge-plan {cost,all}", "--debug"):
+        assert option in helps["compile"], option
+    assert f"(default egp_export.passes.CHANNEL_ALIGNMENT, {CHANNEL_ALIGNMENT})" in helps["compile"]
+    assert "--padding-plan" in helps["compile"] and "fine-tune" in helps["compile"]
+    for option in ("--quick", "--seed", "--force", "--quiet"):
+        assert option in helps["demo"], option
+
+
+# Compile options, in-process through cli.main (cheap models) -----------------------
+
+
+@pytest.fixture
+def cli_main(workspace, monkeypatch, capsys):
+    """``egp-export ARGS`` in this process, with the workspace's models importable and a private latency cache."""
+    monkeypatch.syspath_prepend(str(workspace.root / "models"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(workspace.root / "cache"))
+
+    def run(*args: str | os.PathLike) -> Run:
+        code = cli.main([str(arg) for arg in args])
+        captured = capsys.readouterr()
+        return Run(code, captured.out, captured.err)
+
+    yield run
+    sys.modules.pop("cli_models", None)
+
+
+def _compile_args(arch: str, out: Path, *extra) -> list:
+    return ["compile", "--arch", arch, "--calibration", "builtin:digits", "--calibration-limit", CALIBRATION_LIMIT,
+            "--out", out, *extra]
+
+
+def _merges(report: dict) -> list[str]:
+    return [r["action"] for r in report["rewrites"] if r["pass"] == "merge_conv_chains"]
+
+
+def test_padding_plan_and_debug(cli_main, workspace):
+    from egp_export.algebra.padding import apply_padding_plan, load_plan
+
+    out = workspace.root / "padding-plan"
+    run = cli_main(*_compile_args("cli_models:LinearPair", out, "--padding-plan", "--debug"))
+    import cli_models  # importable now: cli.main imported it for --arch
+
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted((*COMPILE_FILES, PADDING_PLAN))
+    report = json.loads((out / "report.json").read_text())
+    # Without --approximate the border-approximate chain is refused; the plan says how to make it exact.
+    assert _merges(report) == []
+    assert any("border not exact" in r["reason"] for r in report["refusals"])
+    plan = json.loads((out / PADDING_PLAN).read_text())
+    assert plan == [{"convs": ["conv1", "conv2"], "before": [[1, 1], [1, 1]], "after": [[2, 2], [0, 0]]}]
+    assert "padding plan: 1 conv chain(s)" in run.stdout
+    moved = apply_padding_plan(cli_models.LinearPair(), load_plan((out / PADDING_PLAN).read_text()), torch.rand(2, 1, 8, 8))
+    assert moved.conv1.padding == (2, 2) and moved.conv2.padding == (0, 0)
+    # --debug measures the model's fp32 noise up front to check every pass against.
+    assert report["verification"]["fp32_noise"] is not None
+
+
+def test_approximate_merges_border_chains_only_within_the_tolerance(cli_main, workspace):
+    refused = workspace.root / "approximate-refused"
+    run = cli_main(*_compile_args("cli_models:LinearPair", refused, "--approximate"))
+
+    assert run.returncode == 3
+    assert "egp-export: error: the compiled model differs" in run.stderr
+    assert "1 border-approximate conv merges were made" in run.stderr
+    assert not (refused / "model.onnx").exists()
+
+    out = workspace.root / "approximate"
+    run = cli_main(*_compile_args("cli_models:LinearPair", out, "--approximate", "--tolerance", 1))
+
+    assert run.returncode == 0, run.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert [action for action in _merges(report) if "border-approximate" in action], report["rewrites"]
+    assert report["after"]["depth"] < report["before"]["depth"]
+    assert 0 < report["verification"]["pytorch"]["max_rel"] <= 1
+
+
+def test_merge_plan_all_merges_what_the_cost_model_refuses(cli_main, workspace):
+    costed, whole = workspace.root / "plan-cost", workspace.root / "plan-all"
+    assert cli_main(*_compile_args("cli_models:Narrow", costed)).returncode == 0
+    run = cli_main(*_compile_args("cli_models:Narrow", whole, "--merge-plan", "all"))
+
+    assert run.returncode == 0, run.stderr
+    by_cost = json.loads((costed / "report.json").read_text())
+    merged = json.loads((whole / "report.json").read_text())
+    assert _merges(by_cost) == []
+    assert any("predicted latency grows" in r["reason"] for r in by_cost["refusals"])
+    assert len(_merges(merged)) == 1 and "exact-bias-map" in _merges(merged)[0]
+    assert merged["after"]["macs"] > by_cost["after"]["macs"]  # what the cost model predicted
+
+
+@pytest.fixture(scope="module")
+def resnet_checkpoint(workspace) -> Path:
+    """A digits_resnet state dict whose first block's inner ReLU never switches off (what EGP leaves, in miniature)."""
+    from egp_export.demo.digits import digits_resnet
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = digits_resnet()
+    with torch.no_grad():
+        model.block1_1.conv1.bias.add_(10.0)
+    path = workspace.root / "digits_resnet.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_measured_cost_model_on_the_demo_architecture(cli_main, workspace, resnet_checkpoint):
+    out = workspace.root / "measured"
+    args = _compile_args(
+        "egp_export.demo.digits:digits_resnet", out, "--checkpoint", resnet_checkpoint, "--cost-model", "measured"
+    )
+    run = cli_main(*args)
+
+    assert run.returncode == 0, run.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["predicted_conv_latency_us"]["cost_model"].startswith("measured:")
+    assert list((workspace.root / "cache" / "egp-export").glob("latency-*.json"))  # the timings are cached
+    # block1_1's 3x3 and 1x1 merge exactly and its residual folds in: one layer less on the longest path.
+    assert any("block1_1_conv1 -> block1_1_conv2" in action for action in _merges(report))
+    assert any(r["pass"] == "fold_residuals" for r in report["rewrites"])
+    assert report["after"]["depth"] == report["before"]["depth"] - 1
+
+
+# Failures ----------------------------------------------------------------------
+
+SENTINELS = {name: f"existing {name}\n".encode() for name in COMPILE_FILES}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A bad input; the run uses --force into a folder of existing outputs, which must survive."""
+
+    args: tuple[str, ...]
+    message: tuple[str, ...]
+    exit_code: int = 2
+    command: str = "compile"
+
+
+def _failures(workspace: Workspace) -> dict[str, Failure]:
+    files = workspace.files
+    missing = workspace.root / "no-such-checkpoint.pt"
+    shift = workspace.root / "shift.npy"
+    # Calibration samples all zero, held-out samples all one: neurons that looked constant flip.
+    np.save(shift, np.concatenate([np.zeros((40, 1, 8, 8), np.float32), np.ones((10, 1, 8, 8), np.float32)]))
+    return {
+        "missing checkpoint": Failure(tuple(_model_args(workspace, missing)), (str(missing), "does not exist")),
+        "corrupt checkpoint": Failure(
+            tuple(_model_args(workspace, files["corrupt.pt"])), ("corrupt.pt", "not a readable PyTorch file")
+        ),
+        "key mismatch": Failure(
+            tuple(_model_args(workspace, files["renamed.pt"])),
+            ("does not fit the model", "missing keys", "conv2.weight", "unexpected keys", "pointwise.weight"),
+        ),
+        "shape mismatch": Failure(
+            (*_model_args(workspace), "--arch-kwargs", "channels=6"),
+            ("shape mismatches", "conv1.weight", "(4, 1, 3, 3)", "(6, 1, 3, 3)"),
+        ),
+        "pickled module without --unsafe-pickle": Failure(
+            tuple(_model_args(workspace, files["module.pt"])), ("module.pt", "pickled Python objects", "--unsafe-pickle")
+        ),
+        "NaN calibration": Failure(tuple(_model_args(workspace, calibration=str(files["nan.npy"]))), ("nan.npy", "1 NaN")),
+        "empty calibration": Failure(
+            tuple(_model_args(workspace, calibration=str(files["empty.npy"]))), ("empty.npy", "empty", "0 samples")
+        ),
+        "3-channel calibration for a 1-channel model": Failure(
+            tuple(_model_args(workspace, calibration=str(files["rgb.npy"]))), ("rejects calibration samples", "(3, 8, 8)")
+        ),
+        "untraceable model": Failure(
+            ("--arch", "cli_models:Branchy", "--calibration", "builtin:digits"), ("torch.fx cannot trace", "control flow")
+        ),
+        "unknown factory": Failure(
+            ("--arch", "cli_models:SmallCnn", "--calibration", "builtin:digits"), ("has no attribute 'SmallCnn'", "SmallCNN")
+        ),
+        "activations leave their region on held-out data": Failure(
+            ("--arch", "cli_models:SmallCNN", "--calibration", str(shift)), ("held-out", "relu1"), exit_code=3
+        ),
+        "analyze with a corrupt checkpoint": Failure(
+            tuple(_model_args(workspace, files["corrupt.pt"])), ("not a readable PyTorch file",), command="analyze"
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def failure_cases(workspace) -> dict[str, Failure]:
+    return _failures(workspace)
+
+
+@pytest.fixture(scope="module")
+def failures(workspace, failure_cases) -> dict[str, tuple[Run, Path]]:
+    """Run every failure case at once (each in its own folder of existing outputs)."""
+    cases = failure_cases
+    folders = {}
+    for index, name in enumerate(cases):
+        folder = workspace.root / f"failure-{index}"
+        folder.mkdir()
+        for file, content in SENTINELS.items():
+            (folder / file).write_bytes(content)
+        folders[name] = folder
+
+    def run(name: str) -> Run:
+        case = cases[name]
+        return workspace.run(case.command, *case.args, "--out", folders[name], "--force", "--quiet")
+
+    with ThreadPoolExecutor(max_workers=PARALLEL_RUNS) as pool:
+        runs = dict(zip(cases, pool.map(run, cases)))
+    return {name: (runs[name], folders[name]) for name in cases}
+
+
+FAILURE_NAMES = [
+    "missing checkpoint",
+    "corrupt checkpoint",
+    "key mismatch",
+    "shape mismatch",
+    "pickled module without --unsafe-pickle",
+    "NaN calibration",
+    "empty calibration",
+    "3-channel calibration for a 1-channel model",
+    "untraceable model",
+    "unknown factory",
+    "activations leave their region on held-out data",
+    "analyze with a corrupt checkpoint",
+]
+
+
+def test_failure_list_is_complete(failure_cases):
+    assert sorted(FAILURE_NAMES) == sorted(failure_cases)
+
+
+@pytest.mark.parametrize("name", FAILURE_NAMES)
+def test_bad_input_fails_cleanly_and_keeps_existing_files(name, failures, failure_cases):
+    run, folder = failures[name]
+    case = failure_cases[name]
+
+    _assert_clean_failure(run, *case.message, exit_code=case.exit_code)
+    assert _snapshot(folder) == SENTINELS  # nothing overwritten, no temporary files left
+
+
+def test_output_folder_that_is_a_file(workspace):
+    blocker = workspace.root / "a-file"
+    blocker.write_text("not a folder")
+
+    run = workspace.run("compile", *_model_args(workspace), "--out", blocker / "out")
+
+    _assert_clean_failure(run, str(blocker), "choose another output location")
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write into read-only folders")
+def test_output_folder_that_is_read_only(workspace):
+    locked = workspace.root / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        run = workspace.run("analyze", *_model_args(workspace), "--out", locked / "out")
+    finally:
+        locked.chmod(0o755)
+
+    _assert_clean_failure(run, str(locked), "choose another output location")
+    assert list(locked.iterdir()) == []
+
+
+# In-process: the exit-code contract of main() ------------------------------------
+
+
+def test_main_turns_project_errors_into_their_exit_code(monkeypatch, tmp_path, capsys):
+    def broken(args):
+        raise CheckpointError("checkpoint x is broken; re-save it.")
+
+    monkeypatch.setattr(cli, "_run_demo", broken)
+
+    assert cli.main(["demo", "--out", str(tmp_path)]) == CheckpointError.exit_code
+    assert capsys.readouterr().err == "egp-export: error: checkpoint x is broken; re-save it.\n"
+
+
+def test_main_exits_130_on_keyboard_interrupt(monkeypatch, tmp_path, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run_demo", interrupted)
+
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 130
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_measure_latency_records_measured_beside_predicted(cli_main, workspace):
+    out = workspace.root / "measure-latency"
+    run = cli_main(*_compile_args("cli_models:LinearPair", out, "--measure-latency"))
+
+    assert run.returncode == 0, run.stderr
+    assert (out / "original.onnx").exists()
+    measured = json.loads((out / "report.json").read_text())["measured_latency"]
+    assert measured["original_ms"] > 0 and measured["compiled_ms"] > 0
+    low, high = measured["ci"]
+    assert low <= measured["speedup"] <= high
+    assert measured["predicted_speedup"] > 0
+    assert "measured on ort-cpu" in run.stdout
+    assert "**Speedup:** measured" in (out / "report.md").read_text()

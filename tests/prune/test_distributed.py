@@ -1,0 +1,117 @@
+"""Two real gloo processes on the CPU: merged activation statistics equal one process's, masks agree on both ranks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from egp_export.analysis.stats import calibrate
+from egp_export.analysis.trace import trace
+from egp_export.prune.training import Runtime, as_dataset, input_batches
+
+WORLD = 2
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.fc1 = nn.Linear(6, 12)
+        self.fc2 = nn.Linear(12, 3)
+
+    def forward(self, x):
+        x = self.relu(self.bn(self.conv(x)))
+        x = self.relu(self.conv2(x) + x)  # the shared ReLU's second call site
+        return self.fc2(torch.relu(self.fc1(x.mean((2, 3)))))
+
+
+def _model() -> Net:
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def _data(samples: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, 1, 6, 6, generator=generator)
+    return x, (x.mean((1, 2, 3)) > 0).long() + (x[:, 0, 0, 0] > 1).long()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, port: int, folder: str) -> None:
+    from egp_export.prune.distributed import DistributedRuntime
+    from egp_export.prune.pruning import prune
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        runtime = DistributedRuntime()
+        # 37 samples: shards of 19 and 18, so merging must also get unequal shards right.
+        batches = input_batches(as_dataset(_data(37, 3), "stats"), None, runtime=runtime, batch_size=8)
+        sites = calibrate(trace(_model()), batches)
+        runtime.reduce_sites(sites)
+        result = prune(
+            _model(), _data(96, 0), _data(40, 1), "egp", iterations=3, epochs_per_iteration=1, batch_size=32, lr=0.05,
+            progress=False, runtime=runtime, out_dir=os.path.join(folder, "out"),
+        )
+        torch.save(
+            {
+                "sites": [(s.name, s.observations, s.on_counts, s.region_counts, s.low, s.high, s.margin) for s in sites],
+                "masks": result.masks,
+                "state": result.model.state_dict(),
+                "history": [(r["accuracy"], r["entropies"], r["budgets"]) for r in result.history],
+            },
+            os.path.join(folder, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_prune_identically(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+
+    # All-reduced statistics equal one process's statistics on all 37 samples.
+    single = calibrate(trace(_model()), input_batches(as_dataset(_data(37, 3), "stats"), None, runtime=Runtime()))
+    for merged in (ranks[0]["sites"], ranks[1]["sites"]):
+        for site, (name, observations, on, regions, low, high, margin) in zip(single, merged):
+            assert (site.name, site.observations) == (name, observations)
+            assert torch.equal(site.on_counts, on) and torch.equal(site.region_counts, regions)
+            assert torch.equal(site.low, low) and torch.equal(site.high, high) and torch.equal(site.margin, margin)
+
+    zero, one = ranks
+    assert zero["masks"] and zero["masks"].keys() == one["masks"].keys()
+    assert all(torch.equal(zero["masks"][k], one["masks"][k]) for k in zero["masks"])
+    assert any(not mask.all() for mask in zero["masks"].values())
+    assert all(torch.equal(v, one["state"][k]) for k, v in zero["state"].items())  # BN statistics included
+    assert zero["history"] == one["history"]
+    assert (tmp_path / "out" / "pruned.pt").exists()  # written once, by rank 0
+
+
+def test_torchrun_runs_the_prune_command(tmp_path):
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        "-m", "egp_export.prune.distributed",
+        "--arch", "egp_export.demo.digits:digits_resnet", "--arch-kwargs", "width=8", "expansion=2", "stages=(1,)",
+        "--data", "builtin:digits", "--out", str(tmp_path / "out"), "--iterations", "1", "--epochs-per-iteration", "1",
+        "--batch-size", "64", "--lr", "0.01", "--entropy-samples", "200",
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("EGP: 1 iteration(s)") == 1  # only rank 0 prints
+    assert (tmp_path / "out" / "pruned.pt").exists()
