@@ -18,7 +18,9 @@ from egp_export.analysis.stats import SiteStats, calibrate, summarize_sites
 from egp_export.analysis.summary import summarize
 from egp_export.analysis.trace import owned_copy, trace
 from egp_export.errors import VerificationError
-from egp_export.passes import CHANNEL_ALIGNMENT, PassManager, Step, conv_seconds, default_steps
+from egp_export.passes import CHANNEL_ALIGNMENT, LinearizeActivations, PassManager, Step, conv_seconds, default_steps
+from egp_export.records import Refusal, Rewrite, RewriteKind
+from egp_export.report.messages import describe_refusal, describe_rewrite, with_text
 
 
 @dataclass
@@ -82,15 +84,30 @@ def resolve_cost_model(cost_model):
     raise ValueError(f"cost_model must be 'analytic', 'measured' or a cost object, got {cost_model!r}")
 
 
-def _site_actions(sites: list[SiteStats], rewrites: list, refusals: list) -> dict[str, str]:
-    actions = {site.name: "kept" for site in sites}
-    for rewrite in rewrites:
-        if rewrite.pass_name == "linearize_activations":
-            actions[rewrite.nodes[0]] = rewrite.action
+def _site_outcomes(sites: list[SiteStats], rewrites: list[Rewrite], refusals: list[Refusal]) -> dict[str, dict]:
+    """Per activation site: whether it was linearized, and the sentence the report shows for it.
+
+    The sentence is the site's linearization if any, else its dead-neuron
+    mask, else the first reason the linearizer gave for keeping it.
+    """
+    linearized = {r.nodes[0]: r for r in rewrites if r.kind is RewriteKind.LINEARIZED}
+    masked = {r.nodes[0]: r for r in rewrites if r.kind is RewriteKind.DEAD_MASKED}
+    kept: dict[str, Refusal] = {}
     for refusal in refusals:
-        if refusal.pass_name == "linearize_activations" and actions.get(refusal.node) == "kept":
-            actions[refusal.node] = f"kept: {refusal.reason}"
-    return actions
+        if refusal.pass_name == LinearizeActivations.name:
+            kept.setdefault(refusal.node, refusal)
+    outcomes = {}
+    for site in sites:
+        if site.name in linearized:
+            action = describe_rewrite(linearized[site.name])
+        elif site.name in masked:
+            action = describe_rewrite(masked[site.name])
+        elif site.name in kept:
+            action = f"kept: {describe_refusal(kept[site.name])}"
+        else:
+            action = "kept"
+        outcomes[site.name] = {"linearized": site.name in linearized, "action": action}
+    return outcomes
 
 
 def compile(  # noqa: A001 - the issue's public name
@@ -166,7 +183,7 @@ def compile(  # noqa: A001 - the issue's public name
         rtol = verification_rtol(tolerance, noise)
     if not error.within(rtol):
         moved = _sites_leaving_region(model, sites, split.holdout, tolerance)
-        approximate_merges = [r for r in pipeline.rewrites if "border-approximate" in r.action]
+        approximate_merges = [r for r in pipeline.rewrites if r.kind.is_approximate]
         hint = ""
         if moved:
             hint += (
@@ -185,10 +202,10 @@ def compile(  # noqa: A001 - the issue's public name
             f"(max_abs={error.max_abs:.3g}) > allowed {rtol:g}.{hint}"
         )
 
-    actions = _site_actions(sites, pipeline.rewrites, pipeline.refusals)
+    outcomes = _site_outcomes(sites, pipeline.rewrites, pipeline.refusals)
     analysis = summarize_sites(sites, tolerance)
     for row in analysis["sites"]:
-        row["action"] = actions[row["name"]]
+        row.update(outcomes[row["name"]])
     report = {
         "egp_export_version": __version__,
         "tolerance": tolerance,
@@ -198,8 +215,8 @@ def compile(  # noqa: A001 - the issue's public name
             "sample_shape": list(split.calibrate[0].shape[1:]),
         },
         "analysis": analysis,
-        "rewrites": [r.to_dict() for r in pipeline.rewrites],
-        "refusals": [r.to_dict() for r in pipeline.refusals],
+        "rewrites": with_text(pipeline.rewrites, describe_rewrite, "action"),
+        "refusals": with_text(pipeline.refusals, describe_refusal, "reason"),
         "steps": [{"step": name, "iterations": n} for name, n in pipeline.steps_run],
         "before": before,
         "after": after,
@@ -208,7 +225,7 @@ def compile(  # noqa: A001 - the issue's public name
             "before": round(predicted_before * 1e6, 2),
             "after": round(predicted_after * 1e6, 2),
         },
-        "activations_linearized": sum(1 for a in actions.values() if "-> affine" in a),
+        "activations_linearized": sum(1 for outcome in outcomes.values() if outcome["linearized"]),
         "verification": {
             "fp32_noise": noise,
             "pytorch": {**error.to_dict(), "rtol": rtol, "passed": True},

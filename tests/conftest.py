@@ -28,6 +28,7 @@ from egp_export.analysis.stats import calibrate
 from egp_export.analysis.trace import trace
 from egp_export.passes import PassResult, finalize
 from egp_export.passes.modules import ChannelAffine
+from egp_export.report.messages import describe_refusal, describe_rewrite
 
 
 @pytest.fixture
@@ -74,11 +75,13 @@ def apply(pass_: Callable[[fx.GraphModule], PassResult], gm: fx.GraphModule, exa
 
 
 def reasons(result: PassResult) -> list[str]:
-    return [refusal.reason for refusal in result.refusals]
+    """The report's sentences for a pass's refusals (what a person reads; counts use the codes)."""
+    return [describe_refusal(refusal) for refusal in result.refusals]
 
 
 def actions(result: PassResult) -> list[str]:
-    return [rewrite.action for rewrite in result.rewrites]
+    """The report's sentences for a pass's rewrites."""
+    return [describe_rewrite(rewrite) for rewrite in result.rewrites]
 
 
 # The three checks -----------------------------------------------------------

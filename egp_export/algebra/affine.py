@@ -14,8 +14,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from egp_export.algebra.convchain import explicit_padding
 from egp_export.analysis.fx import call_sites
 from egp_export.analysis.ops import CONV_TYPES, LINEAR_TYPES, module_of
+from egp_export.records import Reason, RefusalCode
 
 
 def _layer_dim(module: nn.Module) -> int:
@@ -30,28 +32,28 @@ def _dims_match(module: nn.Module, dim: int, rank: int | None) -> bool:
     return rank == 2 and {want, dim} == {1, -1}
 
 
-def layer_refusal(node: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Module]) -> str | None:
+def layer_refusal(node: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Module]) -> Reason | None:
     """Why the weights of the layer called at ``node`` may not be changed, or None."""
     module = module_of(node, modules)
     if not isinstance(module, CONV_TYPES + LINEAR_TYPES):
-        return f"'{node.name}' is not a conv/linear layer"
+        return Reason(RefusalCode.NOT_A_LAYER, {"node": node.name})
     sites = call_sites(gm, str(node.target))
     if sites > 1:
-        return f"weights of '{node.target}' are shared by {sites} call sites"
+        return Reason(RefusalCode.SHARED_WEIGHT, {"layer": str(node.target), "sites": sites})
     return None
 
 
 def producer_refusal(
     producer: fx.Node, dim: int, rank: int | None, gm: fx.GraphModule, modules: dict[str, nn.Module]
-) -> str | None:
+) -> Reason | None:
     """Why a map on ``producer``'s output (along ``dim``) cannot fold into it, or None."""
     reason = layer_refusal(producer, gm, modules)
     if reason:
         return reason
     if len(producer.users) != 1:
-        return f"output of '{producer.name}' has {len(producer.users)} users"
+        return Reason(RefusalCode.MULTIPLE_USERS, {"node": producer.name, "users": len(producer.users)})
     if not _dims_match(modules[str(producer.target)], dim, rank):
-        return f"neuron axis {dim} is not the output-channel axis of '{producer.name}'"
+        return Reason(RefusalCode.AXIS_MISMATCH, {"axis": dim, "side": "output", "node": producer.name})
     return None
 
 
@@ -63,27 +65,24 @@ def consumer_refusal(
     has_shift: bool,
     gm: fx.GraphModule,
     modules: dict[str, nn.Module],
-) -> str | None:
+) -> Reason | None:
     """Why a map producing ``source`` cannot fold into ``consumer``'s input side, or None."""
     reason = layer_refusal(consumer, gm, modules)
     if reason:
         return reason
     module = modules[str(consumer.target)]
     if not _dims_match(module, dim, rank):
-        return f"neuron axis {dim} is not the input-channel axis of '{consumer.name}'"
-    if has_shift and isinstance(module, CONV_TYPES):
-        padded = any(int(p) != 0 for p in _padding(module))
-        if padded and module.padding_mode == "zeros":
-            return f"a shift before zero-padded '{consumer.name}' would be wrong on the border"
+        return Reason(RefusalCode.AXIS_MISMATCH, {"axis": dim, "side": "input", "node": consumer.name})
+    if has_shift and isinstance(module, CONV_TYPES) and module.padding_mode == "zeros" and _pads(module):
+        return Reason(RefusalCode.PADDED_SHIFT, {"node": consumer.name})
     return None
 
 
-def _padding(module: nn.Module) -> tuple:
-    padding = module.padding
-    if isinstance(padding, str):
-        # 'same' pads unless the kernel is 1; 'valid' never pads.
-        return (0,) if padding == "valid" or all(k == 1 for k in module.kernel_size) else (1,)
-    return tuple(padding)
+def _pads(conv: nn.Module) -> bool:
+    try:
+        return any(p != 0 for p in explicit_padding(conv))
+    except ValueError:  # asymmetric 'same' padding: it pads
+        return True
 
 
 def _ensure_bias(module: nn.Module) -> torch.Tensor:

@@ -26,10 +26,11 @@ import torch.nn as nn
 from egp_export.algebra.convchain import ChainClass, ConvLayer, chain_class
 from egp_export.analysis.batches import as_batches
 from egp_export.analysis.fx import propagate_shapes
+from egp_export.analysis.ops import named_modules
 from egp_export.analysis.stats import calibrate
 from egp_export.analysis.trace import trace
-from egp_export.passes import PassManager, Step, default_steps
-from egp_export.passes.merge_conv_chains import MergeConvChains
+from egp_export.passes import PassManager, default_steps
+from egp_export.passes.merge_conv_chains import conv_chains
 
 
 @dataclass(frozen=True)
@@ -44,24 +45,18 @@ class PaddingMove:
         return asdict(self)
 
 
-class _ChainCollector(MergeConvChains):
-    """The merge pass's chain finder, recording border-approximate chains instead of merging."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.moves: list[PaddingMove] = []
-
-    def _plan_chain(self, chain, between) -> None:
-        layers = [ConvLayer.from_module(self.modules[str(n.target)]) for n in chain]
-        if chain_class(layers) is not ChainClass.BORDER_APPROXIMATE:
-            return
-        total = [0] * layers[0].rank
-        stride = [1] * layers[0].rank
-        for layer in layers:
-            total = [t + p * s for t, p, s in zip(total, layer.padding, stride)]
-            stride = [s * ls for s, ls in zip(stride, layer.stride)]
-        after = (tuple(total),) + tuple((0,) * layer.rank for layer in layers[1:])
-        self.moves.append(PaddingMove(tuple(str(n.target) for n in chain), tuple(lay.padding for lay in layers), after))
+def _move(chain: list, modules: dict) -> PaddingMove | None:
+    """All of a border-approximate chain's padding on its first conv, or None for chains that merge exactly."""
+    layers = [ConvLayer.from_module(modules[str(n.target)]) for n in chain]
+    if chain_class(layers) is not ChainClass.BORDER_APPROXIMATE:
+        return None
+    total = [0] * layers[0].rank
+    stride = [1] * layers[0].rank
+    for layer in layers:
+        total = [t + p * s for t, p, s in zip(total, layer.padding, stride)]
+        stride = [s * ls for s, ls in zip(stride, layer.stride)]
+    after = (tuple(total),) + tuple((0,) * layer.rank for layer in layers[1:])
+    return PaddingMove(tuple(str(n.target) for n in chain), tuple(lay.padding for lay in layers), after)
 
 
 def padding_plan(model: nn.Module, calibration, *, tolerance: float = 1e-5) -> list[PaddingMove]:
@@ -69,12 +64,11 @@ def padding_plan(model: nn.Module, calibration, *, tolerance: float = 1e-5) -> l
     batches = as_batches(calibration)
     gm = trace(model)
     calibrate(gm, batches)
-    steps = [s for s in default_steps(tolerance) if s.name not in ("merge_conv_chains", "fold_residuals")]
-    PassManager(steps, example_input=batches[0][:1]).run(gm)
+    PassManager(default_steps(tolerance, conv_merging=False), example_input=batches[0][:1]).run(gm)
     propagate_shapes(gm, batches[0][:1])
-    collector = _ChainCollector()
-    PassManager([Step("collect", lambda: collector, fixed_point=False)]).run(gm)
-    return collector.moves
+    modules = named_modules(gm)
+    moves = (_move(chain, modules) for chain, _ in conv_chains(gm))
+    return [move for move in moves if move is not None]
 
 
 def apply_padding_plan(model: nn.Module, moves: list[PaddingMove], example: torch.Tensor | None = None) -> nn.Module:

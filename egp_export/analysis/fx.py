@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from egp_export.analysis.activations import activation_spec
-from egp_export.analysis.ops import BATCHNORM_TYPES, CONV_TYPES, LINEAR_TYPES, module_of, named_modules
+from egp_export.analysis.ops import LayerKind, layer_kind, module_of, named_modules
 
 
 def call_sites(gm: fx.GraphModule, target: str) -> int:
@@ -63,9 +63,10 @@ def neuron_dim(node: fx.Node, modules: dict[str, nn.Module], _depth: int = 0) ->
         if current is None or _depth > 16:
             break
         module = module_of(current, modules)
-        if isinstance(module, CONV_TYPES + BATCHNORM_TYPES):
+        kind = layer_kind(current, modules)
+        if kind in (LayerKind.CONV, LayerKind.BATCH_NORM):
             return 1
-        if isinstance(module, LINEAR_TYPES + (nn.LayerNorm,)):
+        if kind is LayerKind.LINEAR or isinstance(module, nn.LayerNorm):
             return -1
         shape = shape_of(current)
         perm = _permutation(current, len(shape)) if shape is not None else None

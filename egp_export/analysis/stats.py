@@ -29,6 +29,7 @@ from egp_export.analysis.activations import ActivationSpec, activation_spec, bin
 from egp_export.analysis.fx import neuron_dim, propagate_shapes
 from egp_export.analysis.ops import named_modules
 from egp_export.errors import CalibrationError
+from egp_export.records import Reason, RefusalCode
 
 META_KEY = "egp_activation"
 
@@ -49,11 +50,11 @@ class LinearMap:
     scale: torch.Tensor | None
     shift: torch.Tensor | None
     max_error: float  # 0 for exact piecewise-linear regions
-    reason: str | None  # None when the map is valid
+    refusal: Reason | None  # None when the map is valid
 
     @property
     def ok(self) -> bool:
-        return self.reason is None
+        return self.refusal is None
 
 
 @dataclass
@@ -194,27 +195,21 @@ class SiteStats:
         most ``tolerance`` times the site's output scale (max(1, max |f(z)|)).
         """
         if self.observations == 0:
-            return LinearMap(None, None, 0.0, "no calibration data reached this site")
+            return LinearMap(None, None, 0.0, Reason(RefusalCode.NO_CALIBRATION_DATA))
         if self.spec.smooth:
             scale = max(1.0, float(torch.maximum(self.spec.fn(self.low).abs(), self.spec.fn(self.high).abs()).max()))
             slope, intercept, error = fit_affine(self.spec.fn, self.low, self.high, allowed_error=tolerance * scale)
             worst = float(error.max())
             if worst > tolerance * scale:
                 over = int((error > tolerance * scale).sum())
-                return LinearMap(
-                    None,
-                    None,
-                    worst,
-                    f"{over} of {self.num_neurons} neurons deviate from their best affine fit by up to "
-                    f"{worst:.3g} (> tolerance {tolerance:.3g} x output scale {scale:.3g})",
-                )
+                detail = {"over": over, "neurons": self.num_neurons, "worst": worst, "tolerance": tolerance, "scale": scale}
+                return LinearMap(None, None, worst, Reason(RefusalCode.SURROGATE_ERROR, detail))
             return LinearMap(slope, intercept, worst, None)
         region = self.neuron_region
         mixed = int((region < 0).sum())
         if mixed:
-            return LinearMap(
-                None, None, 0.0, f"{mixed} of {self.num_neurons} neurons cross a region boundary on the data"
-            )
+            detail = {"crossing": mixed, "neurons": self.num_neurons}
+            return LinearMap(None, None, 0.0, Reason(RefusalCode.NEURONS_CROSS_BOUNDARY, detail))
         scale = torch.empty(self.num_neurons, dtype=torch.float64)
         shift = torch.empty(self.num_neurons, dtype=torch.float64)
         for r in range(len(self.spec.regions)):
@@ -223,12 +218,8 @@ class SiteStats:
                 continue
             affine = self.spec.region_map(r, self.num_neurons)
             if affine is None:
-                return LinearMap(
-                    None,
-                    None,
-                    0.0,
-                    f"{int(members.sum())} neurons stay in a region where {self.spec.kind} is not affine",
-                )
+                detail = {"count": int(members.sum()), "activation": self.spec.kind}
+                return LinearMap(None, None, 0.0, Reason(RefusalCode.NONAFFINE_REGION, detail))
             scale[members] = affine[0][members]
             shift[members] = affine[1][members]
         return LinearMap(scale, shift, 0.0, None)
@@ -255,7 +246,7 @@ class SiteStats:
             "input_range": [float(self.low.min()), float(self.high.max())] if self.num_neurons else None,
             "linear": linear.ok,
             "surrogate_error": linear.max_error if self.spec.smooth else 0.0,
-            "why_not_linear": linear.reason,
+            "why_not_linear": linear.refusal.to_dict() if linear.refusal is not None else None,
         }
 
 

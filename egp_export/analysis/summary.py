@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from egp_export.analysis.activations import activation_spec
 from egp_export.analysis.fx import shape_of
-from egp_export.analysis.ops import CONV_TYPES, LINEAR_TYPES, is_layer, named_modules
+from egp_export.analysis.ops import functional_layer_args, is_layer, module_of, named_modules
 
 
 def depth(gm: fx.GraphModule) -> int:
@@ -20,22 +20,30 @@ def depth(gm: fx.GraphModule) -> int:
     return max(longest.values(), default=0)
 
 
-def layer_macs(node: fx.Node, module: nn.Module) -> int:
-    """Multiply-accumulates of one conv/linear call per sample (needs shapes on the node)."""
-    shape = shape_of(node)
-    if shape is None:
+def _weight_shape(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, ...] | None:
+    module = module_of(node, modules)
+    if module is not None:
+        return tuple(module.weight.shape)
+    weight = (functional_layer_args(node) or {}).get("weight")
+    return shape_of(weight) if isinstance(weight, fx.Node) else None
+
+
+def layer_macs(node: fx.Node, modules: dict[str, nn.Module]) -> int:
+    """Multiply-accumulates of one conv/linear call per sample (needs shapes on the node).
+
+    Each output element costs one MAC per weight entry of its filter:
+    prod(weight.shape[1:]) (in/groups x kernel for a conv, in for a linear).
+    """
+    shape, weight = shape_of(node), _weight_shape(node, modules)
+    if shape is None or weight is None:
         return 0
     per_sample = 1
     for size in shape[1:]:
         per_sample *= int(size)
-    if isinstance(module, CONV_TYPES):
-        kernel = 1
-        for k in module.kernel_size:
-            kernel *= int(k)
-        return per_sample * (module.in_channels // module.groups) * kernel
-    if isinstance(module, LINEAR_TYPES):
-        return per_sample * module.in_features
-    return 0
+    per_output = 1
+    for size in weight[1:]:
+        per_output *= int(size)
+    return per_sample * per_output
 
 
 def summarize(gm: fx.GraphModule) -> dict[str, int]:
@@ -47,5 +55,5 @@ def summarize(gm: fx.GraphModule) -> dict[str, int]:
         "layers": len(layers),
         "activations": sum(1 for n in gm.graph.nodes if activation_spec(n, modules) is not None),
         "params": sum(p.numel() for p in gm.parameters()),
-        "macs": sum(layer_macs(n, modules[str(n.target)]) for n in layers),
+        "macs": sum(layer_macs(n, modules) for n in layers),
     }

@@ -2,11 +2,12 @@
 
 A pass is a callable ``pass_(gm) -> PassResult``. It may rewrite ``gm`` in
 place (the manager owns the module it hands in) and says what it did: every
-rewrite it made and every candidate it refused, with the reason. Passes read
-analyses from ``node.meta`` and never run the model to decide.
+rewrite it made and every candidate it refused, as typed records
+(``egp_export.records``). Passes read analyses from ``node.meta`` and never
+run the model to decide.
 
-The manager runs a short list of named steps; a step either runs once or to a
-fixed point (capped). After every modifying pass it removes dead code, lints
+The manager runs a list of steps in order; a step is a pass (run once) or a
+``FixedPoint`` group of steps repeated until nothing changes (capped). After every modifying pass it removes dead code, lints
 the graph, recompiles, refreshes shapes and, in debug mode, checks numerics
 against the module as it was before the pass, naming the pass that broke it.
 """
@@ -14,9 +15,9 @@ against the module as it was before the pass, naming the pass that broke it.
 from __future__ import annotations
 
 import copy
-import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
@@ -24,30 +25,7 @@ import torch.fx as fx
 from egp_export.analysis.fx import propagate_shapes
 from egp_export.analysis.numerics import FP32_RTOL, compare
 from egp_export.errors import VerificationError
-
-
-@dataclass(frozen=True)
-class Rewrite:
-    """One change a pass made."""
-
-    pass_name: str
-    nodes: tuple[str, ...]
-    action: str
-
-    def to_dict(self) -> dict:
-        return {"pass": self.pass_name, "nodes": list(self.nodes), "action": self.action}
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """One candidate a pass looked at and left alone, and why."""
-
-    pass_name: str
-    node: str
-    reason: str
-
-    def to_dict(self) -> dict:
-        return {"pass": self.pass_name, "node": self.node, "reason": self.reason}
+from egp_export.records import Reason, Refusal, Rewrite, RewriteKind
 
 
 @dataclass
@@ -58,37 +36,60 @@ class PassResult:
     refusals: list[Refusal] = field(default_factory=list)
 
 
-class GraphPass:
-    """Base class: subclasses set ``name`` and implement ``run``, recording via ``rewrote``/``refuse``."""
+class Recorder:
+    """What one run of a pass did: handed to ``run`` so that per-run state stays out of the pass object."""
 
-    name = "pass"
+    def __init__(self, pass_name: str, result: PassResult) -> None:
+        self.pass_name = pass_name
+        self.result = result
+
+    def rewrote(self, kind: RewriteKind, nodes: Sequence[fx.Node | str], **detail) -> None:
+        self.result.modified = True
+        names = tuple(n if isinstance(n, str) else n.name for n in nodes)
+        self.result.rewrites.append(Rewrite(self.pass_name, kind, names, detail))
+
+    def refuse(self, node: fx.Node | str, reason: Reason, **attempt) -> None:
+        name = node if isinstance(node, str) else node.name
+        self.result.refusals.append(Refusal(self.pass_name, name, reason, attempt))
+
+
+class GraphPass:
+    """Base class: subclasses declare ``name`` once and implement ``run(gm, record)``.
+
+    A pass object holds configuration only (tolerance, cost model, ...); what
+    one run finds lives in ``run``'s locals and in the ``Recorder``, so the
+    same object can run again, to a fixed point, on any graph.
+    """
+
+    name: ClassVar[str] = "pass"
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        self._result = PassResult(gm, False)
-        self.run(gm)
-        return self._result
+        result = PassResult(gm, False)
+        self.run(gm, Recorder(self.name, result))
+        return result
 
-    def run(self, gm: fx.GraphModule) -> None:
+    def run(self, gm: fx.GraphModule, record: Recorder) -> None:
         raise NotImplementedError
-
-    def rewrote(self, nodes: Sequence[fx.Node | str], action: str) -> None:
-        self._result.modified = True
-        names = tuple(n if isinstance(n, str) else n.name for n in nodes)
-        self._result.rewrites.append(Rewrite(self.name, names, action))
-
-    def refuse(self, node: fx.Node | str, reason: str) -> None:
-        name = node if isinstance(node, str) else node.name
-        self._result.refusals.append(Refusal(self.name, name, reason))
 
 
 @dataclass
-class Step:
-    """A named pipeline step: one pass, run once or to a fixed point (at most ``cap`` times)."""
+class FixedPoint:
+    """Run ``steps`` in order, again and again until none modifies the graph, at most ``cap`` times.
 
-    name: str
-    make_pass: Callable[[], Callable[[fx.GraphModule], PassResult]]
-    fixed_point: bool = True
+    A step is a pass or another ``FixedPoint`` (onnx-ir's nested
+    ``PassManager(..., steps=N)``). Its refusals are those of its last
+    iteration: the state the graph ended in.
+    """
+
+    steps: Sequence[GraphPass | FixedPoint]
     cap: int = 8
+
+    @property
+    def name(self) -> str:
+        return "fixed_point(" + ", ".join(step.name for step in self.steps) + ")"
+
+
+Step = GraphPass | FixedPoint
 
 
 @dataclass
@@ -96,7 +97,7 @@ class PipelineResult:
     module: fx.GraphModule
     rewrites: list[Rewrite]
     refusals: list[Refusal]
-    steps_run: list[tuple[str, int]]  # (step name, iterations)
+    steps_run: list[tuple[str, int]]  # (pass or group name, iterations)
 
 
 def finalize(gm: fx.GraphModule) -> None:
@@ -116,16 +117,14 @@ class PassManager:
         *,
         example_input: torch.Tensor | None = None,
         debug_inputs: torch.Tensor | None = None,
-        rounds: int = 3,
         debug_rtol: float = FP32_RTOL,
     ) -> None:
         self.steps = list(steps)
         self.example_input = example_input
         self.debug_inputs = debug_inputs
-        self.rounds = rounds
         self.debug_rtol = debug_rtol
 
-    def _after(self, step: Step, before: fx.GraphModule | None, gm: fx.GraphModule) -> None:
+    def _after(self, pass_name: str, before: fx.GraphModule | None, gm: fx.GraphModule) -> None:
         finalize(gm)
         if self.example_input is not None:
             propagate_shapes(gm, self.example_input)
@@ -134,48 +133,53 @@ class PassManager:
                 error = compare(before(self.debug_inputs), gm(self.debug_inputs))
             if not error.within(self.debug_rtol):
                 raise VerificationError(
-                    f"pass '{step.name}' changed the model's output by max_rel={error.max_rel:.3g} "
+                    f"pass '{pass_name}' changed the model's output by max_rel={error.max_rel:.3g} "
                     f"(max_abs={error.max_abs:.3g}, allowed {self.debug_rtol:g}); this is a bug in that pass."
                 )
 
     def run(self, gm: fx.GraphModule) -> PipelineResult:
-        """Run once-steps once and the fixed-point steps in rounds until nothing changes.
-
-        Refusals of fixed-point steps are those of the last round (the state the
-        graph ended in); rewrites accumulate.
-        """
+        """Run the steps in list order; a ``FixedPoint`` group repeats until nothing changes (capped)."""
         rewrites: list[Rewrite] = []
-        once_refusals: list[Refusal] = []
-        loop_refusals: list[Refusal] = []
         steps_run: list[tuple[str, int]] = []
-        loop_steps = [s for s in self.steps if s.fixed_point]
-        for step in self.steps:
-            if step.fixed_point:
-                continue
-            result = self._run_step(step, gm, rewrites)
-            once_refusals.extend(result.refusals)
-            steps_run.append((step.name, 1))
-        for _ in range(self.rounds):
-            loop_refusals = []
-            changed = False
-            for step in loop_steps:
-                for iteration in itertools.count(1):
-                    result = self._run_step(step, gm, rewrites)
-                    changed = changed or result.modified
-                    if not result.modified or iteration >= step.cap:
-                        loop_refusals.extend(result.refusals)
-                        steps_run.append((step.name, iteration))
-                        break
+        _, refusals = self._run_sequence(self.steps, gm, rewrites, steps_run)
+        return PipelineResult(gm, rewrites, refusals, steps_run)
+
+    def _run_sequence(self, steps, gm, rewrites, steps_run) -> tuple[bool, list[Refusal]]:
+        changed, refusals = False, []
+        for step in steps:
+            if isinstance(step, FixedPoint):
+                step_changed, step_refusals = self._run_fixed_point(step, gm, rewrites, steps_run)
+            else:
+                result = self._run_pass(step, gm, rewrites)
+                steps_run.append((step.name, 1))
+                step_changed, step_refusals = result.modified, result.refusals
+            changed = changed or step_changed
+            refusals.extend(step_refusals)
+        return changed, refusals
+
+    def _run_fixed_point(self, group: FixedPoint, gm, rewrites, steps_run) -> tuple[bool, list[Refusal]]:
+        # One pass to a fixed point is reported as (pass, iterations); a group of several lists each run.
+        single = len(group.steps) == 1 and isinstance(group.steps[0], GraphPass)
+        changed_at_all, refusals, iteration = False, [], 0
+        while iteration < group.cap:
+            iteration += 1
+            inner: list[tuple[str, int]] = []
+            changed, refusals = self._run_sequence(group.steps, gm, rewrites, inner)
+            changed_at_all = changed_at_all or changed
+            if not single:
+                steps_run.extend(inner)
             if not changed:
                 break
-        return PipelineResult(gm, rewrites, once_refusals + loop_refusals, steps_run)
+        if single:
+            steps_run.append((group.steps[0].name, iteration))
+        return changed_at_all, refusals
 
-    def _run_step(self, step: Step, gm: fx.GraphModule, rewrites: list[Rewrite]) -> PassResult:
+    def _run_pass(self, graph_pass: GraphPass, gm: fx.GraphModule, rewrites: list[Rewrite]) -> PassResult:
         before = copy.deepcopy(gm) if self.debug_inputs is not None else None
-        result = step.make_pass()(gm)
+        result = graph_pass(gm)
         if result.module is not gm:
-            raise RuntimeError(f"pass '{step.name}' returned a different module; passes rewrite in place")
+            raise RuntimeError(f"pass '{graph_pass.name}' returned a different module; passes rewrite in place")
         if result.modified:
-            self._after(step, before, gm)
+            self._after(graph_pass.name, before, gm)
         rewrites.extend(result.rewrites)
         return result

@@ -17,30 +17,16 @@ layer, an op whose f(0) != 0.
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from egp_export.analysis.activations import activation_spec
 from egp_export.analysis.fx import call_sites, shape_of
-from egp_export.analysis.ops import CONV_TYPES, LINEAR_TYPES, module_of, named_modules
-from egp_export.passes.base import GraphPass
+from egp_export.analysis.ops import CONV_TYPES, LINEAR_TYPES, flatten_dims, is_add, is_identity, is_pool, module_of, named_modules
+from egp_export.passes.base import GraphPass, Recorder
 from egp_export.passes.modules import ChannelAffine
-
-_POOL_TYPES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-)
-_IDENTITY_TYPES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-_POOL_FUNCTIONS = {
-    torch.nn.functional.adaptive_avg_pool1d, torch.nn.functional.adaptive_avg_pool2d,
-    torch.nn.functional.max_pool1d, torch.nn.functional.max_pool2d,
-    torch.nn.functional.avg_pool1d, torch.nn.functional.avg_pool2d, torch.nn.functional.dropout,
-}
-_ADD_FUNCTIONS = {operator.add, torch.add, operator.iadd}
+from egp_export.records import Reason, RefusalCode, RewriteKind
 
 
 def zero_rows(module: nn.Module) -> torch.Tensor:
@@ -77,7 +63,7 @@ class EliminateDeadChannels(GraphPass):
     def __init__(self, alignment: int = CHANNEL_ALIGNMENT) -> None:
         self.alignment = max(1, alignment)
 
-    def run(self, gm: fx.GraphModule) -> None:
+    def run(self, gm: fx.GraphModule, record: Recorder) -> None:
         self.gm = gm
         self.modules = named_modules(gm)
         done: set[fx.Node] = set()
@@ -87,7 +73,8 @@ class EliminateDeadChannels(GraphPass):
             if not self._is_free_layer(node):
                 module = module_of(node, self.modules)
                 if isinstance(module, CONV_TYPES + LINEAR_TYPES) and zero_rows(module).any():
-                    self.refuse(node, f"{int(zero_rows(module).sum())} zero channels kept: grouped or shared layer")
+                    count = int(zero_rows(module).sum())
+                    record.refuse(node, Reason(RefusalCode.ZERO_CHANNELS_IN_TIED_LAYER, {"count": count}))
                 continue
             group = self._collect(node)
             done.update(group.producers)
@@ -96,14 +83,15 @@ class EliminateDeadChannels(GraphPass):
             for producer in group.producers:
                 dead &= zero_rows(self.modules[str(producer.target)])
             if own.any() and not dead.any() and len(group.producers) > 1:
-                others = ", ".join(p.name for p in group.producers if p is not node)
-                self.refuse(node, f"{int(own.sum())} zero channels kept: they are not zero in {others}, added to them")
+                others = [p.name for p in group.producers if p is not node]
+                record.refuse(node, Reason(RefusalCode.ZERO_CHANNELS_NOT_SHARED, {"count": int(own.sum()), "others": others}))
                 continue
             if not dead.any():
                 continue
-            names = ", ".join(p.name for p in group.producers)
+            names = [p.name for p in group.producers]
             if group.blocker:
-                self.refuse(node, f"{int(dead.sum())} zero channels of {names} kept: {group.blocker}")
+                detail = {"count": int(dead.sum()), "producers": names, "blocker": group.blocker}
+                record.refuse(node, Reason(RefusalCode.ZERO_CHANNELS_BLOCKED, detail))
                 continue
             for member in group.members:
                 affine = module_of(member, self.modules)
@@ -117,13 +105,17 @@ class EliminateDeadChannels(GraphPass):
                 dead[dead.nonzero().flatten()[:spare]] = False
             if not dead.any():
                 if spare > 0 and alive < dead.numel():
-                    self.refuse(node, f"{dead.numel() - alive} zero channels kept to stay a multiple of {self.alignment}")
+                    detail = {"count": dead.numel() - alive, "alignment": self.alignment}
+                    record.refuse(node, Reason(RefusalCode.CHANNELS_KEPT_FOR_ALIGNMENT, detail))
                 continue
             self._remove(group, ~dead)
-            consumers = ", ".join(c.name for c, _ in group.consumers) or "none"
-            self.rewrote(
+            record.rewrote(
+                RewriteKind.CHANNELS_REMOVED,
                 group.producers + [c for c, _ in group.consumers],
-                f"removed {int(dead.sum())} of {dead.numel()} channels from {names} (consumers: {consumers})",
+                removed=int(dead.sum()),
+                channels=dead.numel(),
+                producers=names,
+                consumers=[c.name for c, _ in group.consumers],
             )
 
     # Classification ------------------------------------------------------
@@ -139,41 +131,26 @@ class EliminateDeadChannels(GraphPass):
             return False
         return not (isinstance(module, CONV_TYPES) and module.groups != 1)
 
-    def _width(self, node: fx.Node) -> int:
-        return self.modules[str(node.target)].weight.shape[0]
-
     def _transparent(self, node: fx.Node) -> bool:
         """A single-input op that maps a zero channel to a zero channel in place."""
         module = module_of(node, self.modules)
-        if isinstance(module, _IDENTITY_TYPES + _POOL_TYPES + (ChannelAffine,)):
+        if isinstance(module, ChannelAffine) or is_identity(node, self.modules) or is_pool(node, self.modules):
             return True
         if isinstance(module, nn.PReLU) and module.num_parameters > 1:
             return False
         spec = activation_spec(node, self.modules)
-        if spec is not None:
-            return spec.zero_at_zero
-        return node.op == "call_function" and node.target in _POOL_FUNCTIONS
+        return spec is not None and spec.zero_at_zero
 
     def _is_add(self, node: fx.Node) -> bool:
         """A residual add of two tensors (adding a constant makes a zero channel non-zero)."""
-        is_add = (node.op == "call_method" and node.target in ("add", "add_")) or (
-            node.op == "call_function" and node.target in _ADD_FUNCTIONS
-        )
-        operands = list(node.args) + list(node.kwargs.values())
-        return is_add and len(operands) == 2 and all(isinstance(o, fx.Node) for o in operands)
+        return is_add(node) and all(isinstance(o, fx.Node) for o in node.args)
 
     def _flatten_block(self, node: fx.Node) -> int | None:
         """Columns per channel when ``node`` flattens [B, C, *spatial] from dim 1, else None."""
-        module = module_of(node, self.modules)
-        if isinstance(module, nn.Flatten):
-            start, end = module.start_dim, module.end_dim
-        elif (node.op == "call_function" and node.target is torch.flatten) or (
-            node.op == "call_method" and node.target == "flatten"
-        ):
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-        else:
+        dims = flatten_dims(node, self.modules)
+        if dims is None:
             return None
+        start, end = dims
         shape = shape_of(node.args[0])
         if shape is None or start != 1 or end not in (-1, len(shape) - 1):
             return None

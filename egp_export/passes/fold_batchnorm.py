@@ -6,7 +6,9 @@ In eval mode BatchNorm is a per-channel affine map:
 Where the producer is a conv/linear that only feeds this BatchNorm, the map
 folds into it (W' = a W, b' = a b + c). Otherwise the BatchNorm becomes a
 ChannelAffine, which ``fold_channel_affine`` may still push into the next
-layer; the refusal to fold backwards is recorded.
+layer; the reason it did not fold backwards is recorded. Functional
+``F.batch_norm`` calls with constant statistics are modules by now
+(``bind_functional_layers``).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import torch.fx as fx
 
 from egp_export.algebra.affine import fold_into_producer, producer_refusal
 from egp_export.analysis.fx import insert_module_call, shape_of
-from egp_export.analysis.ops import BATCHNORM_TYPES, module_of, named_modules
-from egp_export.passes.base import GraphPass
+from egp_export.analysis.ops import BATCHNORM_TYPES, module_of
 from egp_export.passes.modules import ChannelAffine
+from egp_export.passes.rules import Applied, Match, Op, Rule, RuleSetPass
+from egp_export.records import Reason, RefusalCode, RewriteKind
 
 
 def batchnorm_affine(module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,31 +34,36 @@ def batchnorm_affine(module) -> tuple[torch.Tensor, torch.Tensor]:
     return a, beta - a * mean
 
 
-class FoldBatchNorm(GraphPass):
-    name = "fold_batchnorm"
+def _is_batchnorm_module(node: fx.Node, modules) -> bool:
+    return isinstance(module_of(node, modules), BATCHNORM_TYPES) and bool(node.args) and isinstance(node.args[0], fx.Node)
 
-    def run(self, gm: fx.GraphModule) -> None:
-        modules = named_modules(gm)
-        for node in list(gm.graph.nodes):
-            module = module_of(node, modules)
-            if not isinstance(module, BATCHNORM_TYPES):
-                continue
-            if module.running_mean is None or module.running_var is None:
-                self.refuse(node, "BatchNorm without running statistics uses batch statistics even in eval mode")
-                continue
-            scale, shift = batchnorm_affine(module)
-            source = node.args[0]
-            shape = shape_of(node)
-            rank = len(shape) if shape is not None else None
-            reason = producer_refusal(source, 1, rank, gm, modules)
-            if reason is None:
-                fold_into_producer(modules[str(source.target)], scale, shift)
-                node.replace_all_uses_with(source)
-                gm.graph.erase_node(node)
-                self.rewrote([node.name, source.name], f"BatchNorm '{node.target}' folded into '{source.target}'")
-                continue
-            affine = insert_module_call(gm, node, f"{node.target}_affine", ChannelAffine(scale, shift, 1), (source,), like=node)
-            node.replace_all_uses_with(affine)
-            gm.graph.erase_node(node)
-            self.refuse(node, f"not folded backwards ({reason}); kept as a per-channel affine map")
-            self.rewrote([node.name], f"BatchNorm '{node.target}' became a per-channel affine map")
+
+def _has_running_stats(match: Match) -> Reason | None:
+    module = match.modules[str(match["bn"].target)]
+    if module.running_mean is None or module.running_var is None:
+        return Reason(RefusalCode.NO_RUNNING_STATS)
+    return None
+
+
+def _fold(match: Match) -> Applied:
+    bn, gm, modules = match["bn"], match.gm, match.modules
+    scale, shift = batchnorm_affine(modules[str(bn.target)])
+    source = bn.args[0]
+    shape = shape_of(bn)
+    blocked = producer_refusal(source, 1, len(shape) if shape is not None else None, gm, modules)
+    if blocked is None:
+        # W' = a W, b' = a b + c
+        fold_into_producer(modules[str(source.target)], scale, shift)
+        return Applied(RewriteKind.BN_FOLDED, {"batchnorm": str(bn.target), "layer": str(source.target)}, source)
+    affine = insert_module_call(gm, bn, f"{bn.target}_affine", ChannelAffine(scale, shift, 1), (source,), like=bn)
+    return Applied(
+        RewriteKind.BN_TO_AFFINE,
+        {"batchnorm": str(bn.target)},
+        affine,
+        kept=Reason(RefusalCode.BN_NOT_FOLDED_BACKWARDS, {"because": blocked}),
+    )
+
+
+class FoldBatchNorm(RuleSetPass):
+    name = "fold_batchnorm"
+    rules = (Rule("batchnorm", Op(_is_batchnorm_module, "bn"), _has_running_stats, _fold),)

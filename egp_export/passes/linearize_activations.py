@@ -27,16 +27,15 @@ from egp_export.algebra.affine import producer_refusal
 from egp_export.analysis.fx import insert_module_call, shape_of
 from egp_export.analysis.ops import named_modules
 from egp_export.analysis.stats import site_stats
-from egp_export.passes.base import GraphPass
+from egp_export.passes.base import GraphPass, Recorder
 from egp_export.passes.modules import ChannelAffine
+from egp_export.records import Reason, RefusalCode, RewriteKind
 
 
-def _describe(scale: torch.Tensor, shift: torch.Tensor) -> str:
+def _counts(scale: torch.Tensor, shift: torch.Tensor) -> dict[str, int]:
     identity = int(((scale == 1) & (shift == 0)).sum())
     zero = int(((scale == 0) & (shift == 0)).sum())
-    other = scale.numel() - identity - zero
-    parts = [f"{identity} identity", f"{zero} zero"] + ([f"{other} affine"] if other else [])
-    return ", ".join(parts)
+    return {"identity": identity, "zero": zero, "affine": scale.numel() - identity - zero}
 
 
 class LinearizeActivations(GraphPass):
@@ -45,7 +44,7 @@ class LinearizeActivations(GraphPass):
     def __init__(self, tolerance: float = 1e-5) -> None:
         self.tolerance = tolerance
 
-    def run(self, gm: fx.GraphModule) -> None:
+    def run(self, gm: fx.GraphModule, record: Recorder) -> None:
         modules = named_modules(gm)
         for node in list(gm.graph.nodes):
             stats = site_stats(node)
@@ -53,7 +52,8 @@ class LinearizeActivations(GraphPass):
                 continue
             source = node.args[0]
             if stats.spec.inplace and len(source.users) > 1:
-                self.refuse(node, f"inplace {stats.spec.kind} overwrites '{source.name}', which other nodes read")
+                detail = {"activation": stats.spec.kind, "input": source.name}
+                record.refuse(node, Reason(RefusalCode.INPLACE_INPUT_READ, detail))
                 continue
             linear = stats.linear_map(self.tolerance)
             if linear.ok:
@@ -61,20 +61,22 @@ class LinearizeActivations(GraphPass):
                 replacement = insert_module_call(gm, node, f"{node.name}_linear", affine, (source,), like=node)
                 node.replace_all_uses_with(replacement)
                 gm.graph.erase_node(node)
-                error = f", surrogate error {linear.max_error:.2g}" if stats.spec.smooth else ""
-                self.rewrote([node.name], f"{stats.spec.kind} -> affine ({_describe(linear.scale, linear.shift)}{error})")
+                detail = {"activation": stats.spec.kind, **_counts(linear.scale, linear.shift)}
+                if stats.spec.smooth:
+                    detail["surrogate_error"] = linear.max_error
+                record.rewrote(RewriteKind.LINEARIZED, [node.name], **detail)
                 continue
-            self.refuse(node, linear.reason)
+            record.refuse(node, linear.refusal)
             dead = stats.dead_neurons()
             if not dead.any():
                 continue
             shape = shape_of(source)
             blocked = producer_refusal(source, stats.dim, len(shape) if shape else None, gm, modules)
             if blocked:
-                self.refuse(node, f"{int(dead.sum())} dead neurons kept: {blocked}")
+                record.refuse(node, Reason(RefusalCode.DEAD_NEURONS_KEPT, {"dead": int(dead.sum()), "because": blocked}))
             else:
                 mask = (~dead).to(torch.float64)
                 masker = ChannelAffine(mask, torch.zeros_like(mask), stats.dim)
                 masked = insert_module_call(gm, node, f"{node.name}_dead_mask", masker, (source,), like=source)
                 node.replace_input_with(source, masked)
-                self.rewrote([node.name], f"{int(dead.sum())} dead neurons of {stats.spec.kind} masked to zero")
+                record.rewrote(RewriteKind.DEAD_MASKED, [node.name], dead=int(dead.sum()), activation=stats.spec.kind)

@@ -32,9 +32,16 @@ import torch.fx as fx
 from egp_export.algebra.convchain import ChainClass, ConvLayer, explicit_padding, merge_chain
 from egp_export.algebra.costmodel import AnalyticCost
 from egp_export.analysis.fx import insert_module_call, shape_of
-from egp_export.analysis.ops import CONV_TYPES, is_identity, module_of, named_modules
-from egp_export.passes.base import GraphPass
+from egp_export.analysis.ops import CONV_TYPES, follow_identities, module_of, named_modules
+from egp_export.passes.base import GraphPass, Recorder
 from egp_export.passes.modules import ConstantAdd
+from egp_export.records import Reason, RefusalCode, RewriteKind
+
+_MERGE_KINDS = {
+    ChainClass.EXACT: RewriteKind.MERGED_EXACT,
+    ChainClass.EXACT_BIAS_MAP: RewriteKind.MERGED_BIAS_MAP,
+    ChainClass.BORDER_APPROXIMATE: RewriteKind.MERGED_BORDER_APPROXIMATE,
+}
 
 
 class MergeConvChains(GraphPass):
@@ -47,22 +54,40 @@ class MergeConvChains(GraphPass):
         self.cost = cost if cost is not None else AnalyticCost()
         self.plan = plan
 
-    def run(self, gm: fx.GraphModule) -> None:
+    def run(self, gm: fx.GraphModule, record: Recorder) -> None:
+        _ChainRun(self, gm, record).merge_chains()
+
+
+class _ChainRun:
+    """One run of the pass over one graph: the graph's modules, call-site counts and the recorder."""
+
+    def __init__(self, config: MergeConvChains, gm: fx.GraphModule, record: Recorder) -> None:
+        self.approximate, self.cost, self.plan = config.approximate, config.cost, config.plan
         self.gm = gm
+        self.record = record
         self.modules = named_modules(gm)
         self.sites = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+
+    def chains(self) -> list[tuple[list[fx.Node], list[list[fx.Node]]]]:
+        """Every maximal chain (convs, identities between consecutive convs), in graph order."""
         successor: dict[fx.Node, tuple[list[fx.Node], fx.Node]] = {}
-        for node in gm.graph.nodes:
+        for node in self.gm.graph.nodes:
             link = self._link(node)
             if link is not None:
                 successor[node] = link
         heads = [n for n in successor if n not in {nxt for _, nxt in successor.values()}]
+        found = []
         for head in heads:
             chain, between = [head], []
             while chain[-1] in successor:
                 gap, nxt = successor[chain[-1]]
                 between.append(gap)
                 chain.append(nxt)
+            found.append((chain, between))
+        return found
+
+    def merge_chains(self) -> None:
+        for chain, between in self.chains():
             self._plan_chain(chain, between)
 
     # Finding chains ------------------------------------------------------
@@ -81,18 +106,12 @@ class MergeConvChains(GraphPass):
         """(identities, next conv) when ``node``'s output only feeds another mergeable conv."""
         if not self._mergeable_conv(node):
             return None
-        gap: list[fx.Node] = []
-        current = node
-        while len(current.users) == 1:
-            user = next(iter(current.users))
-            if is_identity(user, self.modules) and user.args[0] is current:
-                gap.append(user)
-                current = user
-                continue
-            if self._mergeable_conv(user) and user.args[0] is current:
-                same_rank = type(self.modules[str(user.target)]) is type(self.modules[str(node.target)])
-                return (gap, user) if same_rank else None
-            return None
+        gap, user = follow_identities(node, self.modules)
+        current = gap[-1] if gap else node
+        if user is not None and self._mergeable_conv(user) and user.args[0] is current:
+            same_rank = type(self.modules[str(user.target)]) is type(self.modules[str(node.target)])
+            return (gap, user) if same_rank else None
+        return None
         return None
 
     # Planning ------------------------------------------------------------
@@ -102,7 +121,7 @@ class MergeConvChains(GraphPass):
         sizes = [tuple(shape_of(n.args[0])[2:]) for n in chain]
         single = [self.cost.conv_seconds(layer, size) for layer, size in zip(layers, sizes)]
         n = len(chain)
-        segments: dict[tuple[int, int], tuple[float, object, str | None]] = {}
+        segments: dict[tuple[int, int], tuple[float, object, Reason | None]] = {}
         for j in range(n):
             for i in range(j + 2, n + 1):
                 segments[(j, i)] = self._segment(layers[j:i], sizes[j], sum(single[j:i]))
@@ -117,8 +136,8 @@ class MergeConvChains(GraphPass):
             if (j, i) in chosen:
                 continue
             if reason is None:
-                reason = f"a better split exists (this merge: {seconds * 1e6:.1f} us predicted)"
-            self.refuse(chain[i - 1], f"merge of {' -> '.join(names[j:i])} refused: {reason}")
+                reason = Reason(RefusalCode.BETTER_SPLIT, {"predicted_us": round(seconds * 1e6, 2)})
+            self.record.refuse(chain[i - 1], reason, what="conv_merge", chain=names[j:i])
         for j, i in sorted(chosen, reverse=True):
             seconds, merged, _ = segments[(j, i)]
             self._rewrite(chain[j:i], between[j : i - 1], merged, seconds, sum(single[j:i]))
@@ -128,21 +147,15 @@ class MergeConvChains(GraphPass):
         try:
             merged = merge_chain(layers, size)
         except ValueError as error:
-            return math.inf, None, str(error)
+            return math.inf, None, Reason(RefusalCode.NOT_COMPOSABLE, {"why": str(error)})
         if merged.chain_class is ChainClass.BORDER_APPROXIMATE and not self.approximate:
-            return math.inf, merged, "border not exact (later convs pad; allow with approximate=True)"
+            return math.inf, merged, Reason(RefusalCode.BORDER_NOT_EXACT)
         seconds = self.cost.conv_seconds(merged.conv, size)
         if merged.bias_map is not None:
             seconds += self.cost.add_seconds(merged.bias_map.numel())
         if self.plan == "cost" and seconds >= split_seconds:
-            return (
-                seconds,
-                merged,
-                (
-                    f"predicted latency grows: {seconds * 1e6:.1f} us merged vs {split_seconds * 1e6:.1f} us as is "
-                    f"({self.cost.name} cost model)"
-                ),
-            )
+            detail = {"merged_us": seconds * 1e6, "split_us": split_seconds * 1e6, "cost_model": self.cost.name}
+            return seconds, merged, Reason(RefusalCode.COST_GROWS, detail)
         return seconds, merged, None
 
     @staticmethod
@@ -183,12 +196,19 @@ class MergeConvChains(GraphPass):
         last.replace_all_uses_with(output)
         for node in reversed([n for pair in zip(nodes[1:], gaps) for n in (*pair[1], pair[0])]):
             self.gm.graph.erase_node(node)
-        kernel = "x".join(str(k) for k in merged.conv.kernel)
-        self.rewrote(
+        self.record.rewrote(
+            _MERGE_KINDS[merged.chain_class],
             [n.name for n in nodes],
-            f"{' -> '.join(n.name for n in nodes)} merged into one {kernel} conv ({merged.chain_class.value}; "
-            f"predicted {seconds * 1e6:.1f} us vs {split * 1e6:.1f} us)",
+            chain=[n.name for n in nodes],
+            kernel=list(merged.conv.kernel),
+            predicted_us=seconds * 1e6,
+            split_us=split * 1e6,
         )
+
+
+def conv_chains(gm: fx.GraphModule) -> list[tuple[list[fx.Node], list[list[fx.Node]]]]:
+    """The conv chains the pass would plan on ``gm`` (shapes must be propagated)."""
+    return _ChainRun(MergeConvChains(), gm, None).chains()
 
 
 def conv_seconds(gm: fx.GraphModule, cost=None) -> float:

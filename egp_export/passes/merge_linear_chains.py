@@ -1,9 +1,9 @@
 """Merge neighbouring Linear layers, and a pointwise conv into the Linear after global pooling.
 
-Rules are data (``MERGE_RULES``): each says which pair it merges, why it may
-refuse, and how it builds the merged layer. A pair is two layers A -> B with
-only eval-mode identities (Dropout, Identity) between them and A's output read
-by nothing else. Conv chains are ``merge_conv_chains``' business.
+Rules are data (``MERGE_RULES``, on ``passes/rules.py``): each pattern is a
+chain of layers with only eval-mode identities (Dropout, Identity) between
+them, every value but the last read by nothing else. Conv chains are
+``merge_conv_chains``' business.
 
     Linear -> Linear:  W = W2 W1,  b = W2 b1 + b2                          (exact)
     1x1 conv -> global average pool -> flatten -> Linear:
@@ -16,24 +16,29 @@ in*out > in*h + h*out.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from egp_export.algebra.affine import layer_refusal
-from egp_export.analysis.ops import CONV_TYPES, LINEAR_TYPES, is_identity, module_of, named_modules
-from egp_export.passes.base import GraphPass
+from egp_export.analysis.ops import (
+    CONV_TYPES,
+    LINEAR_TYPES,
+    is_flatten_from_channels,
+    is_global_average_pool,
+    is_identity,
+    module_of,
+)
+from egp_export.passes.rules import Applied, Chain, Match, Op, Rule, RuleSetPass, Skip
+from egp_export.records import Reason, RefusalCode, RewriteKind
 
 
-@dataclass(frozen=True)
-class MergeRule:
-    name: str
-    matches: Callable[[nn.Module, nn.Module], bool]
-    refusal: Callable[[nn.Module, nn.Module], str | None]
-    merge: Callable[[nn.Module, nn.Module], nn.Module]
+def _is_linear_module(node: fx.Node, modules) -> bool:
+    return isinstance(module_of(node, modules), LINEAR_TYPES) and bool(node.args) and isinstance(node.args[0], fx.Node)
+
+
+def _is_conv_module(node: fx.Node, modules) -> bool:
+    return isinstance(module_of(node, modules), CONV_TYPES)
 
 
 def _bias(module: nn.Module) -> torch.Tensor:
@@ -41,15 +46,7 @@ def _bias(module: nn.Module) -> torch.Tensor:
     return module.bias.detach().to(torch.float64) if module.bias is not None else torch.zeros(rows, dtype=torch.float64)
 
 
-def _linear_refusal(a: nn.Linear, b: nn.Linear) -> str | None:
-    before = a.in_features * a.out_features + b.in_features * b.out_features
-    after = a.in_features * b.out_features
-    if after > before:
-        return f"MACs would grow from {before} to {after} per token (hidden width {a.out_features} is too narrow)"
-    return None
-
-
-def _merge_linear(a: nn.Linear, b: nn.Linear) -> nn.Linear:
+def _merged_linear(a: nn.Linear, b: nn.Linear) -> nn.Linear:
     # W = W2 W1, b = W2 b1 + b2
     w1, w2 = a.weight.detach().to(torch.float64), b.weight.detach().to(torch.float64)
     merged = nn.Linear(a.in_features, b.out_features, bias=True, dtype=a.weight.dtype, device=a.weight.device)
@@ -59,113 +56,38 @@ def _merge_linear(a: nn.Linear, b: nn.Linear) -> nn.Linear:
     return merged
 
 
-MERGE_RULES: tuple[MergeRule, ...] = (
-    MergeRule(
-        "linear->linear",
-        lambda a, b: isinstance(a, LINEAR_TYPES) and isinstance(b, LINEAR_TYPES),
-        _linear_refusal,
-        _merge_linear,
-    ),
-)
+def _replace_module(match: Match, node: fx.Node, module: nn.Module) -> None:
+    old = match.modules[str(node.target)]
+    match.gm.add_submodule(str(node.target), module.train(old.training))
+    match.modules[str(node.target)] = module
 
 
-class MergeLinearChains(GraphPass):
-    name = "merge_linear_chains"
+# Linear -> (identities) -> Linear ---------------------------------------------
 
-    def __init__(self, rules: tuple[MergeRule, ...] = MERGE_RULES) -> None:
-        self.rules = rules
 
-    def run(self, gm: fx.GraphModule) -> None:
-        modules = named_modules(gm)
-        for node in list(gm.graph.nodes):
-            if node.graph is not gm.graph or node.op == "output":
-                continue  # erased by an earlier merge in this run
-            first = module_of(node, modules)
-            if isinstance(first, CONV_TYPES):
-                self._merge_pooled_head(gm, node, modules)
-                continue
-            if not isinstance(first, LINEAR_TYPES):
-                continue
-            between, second_node = self._follow(node, modules)
-            second = module_of(second_node, modules) if second_node is not None else None
-            if not isinstance(second, LINEAR_TYPES):
-                continue
-            rule = next((r for r in self.rules if r.matches(first, second)), None)
-            if rule is None:
-                continue
-            reason = (
-                layer_refusal(node, gm, modules)
-                or layer_refusal(second_node, gm, modules)
-                or rule.refusal(first, second)
-            )
-            if reason:
-                self.refuse(second_node, f"{rule.name} merge of '{node.name}' and '{second_node.name}' refused: {reason}")
-                continue
-            merged = rule.merge(first, second).train(first.training)
-            gm.add_submodule(str(node.target), merged)
-            modules[str(node.target)] = merged
-            if "tensor_meta" in second_node.meta:
-                node.meta["tensor_meta"] = second_node.meta["tensor_meta"]
-            second_node.replace_all_uses_with(node)
-            for dead in [second_node, *reversed(between)]:
-                gm.graph.erase_node(dead)
-            self.rewrote(
-                [node.name, *[b.name for b in between], second_node.name],
-                f"{rule.name}: '{node.target}' absorbed '{second_node.target}'",
-            )
+def _linear_pair_refusal(match: Match) -> Reason | None:
+    reason = layer_refusal(match["first"], match.gm, match.modules) or layer_refusal(match["second"], match.gm, match.modules)
+    if reason is not None:
+        return reason
+    a, b = match.modules[str(match["first"].target)], match.modules[str(match["second"].target)]
+    before = a.in_features * a.out_features + b.in_features * b.out_features
+    after = a.in_features * b.out_features
+    if after > before:
+        return Reason(RefusalCode.MACS_GROW, {"before": before, "after": after, "hidden": a.out_features})
+    return None
 
-    def _merge_pooled_head(self, gm: fx.GraphModule, conv_node: fx.Node, modules: dict[str, nn.Module]) -> None:
-        """1x1 conv -> global average pool -> flatten -> (identities) -> Linear: the conv joins the Linear."""
-        path = []
-        current = conv_node
-        for accepts in (_is_global_average_pool, _is_flatten_from_channels):
-            if len(current.users) != 1:
-                return
-            user = next(iter(current.users))
-            if not accepts(user, modules) or user.args[0] is not current:
-                return
-            path.append(user)
-            current = user
-        between, linear_node = self._follow(current, modules)
-        if linear_node is None or not isinstance(module_of(linear_node, modules), LINEAR_TYPES):
-            return
-        conv = modules[str(conv_node.target)]
-        reason = (
-            layer_refusal(conv_node, gm, modules)
-            or layer_refusal(linear_node, gm, modules)
-            or (None if _is_plain_pointwise(conv) else "the conv is not 1x1 with stride 1, no padding and no groups")
-        )
-        if reason:
-            self.refuse(linear_node, f"pooled-head merge of '{conv_node.name}' into '{linear_node.name}' refused: {reason}")
-            return
-        linear = modules[str(linear_node.target)]
-        as_linear = nn.Linear(conv.in_channels, conv.out_channels, dtype=conv.weight.dtype)
-        with torch.no_grad():
-            as_linear.weight.copy_(conv.weight.detach().flatten(1))
-            as_linear.bias.copy_(_bias(conv).to(conv.weight.dtype))
-        merged = _merge_linear(as_linear, linear).train(linear.training)
-        gm.add_submodule(str(linear_node.target), merged)
-        modules[str(linear_node.target)] = merged
-        path[0].replace_input_with(conv_node, conv_node.args[0])
-        gm.graph.erase_node(conv_node)
-        self.rewrote(
-            [conv_node.name, *[p.name for p in path], linear_node.name],
-            f"pooled head: 1x1 conv '{conv_node.target}' moved behind the global pool and merged into '{linear_node.target}'",
-        )
 
-    @staticmethod
-    def _follow(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[fx.Node], fx.Node | None]:
-        """Identities after ``node`` (each the only user of the one before) and the node after them."""
-        between: list[fx.Node] = []
-        current = node
-        while len(current.users) == 1:
-            user = next(iter(current.users))
-            if is_identity(user, modules) and user.args[0] is current:
-                between.append(user)
-                current = user
-                continue
-            return between, user
-        return between, None
+def _merge_linear_pair(match: Match) -> Applied:
+    first, second = match["first"], match["second"]
+    a, b = match.modules[str(first.target)], match.modules[str(second.target)]
+    _replace_module(match, first, _merged_linear(a, b))
+    if "tensor_meta" in second.meta:
+        first.meta["tensor_meta"] = second.meta["tensor_meta"]
+    detail = {"rule": "linear->linear", "into": str(first.target), "absorbed": str(second.target)}
+    return Applied(RewriteKind.LINEAR_MERGED, detail, first)
+
+
+# 1x1 conv -> global average pool -> flatten -> (identities) -> Linear ------------
 
 
 def _is_plain_pointwise(conv: nn.Module) -> bool:
@@ -177,28 +99,48 @@ def _is_plain_pointwise(conv: nn.Module) -> bool:
     )
 
 
-def _is_global_average_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    module = module_of(node, modules)
-    if isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
-        size = module.output_size
-        return all(s == 1 for s in (size if isinstance(size, tuple) else (size,)))
-    if node.op == "call_function" and node.target in (
-        torch.nn.functional.adaptive_avg_pool1d, torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.adaptive_avg_pool3d
-    ):
-        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
-        return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
-    return False
+def _pooled_head_refusal(match: Match) -> Reason | None:
+    reason = layer_refusal(match["conv"], match.gm, match.modules) or layer_refusal(match["linear"], match.gm, match.modules)
+    if reason is not None:
+        return reason
+    if not _is_plain_pointwise(match.modules[str(match["conv"].target)]):
+        return Reason(RefusalCode.NOT_PLAIN_POINTWISE)
+    return None
 
 
-def _is_flatten_from_channels(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    module = module_of(node, modules)
-    if isinstance(module, nn.Flatten):
-        return module.start_dim == 1 and module.end_dim == -1
-    is_flatten = (node.op == "call_function" and node.target is torch.flatten) or (
-        node.op == "call_method" and node.target == "flatten"
-    )
-    if not is_flatten:
-        return False
-    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-    return start == 1 and end == -1
+def _merge_pooled_head(match: Match) -> Applied:
+    # mean_hw(W1 x + b1) = W1 mean_hw(x) + b1: the conv moves behind the pool as a Linear, then W = W2 W1, b = W2 b1 + b2
+    conv_node, linear_node = match["conv"], match["linear"]
+    conv, linear = match.modules[str(conv_node.target)], match.modules[str(linear_node.target)]
+    as_linear = nn.Linear(conv.in_channels, conv.out_channels, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        as_linear.weight.copy_(conv.weight.detach().flatten(1))
+        as_linear.bias.copy_(_bias(conv).to(conv.weight.dtype))
+    _replace_module(match, linear_node, _merged_linear(as_linear, linear))
+    match["pool"].replace_input_with(conv_node, conv_node.args[0])
+    return Applied(RewriteKind.POOLED_HEAD_MERGED, {"conv": str(conv_node.target), "linear": str(linear_node.target)})
+
+
+LINEAR_PAIR = Chain(Op(_is_linear_module, "first"), Skip(is_identity, "between"), Op(_is_linear_module, "second"))
+POOLED_HEAD = Chain(
+    Op(_is_conv_module, "conv"),
+    Op(is_global_average_pool, "pool"),
+    Op(is_flatten_from_channels, "flatten"),
+    Skip(is_identity, "between"),
+    Op(_is_linear_module, "linear"),
+)
+
+MERGE_RULES: tuple[Rule, ...] = (
+    Rule("linear->linear", LINEAR_PAIR, _linear_pair_refusal, _merge_linear_pair),
+    Rule("pooled_head", POOLED_HEAD, _pooled_head_refusal, _merge_pooled_head),
+)
+
+
+class MergeLinearChains(RuleSetPass):
+    name = "merge_linear_chains"
+    rules = MERGE_RULES
+
+    def attempt(self, rule: Rule, match: Match) -> dict:
+        if rule.name == "pooled_head":
+            return {"what": "pooled_head", "conv": match["conv"].name, "linear": match["linear"].name}
+        return {"what": "linear_merge", "rule": rule.name, "first": match["first"].name, "second": match["second"].name}

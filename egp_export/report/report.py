@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from egp_export.io.fileio import atomic_path, check_writable, write_text_atomic
+from egp_export.report.messages import describe_reason
 
 if TYPE_CHECKING:  # onnx_export imports onnx and onnxruntime; reports are written without them
     from egp_export.export.onnx import ExportResult
@@ -32,7 +33,6 @@ ANALYZE_OUTPUTS = (REPORT_JSON, REPORT_MARKDOWN)
 COMPILE_OUTPUTS = (ONNX_MODEL, REPORT_JSON, REPORT_MARKDOWN, ENTROPY_PLOT)
 
 # Site actions that mean "this activation is gone" (linearize_activations' wording).
-_LINEARIZED_MARK = "-> affine"
 _MISSING = "—"
 # Bar colours of the entropy chart: kept nonlinear, linearized.
 _KEPT_COLOUR = "#4c72b0"
@@ -60,10 +60,9 @@ def with_export(report: dict, export: ExportResult) -> dict:
 
 def is_linearized(site: dict) -> bool:
     """Whether the compile replaced this site by an affine map (an analysis row: whether it could)."""
-    action = site.get("action")
-    if action is None:
-        return bool(site.get("linear"))
-    return _LINEARIZED_MARK in action
+    if "linearized" in site:
+        return bool(site["linearized"])
+    return bool(site.get("linear"))
 
 
 def analysis_of(report: dict) -> dict:
@@ -288,7 +287,8 @@ def _site_table(analysis: dict, *, with_action: bool) -> list[str]:
         if with_action:
             last = site.get("action", _MISSING)
         else:
-            last = "yes" if site.get("linear") else f"no: {site.get('why_not_linear') or 'nonlinear'}"
+            why = site.get("why_not_linear")
+            last = "yes" if site.get("linear") else f"no: {describe_reason(why) if why else 'nonlinear'}"
         cells = [
             f"`{site['name']}`",
             str(site.get("activation", _MISSING)),

@@ -14,6 +14,7 @@ from egp_export.analysis.ops import named_modules
 from egp_export.analysis.stats import META_KEY, SiteStats, analyze, calibrate, site_stats, summarize_sites
 from egp_export.analysis.trace import trace
 from egp_export.errors import CalibrationError
+from egp_export.records import Reason, RefusalCode
 from tests.conftest import engineer
 
 pytestmark = pytest.mark.usefixtures("tiny_model_runtime")
@@ -274,7 +275,7 @@ def test_analyze_reports_one_row_per_site():
     assert relu["constant_fraction"] == 1.0
     assert relu["region_fractions"] == [0.25, 0.75]
     assert relu["min_margin"] > 45.0
-    assert not gelu["linear"] and "deviate" in gelu["why_not_linear"]
+    assert not gelu["linear"] and gelu["why_not_linear"]["code"] == RefusalCode.SURROGATE_ERROR.value
     assert gelu["surrogate_error"] > 1e-5
     assert report["mean_entropy"] == pytest.approx((relu["entropy"] + gelu["entropy"]) / 2)
 
@@ -305,7 +306,7 @@ def test_smooth_site_in_the_nonlinear_range_depends_on_the_tolerance():
     strict, loose = stats.linear_map(1e-5), stats.linear_map(1e-2)
 
     assert not strict.ok and strict.scale is None
-    assert "deviate from their best affine fit" in strict.reason
+    assert strict.refusal.code is RefusalCode.SURROGATE_ERROR
     assert loose.ok and 0.0 < loose.max_error <= 1e-2
     # Whatever map was chosen (the fit, or exact zero/identity where those are within the tolerance),
     # it stays within the tolerance of SiLU on every neuron's calibrated range.
@@ -354,9 +355,9 @@ def test_piecewise_site_refusals():
     middle = site(nn.Hardswish())
     middle.observe(torch.tensor([[0.5, 10.0], [-0.5, 11.0]]))
 
-    assert "1 of 2 neurons cross a region boundary" in crossing.linear_map(1.0).reason
-    assert "1 neurons stay in a region where hardswish is not affine" in middle.linear_map(1.0).reason
-    assert "no calibration data" in site(nn.ReLU()).linear_map(1.0).reason
+    assert crossing.linear_map(1.0).refusal == Reason(RefusalCode.NEURONS_CROSS_BOUNDARY, {"crossing": 1, "neurons": 2})
+    assert middle.linear_map(1.0).refusal == Reason(RefusalCode.NONAFFINE_REGION, {"count": 1, "activation": "hardswish"})
+    assert site(nn.ReLU()).linear_map(1.0).refusal.code is RefusalCode.NO_CALIBRATION_DATA
 
 
 class ActivationByKeyword(nn.Module):

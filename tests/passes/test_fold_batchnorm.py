@@ -11,6 +11,7 @@ import torch.nn as nn
 from egp_export.passes import FoldBatchNorm
 from egp_export.passes.fold_batchnorm import batchnorm_affine
 from egp_export.passes.modules import ChannelAffine
+from egp_export.records import RewriteKind
 from tests.conftest import (
     CONV_IDS,
     CONV_VARIANTS,
@@ -104,7 +105,7 @@ def _kept_as_affine(model: nn.Module, example: torch.Tensor, fresh: torch.Tensor
     (affine,) = affines(gm)
     assert isinstance(affine, ChannelAffine) and affine.dim == 1
     assert any(reason in r for r in reasons(result)), reasons(result)
-    assert any("became a per-channel affine map" in r.action for r in result.rewrites)
+    assert any(r.kind is RewriteKind.BN_TO_AFFINE for r in result.rewrites)
     assert_same_function(model, gm, fresh)
 
 

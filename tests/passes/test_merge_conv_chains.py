@@ -15,6 +15,7 @@ from egp_export.analysis.numerics import compare
 from egp_export.analysis.trace import trace
 from egp_export.passes import MergeConvChains, finalize
 from egp_export.passes.modules import ConstantAdd
+from egp_export.records import RefusalCode, RewriteKind
 
 
 def _run(model: nn.Module, shape, **options):
@@ -63,7 +64,7 @@ def test_kxk_then_pointwise_is_exact(rank, bias, stride, dilation):
     shape = (3,) + (12,) * rank
     gm, result = _run(model, shape, cost=_Free())
     assert len(_convs(gm)) == 1
-    assert result.rewrites and "exact" in result.rewrites[0].action
+    assert result.rewrites and result.rewrites[0].kind is RewriteKind.MERGED_EXACT
     gm.graph.lint()
     _check_numerics(model, gm, shape)
     _check_onnx(gm, shape)
@@ -85,7 +86,7 @@ def test_pointwise_then_padded_conv_gets_a_bias_map():
     gm, result = _run(model, (4, 8, 8), cost=_Free())
     assert len(_convs(gm)) == 1
     assert sum(isinstance(m, ConstantAdd) for m in gm.modules()) == 1
-    assert "exact-bias-map" in result.rewrites[0].action
+    assert result.rewrites[0].kind is RewriteKind.MERGED_BIAS_MAP
     _check_numerics(model, gm, (4, 8, 8))
     _check_onnx(gm, (4, 8, 8))
 
@@ -94,13 +95,13 @@ def test_padded_then_padded_is_refused_as_border_approximate():
     model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1))
     gm, result = _run(model, (4, 8, 8), cost=_Free())
     assert len(_convs(gm)) == 2 and not result.modified
-    assert any("border not exact" in r.reason for r in result.refusals)
+    assert any(r.code is RefusalCode.BORDER_NOT_EXACT for r in result.refusals)
 
 
 def test_border_approximate_merge_when_allowed_differs_only_on_the_ring():
     model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)).eval()
     gm, result = _run(model, (4, 8, 8), cost=_Free(), approximate=True)
-    assert len(_convs(gm)) == 1 and "border-approximate" in result.rewrites[0].action
+    assert len(_convs(gm)) == 1 and result.rewrites[0].kind is RewriteKind.MERGED_BORDER_APPROXIMATE
     x = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
         diff = (model(x) - gm(x)).abs()
@@ -113,7 +114,7 @@ def test_merge_refused_when_predicted_latency_grows():
     model = nn.Sequential(nn.Conv2d(32, 32, 3), nn.Conv2d(32, 32, 3))
     gm, result = _run(model, (32, 16, 16))
     assert len(_convs(gm)) == 2
-    assert any("predicted latency grows" in r.reason for r in result.refusals)
+    assert any(r.code is RefusalCode.COST_GROWS for r in result.refusals)
 
 
 def test_plan_all_merges_whatever_it_costs():

@@ -10,7 +10,8 @@ import torch.nn as nn
 from egp_export.analysis.summary import depth, summarize
 from egp_export.compiler import compile as egp_compile
 from egp_export.errors import VerificationError
-from egp_export.passes import GraphPass, MergeLinearChains, PassManager, Step, default_steps
+from egp_export.passes import FixedPoint, GraphPass, MergeLinearChains, PassManager, Recorder, default_steps, folding_loop
+from egp_export.records import Reason, RefusalCode, RewriteKind
 from tests.conftest import (
     activation_count,
     affines,
@@ -29,39 +30,30 @@ class ScaleFirstConv(GraphPass):
 
     name = "scale_first_conv"
 
-    def run(self, gm: fx.GraphModule) -> None:
+    def run(self, gm: fx.GraphModule, record: Recorder) -> None:
         node = next(n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d))
         with torch.no_grad():
             gm.get_submodule(node.target).weight.mul_(2.0)
-        self.rewrote([node], "doubled the weights")
+        record.rewrote(RewriteKind.BN_FOLDED, [node], batchnorm="none", layer=str(node.target))
 
 
 class Noop(GraphPass):
     name = "noop"
 
-    def run(self, gm: fx.GraphModule) -> None:
-        self.refuse("somewhere", "nothing to do here")
+    def run(self, gm: fx.GraphModule, record: Recorder) -> None:
+        record.refuse("somewhere", Reason(RefusalCode.NO_CONSUMERS))
 
 
-class AlwaysModifies(GraphPass):
-    """Claims a rewrite every time (a pass that never reaches its fixed point)."""
+class Counting(GraphPass):
+    """Modifies on its first ``changes`` runs, then has nothing left to do; logs every run to ``log``."""
 
-    calls = 0
+    def __init__(self, name: str, changes: int, log: list[str]) -> None:
+        self.name, self.changes, self.log = name, changes, log
 
-    def run(self, gm: fx.GraphModule) -> None:
-        AlwaysModifies.calls += 1
-        self.rewrote(["x"], f"call {AlwaysModifies.calls}")
-
-
-class ModifiesTwice(GraphPass):
-    """Modifies on its first two runs, then has nothing left to do."""
-
-    calls = 0
-
-    def run(self, gm: fx.GraphModule) -> None:
-        ModifiesTwice.calls += 1
-        if ModifiesTwice.calls <= 2:
-            self.rewrote(["x"], f"call {ModifiesTwice.calls}")
+    def run(self, gm: fx.GraphModule, record: Recorder) -> None:
+        self.log.append(self.name)
+        if self.log.count(self.name) <= self.changes:
+            record.rewrote(RewriteKind.AFFINE_REMOVED, ["x"])
 
 
 class BreaksTheGraph(GraphPass):
@@ -69,12 +61,12 @@ class BreaksTheGraph(GraphPass):
 
     name = "breaks_the_graph"
 
-    def run(self, gm: fx.GraphModule) -> None:
+    def run(self, gm: fx.GraphModule, record: Recorder) -> None:
         output = next(n for n in gm.graph.nodes if n.op == "output")
         with gm.graph.inserting_after(output):
             late = gm.graph.call_function(torch.neg, (output.args[0],))
         output.args = (late,)
-        self.rewrote([late], "inserted after the output")
+        record.rewrote(RewriteKind.AFFINE_REMOVED, [late])
 
 
 class ReturnsACopy(GraphPass):
@@ -85,8 +77,8 @@ class ReturnsACopy(GraphPass):
         result.module = fx.GraphModule(gm, gm.graph)
         return result
 
-    def run(self, gm: fx.GraphModule) -> None:
-        self.rewrote(["x"], "pretended")
+    def run(self, gm: fx.GraphModule, record: Recorder) -> None:
+        record.rewrote(RewriteKind.AFFINE_REMOVED, ["x"])
 
 
 def _conv_model() -> nn.Module:
@@ -97,11 +89,7 @@ def test_debug_mode_names_the_pass_that_breaks_numerics():
     model = _conv_model()
     example = torch.randn(4, 3, 6, 6)
     gm = prepare(model, example)
-    manager = PassManager(
-        [Step("noop", Noop, fixed_point=False), Step("scale_first_conv", ScaleFirstConv, fixed_point=False)],
-        example_input=example[:1],
-        debug_inputs=torch.randn(4, 3, 6, 6),
-    )
+    manager = PassManager([Noop(), ScaleFirstConv()], example_input=example[:1], debug_inputs=torch.randn(4, 3, 6, 6))
 
     with pytest.raises(VerificationError, match=r"pass 'scale_first_conv' changed the model's output by max_rel="):
         manager.run(gm)
@@ -109,66 +97,92 @@ def test_debug_mode_names_the_pass_that_breaks_numerics():
 
 def test_without_debug_inputs_a_wrong_pass_goes_unnoticed_by_the_manager():
     gm = prepare(_conv_model(), torch.randn(2, 3, 6, 6))
-    result = PassManager([Step("scale_first_conv", ScaleFirstConv, fixed_point=False)]).run(gm)
+    result = PassManager([ScaleFirstConv()]).run(gm)
 
-    assert [r.action for r in result.rewrites] == ["doubled the weights"]
+    assert [r.kind for r in result.rewrites] == [RewriteKind.BN_FOLDED]
 
 
-def test_refusals_and_rewrites_are_recorded_with_the_pass_and_the_reason():
+def test_refusals_and_rewrites_are_recorded_with_the_pass_and_the_code():
     gm = prepare(_conv_model(), torch.randn(2, 3, 6, 6))
-    result = PassManager([Step("noop", Noop, fixed_point=False), Step("noop_loop", Noop)]).run(gm)
+    result = PassManager([Noop(), FixedPoint([Noop()])]).run(gm)
 
-    assert [(r.pass_name, r.node, r.reason) for r in result.refusals] == [
-        ("noop", "somewhere", "nothing to do here"),
-        ("noop", "somewhere", "nothing to do here"),
+    assert [(r.pass_name, r.node, r.code) for r in result.refusals] == [
+        ("noop", "somewhere", RefusalCode.NO_CONSUMERS),
+        ("noop", "somewhere", RefusalCode.NO_CONSUMERS),
     ]
-    assert result.refusals[0].to_dict() == {"pass": "noop", "node": "somewhere", "reason": "nothing to do here"}
-    assert result.steps_run == [("noop", 1), ("noop_loop", 1)]
+    assert result.refusals[0].to_dict() == {
+        "pass": "noop", "node": "somewhere", "code": "no_consumers", "detail": {}, "attempt": {}
+    }
+    assert result.steps_run == [("noop", 1), ("noop", 1)]
+
+
+def test_steps_run_in_the_order_listed():
+    # A once-step listed after a fixed-point group runs after that group, not before it.
+    log: list[str] = []
+    gm = prepare(_conv_model(), torch.randn(2, 3, 6, 6))
+    steps = [Counting("first", 0, log), FixedPoint([Counting("loop", 2, log)], cap=8), Counting("last", 0, log)]
+    result = PassManager(steps).run(gm)
+
+    assert log == ["first", "loop", "loop", "loop", "last"]
+    assert result.steps_run == [("first", 1), ("loop", 3), ("last", 1)]
 
 
 def test_fixed_point_steps_stop_at_their_cap():
-    AlwaysModifies.calls = 0
+    log: list[str] = []
     gm = prepare(_conv_model(), torch.randn(2, 3, 6, 6))
-    result = PassManager([Step("forever", AlwaysModifies, cap=3)], rounds=2).run(gm)
+    forever = Counting("forever", 10**9, log)
+    result = PassManager([FixedPoint([FixedPoint([forever], cap=3)], cap=2)]).run(gm)
 
-    assert AlwaysModifies.calls == 6  # cap x rounds, then the manager gives up
+    assert len(log) == 6  # cap x rounds, then the manager gives up
     assert result.steps_run == [("forever", 3), ("forever", 3)]
     assert len(result.rewrites) == 6
 
 
 def test_a_change_in_the_last_capped_iteration_still_starts_another_round():
     # cap=1: the step changes the graph in round 1, so round 2 must look again (and round 3 finds nothing).
-    ModifiesTwice.calls = 0
+    log: list[str] = []
     gm = prepare(_conv_model(), torch.randn(2, 3, 6, 6))
-    result = PassManager([Step("twice", ModifiesTwice, cap=1)], rounds=3).run(gm)
+    result = PassManager([FixedPoint([FixedPoint([Counting("twice", 2, log)], cap=1)], cap=3)]).run(gm)
 
-    assert ModifiesTwice.calls == 3, result.steps_run
+    assert len(log) == 3, result.steps_run
     assert len(result.rewrites) == 2
+
+
+def test_a_pass_declares_its_name_once_and_keeps_no_run_state():
+    # The same pass object runs on two graphs; what it found lives in each run's result.
+    merge = MergeLinearChains()
+    model = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 3)).eval()
+    results = [PassManager([merge]).run(prepare(model, torch.randn(2, 4))) for _ in range(2)]
+
+    assert [len(r.rewrites) for r in results] == [1, 1]
+    assert {r.pass_name for result in results for r in result.rewrites} == {MergeLinearChains.name}
+    assert vars(merge) == {}
 
 
 def test_lint_runs_after_every_modifying_pass():
     gm = prepare(_conv_model(), torch.randn(2, 3, 6, 6))
 
     with pytest.raises(RuntimeError, match="used before it has been defined"):
-        PassManager([Step("breaks_the_graph", BreaksTheGraph, fixed_point=False)]).run(gm)
+        PassManager([BreaksTheGraph()]).run(gm)
 
 
 def test_a_pass_must_rewrite_in_place():
     gm = prepare(_conv_model(), torch.randn(2, 3, 6, 6))
 
     with pytest.raises(RuntimeError, match="pass 'returns_a_copy' returned a different module"):
-        PassManager([Step("returns_a_copy", ReturnsACopy, fixed_point=False)]).run(gm)
+        PassManager([ReturnsACopy()]).run(gm)
 
 
-def test_merging_a_chain_of_three_needs_the_fixed_point():
+def test_merging_a_chain_of_three_reaches_its_fixed_point():
     model = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 16), nn.Dropout(), nn.Linear(16, 3)).eval()
     example = torch.randn(3, 4)
     gm = prepare(model, example)
-    result = PassManager([Step("merge_linear_chains", MergeLinearChains)], example_input=example[:1]).run(gm)
+    result = PassManager([folding_loop([MergeLinearChains()])], example_input=example[:1]).run(gm)
 
     assert count_calls(gm, nn.Linear) == 1
-    # One merge per run, then a run with nothing left; a second round confirms the fixed point.
-    assert result.steps_run == [("merge_linear_chains", 3), ("merge_linear_chains", 1)]
+    # Both merges in one run (the rule set visits the merged layer's reader next), then a run with
+    # nothing left; a second round confirms the fixed point.
+    assert result.steps_run == [("merge_linear_chains", 2), ("merge_linear_chains", 1)]
     assert_same_function(model, gm, torch.randn(5, 4))
 
 
@@ -214,7 +228,9 @@ def test_default_pipeline_flattens_an_engineered_network():
     assert activation_count(gm) == 0 and affines(gm) == []
     assert count_calls(gm, nn.BatchNorm2d) == 0
     assert before == 4 and depth(gm) < before
-    assert [name for name, _ in result.steps_run][:3] == ["eliminate_eval_identities", "fold_batchnorm", "linearize_activations"]
+    assert [name for name, _ in result.steps_run][:4] == [
+        "bind_functional_layers", "eliminate_eval_identities", "fold_batchnorm", "linearize_activations"
+    ]
     passes = {r.pass_name for r in result.rewrites}
     assert {
         "fold_batchnorm",
@@ -248,7 +264,9 @@ def test_pipeline_records_why_a_site_stays():
     result = PassManager(default_steps(1e-5, channel_alignment=1), example_input=calibration[0][:1]).run(gm)
 
     assert activation_count(gm) == 1
-    assert any(r.pass_name == "linearize_activations" and "cross a region boundary" in r.reason for r in result.refusals)
+    assert any(
+        r.pass_name == "linearize_activations" and r.code is RefusalCode.NEURONS_CROSS_BOUNDARY for r in result.refusals
+    )
     assert_same_function(model, gm, torch.randn(4, 3, 6, 6))
 
 

@@ -50,11 +50,11 @@ def comparison() -> Comparison:
 
 def compile_report(sites: int = 12) -> dict:
     rows = [
-        {"name": f"layer{i}_relu", "activation": "relu", "entropy": 0.0 if i % 3 == 0 else 0.7, "action": "kept"}
+        {"name": f"layer{i}_relu", "activation": "relu", "entropy": 0.0 if i % 3 == 0 else 0.7, "linearized": False}
         for i in range(sites)
     ]
     for row in rows[::3]:
-        row["action"] = "relu -> affine (8 identity, 0 zero)"
+        row["linearized"] = True
     return {
         "before": {"depth": 18, "layers": 21, "activations": sites},
         "after": {"depth": 16, "layers": 19, "activations": sites - len(rows[::3])},

@@ -176,7 +176,7 @@ def test_plot_entropy_colours_linearized_sites_differently(compiled, tmp_path):
     report = compiled[0].report
     swapped = json.loads(to_json(report))
     for site in swapped["analysis"]["sites"]:
-        site["action"] = "kept"
+        site["linearized"] = False
 
     first = plot_entropy(report, tmp_path / "a.png").read_bytes()
     second = plot_entropy(swapped, tmp_path / "b.png").read_bytes()
