@@ -166,9 +166,9 @@ def prune(
     (all for None), in batches of 128, as ``entropy`` defines it (None: the
     method's default, ``DEFAULT_ENTROPY``; ``"reference"`` is EGP's only);
     accuracy on ``eval_data``. ``prune_shortcuts`` also prunes the shortcut
-    convs of residual adds (the reference never does). Each iteration prunes ``rate``
-    of the weights left in the eligible layers (EGP, NEPENTHE) or removes one
-    activation (EASIER), then trains ``epochs_per_iteration`` epochs with a
+    convs of residual adds (the reference never does). Each iteration prunes
+    ``rate`` of the weights left in the eligible layers (EGP, NEPENTHE) or
+    removes one activation (EASIER), then trains ``epochs_per_iteration`` epochs with a
     fresh optimizer and schedule (training.py). An iteration more than
     ``max_accuracy_drop`` below the dense accuracy is rejected; the next one
     only fine-tunes (layer collapse often recovers), and a second rejection
