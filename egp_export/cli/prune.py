@@ -17,7 +17,9 @@
 The eval split is ``--eval-data`` (same forms) or, without it, the last
 ``--eval-fraction`` of a seeded permutation of ``--data``.
 
-Under ``torchrun`` the same command runs distributed (egp_export.prune.distributed).
+Under ``torchrun`` the same command runs distributed (egp_export.prune.distributed):
+
+    torchrun --nproc_per_node=2 -m egp_export prune --arch ... --data builtin:digits --out DIR
 Errors the user can cause print ``egp-export: error: ...`` and exit with the
 error's code; nothing but the pruning outputs is written.
 """
@@ -32,7 +34,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from egp_export.cli.common import PROG, fraction, non_negative_float, non_negative_int, positive_float, positive_int, run_command
-from egp_export.errors import CalibrationError
+from egp_export.errors import CalibrationError, EgpExportError
 
 BUILTIN_DIGITS = "builtin:digits"
 INPUT_KEYS = ("inputs", "input", "x", "data", "images")
@@ -40,19 +42,9 @@ TARGET_KEYS = ("targets", "target", "labels", "label", "y")
 DEFAULT_EVAL_FRACTION = 0.2
 
 
-
-
-
-
-
-
-
-
-
-
 def add_prune_command(subparsers) -> argparse.ArgumentParser:
     """Register ``prune`` on an ``add_subparsers()`` object; the parsed namespace's ``run`` executes it."""
-    # Defaults are literals here: importing pruning.py for them would load torch for --help.
+    # Defaults are literals here: importing egp_export.prune.api for them would load torch for --help.
     parser = subparsers.add_parser(
         "prune",
         help="entropy-guided pruning (EGP, NEPENTHE, EASIER) with fine-tuning; writes pruned.pt for compile",
@@ -80,6 +72,13 @@ def add_prune_command(subparsers) -> argparse.ArgumentParser:
     )
     method = parser.add_argument_group("pruning")
     method.add_argument("--method", choices=("egp", "nepenthe", "easier"), default="egp", help="default egp")
+    method.add_argument(
+        "--entropy", choices=("reference", "pooled"),
+        help="layer entropy: 'reference' (EGP's code: per batch of 128, mean over the neurons not constant in it; "
+        "EGP's default) or 'pooled' (over all samples and neurons at once; NEPENTHE's and EASIER's default)",
+    )
+    method.add_argument("--prune-shortcuts", action="store_true",
+                        help="also prune the shortcut (downsample) convs of residual blocks (EGP's code never does)")
     method.add_argument("--rate", type=fraction, default=0.5, help="fraction of the eligible weights pruned per iteration "
                         "(default 0.5, the paper's halving)")
     method.add_argument("--iterations", type=non_negative_int, default=10, help="at most this many iterations (default 10)")
@@ -90,12 +89,12 @@ def add_prune_command(subparsers) -> argparse.ArgumentParser:
     )
     method.add_argument("--target-linear-sites", type=non_negative_int, metavar="N",
                         help="stop once N activation sites are linear on the data")
-    training = parser.add_argument_group("fine-tuning (defaults: the papers' SGD recipe)")
+    training = parser.add_argument_group("fine-tuning (defaults: EGP's reference SGD recipe)")
     training.add_argument("--epochs-per-iteration", type=non_negative_int, default=5, metavar="E", help="default 5")
     training.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd")
     training.add_argument("--lr", type=positive_float, default=0.1, help="learning rate (default 0.1)")
     training.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum (default 0.9)")
-    training.add_argument("--weight-decay", type=non_negative_float, default=5e-4, help="default 5e-4")
+    training.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="default 1e-4")
     training.add_argument("--scheduler", choices=("multistep", "cosine", "constant"), default="multistep",
                           help="per iteration: step decay at 50%% and 75%% of the epochs (default), cosine, constant")
     training.add_argument("--batch-size", type=positive_int, default=128, help="global batch size (default 128)")
@@ -209,9 +208,14 @@ def load_splits(args: argparse.Namespace):
 def run_prune(args: argparse.Namespace) -> None:
     from egp_export.io.arch import build_model, parse_kwargs
     from egp_export.io.checkpoint import apply_state_dict, load_state_dict
+    from egp_export.prune.api import PRUNED_CHECKPOINT, prune
     from egp_export.prune.distributed import runtime_from_env, shutdown
-    from egp_export.prune.pruning import PRUNED_CHECKPOINT, prune
 
+    if args.entropy == "reference" and args.method != "egp":
+        raise EgpExportError(
+            f"--entropy reference is EGP's reference layer entropy; --method {args.method} uses the pooled one: "
+            "drop --entropy or pass --entropy pooled."
+        )
     runtime = runtime_from_env()
     talk = not args.quiet and runtime.is_main
     try:
@@ -220,7 +224,7 @@ def run_prune(args: argparse.Namespace) -> None:
             apply_state_dict(model, load_state_dict(args.checkpoint, allow_pickle=args.unsafe_pickle))
         train, held_out = load_splits(args)
         result = prune(
-            model.eval(), train, held_out, args.method,
+            model.eval(), train, held_out, args.method, entropy=args.entropy, prune_shortcuts=args.prune_shortcuts,
             rate=args.rate, iterations=args.iterations, target_sparsity=args.target_sparsity,
             max_accuracy_drop=args.max_accuracy_drop, target_linear_sites=args.target_linear_sites,
             epochs_per_iteration=args.epochs_per_iteration, optimizer=args.optimizer, lr=args.lr,
@@ -245,7 +249,7 @@ def run_prune(args: argparse.Namespace) -> None:
     if result.identity_sites:
         print(
             f"note: EASIER replaced {', '.join(result.identity_sites)} by the identity; 'egp-export compile' restores "
-            "them from --arch, so compile this result from Python: egp_export.prune.pruning.load_pruned(model, path).",
+            "them from --arch, so compile this result from Python: egp_export.prune.load_pruned(model, path).",
             flush=True,
         )
     print(f"wrote {checkpoint}, {args.out / 'metrics.jsonl'}, plots and per-iteration checkpoints in {args.out}", flush=True)

@@ -160,8 +160,9 @@ def run_egp_demo(
     from egp_export.compiler import compile as compile_model
     from egp_export.export.onnx import export_onnx
     from egp_export.io.datasets import load_digits_split
-    from egp_export.prune.pruning import check_outputs as check_prune_outputs
-    from egp_export.prune.pruning import make_permanent, prune
+    from egp_export.prune.api import check_outputs as check_prune_outputs
+    from egp_export.prune.api import prune
+    from egp_export.prune.masks import make_permanent
     from egp_export.prune.training import OptimConfig, as_dataset, evaluate, train
     from egp_export.report.plots import plot_depth
     from egp_export.report.report import (

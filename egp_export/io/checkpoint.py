@@ -101,6 +101,8 @@ def _torch_load(path: Path, *, allow_pickle: bool) -> object:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as error:
         if not allow_pickle and _refused_by_weights_only(path, error):
+            if main_names := _names_from_main(path):
+                raise _pickled_by_script(path, main_names) from None
             refused = _REFUSED_GLOBAL.search(str(error))
             what = refused.group(1) if refused else "objects torch.load(weights_only=True) does not allow"
             raise CheckpointError(
@@ -113,6 +115,8 @@ def _torch_load(path: Path, *, allow_pickle: bool) -> object:
         raise _corrupt(path, error) from None
     except (AttributeError, ImportError) as error:
         # Only reachable with allow_pickle: the pickle names a class that cannot be imported here.
+        if main_names := _names_from_main(path):
+            raise _pickled_by_script(path, main_names) from None
         raise CheckpointError(
             f"checkpoint {path} refers to Python code that is not available here ({error}); "
             "install the package that defined the model, or re-save the file with "
@@ -135,6 +139,26 @@ def _refused_by_weights_only(path: Path, error: pickle.UnpicklingError) -> bool:
     if _REFUSED_GLOBAL.search(message):
         return True
     return zipfile.is_zipfile(path) and "Unsupported operand" not in message
+
+
+def _names_from_main(path: Path) -> list[str]:
+    """The classes and functions the pickle in ``path`` takes from ``__main__`` (read without running it)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - an unreadable archive simply names nothing
+        return []
+    return [name for name in names if name.startswith("__main__.")]
+
+
+def _pickled_by_script(path: Path, names: list[str]) -> CheckpointError:
+    # EGP's reference code saves torch.save(deepcopy(model)): a whole module whose forward hooks are
+    # instances of a class defined in the training script, which only that script can unpickle.
+    return CheckpointError(
+        f"checkpoint {path} is a whole model pickled by its training script (torch.save(model)), holding objects "
+        f"defined in that script's __main__ ({', '.join(names[:_MAX_LISTED])}), such as forward hooks; nothing "
+        "but that script can unpickle them. In the script's environment, re-save the weights as a state dict: "
+        "torch.save(model.state_dict(), path)."
+    )
 
 
 def _corrupt(path: Path, error: BaseException) -> CheckpointError:

@@ -56,3 +56,12 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, force: bool) -> Pat
     with atomic_path(path, force=force) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def save_torch_atomic(obj, path: str | os.PathLike, *, force: bool = True) -> Path:
+    """``torch.save`` to ``path`` atomically: a crash leaves the previous file intact."""
+    import torch  # here, not at the top: the CLI imports this module for --help
+
+    with atomic_path(path, force=force) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)

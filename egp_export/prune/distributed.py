@@ -1,9 +1,9 @@
 """Pruning and fine-tuning under ``torchrun``: DistributedDataParallel, and statistics every rank agrees on.
 
-    torchrun --nproc_per_node=2 -m egp_export.prune.distributed --arch ... --data builtin:digits --out DIR
     torchrun --nproc_per_node=2 -m egp_export prune --arch ... --data builtin:digits --out DIR
 
-Both read the ``prune`` command's arguments (prune_cli.py). Under torchrun
+The command line (``egp_export.cli.prune``) asks :func:`runtime_from_env` for
+the runtime it runs in; this module knows nothing of the CLI. Under torchrun
 (``WORLD_SIZE`` > 1) the process group is initialised from the environment:
 NCCL on ``cuda:LOCAL_RANK`` when CUDA is available, gloo on the CPU otherwise.
 
@@ -12,12 +12,14 @@ What makes every rank prune identically:
 - training wraps the model in DistributedDataParallel, so gradients (and
   hence weights) are averaged; each rank trains on its shard of one seeded
   permutation (training.py);
-- activation statistics are computed on each rank's shard of the entropy
-  samples (on a CPU copy of the model: ``SiteStats`` accumulates in CPU
-  tensors) and all-reduced field by field (counts summed, ``low``/``margin``
-  minimised, ``high`` maximised): the merged ``SiteStats`` equal those of one
-  process on all samples, so budgets and EASIER's choice are the same on
-  every rank and so are the masks (the pruning itself is deterministic);
+- activation statistics are computed on each rank's share of every batch
+  of the entropy samples (on a CPU copy of the model: ``SiteStats``
+  accumulates in CPU tensors) and all-reduced field by field (counts summed,
+  ``low``/``margin`` minimised, ``high`` maximised); the per-batch ON counts
+  the reference layer entropy needs are summed too: the merged statistics
+  equal those of one process on all samples, so budgets and EASIER's choice
+  are the same on every rank and so are the masks (the pruning itself is
+  deterministic);
 - BatchNorm running statistics, which each rank updates from its own
   batches, are broadcast from rank 0 after every fine-tuning phase;
 - accuracy is counted on each rank's shard and summed.
@@ -28,7 +30,6 @@ Only rank 0 writes files and shows progress.
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -136,14 +137,3 @@ def shutdown() -> None:
     """Leave the process group (if this process joined one)."""
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m egp_export.prune.distributed`` / ``torchrun -m egp_export.prune.distributed``: the ``prune`` command."""
-    from egp_export.cli.prune import main as prune_main
-
-    return prune_main(["prune", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

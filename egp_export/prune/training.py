@@ -1,12 +1,13 @@
-"""The plain training loop EGP fine-tunes with: optimizer and schedule from arguments, seeded batches, metrics, plots.
+"""The plain training loop EGP fine-tunes with: optimizer and schedule from arguments, seeded batches, metrics.
 
-Defaults follow the EGP / EASIER papers' CIFAR-10 recipe: SGD with learning
-rate 0.1, momentum 0.9 and weight decay 5e-4 (EGP; EASIER's released code
-uses 1e-4), batch 128, and a step schedule dividing the learning rate by 10
-at 50 % and 75 % of the epochs (the papers' milestones 80 and 120 of 160).
-Every pruning iteration builds a fresh optimizer and schedule, as the
-released EASIER code does, so nothing but the model carries over between
-iterations and a resumed run repeats an uninterrupted one exactly.
+Defaults follow EGP's reference code (ZhuLIAO001/Unstructured_Relu_Pruning_Reduce_Depth,
+``src/main.py``), whose CIFAR-10 recipe EASIER's released code shares: SGD
+with learning rate 0.1, momentum 0.9 and weight decay 1e-4, batch 128, and a
+step schedule (MultiStepLR) dividing the learning rate by 10 at 50 % and 75 %
+of the epochs (the reference's milestones 80 and 120 of 160). Every pruning
+iteration builds a fresh optimizer and schedule, as the reference does, so
+nothing but the model carries over between iterations and a resumed run
+repeats an uninterrupted one exactly.
 
 Batches are drawn from a ``torch.Generator`` seeded per call, never from the
 global RNG, and the global RNG (dropout) is reseeded at the start of each
@@ -32,13 +33,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from egp_export.errors import CalibrationError
-from egp_export.io.fileio import atomic_path, check_writable, write_text_atomic
+from egp_export.io.fileio import write_text_atomic
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("multistep", "cosine", "constant")
 DEFAULT_LR = 0.1
 DEFAULT_MOMENTUM = 0.9
-DEFAULT_WEIGHT_DECAY = 5e-4
+DEFAULT_WEIGHT_DECAY = 1e-4
 DEFAULT_BATCH_SIZE = 128
 # The papers' MultiStepLR(milestones=[80, 120], gamma=0.1) over 160 epochs, as fractions of the epochs.
 MILESTONE_FRACTIONS = (0.5, 0.75)
@@ -46,10 +47,6 @@ MILESTONE_GAMMA = 0.1
 EVAL_BATCH_SIZE = 512
 
 METRICS_LOG = "metrics.jsonl"
-ENTROPY_PLOT = "entropy_per_site.png"
-ACCURACY_PLOT = "accuracy_vs_sparsity.png"
-LINEAR_SITES_PLOT = "linear_sites.png"
-PLOTS = (ENTROPY_PLOT, ACCURACY_PLOT, LINEAR_SITES_PLOT)
 
 
 @dataclass(frozen=True)
@@ -242,29 +239,32 @@ def evaluate(model: nn.Module, dataset: Dataset, *, runtime: Runtime | None = No
 def input_batches(
     dataset: Dataset, samples: int | None, *, runtime: Runtime | None = None, batch_size: int = EVAL_BATCH_SIZE
 ) -> list[torch.Tensor]:
-    """This rank's share of the first ``samples`` inputs of ``dataset`` (all of them for None), as CPU batches.
+    """This rank's share of each batch of the first ``samples`` inputs of ``dataset`` (all for None), on the CPU.
 
-    The shards of all ranks together are exactly those samples, so statistics
-    merged across ranks equal the single-process ones.
+    The first ``samples`` inputs are cut into consecutive batches of
+    ``batch_size`` (the last may be smaller); every rank gets its share of
+    every batch (possibly empty for the last one), so the list has one entry
+    per batch on every rank, and the shards of all ranks together are exactly
+    the batches one process would see: statistics merged across ranks, per
+    batch or pooled, equal the single-process ones.
     """
     runtime = runtime or Runtime()
     count = len(dataset) if samples is None else min(samples, len(dataset))
-    if count < runtime.world_size:
+    if min(count, batch_size) < runtime.world_size:
         raise CalibrationError(
-            f"{count} sample(s) for activation statistics cannot be shared by {runtime.world_size} processes; "
-            "use more data or fewer processes."
+            f"{count} sample(s) in batches of {batch_size} for activation statistics cannot be shared by "
+            f"{runtime.world_size} processes (each needs a sample of the first batch); use more data or fewer processes."
         )
-    return [inputs for inputs, _ in iterate(dataset, runtime.shard(torch.arange(count)), batch_size)]
+    sample_shape = torch.as_tensor(dataset[0][0]).shape
+    shares = []
+    for start in range(0, count, batch_size):
+        indices = runtime.shard(torch.arange(start, min(count, start + batch_size)))
+        inputs = [batch for batch, _ in iterate(dataset, indices, batch_size)]
+        shares.append(inputs[0] if inputs else torch.empty((0, *sample_shape)))
+    return shares
 
 
 # Files -------------------------------------------------------------------
-
-
-def save_torch_atomic(obj, path: str | os.PathLike, *, force: bool = True) -> Path:
-    """``torch.save`` to ``path`` atomically: a crash leaves the previous file intact."""
-    with atomic_path(path, force=force) as tmp:
-        torch.save(obj, tmp)
-    return Path(path)
 
 
 def write_metrics(records: Sequence[dict], path: str | os.PathLike, *, force: bool = True) -> Path:
@@ -275,60 +275,3 @@ def write_metrics(records: Sequence[dict], path: str | os.PathLike, *, force: bo
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def plot_history(history: Sequence[dict], out_dir: str | os.PathLike, *, force: bool = True) -> dict[str, Path]:
-    """Three PNGs: entropy per site across iterations, accuracy vs sparsity, number of linear sites per iteration."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    paths = {name: check_writable(Path(out_dir) / name, force=force) for name in PLOTS}
-    iterations = [record["iteration"] for record in history]
-
-    def save(figure: Figure, name: str) -> None:
-        for axes in figure.axes:
-            if axes.get_xlabel() == "iteration":
-                axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        figure.tight_layout()
-        with atomic_path(paths[name], force=force) as tmp:
-            figure.savefig(tmp, format="png")
-
-    figure = Figure(figsize=(7.0, 4.0), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    sites = list(dict.fromkeys(name for record in history for name in record["entropies"]))
-    for site in sites:
-        points = [(r["iteration"], r["entropies"][site]) for r in history if site in r["entropies"]]
-        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=site)
-    axes.set_xlabel("iteration")
-    axes.set_ylabel("entropy (bits)")
-    axes.set_title("EGP entropy per activation site")
-    if len(sites) <= 12:
-        axes.legend(fontsize=7, ncols=2, frameon=False)
-    save(figure, ENTROPY_PLOT)
-
-    figure = Figure(figsize=(5.0, 4.0), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    axes.plot([r["sparsity"] for r in history], [r["accuracy"] for r in history], marker="o")
-    for record in history:
-        axes.annotate(str(record["iteration"]), (record["sparsity"], record["accuracy"]), fontsize=7, xytext=(3, 3),
-                      textcoords="offset points")
-    axes.set_xlabel("sparsity of the pruned layers")
-    axes.set_ylabel("accuracy (eval data)")
-    axes.set_title("accuracy vs sparsity")
-    save(figure, ACCURACY_PLOT)
-
-    figure = Figure(figsize=(5.0, 4.0), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    axes.plot(iterations, [r["linear_sites"] for r in history], marker="o", label="linear on the data")
-    axes.plot(iterations, [r["zero_entropy_sites"] for r in history], marker="x", linestyle="--", label="zero entropy")
-    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_xlabel("iteration")
-    axes.set_ylabel("activation sites")
-    axes.set_title("linear activation sites")
-    axes.legend(fontsize=8, frameon=False)
-    save(figure, LINEAR_SITES_PLOT)
-    return paths

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
 from collections import OrderedDict
 
 import pytest
@@ -249,3 +252,37 @@ def test_missing_num_batches_tracked_is_tolerated():
 
     torch.testing.assert_close(target[1].running_mean, source[1].running_mean, rtol=0, atol=0)
     assert "1.num_batches_tracked" not in state
+
+
+_SCRIPT_SAVING_A_HOOKED_MODEL = '''
+import sys
+
+import torch
+import torch.nn as nn
+
+
+class Hook:  # as in EGP's reference training script: a forward hook whose class lives in __main__
+    def __init__(self, module):
+        self.handle = module.register_forward_hook(self.record)
+
+    def record(self, module, inputs, output):
+        self.output = inputs[0]
+
+
+model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+hooks = {"1": Hook(model[1])}
+torch.save(model, sys.argv[1])
+'''
+
+
+@pytest.mark.parametrize("allow_pickle", [False, True])
+def test_whole_module_pickled_with_hooks_from_main_says_how_to_resave(tmp_path, allow_pickle):
+    script, path = tmp_path / "train.py", tmp_path / "whole.pt"
+    script.write_text(_SCRIPT_SAVING_A_HOOKED_MODEL)
+    subprocess.run([sys.executable, str(script), str(path)], check=True, capture_output=True, timeout=120)
+    with pytest.warns(UserWarning) if allow_pickle else contextlib.nullcontext():
+        with pytest.raises(CheckpointError) as raised:
+            load_state_dict(path, allow_pickle=allow_pickle)
+    message = str(raised.value)
+    assert "whole model pickled by its training script" in message and "__main__.Hook" in message
+    assert "torch.save(model.state_dict(), path)" in message and "install" not in message

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from egp_export.analysis.stats import calibrate
 from egp_export.analysis.trace import trace
+from egp_export.prune.api import prune
 from egp_export.prune.training import Runtime, as_dataset, input_batches
 
 WORLD = 2
@@ -54,7 +55,6 @@ def _free_port() -> int:
 
 def _worker(rank: int, port: int, folder: str) -> None:
     from egp_export.prune.distributed import DistributedRuntime
-    from egp_export.prune.pruning import prune
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -75,6 +75,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
                 "masks": result.masks,
                 "state": result.model.state_dict(),
                 "history": [(r["accuracy"], r["entropies"], r["budgets"]) for r in result.history],
+                "dense_layers": result.history[0]["layers"],
             },
             os.path.join(folder, f"rank{rank}.pt"),
         )
@@ -100,13 +101,20 @@ def test_two_gloo_ranks_prune_identically(tmp_path):
     assert any(not mask.all() for mask in zero["masks"].values())
     assert all(torch.equal(v, one["state"][k]) for k, v in zero["state"].items())  # BN statistics included
     assert zero["history"] == one["history"]
+    # The reference entropy is per batch of 128: each rank holds its share of every batch, and the merged
+    # per-batch counts give exactly the single process's layer entropies.
+    alone = prune(_model(), _data(96, 0), _data(40, 1), "egp", iterations=0, progress=False)
+    assert [(r["layer"], r["entropy"]) for r in zero["dense_layers"]] == [
+        (r["layer"], r["entropy"]) for r in alone.history[0]["layers"]
+    ]
+    assert any(r["entropy"] > 0 for r in zero["dense_layers"])
     assert (tmp_path / "out" / "pruned.pt").exists()  # written once, by rank 0
 
 
 def test_torchrun_runs_the_prune_command(tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-        "-m", "egp_export.prune.distributed",
+        "-m", "egp_export", "prune",
         "--arch", "egp_export.demo.digits:digits_resnet", "--arch-kwargs", "width=8", "expansion=2", "stages=(1,)",
         "--data", "builtin:digits", "--out", str(tmp_path / "out"), "--iterations", "1", "--epochs-per-iteration", "1",
         "--batch-size", "64", "--lr", "0.01", "--entropy-samples", "200",
