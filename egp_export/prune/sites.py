@@ -19,30 +19,24 @@ classifier) are never pruned.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping, Sequence
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from egp_export.analysis.ops import BATCHNORM_TYPES, IDENTITY_TYPES, is_layer, module_of, named_modules
+from egp_export.analysis.ops import is_add, is_batch_norm, is_identity, is_module_layer, is_pool, named_modules
 from egp_export.analysis.stats import SiteStats
 
-# Pooling is not linear, but it carries a layer's channels unchanged to the site (one neuron per channel).
-_POOLING_TYPES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-)
-# Single-input modules a site's pre-activation passes through on its way from the layer (eval mode).
-_PASS_THROUGH_TYPES = BATCHNORM_TYPES + IDENTITY_TYPES + _POOLING_TYPES
 
+def _passes_channels_through(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    """A single-input op a site's pre-activation passes through on its way from the layer (eval mode).
 
-def is_add(node: fx.Node) -> bool:
-    """``a + b``, ``a += b``, ``torch.add(a, b)``, ``a.add(b)`` or ``a.add_(b)``."""
-    if node.op == "call_function":
-        return node.target in (operator.add, operator.iadd, torch.add)
-    return node.op == "call_method" and node.target in ("add", "add_")
+    Pooling is not linear, but it carries a layer's channels unchanged to the
+    site (one neuron per channel).
+    """
+    return (is_batch_norm(node, modules) or is_identity(node, modules) or is_pool(node, modules)) and (
+        bool(node.args) and isinstance(node.args[0], fx.Node)
+    )
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:
@@ -77,9 +71,9 @@ def _without_shortcuts(operand_layers: list[list[fx.Node]]) -> list[list[fx.Node
 
 def _producers(node: fx.Node, modules: Mapping[str, nn.Module], include_shortcuts: bool) -> list[fx.Node]:
     """The layer nodes whose output reaches ``node`` (see the module docstring)."""
-    if is_layer(node, modules):
+    if is_module_layer(node, modules):
         return [node]
-    if isinstance(module_of(node, modules), _PASS_THROUGH_TYPES) and node.args and isinstance(node.args[0], fx.Node):
+    if _passes_channels_through(node, modules):
         return _producers(node.args[0], modules, include_shortcuts)
     if is_add(node):
         operand_layers = [_producers(operand, modules, include_shortcuts) for operand in node.all_input_nodes]

@@ -14,9 +14,10 @@ import torch.fx as fx
 import torch.nn as nn
 import torchvision
 
+from egp_export.analysis.ops import is_add
 from egp_export.analysis.stats import calibrate
 from egp_export.analysis.trace import trace
-from egp_export.prune.sites import is_add, layers_of, site_layers
+from egp_export.prune.sites import layers_of, site_layers
 from tests.prune.subjects import DownsampleBlock, SharedAndFunctional
 
 pytestmark = pytest.mark.usefixtures("tiny_model_runtime")
