@@ -27,18 +27,12 @@ error's code; nothing but the pruning outputs is written.
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
-import zipfile
-from collections.abc import Mapping
 from pathlib import Path
 
 from egp_export.cli.common import PROG, fraction, non_negative_float, non_negative_int, positive_float, positive_int, run_command
-from egp_export.errors import CalibrationError, EgpExportError
+from egp_export.errors import EgpExportError
 
-BUILTIN_DIGITS = "builtin:digits"
-INPUT_KEYS = ("inputs", "input", "x", "data", "images")
-TARGET_KEYS = ("targets", "target", "labels", "label", "y")
 DEFAULT_EVAL_FRACTION = 0.2
 
 
@@ -119,95 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(build_parser(), argv)
 
 
-# Labelled data ---------------------------------------------------------------------------
-
-
-def _pick(mapping: Mapping, keys: tuple[str, ...], what: str, source: str):
-    for key in keys:
-        if key in mapping:
-            return mapping[key]
-    found = ", ".join(repr(str(key)) for key in mapping) or "none"
-    raise CalibrationError(f"{source} has no {what} (keys found: {found}); store them under {keys[0]!r}.")
-
-
-def load_labelled(spec: str):
-    """``(inputs, targets)`` tensors from a ``.pt``/``.pth`` file or a ``.npz`` archive (see the module docstring)."""
-    import numpy as np
-    import torch
-
-    path = Path(spec)
-    if not path.is_file():
-        raise CalibrationError(f"labelled data {path} does not exist; give {BUILTIN_DIGITS}, a .pt/.pth file or a .npz archive.")
-    suffix = path.suffix.lower()
-    if suffix in (".pt", ".pth"):
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
-            raise CalibrationError(
-                f"cannot read {path} ({type(error).__name__}); save (inputs, targets) with torch.save."
-            ) from None
-        if isinstance(loaded, (tuple, list)) and len(loaded) == 2:
-            inputs, targets = loaded
-        elif isinstance(loaded, Mapping):
-            inputs = _pick(loaded, INPUT_KEYS, "inputs", str(path))
-            targets = _pick(loaded, TARGET_KEYS, "targets", str(path))
-        else:
-            raise CalibrationError(
-                f"{path} holds a {type(loaded).__name__}; save an (inputs, targets) pair or a dict with 'inputs' and 'targets'."
-            )
-    elif suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                arrays = {name: archive[name] for name in archive.files}
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
-            raise CalibrationError(f"cannot read {path} as a .npz archive ({error}).") from None
-        inputs = _pick(arrays, INPUT_KEYS, "inputs", str(path))
-        targets = _pick(arrays, TARGET_KEYS, "targets", str(path))
-    else:
-        raise CalibrationError(
-            f"labelled data {path} has an unsupported type; give {BUILTIN_DIGITS}, a .pt/.pth file or a .npz archive."
-        )
-    try:
-        return torch.as_tensor(np.asarray(inputs)), torch.as_tensor(np.asarray(targets))
-    except (TypeError, ValueError) as error:
-        raise CalibrationError(f"{path}: inputs and targets must be numeric arrays ({error}).") from None
-
-
-def load_splits(args: argparse.Namespace):
-    """(train pair, eval pair) from ``--data`` / ``--eval-data`` / ``--eval-fraction``."""
-    import torch
-
-    from egp_export.io.datasets import load_digits_split
-
-    if args.data == BUILTIN_DIGITS:
-        x_train, y_train, x_test, y_test = load_digits_split(seed=args.seed)
-        train, held_out = (x_train, y_train), (x_test, y_test)
-    elif args.data.startswith("builtin:"):
-        raise CalibrationError(f"unknown built-in data set {args.data!r}; the only one is {BUILTIN_DIGITS}.")
-    else:
-        train, held_out = load_labelled(args.data), None
-    if args.eval_data is not None:
-        return train, load_labelled(args.eval_data)
-    if held_out is not None:
-        return train, held_out
-    inputs, targets = train
-    if len(inputs) != len(targets):
-        raise CalibrationError(f"{args.data}: {len(inputs)} inputs but {len(targets)} targets.")
-    count = len(inputs)
-    held = max(1, round(count * args.eval_fraction))
-    if held >= count:
-        raise CalibrationError(f"{args.data} has {count} samples: too few to hold {args.eval_fraction:.0%} out for eval.")
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(args.seed))
-    keep, rest = order[: count - held], order[count - held :]
-    return (inputs[keep], targets[keep]), (inputs[rest], targets[rest])
-
-
 # Running -------------------------------------------------------------------------------
 
 
 def run_prune(args: argparse.Namespace) -> None:
     from egp_export.io.arch import build_model, parse_kwargs
     from egp_export.io.checkpoint import apply_state_dict, load_state_dict
+    from egp_export.io.datasets import load_labelled_splits
     from egp_export.prune.api import PRUNED_CHECKPOINT, prune
     from egp_export.prune.distributed import runtime_from_env, shutdown
 
@@ -222,7 +134,7 @@ def run_prune(args: argparse.Namespace) -> None:
         model = build_model(args.arch, parse_kwargs(args.arch_kwargs))
         if args.checkpoint is not None:
             apply_state_dict(model, load_state_dict(args.checkpoint, allow_pickle=args.unsafe_pickle))
-        train, held_out = load_splits(args)
+        train, held_out = load_labelled_splits(args.data, args.eval_data, eval_fraction=args.eval_fraction, seed=args.seed)
         result = prune(
             model.eval(), train, held_out, args.method, entropy=args.entropy, prune_shortcuts=args.prune_shortcuts,
             rate=args.rate, iterations=args.iterations, target_sparsity=args.target_sparsity,

@@ -23,8 +23,10 @@ import torch
 
 from egp_export.errors import CalibrationError
 
-# Names under which a dict or .npz archive commonly stores the model inputs, in order of preference.
+# Names under which a dict or .npz archive commonly stores the model inputs (and, for pruning, the
+# labels), in order of preference.
 INPUT_KEYS = ("inputs", "input", "x", "data", "images")
+TARGET_KEYS = ("targets", "target", "labels", "label", "y")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 TORCH_SUFFIXES = frozenset({".pt", ".pth"})
 BUILTIN_DIGITS = "builtin:digits"
@@ -239,3 +241,81 @@ def _validated(data: torch.Tensor, source: str) -> torch.Tensor:
             f"(of {data.numel()}); clean or drop those samples."
         )
     return data.contiguous()
+
+
+# Labelled data (pruning) ------------------------------------------------------------
+
+
+def _pick(mapping: Mapping, keys: tuple[str, ...], what: str, source: str):
+    for key in keys:
+        if key in mapping:
+            return mapping[key]
+    found = ", ".join(repr(str(key)) for key in mapping) or "none"
+    raise CalibrationError(f"{source} has no {what} (keys found: {found}); store them under {keys[0]!r}.")
+
+
+def load_labelled(spec: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inputs, targets)`` tensors from a ``.pt``/``.pth`` file (a pair, or a dict with one of
+    :data:`INPUT_KEYS` and one of :data:`TARGET_KEYS`) or a ``.npz`` archive with such keys."""
+    path = Path(spec)
+    if not path.is_file():
+        raise CalibrationError(f"labelled data {path} does not exist; give {BUILTIN_DIGITS}, a .pt/.pth file or a .npz archive.")
+    suffix = path.suffix.lower()
+    if suffix in (".pt", ".pth"):
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+            raise CalibrationError(
+                f"cannot read {path} ({type(error).__name__}); save (inputs, targets) with torch.save."
+            ) from None
+        if isinstance(loaded, (tuple, list)) and len(loaded) == 2:
+            inputs, targets = loaded
+        elif isinstance(loaded, Mapping):
+            inputs = _pick(loaded, INPUT_KEYS, "inputs", str(path))
+            targets = _pick(loaded, TARGET_KEYS, "targets", str(path))
+        else:
+            raise CalibrationError(
+                f"{path} holds a {type(loaded).__name__}; save an (inputs, targets) pair or a dict with 'inputs' and 'targets'."
+            )
+    elif suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {name: archive[name] for name in archive.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+            raise CalibrationError(f"cannot read {path} as a .npz archive ({error}).") from None
+        inputs = _pick(arrays, INPUT_KEYS, "inputs", str(path))
+        targets = _pick(arrays, TARGET_KEYS, "targets", str(path))
+    else:
+        raise CalibrationError(
+            f"labelled data {path} has an unsupported type; give {BUILTIN_DIGITS}, a .pt/.pth file or a .npz archive."
+        )
+    try:
+        return torch.as_tensor(np.asarray(inputs)), torch.as_tensor(np.asarray(targets))
+    except (TypeError, ValueError) as error:
+        raise CalibrationError(f"{path}: inputs and targets must be numeric arrays ({error}).") from None
+
+
+def load_labelled_splits(data: str, eval_data: str | None = None, *, eval_fraction: float = 0.2, seed: int = 0):
+    """(train pair, eval pair) for pruning: ``data`` (``builtin:digits`` or a labelled file) and either
+    ``eval_data``, the digits' own test split, or a seeded random ``eval_fraction`` of ``data``."""
+    if data == BUILTIN_DIGITS:
+        x_train, y_train, x_test, y_test = load_digits_split(seed=seed)
+        train, held_out = (x_train, y_train), (x_test, y_test)
+    elif data.startswith("builtin:"):
+        raise CalibrationError(f"unknown built-in data set {data!r}; the only one is {BUILTIN_DIGITS}.")
+    else:
+        train, held_out = load_labelled(data), None
+    if eval_data is not None:
+        return train, load_labelled(eval_data)
+    if held_out is not None:
+        return train, held_out
+    inputs, targets = train
+    if len(inputs) != len(targets):
+        raise CalibrationError(f"{data}: {len(inputs)} inputs but {len(targets)} targets.")
+    count = len(inputs)
+    held = max(1, round(count * eval_fraction))
+    if held >= count:
+        raise CalibrationError(f"{data} has {count} samples: too few to hold {eval_fraction:.0%} out for eval.")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    keep, rest = order[: count - held], order[count - held :]
+    return (inputs[keep], targets[keep]), (inputs[rest], targets[rest])
