@@ -50,12 +50,19 @@ def check_outputs(out_dir: str | os.PathLike, names: tuple[str, ...], *, force: 
     return {name: check_writable(Path(out_dir) / name, force=force) for name in names}
 
 
-def with_export(report: dict, export: ExportResult) -> dict:
-    """A copy of a compile report with the ONNX export and its ONNX Runtime check added."""
+def with_export(report: dict, export: ExportResult, *, path: str | os.PathLike | None = None) -> dict:
+    """A copy of a compile report with the ONNX export and its ONNX Runtime check added.
+
+    ``path``: where the file will be once the run's outputs are moved into
+    place (fileio.run_transaction), when the export wrote it to a staging folder.
+    """
     verification = dict(report.get("verification") or {})
     if export.error is not None:
         verification["onnxruntime"] = {**export.error.to_dict(), "rtol": export.rtol, "passed": True}
-    return {**report, "verification": verification, "onnx": export.to_dict()}
+    onnx = export.to_dict()
+    if path is not None:
+        onnx["path"] = str(path)
+    return {**report, "verification": verification, "onnx": onnx}
 
 
 def is_linearized(site: dict) -> bool:
