@@ -340,15 +340,25 @@ def _onnx(onnx: dict) -> list[str]:
     facts = [
         f"file: `{onnx.get('path', _MISSING)}`",
         f"exporter: {onnx.get('exporter', _MISSING)}, opset {onnx.get('opset', _MISSING)}",
+        f"why this exporter: {_cell(onnx.get('exporter_reason', _MISSING))}",
         f"onnx-simplifier applied: {'yes' if onnx.get('simplified') else 'no'}",
     ]
     error = onnx.get("error")
     if error:
+        allowed = _error(onnx.get("rtol")) + (" (measured from the model's own fp32 noise)" if onnx.get("rtol_measured") else "")
         facts.append(
             f"ONNX Runtime vs PyTorch: max abs {_error(error.get('max_abs'))}, max rel {_error(error.get('max_rel'))} "
-            f"(allowed {_error(onnx.get('rtol'))})"
+            f"(allowed {allowed})"
         )
     lines += [f"- {fact}" for fact in facts]
+    attempts = onnx.get("failed_attempts") or []
+    if attempts:
+        lines += ["", "Export attempts that failed before the one used:", ""]
+        lines += ["| exporter | batch | why it failed |", "|---|---|---|"]
+        for attempt in attempts:
+            batch = "dynamic" if attempt.get("dynamic_batch") else "static"
+            lines.append(f"| {attempt.get('exporter', _MISSING)} | {batch} | {_cell(attempt.get('failure', ''))} |")
+        lines.append("")
     for note in onnx.get("notes", []):
         lines.append(f"- note: {_cell(note)}")
     lines.append("")
