@@ -86,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the outputs")
     output.add_argument("--force", action="store_true", help="overwrite existing outputs")
     output.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
-    output.add_argument("--verbose", action="store_true", help="print notes (mode switches, exporter notes)")
+    output.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print notes (mode switches, exporter notes) and torch's own logs during the ONNX export",
+    )
 
     analyze = commands.add_parser(
         "analyze",

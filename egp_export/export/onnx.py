@@ -329,7 +329,7 @@ def _all_failed(failures, log: str, log_path, *, requested: str, dynamic_batch: 
     else:
         summary = "no export attempt succeeded: " + "; ".join(attempt.describe().rstrip(".") for attempt, _ in failures)
     message = f"{summary}; no file was written. Try {', '.join(hints)}."
-    if log_path is not None and log.strip():
+    if log_path is not None:
         try:
             write_text_atomic(log_path, log, force=True)  # a log, not an output: the latest failure replaces it
             message += f" Torch's log of the export: {log_path}"

@@ -105,6 +105,12 @@ def test_static_plan_verifies_in_batches_of_the_examples_size():
     assert [batch.shape[0] for _, batch in batches] == [2, 2, 2]  # 7 samples, the incomplete last batch dropped
 
 
+def test_static_plan_without_a_full_batch_verifies_on_the_example():
+    example = torch.randn(4, 3, 4, 4)
+    traced, batches = onnx_export._plan(example, [("verify input 0", torch.randn(3, 3, 4, 4))], dynamic=False)
+    assert traced is example and len(batches) == 1 and batches[0][1] is example
+
+
 def _failing_dynamo(monkeypatch) -> list[bool]:
     calls: list[bool] = []
     real_export = torch.onnx.export
@@ -235,6 +241,13 @@ def test_a_failed_export_keeps_torchs_logs_off_the_console_and_in_the_log(tmp_pa
     assert text.count("cannot export this") >= 2  # both attempts (dynamo, TorchScript) are in the log
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export.log"]
     assert logging.getLogger("torch._dynamo").handlers  # torch's own handlers are back
+
+
+def test_a_log_that_cannot_be_written_does_not_hide_the_export_error(tmp_path, monkeypatch):
+    _chatty_failing_export(monkeypatch)
+    with pytest.raises(ExportError, match="cannot export this") as failure:
+        export_onnx(CircularConv().eval(), torch.randn(2, 3, 8, 8), tmp_path / "m.onnx", log_path=tmp_path, rtol=1e-5)
+    assert "log of the export" not in str(failure.value)  # tmp_path is a folder: no log, and none named
 
 
 def test_show_logs_leaves_them_on_the_console(tmp_path, monkeypatch, capfd):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,20 @@ def test_ctrl_c_during_the_moves_waits_until_they_are_done(tmp_path, monkeypatch
     assert interrupted
     assert _snapshot(tmp_path) == {"a.txt": b"A", "b.txt": b"B"}  # both landed, then the interrupt was raised
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_transaction_commits_from_another_thread(tmp_path):
+    # Only the main thread may install signal handlers; elsewhere the moves run without holding Ctrl-C back.
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with run_transaction(tmp_path, ["a.txt"], force=False) as staging:
+                write_text_atomic(staging / "a.txt", "A", force=False)
+        except BaseException as error:  # noqa: BLE001 - reported to the test thread
+            errors.append(error)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert errors == [] and _snapshot(tmp_path) == {"a.txt": b"A"}
