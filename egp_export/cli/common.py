@@ -6,9 +6,11 @@ Imports nothing heavy, so ``egp-export --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from egp_export.errors import EgpExportError
 
@@ -66,3 +68,29 @@ def say(args: argparse.Namespace, text: str) -> None:
 def progress(args: argparse.Namespace) -> bool:
     # A progress bar only where someone watches it; in logs it is noise.
     return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+class StageLine:
+    """What a finished stage reports; the caller fills in ``detail``."""
+
+    def __init__(self) -> None:
+        self.detail = ""
+
+
+@contextlib.contextmanager
+def stage(args: argparse.Namespace, name: str, doing: str) -> Iterator[StageLine]:
+    """On a terminal, ``name: doing ...`` before the block and ``name: detail, 3.2 s`` after it (on stderr).
+
+    Stages take from seconds to minutes (an ONNX export of a ConvNeXt: a
+    minute); a silent terminal looks hung. In logs (not a TTY) and with
+    --quiet nothing is printed: the command's summary says what happened.
+    """
+    line = StageLine()
+    shown = progress(args)
+    if shown:
+        print(f"{name}: {doing} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    yield line
+    if shown:
+        detail = f"{line.detail}, " if line.detail else ""
+        print(f"{name}: {detail}{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)

@@ -14,10 +14,11 @@ is written unless every output could be.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from egp_export import __version__
-from egp_export.cli.common import PROG, non_negative_float, positive_int, progress, run_command, say
+from egp_export.cli.common import PROG, non_negative_float, positive_int, progress, run_command, say, stage
 from egp_export.report.report import COMPILE_OUTPUTS  # report.py imports neither torch nor numpy: --help stays fast
 
 DEFAULT_TOLERANCE = 1e-5
@@ -25,12 +26,11 @@ DEFAULT_HOLDOUT = 0.2
 DEPTH_PLOT = "depth.png"
 PADDING_PLAN = "padding-plan.json"
 ORIGINAL_MODEL = "original.onnx"
+EXPORT_LOG = "export.log"  # egp_export.export.onnx.EXPORT_LOG; that module loads torch
+# egp_export.export.onnx.EXPORTER_CHOICES, spelled out for the same reason (a test keeps them equal).
+EXPORTER_CHOICES = ("auto", "dynamo", "torchscript")
 # What compile writes into --out (padding-plan.json only when asked).
 COMPILE_FILES = (*COMPILE_OUTPUTS, DEPTH_PLOT)
-
-
-
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the outputs")
     output.add_argument("--force", action="store_true", help="overwrite existing outputs")
     output.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
-    output.add_argument("--verbose", action="store_true", help="print notes (mode switches, exporter notes)")
+    output.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print notes (mode switches, exporter notes) and torch's own logs during the ONNX export",
+    )
 
     analyze = commands.add_parser(
         "analyze",
@@ -157,6 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
         "Runtime CPU (interleaved, bootstrap interval); the report then shows measured beside predicted latency, "
         f"and {ORIGINAL_MODEL} is the baseline for 'egp-export gate'",
     )
+    export = compile_.add_argument_group("ONNX export")
+    export.add_argument(
+        "--exporter",
+        choices=EXPORTER_CHOICES,
+        default="auto",
+        help="torch.onnx exporter: auto (default) tries dynamo, then TorchScript; the report says which was used and why",
+    )
+    export.add_argument("--opset", type=positive_int, metavar="N", help="ONNX opset version (default: the exporter's)")
+    export.add_argument(
+        "--static-batch",
+        action="store_true",
+        help="if no exporter gives a dynamic batch dimension, accept one fixed to batch 1 (the example's)",
+    )
+    export.add_argument(
+        "--no-simplify", action="store_true", help="skip onnx-simplifier (to find the step at fault when a check fails)"
+    )
     compile_.set_defaults(run=_run_compile)
 
     demo = commands.add_parser(
@@ -187,15 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(build_parser(), argv)
 
 
-
-
-
-
 def _note(args: argparse.Namespace, text: str) -> None:
     if args.verbose and not args.quiet:
         print(f"note: {text}", flush=True)
-
-
 
 
 def _load_model(args: argparse.Namespace):
@@ -221,86 +235,45 @@ def _load_calibration(args: argparse.Namespace):
     return load_calibration(args.calibration, input_size=input_size, limit=args.calibration_limit)
 
 
-def _wrote(paths) -> str:
-    return ", ".join(str(path) for path in paths.values())
+def _wrote(out: Path, names) -> str:
+    return ", ".join(str(out / name) for name in names)
 
 
 def _run_analyze(args: argparse.Namespace) -> None:
     from egp_export.analysis.stats import analyze
-    from egp_export.report.report import ANALYZE_OUTPUTS, check_outputs, write_report
+    from egp_export.io.fileio import run_transaction
+    from egp_export.report.report import ANALYZE_OUTPUTS, write_report
 
-    check_outputs(args.out, ANALYZE_OUTPUTS, force=args.force)
-    model = _load_model(args)
-    calibration = _load_calibration(args)
-    analysis = analyze(model, calibration, tolerance=args.tolerance, progress=progress(args))
-    report = {
-        "egp_export_version": __version__,
-        "tolerance": args.tolerance,
-        "calibration": {"samples": len(calibration), "sample_shape": list(calibration.shape[1:])},
-        "analysis": analysis,
-    }
-    paths = write_report(report, args.out, force=args.force)
+    with run_transaction(args.out, ANALYZE_OUTPUTS, force=args.force) as staging:
+        model = _load_model(args)
+        calibration = _load_calibration(args)
+        with stage(args, "analyze", f"measuring activations on {len(calibration)} samples") as line:
+            analysis = analyze(model, calibration, tolerance=args.tolerance, progress=progress(args))
+            line.detail = f"{analysis['num_sites']} activation sites"
+        report = {
+            "egp_export_version": __version__,
+            "tolerance": args.tolerance,
+            "calibration": {"samples": len(calibration), "sample_shape": list(calibration.shape[1:])},
+            "analysis": analysis,
+        }
+        write_report(report, staging)
     dead = sum(site["dead_neurons"] for site in analysis["sites"])
     say(
         args,
         f"{args.arch}: {analysis['num_sites']} activation sites, {analysis['num_linear_sites']} linear on the data, "
         f"{dead} dead neurons, mean entropy {analysis['mean_entropy']:.3f} bits",
     )
-    say(args, f"wrote {_wrote(paths)}")
+    say(args, f"wrote {_wrote(args.out, ANALYZE_OUTPUTS)}")
 
 
 def _run_compile(args: argparse.Namespace) -> None:
-    from egp_export.algebra.padding import padding_plan, save_plan
-    from egp_export.analysis.batches import DEFAULT_BATCH_SIZE
-    from egp_export.analysis.numerics import ORT_CPU_RTOL
-    from egp_export.compiler import compile as compile_model
-    from egp_export.export.onnx import export_onnx
-    from egp_export.io.fileio import write_text_atomic
-    from egp_export.passes import CHANNEL_ALIGNMENT
-    from egp_export.report.plots import plot_depth
-    from egp_export.report.report import ENTROPY_PLOT, ONNX_MODEL, check_outputs, plot_entropy, with_export, write_report
+    from egp_export.io.fileio import run_transaction
 
     names = COMPILE_FILES + ((PADDING_PLAN,) if args.padding_plan else ()) + ((ORIGINAL_MODEL,) if args.measure_latency else ())
-    paths = check_outputs(args.out, names, force=args.force)
-    model = _load_model(args)
-    calibration = _load_calibration(args)
-    result = compile_model(
-        model,
-        calibration,
-        args.tolerance,
-        holdout=args.holdout,
-        approximate=args.approximate,
-        cost_model=args.cost_model,
-        merge_plan=args.merge_plan,
-        channel_alignment=CHANNEL_ALIGNMENT if args.channel_alignment is None else args.channel_alignment,
-        debug=args.debug,
-        progress=progress(args),
-    )
-    # compile() held out the last samples; ONNX Runtime is checked on the same unseen inputs.
-    held = result.report["calibration"]["holdout_samples"]
-    verify = calibration[len(calibration) - held :] if held else calibration
-    # The plan is decided on what compile decided on, and before anything is written.
-    moves = padding_plan(model, calibration[: len(calibration) - held], tolerance=args.tolerance) if args.padding_plan else None
-    # ONNX Runtime is held to the same floor as the compile: 1e-5, or 8x the model's own fp32 noise.
-    rtol = max(ORT_CPU_RTOL, result.report["verification"]["pytorch"]["rtol"])
-    exported = export_onnx(
-        result.module,
-        calibration[:1],
-        paths[ONNX_MODEL],
-        verify_inputs=list(verify.split(DEFAULT_BATCH_SIZE)),
-        rtol=rtol,
-        force=args.force,
-    )
-    for note in exported.notes:
-        _note(args, f"ONNX export: {note}")
-    report = with_export(result.report, exported)
-    if args.measure_latency:
-        report["measured_latency"] = _measure_latency(args, model, calibration, verify, paths, rtol, report)
-    write_report(report, args.out, force=args.force)
-    plot_entropy(report, paths[ENTROPY_PLOT], force=args.force)
-    plot_depth(report, paths[DEPTH_PLOT], force=args.force)
-    if moves is not None:
-        write_text_atomic(paths[PADDING_PLAN], save_plan(moves) + "\n", force=args.force)
+    # Everything is written into a staging folder and moved into --out together at the end:
+    # an error or Ctrl-C on the way leaves --out as it was (but for export.log, see below).
+    with run_transaction(args.out, names, force=args.force) as staging:
+        report, held, moves = _compile_into(args, staging, {name: staging / name for name in names})
 
     before, after = report["before"], report["after"]
     pytorch, onnxruntime = report["verification"]["pytorch"], report["verification"]["onnxruntime"]
@@ -318,10 +291,11 @@ def _run_compile(args: argparse.Namespace) -> None:
     )
     say(
         args,
-        f"max relative error: PyTorch {pytorch['max_rel']:.2e} on {held or len(calibration)} "
+        f"max relative error: PyTorch {pytorch['max_rel']:.2e} on {held or report['calibration']['samples']} "
         f"{'held-out' if held else 'calibration'} samples, ONNX Runtime {onnxruntime['max_rel']:.2e} "
         f"(allowed {pytorch['rtol']:.2g} and {onnxruntime['rtol']:.2g})",
     )
+    say(args, f"ONNX export: {report['onnx']['exporter_reason']}")
     measured = report.get("measured_latency")
     if measured:
         say(
@@ -338,25 +312,98 @@ def _run_compile(args: argparse.Namespace) -> None:
         )
     elif moves is not None:
         say(args, "padding plan: empty, no linear conv chain merges only approximately")
-    say(args, f"wrote {_wrote(paths)}")
+    say(args, f"wrote {_wrote(args.out, names)}")
+
+
+def _compile_into(args: argparse.Namespace, folder: Path, paths: dict[str, Path]) -> tuple[dict, int, list | None]:
+    """Compile, export and verify, writing the outputs into ``folder`` (at ``paths``).
+
+    Returns (the report, the number of held-out samples, the padding plan or None).
+    """
+    from egp_export.algebra.padding import padding_plan, save_plan
+    from egp_export.compiler import compile as compile_model
+    from egp_export.io.fileio import write_text_atomic
+    from egp_export.passes import CHANNEL_ALIGNMENT
+    from egp_export.report.plots import plot_depth
+    from egp_export.report.report import ENTROPY_PLOT, ONNX_MODEL, plot_entropy, with_export, write_report
+
+    model = _load_model(args)
+    calibration = _load_calibration(args)
+    with stage(args, "compile", f"trace, calibrate on {len(calibration)} samples, rewrite, verify") as line:
+        result = compile_model(
+            model,
+            calibration,
+            args.tolerance,
+            holdout=args.holdout,
+            approximate=args.approximate,
+            cost_model=args.cost_model,
+            merge_plan=args.merge_plan,
+            channel_alignment=CHANNEL_ALIGNMENT if args.channel_alignment is None else args.channel_alignment,
+            debug=args.debug,
+            progress=progress(args),
+        )
+        line.detail = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.report["seconds"].items())
+    # compile() held out the last samples; ONNX Runtime is checked on the same unseen inputs.
+    held = result.report["calibration"]["holdout_samples"]
+    verify = calibration[len(calibration) - held :] if held else calibration
+    # The plan is decided on what compile decided on.
+    moves = padding_plan(model, calibration[: len(calibration) - held], tolerance=args.tolerance) if args.padding_plan else None
+    # ONNX Runtime is held to the floor the compile was verified at: 1e-5, or 8x the model's own fp32 noise.
+    rtol = result.report["verification"]["pytorch"]["rtol"]
+    exported = _export(args, result.module, calibration, verify, paths[ONNX_MODEL], rtol)
+    for note in exported.notes:
+        _note(args, f"ONNX export: {note}")
+    report = with_export(result.report, exported, path=args.out / ONNX_MODEL)
+    if args.measure_latency:
+        report["measured_latency"] = _measure_latency(args, model, calibration, verify, paths, rtol, report)
+    with stage(args, "report", "writing reports and plots"):
+        write_report(report, folder)
+        plot_entropy(report, paths[ENTROPY_PLOT])
+        plot_depth(report, paths[DEPTH_PLOT])
+        if moves is not None:
+            write_text_atomic(paths[PADDING_PLAN], save_plan(moves) + "\n", force=False)
+    return report, held, moves
+
+
+def _export(args: argparse.Namespace, module, calibration, verify, path: Path, rtol: float):
+    """export_onnx with the command line's export options, one sample as the example; prints the stage lines."""
+    from egp_export.analysis.batches import DEFAULT_BATCH_SIZE
+    from egp_export.export.onnx import export_onnx
+
+    with stage(args, "export", f"{args.exporter} exporter, {path.name}") as line:
+        exported = export_onnx(
+            module,
+            calibration[:1],
+            path,
+            verify_inputs=list(verify.split(DEFAULT_BATCH_SIZE)),
+            rtol=rtol,
+            exporter=args.exporter,
+            opset=args.opset,
+            static_batch=args.static_batch,
+            simplify=not args.no_simplify,
+            # --out itself, not the staging folder: the log of a failed export must outlive the run.
+            log_path=args.out / EXPORT_LOG,
+            show_logs=args.verbose,
+        )
+        line.detail = exported.why()
+    if progress(args):
+        print(
+            f"ORT check: max_rel {exported.error.max_rel:.2e} (allowed {exported.rtol:.2g}), "
+            f"{exported.seconds.get('verify', 0.0):.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    return exported
 
 
 def _measure_latency(args, model, calibration, verify, paths, rtol: float, report: dict) -> dict:
     """Export the model as it is and time it against the compiled file (ONNX Runtime CPU, interleaved)."""
-    from egp_export.analysis.batches import DEFAULT_BATCH_SIZE
-    from egp_export.export.onnx import export_onnx
     from egp_export.report.report import ONNX_MODEL
     from egp_export.runtime.profiler import compare
 
-    export_onnx(
-        model,
-        calibration[:1],
-        paths[ORIGINAL_MODEL],
-        verify_inputs=list(verify.split(DEFAULT_BATCH_SIZE)),
-        rtol=rtol,
-        force=args.force,
-    )
-    comparison = compare(paths[ORIGINAL_MODEL], paths[ONNX_MODEL], backend="ort-cpu", progress=progress(args))
+    _export(args, model, calibration, verify, paths[ORIGINAL_MODEL], rtol)
+    with stage(args, "latency", "timing original.onnx against model.onnx on ONNX Runtime CPU"):
+        comparison = compare(paths[ORIGINAL_MODEL], paths[ONNX_MODEL], backend="ort-cpu", progress=progress(args))
     return {
         "backend": "ort-cpu, 1 thread, batch 1",
         "original_ms": comparison.baseline_stats.median,

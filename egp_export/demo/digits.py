@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from egp_export.io.fileio import atomic_path, write_text_atomic
+from egp_export.io.fileio import atomic_path, run_transaction, write_text_atomic
 
 NUM_CLASSES = 10
 WIDTH = 16
@@ -150,8 +150,9 @@ def run_egp_demo(
     Returns the summary (also written to ``out_dir/summary.json``).
     ``progress`` prints a line per stage; ``bars`` adds tqdm progress bars
     (default: with ``progress``, where stderr is a terminal, since in a log
-    they are noise). Raises OutputError before any work when an output exists
-    and ``force`` is false, and VerificationError if the compiled model or an
+    they are noise). Every output is staged and moved into ``out_dir`` only
+    once all are written (fileio.run_transaction). Raises OutputError before
+    any work when an output exists and ``force`` is false, and VerificationError if the compiled model or an
     ONNX file does not match the model it came from.
     """
     from egp_export.analysis.fx import propagate_shapes
@@ -160,7 +161,6 @@ def run_egp_demo(
     from egp_export.compiler import compile as compile_model
     from egp_export.export.onnx import export_onnx
     from egp_export.io.datasets import load_digits_split
-    from egp_export.prune.api import check_outputs as check_prune_outputs
     from egp_export.prune.api import prune
     from egp_export.prune.masks import make_permanent
     from egp_export.prune.training import OptimConfig, as_dataset, evaluate, train
@@ -169,7 +169,6 @@ def run_egp_demo(
         COMPILE_OUTPUTS,
         ENTROPY_PLOT,
         ONNX_MODEL,
-        check_outputs,
         plot_entropy,
         with_export,
         write_report,
@@ -180,8 +179,7 @@ def run_egp_demo(
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     out = Path(out_dir)
-    paths = check_outputs(out, (*COMPILE_OUTPUTS, DEPTH_PLOT, DENSE_CHECKPOINT, PRUNED_ONNX, SUMMARY), force=force)
-    check_prune_outputs(out / PRUNE_DIR, force=force)
+    names = (*COMPILE_OUTPUTS, DEPTH_PLOT, DENSE_CHECKPOINT, PRUNED_ONNX, SUMMARY)
     if bars is None:
         bars = progress and sys.stderr.isatty()
 
@@ -193,119 +191,123 @@ def run_egp_demo(
         seconds[stage] = round(time.perf_counter() - since, 2)
         return time.perf_counter()
 
-    with _one_thread():
-        x_train, y_train, x_test, y_test = load_digits_split(seed=seed)
-        fit = len(x_train) - round(len(x_train) * VALIDATION_FRACTION)
-        x_fit, y_fit, x_val, y_val = x_train[:fit], y_train[:fit], x_train[fit:], y_train[fit:]
+    # Everything is staged and moved into out_dir together at the end: an error or Ctrl-C on the way
+    # leaves out_dir as it was, so a rerun is not refused because of half a run's files.
+    with run_transaction(out, names, folders=(PRUNE_DIR,), force=force) as staging:
+        paths = {name: staging / name for name in names}
+        with _one_thread():
+            x_train, y_train, x_test, y_test = load_digits_split(seed=seed)
+            fit = len(x_train) - round(len(x_train) * VALIDATION_FRACTION)
+            x_fit, y_fit, x_val, y_val = x_train[:fit], y_train[:fit], x_train[fit:], y_train[fit:]
 
-        clock = time.perf_counter()
-        torch.manual_seed(seed)
-        dense = digits_resnet()
-        say(f"training a {sum(p.numel() for p in dense.parameters()):,}-parameter digits ResNet on {fit} digits ...")
-        train(
-            dense, as_dataset((x_fit, y_fit), "digits"),
-            OptimConfig(epochs=knobs["dense_epochs"], lr=DENSE_LR, scheduler="cosine", batch_size=BATCH_SIZE),
-            seed=seed, progress=bars, desc="dense training",
-        )
-        accuracy_dense = evaluate(dense, as_dataset((x_test, y_test), "digits test"))
-        with atomic_path(paths[DENSE_CHECKPOINT], force=force) as tmp:
-            torch.save(dense.state_dict(), tmp)
-        say(f"dense test accuracy (PyTorch): {accuracy_dense:.4f}")
-        clock = lap("dense_training", clock)
-
-        say(f"EGP pruning until {knobs['target_linear_sites']} activation sites are linear ...")
-        pruned = prune(
-            dense, (x_fit, y_fit), (x_val, y_val), "egp",
-            rate=RATE, iterations=knobs["iterations"], target_linear_sites=knobs["target_linear_sites"],
-            max_accuracy_drop=knobs["max_accuracy_drop"], epochs_per_iteration=knobs["epochs_per_iteration"],
-            lr=PRUNE_LR, scheduler="cosine", batch_size=BATCH_SIZE, out_dir=out / PRUNE_DIR, force=force, seed=seed,
-            progress=bars,
-        )
-        final = pruned.final
-        say(f"EGP stopped ({pruned.stop_reason}); using iteration {final['iteration']}: sparsity "
-            f"{final['sparsity']:.3f}, {final['linear_sites']} linear sites")
-        clock = lap("pruning", clock)
-
-        model = make_permanent(pruned.model).eval()
-        accuracy_pruned_pytorch = evaluate(model, as_dataset((x_test, y_test), "digits test"))
-        say("compiling with the train split as calibration data (validation part held out) ...")
-        result = compile_model(model, x_train, holdout=len(x_val) / len(x_train))
-        clock = lap("compile", clock)
-
-        baseline = export_onnx(model, x_train[:1], paths[PRUNED_ONNX], verify_inputs=x_test, force=force)
-        exported = export_onnx(result.module, x_train[:1], paths[ONNX_MODEL], verify_inputs=x_test, force=force)
-        accuracy_pruned, predictions_pruned = _onnx_accuracy(baseline.path, x_test, y_test)
-        accuracy_compiled, predictions_compiled = _onnx_accuracy(exported.path, x_test, y_test)
-        clock = lap("export_and_verify", clock)
-
-        say("timing pruned-as-exported vs compiled on ONNX Runtime CPU (interleaved) ...")
-        latency = {}
-        for batch_size in knobs["batch_sizes"]:
-            comparison = compare(
-                baseline.path, exported.path, batch_size=batch_size, rounds=knobs["rounds"],
-                iterations=knobs["round_iterations"], seed=seed,
+            clock = time.perf_counter()
+            torch.manual_seed(seed)
+            dense = digits_resnet()
+            say(f"training a {sum(p.numel() for p in dense.parameters()):,}-parameter digits ResNet on {fit} digits ...")
+            train(
+                dense, as_dataset((x_fit, y_fit), "digits"),
+                OptimConfig(epochs=knobs["dense_epochs"], lr=DENSE_LR, scheduler="cosine", batch_size=BATCH_SIZE),
+                seed=seed, progress=bars, desc="dense training",
             )
-            latency[f"batch_{batch_size}"] = {
-                "pruned_median_ms": comparison.baseline_stats.median,
-                "compiled_median_ms": comparison.candidate_stats.median,
-                "latency_ratio": comparison.candidate_stats.median / comparison.baseline_stats.median,
-                "speedup": comparison.speedup,
-                "speedup_ci": list(comparison.ci),
-                "confidence": comparison.confidence,
-                "rounds": knobs["rounds"],
-                "iterations_per_round": knobs["round_iterations"],
-            }
-        clock = lap("profile", clock)
+            accuracy_dense = evaluate(dense, as_dataset((x_test, y_test), "digits test"))
+            with atomic_path(paths[DENSE_CHECKPOINT], force=False) as tmp:
+                torch.save(dense.state_dict(), tmp)
+            say(f"dense test accuracy (PyTorch): {accuracy_dense:.4f}")
+            clock = lap("dense_training", clock)
 
-    report = with_export(result.report, exported)
-    write_report(report, out, force=force)
-    plot_entropy(report, paths[ENTROPY_PLOT], force=force)
-    plot_depth(report, paths[DEPTH_PLOT], force=force)
-    dense_graph = trace(dense)
-    propagate_shapes(dense_graph, x_train[:1])
-    summary = {
-        "seed": seed,
-        "quick": quick,
-        "train_samples": fit,
-        "validation_samples": len(x_val),
-        "test_samples": len(x_test),
-        "accuracy_dense": accuracy_dense,
-        "accuracy_pruned": accuracy_pruned,
-        "accuracy_pruned_pytorch": accuracy_pruned_pytorch,
-        "accuracy_compiled": accuracy_compiled,
-        "compiled_predictions_match": bool(torch.equal(predictions_pruned, predictions_compiled)),
-        "sparsity": final["sparsity"],
-        "global_sparsity": final["global_sparsity"],
-        "activations": report["before"]["activations"],
-        "linear_sites_after_pruning": final["linear_sites"],
-        "activations_linearized": report["activations_linearized"],
-        "depth_dense": summarize(dense_graph)["depth"],
-        "depth_before": report["before"]["depth"],
-        "depth_after": report["after"]["depth"],
-        "params_before": report["before"]["params"],
-        "params_after": report["after"]["params"],
-        "macs_before": report["before"]["macs"],
-        "macs_after": report["after"]["macs"],
-        "onnx_ops_pruned": baseline.op_counts,
-        "onnx_ops_compiled": exported.op_counts,
-        "latency_ratio": latency["batch_1"]["latency_ratio"],
-        "latency": latency,
-        "pruning": {
-            "method": "egp",
-            "rate": RATE,
-            "stop_reason": pruned.stop_reason,
-            "iteration_used": final["iteration"],
-            "iterations_run": len(pruned.history) - 1,
-            "validation_accuracy_dense": pruned.dense_accuracy,
-            "validation_accuracy_pruned": final["accuracy"],
-            **{key: knobs[key] for key in ("target_linear_sites", "max_accuracy_drop", "epochs_per_iteration")},
-        },
-        "pytorch_max_rel_error": report["verification"]["pytorch"]["max_rel"],
-        "onnxruntime_max_rel_error": report["verification"]["onnxruntime"]["max_rel"],
-        "seconds": {**seconds, "total": round(time.perf_counter() - started, 2)},
-        "files": {name: str(path) for name, path in paths.items()} | {PRUNE_DIR: str(out / PRUNE_DIR)},
-    }
-    write_text_atomic(paths[SUMMARY], json.dumps(summary, indent=2) + "\n", force=force)
+            say(f"EGP pruning until {knobs['target_linear_sites']} activation sites are linear ...")
+            pruned = prune(
+                dense, (x_fit, y_fit), (x_val, y_val), "egp",
+                rate=RATE, iterations=knobs["iterations"], target_linear_sites=knobs["target_linear_sites"],
+                max_accuracy_drop=knobs["max_accuracy_drop"], epochs_per_iteration=knobs["epochs_per_iteration"],
+                lr=PRUNE_LR, scheduler="cosine", batch_size=BATCH_SIZE, out_dir=staging / PRUNE_DIR, seed=seed,
+                progress=bars,
+            )
+            final = pruned.final
+            say(f"EGP stopped ({pruned.stop_reason}); using iteration {final['iteration']}: sparsity "
+                f"{final['sparsity']:.3f}, {final['linear_sites']} linear sites")
+            clock = lap("pruning", clock)
+
+            model = make_permanent(pruned.model).eval()
+            accuracy_pruned_pytorch = evaluate(model, as_dataset((x_test, y_test), "digits test"))
+            say("compiling with the train split as calibration data (validation part held out) ...")
+            result = compile_model(model, x_train, holdout=len(x_val) / len(x_train))
+            clock = lap("compile", clock)
+
+            baseline = export_onnx(model, x_train[:1], paths[PRUNED_ONNX], verify_inputs=x_test)
+            exported = export_onnx(result.module, x_train[:1], paths[ONNX_MODEL], verify_inputs=x_test)
+            accuracy_pruned, predictions_pruned = _onnx_accuracy(baseline.path, x_test, y_test)
+            accuracy_compiled, predictions_compiled = _onnx_accuracy(exported.path, x_test, y_test)
+            clock = lap("export_and_verify", clock)
+
+            say("timing pruned-as-exported vs compiled on ONNX Runtime CPU (interleaved) ...")
+            latency = {}
+            for batch_size in knobs["batch_sizes"]:
+                comparison = compare(
+                    baseline.path, exported.path, batch_size=batch_size, rounds=knobs["rounds"],
+                    iterations=knobs["round_iterations"], seed=seed,
+                )
+                latency[f"batch_{batch_size}"] = {
+                    "pruned_median_ms": comparison.baseline_stats.median,
+                    "compiled_median_ms": comparison.candidate_stats.median,
+                    "latency_ratio": comparison.candidate_stats.median / comparison.baseline_stats.median,
+                    "speedup": comparison.speedup,
+                    "speedup_ci": list(comparison.ci),
+                    "confidence": comparison.confidence,
+                    "rounds": knobs["rounds"],
+                    "iterations_per_round": knobs["round_iterations"],
+                }
+            clock = lap("profile", clock)
+
+        report = with_export(result.report, exported, path=out / ONNX_MODEL)
+        write_report(report, staging)
+        plot_entropy(report, paths[ENTROPY_PLOT])
+        plot_depth(report, paths[DEPTH_PLOT])
+        dense_graph = trace(dense)
+        propagate_shapes(dense_graph, x_train[:1])
+        summary = {
+            "seed": seed,
+            "quick": quick,
+            "train_samples": fit,
+            "validation_samples": len(x_val),
+            "test_samples": len(x_test),
+            "accuracy_dense": accuracy_dense,
+            "accuracy_pruned": accuracy_pruned,
+            "accuracy_pruned_pytorch": accuracy_pruned_pytorch,
+            "accuracy_compiled": accuracy_compiled,
+            "compiled_predictions_match": bool(torch.equal(predictions_pruned, predictions_compiled)),
+            "sparsity": final["sparsity"],
+            "global_sparsity": final["global_sparsity"],
+            "activations": report["before"]["activations"],
+            "linear_sites_after_pruning": final["linear_sites"],
+            "activations_linearized": report["activations_linearized"],
+            "depth_dense": summarize(dense_graph)["depth"],
+            "depth_before": report["before"]["depth"],
+            "depth_after": report["after"]["depth"],
+            "params_before": report["before"]["params"],
+            "params_after": report["after"]["params"],
+            "macs_before": report["before"]["macs"],
+            "macs_after": report["after"]["macs"],
+            "onnx_ops_pruned": baseline.op_counts,
+            "onnx_ops_compiled": exported.op_counts,
+            "latency_ratio": latency["batch_1"]["latency_ratio"],
+            "latency": latency,
+            "pruning": {
+                "method": "egp",
+                "rate": RATE,
+                "stop_reason": pruned.stop_reason,
+                "iteration_used": final["iteration"],
+                "iterations_run": len(pruned.history) - 1,
+                "validation_accuracy_dense": pruned.dense_accuracy,
+                "validation_accuracy_pruned": final["accuracy"],
+                **{key: knobs[key] for key in ("target_linear_sites", "max_accuracy_drop", "epochs_per_iteration")},
+            },
+            "pytorch_max_rel_error": report["verification"]["pytorch"]["max_rel"],
+            "onnxruntime_max_rel_error": report["verification"]["onnxruntime"]["max_rel"],
+            "seconds": {**seconds, "total": round(time.perf_counter() - started, 2)},
+            "files": {name: str(out / name) for name in (*names, PRUNE_DIR)},
+        }
+        write_text_atomic(paths[SUMMARY], json.dumps(summary, indent=2) + "\n", force=False)
     say(
         f"test accuracy: dense {accuracy_dense:.4f}, pruned {accuracy_pruned:.4f}, compiled {accuracy_compiled:.4f} "
         f"(ONNX Runtime); depth {summary['depth_before']} -> {summary['depth_after']}, "

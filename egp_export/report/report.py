@@ -50,12 +50,19 @@ def check_outputs(out_dir: str | os.PathLike, names: tuple[str, ...], *, force: 
     return {name: check_writable(Path(out_dir) / name, force=force) for name in names}
 
 
-def with_export(report: dict, export: ExportResult) -> dict:
-    """A copy of a compile report with the ONNX export and its ONNX Runtime check added."""
+def with_export(report: dict, export: ExportResult, *, path: str | os.PathLike | None = None) -> dict:
+    """A copy of a compile report with the ONNX export and its ONNX Runtime check added.
+
+    ``path``: where the file will be once the run's outputs are moved into
+    place (fileio.run_transaction), when the export wrote it to a staging folder.
+    """
     verification = dict(report.get("verification") or {})
     if export.error is not None:
         verification["onnxruntime"] = {**export.error.to_dict(), "rtol": export.rtol, "passed": True}
-    return {**report, "verification": verification, "onnx": export.to_dict()}
+    onnx = export.to_dict()
+    if path is not None:
+        onnx["path"] = str(path)
+    return {**report, "verification": verification, "onnx": onnx}
 
 
 def is_linearized(site: dict) -> bool:
@@ -333,15 +340,25 @@ def _onnx(onnx: dict) -> list[str]:
     facts = [
         f"file: `{onnx.get('path', _MISSING)}`",
         f"exporter: {onnx.get('exporter', _MISSING)}, opset {onnx.get('opset', _MISSING)}",
+        f"why this exporter: {_cell(onnx.get('exporter_reason', _MISSING))}",
         f"onnx-simplifier applied: {'yes' if onnx.get('simplified') else 'no'}",
     ]
     error = onnx.get("error")
     if error:
+        allowed = _error(onnx.get("rtol")) + (" (measured from the model's own fp32 noise)" if onnx.get("rtol_measured") else "")
         facts.append(
             f"ONNX Runtime vs PyTorch: max abs {_error(error.get('max_abs'))}, max rel {_error(error.get('max_rel'))} "
-            f"(allowed {_error(onnx.get('rtol'))})"
+            f"(allowed {allowed})"
         )
     lines += [f"- {fact}" for fact in facts]
+    attempts = onnx.get("failed_attempts") or []
+    if attempts:
+        lines += ["", "Export attempts that failed before the one used:", ""]
+        lines += ["| exporter | batch | why it failed |", "|---|---|---|"]
+        for attempt in attempts:
+            batch = "dynamic" if attempt.get("dynamic_batch") else "static"
+            lines.append(f"| {attempt.get('exporter', _MISSING)} | {batch} | {_cell(attempt.get('failure', ''))} |")
+        lines.append("")
     for note in onnx.get("notes", []):
         lines.append(f"- note: {_cell(note)}")
     lines.append("")

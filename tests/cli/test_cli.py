@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -43,6 +44,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # A user's model package, importable through PYTHONPATH as --arch cli_models:...
 MODELS_SOURCE = textwrap.dedent(
     """
+    import logging
+    import sys
+
     import torch
     from torch import nn
 
@@ -114,6 +118,37 @@ MODELS_SOURCE = textwrap.dedent(
         def forward(self, x):
             x = self.relu_reduce(self.reduce(self.relu(self.conv(x))))
             return self.fc(self.pool(self.relu_expand(self.expand(x))).flatten(1))
+
+
+    def _exporting(x) -> bool:
+        # TorchScript traces real tensors; torch.export runs on fake ones or under dynamo.
+        return torch.jit.is_tracing() or torch.compiler.is_compiling() or type(x) is not torch.Tensor
+
+
+    @torch.fx.wrap  # torch.fx records the call without looking inside: compile runs it eagerly
+    def eager_only(x):
+        if _exporting(x):
+            logging.getLogger("torch._guards").error("Error while creating guard: (what dynamo logs, ~150 lines)")
+            print("Traceback (most recent call last): (printed by the exporter)", file=sys.stderr)
+            raise RuntimeError("this function cannot be exported")
+        return x
+
+
+    class ExportHostile(SmallCNN):
+        # Compiles (eagerly) and fails in both exporters, noisily, like a dynamo failure on ConvNeXt.
+        def forward(self, x):
+            return eager_only(super().forward(x))
+
+
+    @torch.fx.wrap
+    def flatten_batch(x):
+        return x.reshape(int(x.shape[0]), -1)  # int(): the batch size becomes a constant when traced
+
+
+    class BatchBound(SmallCNN):
+        # Exports only with a static batch: dynamo fixes the batch, TorchScript bakes it into the graph.
+        def forward(self, x):
+            return flatten_batch(super().forward(x))
     """
 )
 
@@ -661,3 +696,115 @@ def test_measure_latency_records_measured_beside_predicted(cli_main, workspace):
     assert measured["predicted_speedup"] > 0
     assert "measured on ort-cpu" in run.stdout
     assert "**Speedup:** measured" in (out / "report.md").read_text()
+
+
+# Export options, all-or-nothing outputs, progress -------------------------------------
+
+
+def test_cli_constants_match_the_library():
+    from egp_export.export import onnx as onnx_export
+
+    assert cli.EXPORTER_CHOICES == onnx_export.EXPORTER_CHOICES and cli.EXPORT_LOG == onnx_export.EXPORT_LOG
+
+
+def test_failed_export_prints_one_line_and_keeps_the_log(workspace):
+    out = workspace.root / "hostile"
+    run = workspace.run(*_compile_args("cli_models:ExportHostile", out))
+
+    _assert_clean_failure(run, "no export attempt succeeded", "dynamo (dynamic batch)", "torchscript (dynamic batch)",
+                          "cannot be exported", "--static-batch", str(out / "export.log"))
+    assert len(run.stderr.splitlines()) < 5, run.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["export.log"]  # no outputs, no staging folder
+    log = (out / "export.log").read_text()
+    assert "Error while creating guard" in log and "printed by the exporter" in log
+
+    verbose = workspace.run(*_compile_args("cli_models:ExportHostile", out, "--verbose"))
+    assert verbose.returncode == 2
+    assert "Error while creating guard" in verbose.stderr  # --verbose shows torch's logs
+
+
+def test_export_options_reach_the_exporter(cli_main, workspace):
+    out = workspace.root / "export-options"
+    run = cli_main(*_compile_args("cli_models:SmallCNN", out, "--exporter", "torchscript", "--opset", "17",
+                                  "--no-simplify", "--checkpoint", workspace.checkpoint))
+
+    assert run.returncode == 0, run.stderr
+    onnx_report = json.loads((out / "report.json").read_text())["onnx"]
+    assert onnx_report["exporter"] == "torchscript" and onnx_report["exporter_requested"] == "torchscript"
+    assert onnx_report["opset"] == 17 and not onnx_report["simplified"]
+    assert onnx_report["path"] == str(out / "model.onnx")  # where it is, not where it was staged
+    assert "ONNX export: torchscript exporter, dynamic batch (requested)" in run.stdout
+    assert "why this exporter: torchscript exporter" in (out / "report.md").read_text()
+
+
+def test_static_batch_only_when_allowed(cli_main, workspace):
+    out = workspace.root / "static-batch"
+    refused = cli_main(*_compile_args("cli_models:BatchBound", out))
+    assert refused.returncode == 3 and "--static-batch" in refused.stderr and "fixed the batch size" in refused.stderr
+    assert not (out / "model.onnx").exists()
+
+    run = cli_main(*_compile_args("cli_models:BatchBound", out, "--static-batch", "--force"))
+    assert run.returncode == 0, run.stderr
+    onnx_report = json.loads((out / "report.json").read_text())["onnx"]
+    assert not onnx_report["dynamic_batch"] and onnx_report["traced_batch"] == 1
+    assert [a["exporter"] for a in onnx_report["failed_attempts"]] == ["dynamo", "torchscript"]
+    dims = onnx.load(out / "model.onnx").graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_value == 1
+    assert "Export attempts that failed before the one used" in (out / "report.md").read_text()
+
+
+def test_interrupted_compile_leaves_nothing_and_a_rerun_needs_no_force(cli_main, workspace, monkeypatch):
+    from egp_export.report import plots
+
+    out = workspace.root / "interrupted"
+    real_plot_depth = plots.plot_depth
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C near the end: model.onnx and the reports are already written
+
+    monkeypatch.setattr(plots, "plot_depth", interrupted)
+    run = cli_main(*_compile_args("cli_models:SmallCNN", out, "--checkpoint", workspace.checkpoint))
+    assert run.returncode == 130
+    assert not out.exists()
+
+    monkeypatch.setattr(plots, "plot_depth", real_plot_depth)
+    rerun = cli_main(*_compile_args("cli_models:SmallCNN", out, "--checkpoint", workspace.checkpoint))
+    assert rerun.returncode == 0, rerun.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(COMPILE_FILES)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_follow_the_umask(cli_main, workspace, umask):
+    out = workspace.root / f"umask-{umask:03o}"
+    previous = os.umask(umask)
+    try:
+        run = cli_main("analyze", *_model_args(workspace), "--out", out)
+    finally:
+        os.umask(previous)
+    assert run.returncode == 0, run.stderr
+    assert {name: stat.S_IMODE((out / name).stat().st_mode) for name in ANALYZE_OUTPUTS} == {
+        name: 0o666 & ~umask for name in ANALYZE_OUTPUTS
+    }
+
+
+def _stage_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.split(":")[0] in ("compile", "export", "ORT check", "report")]
+
+
+def test_stages_report_progress_on_a_terminal_only(cli_main, workspace, monkeypatch):
+    args = ("--checkpoint", workspace.checkpoint)
+    piped = cli_main(*_compile_args("cli_models:SmallCNN", workspace.root / "stages-piped", *args))
+    assert piped.returncode == 0 and _stage_lines(piped.stderr) == []
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    quiet = cli_main(*_compile_args("cli_models:SmallCNN", workspace.root / "stages-quiet", *args, "--quiet"))
+    assert quiet.returncode == 0 and _stage_lines(quiet.stderr) == []
+
+    shown = cli_main(*_compile_args("cli_models:SmallCNN", workspace.root / "stages-tty", *args))
+    assert shown.returncode == 0, shown.stderr
+    lines = _stage_lines(shown.stderr)
+    assert lines[0].startswith("compile: trace, calibrate") and lines[0].endswith("...")
+    assert any(line.startswith("compile: calibrate") and line.endswith(" s") for line in lines)
+    assert any(line.startswith("export: dynamo exporter, dynamic batch") and line.endswith(" s") for line in lines)
+    assert any(line.startswith("ORT check: max_rel") for line in lines)
+    assert lines[-1].startswith("report: ") and lines[-1].endswith(" s")

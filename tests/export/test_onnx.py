@@ -110,7 +110,8 @@ def test_default_export_is_one_valid_self_contained_file(default_export):
     onnx.checker.check_model(loaded, full_check=True)
     assert [i.name for i in loaded.graph.input] == ["input"]
     assert [o.name for o in loaded.graph.output] == ["output"]
-    assert result.exporter == DEFAULT_EXPORTER
+    assert result.exporter == "dynamo" and result.exporter_requested == DEFAULT_EXPORTER == "auto"
+    assert result.failed_attempts == [] and "first choice" in result.why()
     assert result.opset == next(o.version for o in loaded.opset_import if o.domain in ("", "ai.onnx"))
 
 
@@ -313,10 +314,10 @@ def test_exporter_override(tmp_path, monkeypatch, exporter):
     assert deprecation_noted == (exporter == "torchscript")  # captured into notes, not printed
 
 
-def test_default_exporter_is_dynamo(tmp_path, monkeypatch):
+def test_default_exporter_tries_dynamo_first(tmp_path, monkeypatch):
     calls = _spy_on_dynamo_flag(monkeypatch)
     result = export_onnx(conv_bn_model(), torch.randn(SHAPE), tmp_path / "m.onnx")
-    assert DEFAULT_EXPORTER == "dynamo" and calls == [True] and result.exporter == "dynamo"
+    assert DEFAULT_EXPORTER == "auto" and calls == [True] and result.exporter == "dynamo"
 
 
 def test_unknown_exporter_is_refused(tmp_path, no_export):
@@ -325,7 +326,7 @@ def test_unknown_exporter_is_refused(tmp_path, no_export):
 
 
 def test_dynamo_refuses_a_batch_size_it_had_to_fix(tmp_path):
-    with pytest.raises(ExportError, match="fixed the batch size to 2.*dynamic_batch=False"):
+    with pytest.raises(ExportError, match=r"fixed the batch size to 2.*--static-batch \(static_batch=True\)"):
         export_onnx(BatchAsInt().eval(), torch.randn(2, 3, 4, 4), tmp_path / "m.onnx", exporter="dynamo")
     assert not any(tmp_path.iterdir())
     result = export_onnx(BatchAsInt().eval(), torch.randn(2, 3, 4, 4), tmp_path / "m.onnx", dynamic_batch=False)
@@ -341,7 +342,8 @@ def test_torchscript_baked_batch_is_caught_without_verify_inputs(tmp_path):
 
 
 def test_exporter_failure_is_an_export_error_with_cause_and_hint(tmp_path):
-    with pytest.raises(ExportError, match=r"dynamo exporter\) failed: .*cause: .*try exporter='torchscript'") as info:
+    expected = r"dynamo exporter\) failed: .*cause: .*Try --exporter torchscript or auto \(exporter='torchscript'"
+    with pytest.raises(ExportError, match=expected) as info:
         export_onnx(DataDependentBranch().eval(), torch.randn(2, 3), tmp_path / "m.onnx", exporter="dynamo")
     assert info.value.__cause__ is not None
     assert "\x1b[" not in str(info.value)
