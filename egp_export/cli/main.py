@@ -324,8 +324,8 @@ def _compile_into(args: argparse.Namespace, folder: Path, paths: dict[str, Path]
     from egp_export.compiler import compile as compile_model
     from egp_export.io.fileio import write_text_atomic
     from egp_export.passes import CHANNEL_ALIGNMENT
-    from egp_export.report.plots import plot_depth
-    from egp_export.report.report import ENTROPY_PLOT, ONNX_MODEL, plot_entropy, with_export, write_report
+    from egp_export.report.plots import plot_depth, plot_entropy
+    from egp_export.report.report import ENTROPY_PLOT, ONNX_MODEL, with_export, write_report
 
     model = _load_model(args)
     calibration = _load_calibration(args)

@@ -196,7 +196,8 @@ def _run_profile(args: argparse.Namespace) -> int:
             top = ", ".join(f"{layer.name} {layer.ms:.3f} ms ({layer.ms / total:.0%})" for layer in batch.layers[:5])
             say(args, f"batch {batch.batch_size} slowest layers: {top}")
     if outputs:
-        from egp_export.report.plots import plot_profile, render_html
+        from egp_export.report.html import render_html
+        from egp_export.report.plots import plot_profile
 
         markdown = result.to_markdown()
         write_text_atomic(outputs[PROFILE_JSON], to_json(result.to_dict()), force=args.force)

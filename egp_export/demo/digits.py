@@ -164,15 +164,8 @@ def run_egp_demo(
     from egp_export.prune.api import prune
     from egp_export.prune.masks import make_permanent
     from egp_export.prune.training import OptimConfig, as_dataset, evaluate, train
-    from egp_export.report.plots import plot_depth
-    from egp_export.report.report import (
-        COMPILE_OUTPUTS,
-        ENTROPY_PLOT,
-        ONNX_MODEL,
-        plot_entropy,
-        with_export,
-        write_report,
-    )
+    from egp_export.report.plots import plot_depth, plot_entropy
+    from egp_export.report.report import COMPILE_OUTPUTS, ENTROPY_PLOT, ONNX_MODEL, with_export, write_report
     from egp_export.runtime.profiler import compare
 
     knobs = _settings(quick)

@@ -180,3 +180,12 @@ def _interrupts_held_back() -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
     if received:
         raise KeyboardInterrupt
+
+
+def check_outputs(out_dir: str | os.PathLike, names: tuple[str, ...], *, force: bool) -> dict[str, Path]:
+    """Check that every output ``out_dir/name`` may be written, before any expensive work.
+
+    Creates ``out_dir`` if needed. Raises OutputError naming the first file
+    that exists (without ``force``) or cannot be written.
+    """
+    return {name: check_writable(Path(out_dir) / name, force=force) for name in names}

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from egp_export.io.fileio import atomic_path, check_writable, write_text_atomic
+from egp_export.io.fileio import check_outputs, write_text_atomic
 from egp_export.report.messages import describe_reason
 
 if TYPE_CHECKING:  # onnx_export imports onnx and onnxruntime; reports are written without them
@@ -32,22 +32,7 @@ ONNX_MODEL = "model.onnx"
 ANALYZE_OUTPUTS = (REPORT_JSON, REPORT_MARKDOWN)
 COMPILE_OUTPUTS = (ONNX_MODEL, REPORT_JSON, REPORT_MARKDOWN, ENTROPY_PLOT)
 
-# Site actions that mean "this activation is gone" (linearize_activations' wording).
 _MISSING = "—"
-# Bar colours of the entropy chart: kept nonlinear, linearized.
-_KEPT_COLOUR = "#4c72b0"
-_LINEARIZED_COLOUR = "#dd8452"
-# Above this many sites the per-bar value labels would overlap.
-_ANNOTATED_SITES = 40
-
-
-def check_outputs(out_dir: str | os.PathLike, names: tuple[str, ...], *, force: bool) -> dict[str, Path]:
-    """Check that every output ``out_dir/name`` may be written, before any expensive work.
-
-    Creates ``out_dir`` if needed. Raises OutputError naming the first file
-    that exists (without ``force``) or cannot be written.
-    """
-    return {name: check_writable(Path(out_dir) / name, force=force) for name in names}
 
 
 def with_export(report: dict, export: ExportResult, *, path: str | os.PathLike | None = None) -> dict:
@@ -95,59 +80,6 @@ def write_report(report: dict, out_dir: str | os.PathLike, *, force: bool = Fals
     write_text_atomic(paths[REPORT_JSON], to_json(report), force=force)
     write_text_atomic(paths[REPORT_MARKDOWN], to_markdown(report), force=force)
     return paths
-
-
-def plot_entropy(report: dict, path: str | os.PathLike, *, force: bool = False) -> Path:
-    """Write a PNG bar chart of EGP's layer entropy per activation site, linearized sites highlighted."""
-    # The object-oriented API with an Agg canvas: no pyplot state, no global backend switch.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
-    target = check_writable(path, force=force)
-    sites = analysis_of(report).get("sites", [])
-    names = [site["name"] for site in sites]
-    entropies = [float(site.get("entropy", 0.0)) for site in sites]
-    colours = [_LINEARIZED_COLOUR if is_linearized(site) else _KEPT_COLOUR for site in sites]
-    compiled = "activations_linearized" in report
-    figure = Figure(figsize=(min(max(4.0, 0.35 * len(sites) + 2.0), 24.0), 4.0), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    positions = range(len(sites))
-    axes.bar(positions, entropies, color=colours)
-    # Linearized sites have zero entropy, hence no visible bar: mark them by colour in the tick labels too.
-    axes.set_xticks(positions, names, rotation=90 if len(sites) > 6 else 0, fontsize=8)
-    for label, colour in zip(axes.get_xticklabels(), colours):
-        label.set_color(colour)
-    if len(sites) <= _ANNOTATED_SITES:
-        for position, entropy, colour in zip(positions, entropies, colours):
-            axes.annotate(
-                f"{entropy:.2f}",
-                (position, entropy),
-                xytext=(0, 2),
-                textcoords="offset points",
-                ha="center",
-                va="bottom",
-                fontsize=7,
-                color=colour,
-            )
-    axes.set_ylim(0.0, 1.3)
-    axes.set_yticks([0.0, 0.25, 0.5, 0.75, 1.0])
-    axes.set_ylabel("entropy (bits)")
-    axes.set_xlabel("activation call site")
-    axes.set_title("EGP layer entropy per activation site" + ("" if sites else " (no activation sites)"))
-    linear_label = "linearized" if compiled else "linear on the data"
-    axes.legend(
-        handles=[Patch(color=_KEPT_COLOUR, label="nonlinear"), Patch(color=_LINEARIZED_COLOUR, label=linear_label)],
-        loc="upper center",
-        ncols=2,
-        fontsize=8,
-        frameon=False,
-    )
-    figure.tight_layout()
-    with atomic_path(target, force=force) as tmp:
-        figure.savefig(tmp, format="png")
-    return target
 
 
 # Markdown ---------------------------------------------------------------

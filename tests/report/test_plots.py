@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from egp_export.errors import OutputError
-from egp_export.report.plots import plot_comparison, plot_depth, plot_latency, plot_profile, render_html
+from egp_export.report.html import render_html
+from egp_export.report.plots import plot_comparison, plot_depth, plot_latency, plot_profile
 from egp_export.runtime.profiler import BatchProfile, Comparison, ProfileResult, latency_stats
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

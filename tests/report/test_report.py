@@ -11,13 +11,13 @@ from torch import nn
 
 import egp_export
 from egp_export.errors import OutputError
+from egp_export.io.fileio import check_outputs
+from egp_export.report.plots import plot_entropy
 from egp_export.report.report import (
     ANALYZE_OUTPUTS,
     REPORT_JSON,
     REPORT_MARKDOWN,
-    check_outputs,
     is_linearized,
-    plot_entropy,
     to_json,
     to_markdown,
     with_export,
