@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import operator
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.fx as fx
@@ -82,6 +83,33 @@ def neuron_dim(node: fx.Node, modules: dict[str, nn.Module], _depth: int = 0) ->
         current = inputs[0] if inputs else None
     shape = shape_of(node)
     return 1 if shape is not None and len(shape) > 2 else -1
+
+
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def writes_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """``node`` overwrites an input (``x.relu_()``, ``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``, ``x += y``).
+
+    Dead-code elimination must keep such a node even when nothing reads its
+    result: the other readers of the input it overwrites see the write.
+    """
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_module":
+        return bool(getattr(modules.get(str(node.target)), "inplace", False))
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
+    return False
+
+
+def keeps_effects(gm: fx.GraphModule) -> Callable[[fx.Node], bool]:
+    """The ``is_impure_node`` predicate for ``gm.graph.eliminate_dead_code``: fx's impurity, plus writes to an input."""
+    modules = named_modules(gm)
+    return lambda node: node.is_impure() or writes_in_place(node, modules)
 
 
 def activation_nodes(gm: fx.GraphModule) -> Iterable[fx.Node]:

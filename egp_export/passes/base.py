@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from egp_export.analysis.fx import propagate_shapes
+from egp_export.analysis.fx import keeps_effects, propagate_shapes
 from egp_export.analysis.numerics import FP32_RTOL, compare
 from egp_export.errors import VerificationError
 
@@ -101,7 +101,7 @@ class PipelineResult:
 
 def finalize(gm: fx.GraphModule) -> None:
     """Dead-code elimination, lint, recompile: the invariants every pass must leave behind."""
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=keeps_effects(gm))
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
