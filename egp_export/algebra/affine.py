@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from egp_export.analysis.fx import call_sites
+from egp_export.analysis.fx import sharing_refusal
 from egp_export.analysis.ops import CONV_TYPES, LINEAR_TYPES, module_of
 
 
@@ -35,10 +35,7 @@ def layer_refusal(node: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Modul
     module = module_of(node, modules)
     if not isinstance(module, CONV_TYPES + LINEAR_TYPES):
         return f"'{node.name}' is not a conv/linear layer"
-    sites = call_sites(gm, str(node.target))
-    if sites > 1:
-        return f"weights of '{node.target}' are shared by {sites} call sites"
-    return None
+    return sharing_refusal(gm, str(node.target))
 
 
 def producer_refusal(

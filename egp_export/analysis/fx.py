@@ -19,6 +19,29 @@ def call_sites(gm: fx.GraphModule, target: str) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
 
 
+def sharing_refusal(gm: fx.GraphModule, target: str) -> str | None:
+    """Why changing submodule ``target``'s parameters in place would change more than one call, or None.
+
+    Several call sites of one module, the module registered under a second
+    name, or a Parameter another submodule holds by identity (weight tying:
+    ``fc2.weight = fc1.weight``, which ``copy.deepcopy`` preserves).
+    """
+    sites = call_sites(gm, target)
+    if sites > 1:
+        return f"weights of '{target}' are shared by {sites} call sites"
+    module = gm.get_submodule(target)
+    own = {id(p): name for name, p in module.named_parameters(recurse=False)}
+    for name, other in gm.named_modules(remove_duplicate=False):
+        if name == target:
+            continue
+        if other is module:
+            return f"'{target}' is the same module as '{name}'"
+        for other_name, parameter in other.named_parameters(recurse=False):
+            if id(parameter) in own:
+                return f"'{target}.{own[id(parameter)]}' is the same tensor as '{name}.{other_name}' (tied weights)"
+    return None
+
+
 def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
     """Store every node's output shape in ``node.meta['tensor_meta']`` (torch.fx ShapeProp on one sample).
 

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from egp_export.algebra.convchain import explicit_padding
-from egp_export.analysis.fx import call_sites, shape_of
+from egp_export.analysis.fx import shape_of, sharing_refusal
 from egp_export.analysis.ops import CONV_TYPES, module_of, named_modules
 from egp_export.passes.base import GraphPass
 from egp_export.passes.modules import ConstantAdd
@@ -68,8 +68,9 @@ class FoldResiduals(GraphPass):
     @staticmethod
     def _refusal(conv: fx.Node, modules, gm: fx.GraphModule) -> str | None:
         module = modules[str(conv.target)]
-        if call_sites(gm, str(conv.target)) > 1:
-            return "the conv's weights are shared"
+        shared = sharing_refusal(gm, str(conv.target))
+        if shared:
+            return shared
         if shape_of(conv) is None or shape_of(conv) != shape_of(conv.args[0]):
             return "the branch changes the shape"
         if any(s != 1 for s in module.stride):
