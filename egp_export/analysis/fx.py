@@ -135,6 +135,23 @@ def keeps_effects(gm: fx.GraphModule) -> Callable[[fx.Node], bool]:
     return lambda node: node.is_impure() or writes_in_place(node, modules)
 
 
+def site_neuron_dim(node: fx.Node, modules: dict[str, nn.Module]) -> int:
+    """The neuron axis of activation call site ``node``: the activation's own axis where it has one.
+
+    nn.PReLU with one slope per channel applies them along dim 1 whatever the
+    layout (after a Linear on ``[B, N, C]`` with N == C too); a vector or
+    scalar input is one neuron (-1); otherwise the layout of the input decides
+    (``neuron_dim``).
+    """
+    module = modules.get(str(node.target)) if node.op == "call_module" else None
+    if isinstance(module, nn.PReLU) and module.num_parameters > 1:
+        return 1
+    shape = shape_of(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+    if shape is not None and len(shape) < 2:
+        return -1
+    return neuron_dim(node.args[0], modules)
+
+
 def activation_nodes(gm: fx.GraphModule) -> Iterable[fx.Node]:
     modules = named_modules(gm)
     return [n for n in gm.graph.nodes if activation_spec(n, modules) is not None]

@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from egp_export.analysis.activations import ActivationSpec, activation_spec, binary_entropy, categorical_entropy, fit_affine
-from egp_export.analysis.fx import neuron_dim, propagate_shapes
+from egp_export.analysis.fx import propagate_shapes, site_neuron_dim
 from egp_export.analysis.ops import named_modules
 from egp_export.errors import CalibrationError
 
@@ -84,6 +84,9 @@ class SiteStats:
 
     def observe(self, z: torch.Tensor) -> None:
         z = z.detach()
+        if z.dim() < 2:
+            # A vector or scalar has no batch axis to tell apart from neurons: one neuron, every element observed.
+            z = z.reshape(-1, 1)
         dims = self._reduce_dims(z)
         neurons = z.shape[self.dim]
         if self.observations == 0:
@@ -271,7 +274,7 @@ class ActivationStatsInterpreter(fx.Interpreter):
             if spec is None or not node.all_input_nodes:
                 continue
             form, target = _describe_target(node)
-            self.sites[node] = SiteStats(node.name, form, target, spec, neuron_dim(node.args[0], modules))
+            self.sites[node] = SiteStats(node.name, form, target, spec, site_neuron_dim(node, modules))
 
     def run_node(self, n: fx.Node):
         site = self.sites.get(n)
@@ -303,7 +306,7 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[torch.Tensor], *, progress: 
     # Shapes are known now, so the neuron axis can fall back on ranks.
     modules = named_modules(gm)
     for node, site in interpreter.sites.items():
-        site.dim = neuron_dim(node.args[0], modules)
+        site.dim = site_neuron_dim(node, modules)
     iterator = batches
     if progress:
         from tqdm.auto import tqdm
