@@ -98,7 +98,8 @@ class SerializedEngine:
     batch_range: tuple[int, int, int]  # min, opt, max
     dla_core: int | None
     tf32: bool
-    notes: list[str] = field(default_factory=list)  # TensorRT warnings
+    notes: list[str] = field(default_factory=list)  # timing-cache notes, then TensorRT warnings
+    timing_cache: Path | None = None  # the cache file read and written back, None when none was used
 
 
 @dataclass
@@ -350,17 +351,20 @@ def build_serialized_engine(
         profile.set_shape(tensor.name, *shapes)
         config.add_optimization_profile(profile)
 
-    cache_path = None if timing_cache is None else Path(timing_cache)
-    cache_data = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
-    cache = config.create_timing_cache(cache_data)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache_notes: list[str] = []
+    cache_path = _attach_timing_cache(config, module, None if timing_cache is None else Path(timing_cache), cache_notes)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BackendError(f"TensorRT could not build an engine from {onnx_path}: {'; '.join(logger.errors) or 'see its log'}.")
     if cache_path is not None:
-        with atomic_path(cache_path, force=True) as tmp:  # a cache is meant to be updated in place
-            tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+        updated = config.get_timing_cache()
+        if updated is None:
+            cache_notes.append(f"TensorRT returned no timing cache after the build; {cache_path} was left as it was")
+            cache_path = None
+        else:
+            with atomic_path(cache_path, force=True) as tmp:  # a cache is meant to be updated in place
+                tmp.write_bytes(bytes(memoryview(updated.serialize())))
     return SerializedEngine(
         data=bytes(memoryview(serialized)),
         module=module,
@@ -369,8 +373,33 @@ def build_serialized_engine(
         batch_range=batches,
         dla_core=dla_core,
         tf32=tf32 and tf32_flag is not None,
-        notes=list(logger.warnings),
+        notes=cache_notes + list(logger.warnings),
+        timing_cache=cache_path,
     )
+
+
+def _attach_timing_cache(config, module: str, cache_path: Path | None, notes: list[str]) -> Path | None:
+    """Give the builder a timing cache (the file's, else a fresh one); the path to write back, or None.
+
+    ``set_timing_cache`` returns False for a cache written by another TensorRT
+    version or GPU (with ``ignore_mismatch=False``); the config then holds no
+    cache and ``get_timing_cache()`` returns None after the build, so a fresh
+    cache replaces it. TensorRT for RTX does not time kernels at build time:
+    its timing cache is a no-op, and a file is neither read nor written.
+    """
+    if module == "tensorrt_rtx":
+        if cache_path is not None:
+            notes.append(f"timing cache {cache_path} not used: TensorRT for RTX has no build-time kernel timing")
+        return None
+    data = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
+    if config.set_timing_cache(config.create_timing_cache(data), ignore_mismatch=False):
+        return cache_path
+    if data:
+        notes.append(f"timing cache {cache_path} is from another TensorRT version or GPU; a fresh one replaces it")
+        if config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+            return cache_path
+    notes.append("TensorRT refused an empty timing cache; the engine was built without one")
+    return None
 
 
 def build_engine(
@@ -450,7 +479,7 @@ def build_engine(
         batch_range=built.batch_range,
         dla_core=built.dla_core,
         workspace_mb=workspace_mb,
-        timing_cache=None if timing_cache is None else Path(timing_cache),
+        timing_cache=built.timing_cache,
         size_bytes=len(built.data),
         build_seconds=round(build_seconds, 3),
         error=error,
