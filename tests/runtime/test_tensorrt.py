@@ -17,7 +17,8 @@ from egp_export.analysis.numerics import compare
 from egp_export.cli.perf import main
 from egp_export.export.onnx import ort_session, run_onnx
 from egp_export.runtime.backends import BackendError, get_backend
-from egp_export.runtime.tensorrt import TRT_FP16_RTOL, TRT_FP32_RTOL, build_engine, convert_to_fp16, tensorrt_unavailable_reason
+from egp_export.runtime.engines import build_engine
+from egp_export.runtime.tensorrt import TRT_FP16_RTOL, TRT_FP32_RTOL, convert_to_fp16, tensorrt_unavailable_reason
 from tests.perf_models import SMALL_SAMPLE_SHAPE, export_model
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
