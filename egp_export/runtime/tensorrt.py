@@ -1,8 +1,9 @@
 """TensorRT engines from ONNX files, built in memory (``build_serialized_engine``).
 
 With engines.py (``build_engine``, which also checks and writes) the steps
-are: refuse an existing output → import TensorRT (a clear BackendError where it is not installed) → fp16 in the ONNX graph where the
-TensorRT has no FP16 builder flag → parse with ``OnnxParser.parse_from_file``
+are: refuse an existing output → import TensorRT (a clear BackendError where
+it is not installed) → fp16 in the ONNX graph where the TensorRT has no FP16
+builder flag → parse with ``OnnxParser.parse_from_file``
 (external weights resolve beside the file) → explicit-batch network, one
 optimisation profile over the batch range, workspace limit, timing cache, DLA
 core → ``build_serialized_network`` → run the engine and ONNX Runtime (CPU,
