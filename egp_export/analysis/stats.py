@@ -298,9 +298,10 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[torch.Tensor], *, progress: 
             gm(batches[0][:1])
     except Exception as error:  # any failure here is the model rejecting the data
         raise CalibrationError(
-            f"the model rejects calibration samples of shape {tuple(batches[0].shape[1:])}: "
+            f"the model rejects calibration samples of shape {tuple(batches[0].shape[1:])} and dtype "
+            f"{str(batches[0].dtype).removeprefix('torch.')}: "
             f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}. "
-            "Check the input size and channel count the model expects."
+            "Check the input size, channel count and dtype the model expects (token ids: integers; images: floats)."
         ) from None
     propagate_shapes(gm, batches[0][:1])
     # Shapes are known now, so the neuron axis can fall back on ranks.
