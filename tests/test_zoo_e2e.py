@@ -134,13 +134,13 @@ def test_engineered_zoo_model_compiles_matches_and_exports(name, tmp_path):
         with pytest.raises(error, match=phrase):
             compile_and_check(entry, engineered=True)
         return
-    check_onnx(compile_and_check(entry, engineered=True), tmp_path / "model.onnx", "torchscript", entry.onnx_batch)
+    check_onnx(compile_and_check(entry, engineered=True), tmp_path / "model.onnx", entry.exporter, entry.onnx_batch)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [entry.name for entry in ZOO if entry.expected(engineered=True) == "compiles"])
 def test_engineered_zoo_model_exports_with_the_default_exporter(name, tmp_path):
-    """torch.export + onnx-simplifier: about 20 s a model here, so the default run uses the TorchScript exporter."""
+    """torch.export + onnx-simplifier: about 20 s a model here, so the default run mostly uses the TorchScript exporter."""
     entry = ZOO_BY_NAME[name]
     check_onnx(compile_and_check(entry, engineered=True), tmp_path / "model.onnx", "dynamo", entry.onnx_batch)
 
