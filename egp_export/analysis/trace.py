@@ -26,7 +26,7 @@ class LeafModule:
 
     name: str
     type: str
-    reason: str  # "requested", "torch.nn container" or why tracing through it failed
+    reason: str  # "requested", "torch.nn module traced as one call" or "untraceable: <why tracing through it failed>"
     hidden_activations: int  # activations inside it that calibration cannot see
 
     def to_dict(self) -> dict:
