@@ -233,7 +233,7 @@ def _torchvision_class(module: str, cls: str, **kwargs) -> Callable[[], nn.Modul
 SMALL = (3, 32, 32)
 MEDIUM = (3, 64, 64)
 
-# Measured with ``python -m tests.test_zoo_e2e`` (docs/calibration.md has the table). ``slow=False``: the
+# Measured with ``python -m tests.test_zoo_e2e`` (docs/zoo.md has the table). ``slow=False``: the
 # default test run, one or two per family, about 3 minutes on 2 cores.
 ZOO: list[ZooModel] = [
     # torchvision
