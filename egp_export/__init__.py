@@ -38,7 +38,7 @@ _LAZY = {
     "padding_plan": "algebra.padding",
     "apply_padding_plan": "algebra.padding",
     "profile": "runtime.profiler",
-    "build_engine": "runtime.tensorrt",
+    "build_engine": "runtime.engines",
 }
 
 if TYPE_CHECKING:
@@ -46,8 +46,8 @@ if TYPE_CHECKING:
     from egp_export.analysis.stats import analyze
     from egp_export.compiler import CompileResult, compile  # noqa: A004 - the issue's public name
     from egp_export.export.onnx import ExportResult, export_onnx
+    from egp_export.runtime.engines import build_engine
     from egp_export.runtime.profiler import profile
-    from egp_export.runtime.tensorrt import build_engine
 
 __all__ = [
     "ArchitectureError",

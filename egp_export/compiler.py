@@ -16,7 +16,7 @@ from egp_export.analysis.fx import propagate_shapes
 from egp_export.analysis.numerics import FP32_RTOL, NOISE_FACTOR, compare, fp32_noise
 from egp_export.analysis.stats import SiteStats, calibrate, summarize_sites
 from egp_export.analysis.summary import summarize
-from egp_export.analysis.trace import owned_copy, trace
+from egp_export.analysis.trace import owned_copy, trace, trace_facts
 from egp_export.errors import VerificationError
 from egp_export.passes import CHANNEL_ALIGNMENT, LinearizeActivations, PassManager, Step, conv_seconds, default_steps
 from egp_export.records import Refusal, Rewrite, RewriteKind
@@ -53,14 +53,14 @@ def _outputs(module: nn.Module, batches: list[torch.Tensor]) -> list:
 
 
 def _sites_leaving_region(
-    model: nn.Module, sites: list[SiteStats], holdout: list[torch.Tensor], tolerance: float
+    model: nn.Module, sites: list[SiteStats], holdout: list[torch.Tensor], tolerance: float, leaf_modules: tuple = ()
 ) -> list[str]:
     """Sites with neurons that stayed in one region on calibration data but not on held-out data.
 
     Those neurons were rewritten (linearized or masked as dead) on the strength
     of the calibration data alone; they are the usual cause of a failed check.
     """
-    held = {s.name: s for s in calibrate(trace(model), holdout)}
+    held = {s.name: s for s in calibrate(trace(model, leaf_modules=leaf_modules), holdout)}
     moved = []
     for site in sites:
         other = held.get(site.name)
@@ -124,6 +124,7 @@ def compile(  # noqa: A001 - the issue's public name
     steps: list[Step] | None = None,
     debug: bool = False,
     progress: bool = False,
+    leaf_modules=(),
 ) -> CompileResult:
     """Compile ``model`` into a shallower torch.fx GraphModule that computes the same function.
 
@@ -142,7 +143,10 @@ def compile(  # noqa: A001 - the issue's public name
     (default 8) keeps channel counts left by dead-channel removal at multiples
     of it: ONNX Runtime's CPU kernels run odd counts far slower (see
     passes/eliminate_dead_channels.py); 1 removes every dead channel. ``debug`` checks numerics after
-    every pass and names the pass that broke them. ``model`` is never mutated.
+    every pass and names the pass that broke them. ``leaf_modules`` (submodule names or
+    types) are traced as single calls, as are submodules torch.fx cannot trace through; the
+    report's ``trace`` section lists them (activations inside are not analysed). ``model`` is
+    never mutated.
     """
     started = time.perf_counter()
     split = split_holdout(as_batches(calibration, batch_size=batch_size), holdout)
@@ -154,7 +158,9 @@ def compile(  # noqa: A001 - the issue's public name
     # floor is not met.
     noise = fp32_noise(reference, noise_batch) if debug else None
     rtol = verification_rtol(tolerance, noise or 0.0)
-    gm = trace(model)
+    leaf_modules = tuple(leaf_modules)
+    gm = trace(model, leaf_modules=leaf_modules)
+    traced = trace_facts(gm)
     sites = calibrate(gm, split.calibrate, progress=progress)
     calibrated = time.perf_counter()
     before = summarize(gm)
@@ -182,7 +188,7 @@ def compile(  # noqa: A001 - the issue's public name
         noise = fp32_noise(reference, noise_batch)
         rtol = verification_rtol(tolerance, noise)
     if not error.within(rtol):
-        moved = _sites_leaving_region(model, sites, split.holdout, tolerance)
+        moved = _sites_leaving_region(model, sites, split.holdout, tolerance, leaf_modules)
         approximate_merges = [r for r in pipeline.rewrites if r.kind.is_approximate]
         hint = ""
         if moved:
@@ -214,6 +220,7 @@ def compile(  # noqa: A001 - the issue's public name
             "holdout_samples": split.holdout_samples if holdout > 0 else 0,
             "sample_shape": list(split.calibrate[0].shape[1:]),
         },
+        "trace": traced.to_dict(),
         "analysis": analysis,
         "rewrites": with_text(pipeline.rewrites, describe_rewrite, "action"),
         "refusals": with_text(pipeline.refusals, describe_refusal, "reason"),

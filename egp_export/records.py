@@ -31,11 +31,12 @@ class RewriteKind(enum.Enum):
     MERGED_BIAS_MAP = "merged_bias_map"
     MERGED_BORDER_APPROXIMATE = "merged_border_approximate"
     RESIDUAL_FOLDED = "residual_folded"
+    SITE_TO_IDENTITY = "site_to_identity"  # EASIER: an activation replaced by its input (changes the function)
 
     @property
     def is_approximate(self) -> bool:
         """Whether the rewrite changes the function beyond fp32 rounding (on purpose, within the tolerance)."""
-        return self is RewriteKind.MERGED_BORDER_APPROXIMATE
+        return self in (RewriteKind.MERGED_BORDER_APPROXIMATE, RewriteKind.SITE_TO_IDENTITY)
 
 
 class RefusalCode(enum.Enum):
@@ -46,12 +47,16 @@ class RefusalCode(enum.Enum):
     SURROGATE_ERROR = "surrogate_error"
     INPLACE_INPUT_READ = "inplace_input_read"
     DEAD_NEURONS_KEPT = "dead_neurons_kept"
+    NO_SUCH_SITE = "no_such_site"
+    NOT_AN_ACTIVATION = "not_an_activation"
     # Folding
     NO_RUNNING_STATS = "no_running_stats"
     BN_NOT_FOLDED_BACKWARDS = "bn_not_folded_backwards"
     AFFINE_NOT_FOLDABLE = "affine_not_foldable"
     NOT_A_LAYER = "not_a_layer"
     SHARED_WEIGHT = "shared_weight"
+    SAME_MODULE = "same_module"  # one module registered under two names
+    TIED_WEIGHT = "tied_weight"  # a parameter another module holds too
     MULTIPLE_USERS = "multiple_users"
     AXIS_MISMATCH = "axis_mismatch"
     PADDED_SHIFT = "padded_shift"

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import egp_export
 from egp_export.analysis.numerics import compare
+from egp_export.analysis.trace import trace
 from egp_export.errors import CalibrationError, TraceError
 
 
@@ -97,7 +98,11 @@ def test_untraceable_model_names_where_tracing_failed():
             return self.inner(x)
 
     with pytest.raises(TraceError, match="inner.gate"):
-        egp_export.compile(Branchy().eval(), _data())
+        trace(Branchy().eval(), automatic_leaves=False)
+    # By default the untraceable submodule becomes a leaf (run as is) and the report names it.
+    result = egp_export.compile(Branchy().eval(), _data())
+    (leaf,) = result.report["trace"]["leaf_modules"]
+    assert leaf["name"] == "inner.gate" and leaf["reason"].startswith("untraceable")
 
 
 class _Gate(nn.Module):

@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from egp_export.algebra.convchain import explicit_padding
-from egp_export.analysis.fx import call_sites
+from egp_export.analysis.fx import sharing_refusal
 from egp_export.analysis.ops import CONV_TYPES, LINEAR_TYPES, module_of
 from egp_export.records import Reason, RefusalCode
 
@@ -37,10 +37,7 @@ def layer_refusal(node: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Modul
     module = module_of(node, modules)
     if not isinstance(module, CONV_TYPES + LINEAR_TYPES):
         return Reason(RefusalCode.NOT_A_LAYER, {"node": node.name})
-    sites = call_sites(gm, str(node.target))
-    if sites > 1:
-        return Reason(RefusalCode.SHARED_WEIGHT, {"layer": str(node.target), "sites": sites})
-    return None
+    return sharing_refusal(gm, str(node.target))
 
 
 def producer_refusal(

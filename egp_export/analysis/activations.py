@@ -193,6 +193,28 @@ def activation_spec(node: fx.Node, modules: dict[str, nn.Module]) -> ActivationS
     return None
 
 
+def _is_activation_function(value) -> bool:
+    try:
+        return value in _FUNCTIONS
+    except TypeError:  # unhashable attribute values
+        return False
+
+
+def hidden_activation_count(module: nn.Module) -> int:
+    """Activations inside ``module`` that a trace calling it as one node cannot see.
+
+    Counts activation submodules below it and activation functions stored as
+    attributes (``nn.TransformerEncoderLayer.activation = F.relu``); an
+    activation module itself hides nothing.
+    """
+    count = 0
+    for name, submodule in module.named_modules():
+        if name and _module_spec(submodule) is not None:
+            count += 1
+        count += sum(1 for value in vars(submodule).values() if _is_activation_function(value))
+    return count
+
+
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:
     """h(p) in bits, with h(0) = h(1) = 0 (the limits, not NaN)."""
     p = p.to(torch.float64)
@@ -255,4 +277,5 @@ __all__ = [
     "binary_entropy",
     "categorical_entropy",
     "fit_affine",
+    "hidden_activation_count",
 ]

@@ -51,7 +51,9 @@ def _input_of(item, index: int) -> torch.Tensor:
 
 
 def as_batches(calibration, *, batch_size: int = DEFAULT_BATCH_SIZE) -> list[torch.Tensor]:
-    """Validated float batches ``[B, ...]`` from a tensor, an iterable of tensors / (x, y), or a DataLoader.
+    """Validated batches ``[B, ...]`` from a tensor, an iterable of tensors / (x, y), or a DataLoader.
+
+    Samples keep their dtype (integer token ids stay integers).
 
     A single tensor is one batch of samples along dim 0, cut into ``batch_size``
     chunks so no activation of the whole set is ever held at once.
@@ -74,8 +76,9 @@ def as_batches(calibration, *, batch_size: int = DEFAULT_BATCH_SIZE) -> list[tor
         tensor = _input_of(item, index)
         if tensor.dim() == 0:
             raise CalibrationError(f"calibration item {index} is a scalar; each item must be a batch [B, ...].")
-        if not tensor.is_floating_point():
-            tensor = tensor.to(torch.float32)
+        if tensor.is_complex():
+            raise CalibrationError(f"calibration item {index} is complex ({tensor.dtype}); give real-valued inputs.")
+        # Integer inputs (token ids for an nn.Embedding) keep their dtype: cast to float they would be refused.
         bad = int((~torch.isfinite(tensor)).sum())
         if bad:
             raise CalibrationError(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import operator
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.fx as fx
@@ -11,11 +12,36 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from egp_export.analysis.activations import activation_spec
 from egp_export.analysis.ops import LayerKind, layer_kind, module_of, named_modules
+from egp_export.records import Reason, RefusalCode
 
 
 def call_sites(gm: fx.GraphModule, target: str) -> int:
     """How many nodes call the submodule ``target`` (a shared module has several)."""
     return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
+
+
+def sharing_refusal(gm: fx.GraphModule, target: str) -> Reason | None:
+    """Why changing submodule ``target``'s parameters in place would change more than one call, or None.
+
+    Several call sites of one module, the module registered under a second
+    name, or a Parameter another submodule holds by identity (weight tying:
+    ``fc2.weight = fc1.weight``, which ``copy.deepcopy`` preserves).
+    """
+    sites = call_sites(gm, target)
+    if sites > 1:
+        return Reason(RefusalCode.SHARED_WEIGHT, {"layer": target, "sites": sites})
+    module = gm.get_submodule(target)
+    own = {id(p): name for name, p in module.named_parameters(recurse=False)}
+    for name, other in gm.named_modules(remove_duplicate=False):
+        if name == target:
+            continue
+        if other is module:
+            return Reason(RefusalCode.SAME_MODULE, {"layer": target, "other": name})
+        for other_name, parameter in other.named_parameters(recurse=False):
+            if id(parameter) in own:
+                detail = {"parameter": f"{target}.{own[id(parameter)]}", "other": f"{name}.{other_name}"}
+                return Reason(RefusalCode.TIED_WEIGHT, detail)
+    return None
 
 
 def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
@@ -83,6 +109,50 @@ def neuron_dim(node: fx.Node, modules: dict[str, nn.Module], _depth: int = 0) ->
         current = inputs[0] if inputs else None
     shape = shape_of(node)
     return 1 if shape is not None and len(shape) > 2 else -1
+
+
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def writes_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """``node`` overwrites an input (``x.relu_()``, ``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``, ``x += y``).
+
+    Dead-code elimination must keep such a node even when nothing reads its
+    result: the other readers of the input it overwrites see the write.
+    """
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_module":
+        return bool(getattr(modules.get(str(node.target)), "inplace", False))
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
+    return False
+
+
+def keeps_effects(gm: fx.GraphModule) -> Callable[[fx.Node], bool]:
+    """The ``is_impure_node`` predicate for ``gm.graph.eliminate_dead_code``: fx's impurity, plus writes to an input."""
+    modules = named_modules(gm)
+    return lambda node: node.is_impure() or writes_in_place(node, modules)
+
+
+def site_neuron_dim(node: fx.Node, modules: dict[str, nn.Module]) -> int:
+    """The neuron axis of activation call site ``node``: the activation's own axis where it has one.
+
+    nn.PReLU with one slope per channel applies them along dim 1 whatever the
+    layout (after a Linear on ``[B, N, C]`` with N == C too); a vector or
+    scalar input is one neuron (-1); otherwise the layout of the input decides
+    (``neuron_dim``).
+    """
+    module = modules.get(str(node.target)) if node.op == "call_module" else None
+    if isinstance(module, nn.PReLU) and module.num_parameters > 1:
+        return 1
+    shape = shape_of(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+    if shape is not None and len(shape) < 2:
+        return -1
+    return neuron_dim(node.args[0], modules)
 
 
 def activation_nodes(gm: fx.GraphModule) -> Iterable[fx.Node]:

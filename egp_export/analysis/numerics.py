@@ -92,7 +92,7 @@ def fp32_noise(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
     try:
         wide = owned_copy(model).double().eval()
         with torch.no_grad():
-            exact = [wide(b.double()) for b in batches]
+            exact = [wide(b.double() if b.is_floating_point() else b) for b in batches]  # token ids stay integers
             rounded = [model(b) for b in batches]
     except Exception:  # noqa: BLE001 - whatever stops the fp64 run, the fixed floor applies
         return 0.0

@@ -18,6 +18,7 @@ and never run the model again.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -26,7 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from egp_export.analysis.activations import ActivationSpec, activation_spec, binary_entropy, categorical_entropy, fit_affine
-from egp_export.analysis.fx import neuron_dim, propagate_shapes
+from egp_export.analysis.fx import propagate_shapes, site_neuron_dim
 from egp_export.analysis.ops import named_modules
 from egp_export.errors import CalibrationError
 from egp_export.records import Reason, RefusalCode
@@ -85,6 +86,9 @@ class SiteStats:
 
     def observe(self, z: torch.Tensor) -> None:
         z = z.detach()
+        if z.dim() < 2:
+            # A vector or scalar has no batch axis to tell apart from neurons: one neuron, every element observed.
+            z = z.reshape(-1, 1)
         dims = self._reduce_dims(z)
         neurons = z.shape[self.dim]
         if self.observations == 0:
@@ -101,21 +105,46 @@ class SiteStats:
             )
         count = z.numel() // neurons
         self.observations += count
-        # Reductions run where z lives (GPU too); the accumulators stay on the CPU.
-        self.on_counts += (z > 0).sum(dims).cpu()
-        self.low = torch.minimum(self.low, z.amin(dims).cpu().to(torch.float64))
-        self.high = torch.maximum(self.high, z.amax(dims).cpu().to(torch.float64))
+        # Reductions run where z lives (GPU too); the accumulators stay on the CPU. Every full pass over z
+        # costs about as much as the activation itself, so passes that low/high already decide are skipped.
+        low, high = z.amin(dims), z.amax(dims)
+        positive = (z > 0).sum(dims)
+        self.on_counts += positive.cpu()
+        self.low = torch.minimum(self.low, low.cpu().to(torch.float64))
+        self.high = torch.maximum(self.high, high.cpu().to(torch.float64))
         if not self.spec.boundaries:
             self.region_counts[0] += count
             return
         # Region r holds boundaries[r-1] < z <= boundaries[r]: count how many exceed each boundary.
-        above = [(z > b).sum(dims).cpu() for b in self.spec.boundaries]
+        above = [self._count_above(z, dims, b, positive, low, high, count).cpu() for b in self.spec.boundaries]
         self.region_counts[0] += count - above[0]
         for r in range(1, len(above)):
             self.region_counts[r] += above[r - 1] - above[r]
         self.region_counts[-1] += above[-1]
         for b in self.spec.boundaries:
-            self.margin = torch.minimum(self.margin, (z - b).abs().amin(dims).cpu().to(torch.float64))
+            self.margin = torch.minimum(self.margin, self._distance(z, dims, b, low, high).cpu().to(torch.float64))
+
+    @staticmethod
+    def _count_above(z, dims, boundary, positive, low, high, count) -> torch.Tensor:
+        """Per neuron, how many z > boundary: the ON count at 0; no pass when no neuron straddles it."""
+        if boundary == 0.0:
+            return positive
+        if bool((low > boundary).all()):
+            return torch.full_like(positive, count)
+        if bool((high <= boundary).all()):
+            return torch.zeros_like(positive)
+        return (z > boundary).sum(dims)
+
+    @staticmethod
+    def _distance(z, dims, boundary, low, high) -> torch.Tensor:
+        """Per neuron, min |z - boundary|. A neuron on one side of it is nearest at low (above) or high (below);
+        only neurons whose range straddles the boundary need a pass over z."""
+        one_side = torch.where(low > boundary, low - boundary, boundary - high)
+        straddles = (low <= boundary) & (high > boundary)
+        if not bool(straddles.any()):
+            return one_side
+        offset = z.abs() if boundary == 0.0 else (z - boundary).abs_()
+        return torch.where(straddles, offset.amin(dims), one_side)
 
     def merge(self, other: SiteStats) -> None:
         """Add another shard's statistics of the same site (e.g. another DDP rank)."""
@@ -262,7 +291,7 @@ class ActivationStatsInterpreter(fx.Interpreter):
             if spec is None or not node.all_input_nodes:
                 continue
             form, target = _describe_target(node)
-            self.sites[node] = SiteStats(node.name, form, target, spec, neuron_dim(node.args[0], modules))
+            self.sites[node] = SiteStats(node.name, form, target, spec, site_neuron_dim(node, modules))
 
     def run_node(self, n: fx.Node):
         site = self.sites.get(n)
@@ -277,29 +306,37 @@ class ActivationStatsInterpreter(fx.Interpreter):
 
 
 def calibrate(gm: fx.GraphModule, batches: Iterable[torch.Tensor], *, progress: bool = False) -> list[SiteStats]:
-    """Run ``batches`` through ``gm``, store SiteStats on its activation nodes, return them in graph order."""
-    batches = list(batches)
+    """Run ``batches`` through ``gm``, store SiteStats on its activation nodes, return them in graph order.
+
+    ``batches`` is consumed once, one batch at a time (a generator or DataLoader
+    is never held whole): memory does not grow with the number of samples.
+    """
+    stream = iter(batches)
+    first = next(stream, None)
+    if first is None:
+        raise CalibrationError("calibration data is empty; pass at least a few representative samples.")
     interpreter = ActivationStatsInterpreter(gm)
     try:
         # A plain forward first: ShapeProp prints a traceback of its own before re-raising.
         with torch.no_grad():
-            gm(batches[0][:1])
+            gm(first[:1])
     except Exception as error:  # any failure here is the model rejecting the data
         raise CalibrationError(
-            f"the model rejects calibration samples of shape {tuple(batches[0].shape[1:])}: "
+            f"the model rejects calibration samples of shape {tuple(first.shape[1:])} and dtype "
+            f"{str(first.dtype).removeprefix('torch.')}: "
             f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}. "
-            "Check the input size and channel count the model expects."
+            "Check the input size, channel count and dtype the model expects (token ids: integers; images: floats)."
         ) from None
-    propagate_shapes(gm, batches[0][:1])
+    propagate_shapes(gm, first[:1])
     # Shapes are known now, so the neuron axis can fall back on ranks.
     modules = named_modules(gm)
     for node, site in interpreter.sites.items():
-        site.dim = neuron_dim(node.args[0], modules)
-    iterator = batches
+        site.dim = site_neuron_dim(node, modules)
+    iterator = itertools.chain([first], stream)
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(batches, desc="calibrating", unit="batch", leave=False)
+        iterator = tqdm(iterator, desc="calibrating", unit="batch", leave=False)
     with torch.no_grad():
         for batch in iterator:
             interpreter.run(batch)

@@ -4,19 +4,65 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch.fx as fx
 import torch.nn as nn
 
+from egp_export.analysis.activations import hidden_activation_count
+from egp_export.analysis.ops import named_modules
 from egp_export.errors import TraceError
+
+# How often tracing retries with one more submodule made a leaf before giving up.
+MAX_AUTOMATIC_LEAVES = 32
+
+TRACE_META_KEY = "egp_trace"
+
+
+@dataclass(frozen=True)
+class LeafModule:
+    """A submodule traced as one opaque call: its inside is not analysed (no activation sites in it)."""
+
+    name: str
+    type: str
+    reason: str  # "requested", "torch.nn module traced as one call" or "untraceable: <why tracing through it failed>"
+    hidden_activations: int  # activations inside it that calibration cannot see
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "type": self.type, "reason": self.reason, "hidden_activations": self.hidden_activations}
+
+
+@dataclass
+class TraceFacts:
+    """What tracing decided, stored in ``gm.meta[TRACE_META_KEY]`` for the report."""
+
+    leaf_modules: list[LeafModule] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"leaf_modules": [leaf.to_dict() for leaf in self.leaf_modules]}
+
+
+def trace_facts(gm: fx.GraphModule) -> TraceFacts:
+    return gm.meta.get(TRACE_META_KEY) or TraceFacts()
+
+
+LeafSpec = str | type
 
 
 class _PathTracer(fx.Tracer):
-    """A Tracer that remembers which submodule it was inside when tracing failed."""
+    """A Tracer that makes the requested submodules leaves and remembers where tracing failed."""
 
-    def __init__(self) -> None:
+    def __init__(self, leaf_names: set[str], leaf_types: tuple[type, ...]) -> None:
         super().__init__()
         self.egp_module_path: list[str] = []
+        self.egp_leaf_names = leaf_names
+        self.egp_leaf_types = leaf_types
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.egp_leaf_names or isinstance(m, self.egp_leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         self.egp_module_path.append(self.path_of_module(m) or type(m).__name__)
@@ -50,11 +96,39 @@ def owned_copy(model: nn.Module) -> nn.Module:
     return owned
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
+def _split_leaf_specs(model: nn.Module, leaf_modules: Iterable[LeafSpec]) -> tuple[set[str], tuple[type, ...]]:
+    names: set[str] = set()
+    types: list[type] = []
+    known = set(dict(model.named_modules()))
+    for spec in leaf_modules:
+        if isinstance(spec, type) and issubclass(spec, nn.Module):
+            types.append(spec)
+        elif isinstance(spec, str) and spec in known and spec:
+            names.add(spec)
+        else:
+            raise TraceError(
+                f"leaf module {spec!r} is neither a submodule name of the model nor an nn.Module type; "
+                "pass qualified names as printed by model.named_modules() (e.g. 'layer1.0') or module classes."
+            )
+    return names, tuple(types)
+
+
+def _failure_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def trace(model: nn.Module, *, leaf_modules: Iterable[LeafSpec] = (), automatic_leaves: bool = True) -> fx.GraphModule:
     """An eval-mode torch.fx GraphModule of a deep copy of ``model`` (which is never touched).
 
     A model in training mode is traced in eval mode with a warning: BatchNorm
     and Dropout behave differently in training, and deployment means eval.
+
+    ``leaf_modules``: submodule names or nn.Module types traced as one opaque
+    call. With ``automatic_leaves`` a submodule that torch.fx cannot trace
+    through (Python control flow on a traced value, e.g. ``if x.shape[-2] <
+    7``) is made a leaf and tracing retried. Leaves are recorded in
+    ``gm.meta[TRACE_META_KEY]`` (see ``trace_facts``); one that contains
+    activations gets a warning, since calibration cannot see inside it.
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}.")
@@ -65,23 +139,76 @@ def trace(model: nn.Module) -> fx.GraphModule:
             UserWarning,
             stacklevel=3,
         )
+    leaf_names, leaf_types = _split_leaf_specs(model, leaf_modules)
     owned = owned_copy(model).eval()
     if isinstance(owned, fx.GraphModule):
         return owned
-    tracer = _PathTracer()
-    try:
-        graph = tracer.trace(owned)
-    except Exception as error:  # fx raises many types; all mean "not traceable"
-        where = tracer.egp_module_path[-1] if tracer.egp_module_path else "the top-level forward()"
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise TraceError(
-            f"torch.fx cannot trace the model inside '{where}': {first_line}. "
-            "Data-dependent Python control flow (if/for on tensor values) cannot be traced; "
-            "move it out of forward(), or mark that submodule as a leaf."
-        ) from None
+    failed: dict[str, str] = {}  # submodule made a leaf automatically -> why tracing through it failed
+    while True:
+        tracer = _PathTracer(leaf_names | set(failed), leaf_types)
+        try:
+            graph = tracer.trace(owned)
+            break
+        except Exception as error:  # fx raises many types; all mean "not traceable"
+            where = tracer.egp_module_path[-1] if tracer.egp_module_path else ""
+            if automatic_leaves and where and where not in failed and len(failed) < MAX_AUTOMATIC_LEAVES:
+                failed[where] = _failure_line(error)
+                continue
+            raise TraceError(_untraceable_message(where or "the top-level forward()", error, automatic_leaves)) from None
     _positional_inputs(graph)
     # GraphModule builds fresh container modules, which start in training mode.
-    return fx.GraphModule(tracer.root, graph, type(owned).__name__).eval()
+    gm = fx.GraphModule(tracer.root, graph, type(owned).__name__).eval()
+    gm.meta[TRACE_META_KEY] = _leaf_facts(gm, leaf_names, leaf_types, failed)
+    return gm
+
+
+def _untraceable_message(where: str, error: Exception, automatic_leaves: bool) -> str:
+    first_line = _failure_line(error)
+    if where == "the top-level forward()":
+        advice = (
+            "The model's own forward() cannot be made a leaf: move Python control flow on tensors "
+            "(if/for on values or shapes) out of it, or wrap that code in a submodule."
+        )
+    elif automatic_leaves:
+        advice = "It is the module being traced when tracing failed and could not be made a leaf."
+    else:
+        advice = f"Trace it as a leaf (leaf_modules=['{where}'], CLI --leaf-module {where}) or move that code out of forward()."
+    return (
+        f"torch.fx cannot trace the model inside '{where}': {first_line}. "
+        "Python control flow on a traced value (if/for on tensor values or shapes) cannot be traced symbolically. "
+        + advice
+    )
+
+
+def _leaf_facts(gm: fx.GraphModule, names: set[str], types: tuple[type, ...], failed: dict[str, str]) -> TraceFacts:
+    """Every called submodule that hides activations or was made a leaf; warn about the former."""
+    modules = named_modules(gm)
+    facts = TraceFacts()
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        target = str(node.target)
+        module = modules[target]
+        hidden = hidden_activation_count(module)
+        if target in failed:
+            reason = f"untraceable: {failed[target]}"
+        elif target in names or isinstance(module, types):
+            reason = "requested"
+        elif hidden:
+            reason = "torch.nn module traced as one call"
+        else:
+            continue
+        if any(leaf.name == target for leaf in facts.leaf_modules):
+            continue
+        facts.leaf_modules.append(LeafModule(target, type(module).__name__, reason, hidden))
+        if hidden:
+            warnings.warn(
+                f"'{target}' ({type(module).__name__}) is traced as one call ({reason}); the {hidden} activation(s) "
+                "inside it are not analysed or rewritten.",
+                UserWarning,
+                stacklevel=3,
+            )
+    return facts
 
 
 def _positional_inputs(graph: fx.Graph) -> None:

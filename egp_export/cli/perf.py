@@ -31,8 +31,6 @@ PROFILE_JSON = "profile.json"
 PROFILE_MARKDOWN = "profile.md"
 PROFILE_PLOT = "latency.png"
 PROFILE_HTML = "profile.html"
-# Backend names for --help without importing the backends (and torch / onnxruntime with them).
-BACKEND_NAMES = ("ort-cpu", "ort-cuda", "torch-cuda", "torch-cuda-graph", "tensorrt", "tensorrt-rtx")
 ONNX_BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt", "tensorrt-rtx")
 
 
@@ -261,7 +259,8 @@ def _run_gate(args: argparse.Namespace) -> int:
 
 
 def _run_engine(args: argparse.Namespace) -> int:
-    from egp_export.runtime.tensorrt import DEFAULT_WORKSPACE_MB, build_engine
+    from egp_export.runtime.engines import build_engine
+    from egp_export.runtime.tensorrt import DEFAULT_WORKSPACE_MB
 
     result = build_engine(
         args.model,

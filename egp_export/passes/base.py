@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
-from egp_export.analysis.fx import propagate_shapes
+from egp_export.analysis.fx import keeps_effects, propagate_shapes
 from egp_export.analysis.numerics import FP32_RTOL, compare
 from egp_export.errors import VerificationError
 from egp_export.records import Reason, Refusal, Rewrite, RewriteKind
@@ -102,7 +102,7 @@ class PipelineResult:
 
 def finalize(gm: fx.GraphModule) -> None:
     """Dead-code elimination, lint, recompile: the invariants every pass must leave behind."""
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=keeps_effects(gm))
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()

@@ -170,9 +170,11 @@ class EliminateDeadChannels(GraphPass):
         while forward and group.blocker is None:
             node = forward.pop()
             for user in node.users:
-                if user in seen:
-                    continue
-                self._classify_user(user, node, group, seen, forward)
+                if user not in seen:
+                    self._classify_user(user, node, group, seen, forward)
+                elif user in group.producers and not _is_consumer(user, group):
+                    # x + conv(x), with the add reached first: conv is a producer and reads the group too.
+                    self._classify_user(user, node, group, seen, forward)
         return group
 
     def _classify_user(self, user: fx.Node, source: fx.Node, group: _Group, seen: set, forward: list) -> None:
@@ -229,6 +231,18 @@ class EliminateDeadChannels(GraphPass):
         for operand in node.all_input_nodes:
             if operand not in seen:
                 self._walk_back(operand, group, seen, forward)
+            elif _is_consumer(operand, group) and operand not in group.producers:
+                # x + conv(x): conv reads the group's channels and its output is added back into them, so its
+                # input columns and its output rows are both the group's channels.
+                self._consumer_also_produces(operand, group, forward)
+
+    def _consumer_also_produces(self, node: fx.Node, group: _Group, forward: list) -> None:
+        block = dict(group.consumers)[node]
+        if block != 1 or not self._is_free_layer(node):
+            group.blocker = f"residual operand '{node.name}' reads the group's channels through a flatten or is shared"
+            return
+        group.producers.append(node)
+        forward.append(node)
 
     # Removing ------------------------------------------------------------
 
@@ -250,6 +264,10 @@ class EliminateDeadChannels(GraphPass):
                 columns = keep.repeat_interleave(block)
                 module.weight = nn.Parameter(module.weight.detach()[:, columns].clone())
                 _set_width(module, inp=int(columns.sum()))
+
+
+def _is_consumer(node: fx.Node, group: _Group) -> bool:
+    return any(consumer is node for consumer, _ in group.consumers)
 
 
 def _set_width(module: nn.Module, *, out: int | None = None, inp: int | None = None) -> None:

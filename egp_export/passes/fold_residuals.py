@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from egp_export.algebra.convchain import explicit_padding
-from egp_export.analysis.fx import call_sites, shape_of
+from egp_export.analysis.fx import shape_of, sharing_refusal
 from egp_export.analysis.ops import CONV_TYPES, module_of
 from egp_export.passes.modules import ConstantAdd
 from egp_export.passes.rules import Add, Applied, Chain, Either, Match, Op, Rule, RuleSetPass
@@ -41,9 +41,9 @@ RESIDUAL = Add(Either(Chain(Op(_is_conv_module, "conv"), Op(_is_bias_map, "bias_
 def _refusal(match: Match) -> Reason | None:
     conv = match["conv"]
     module = match.modules[str(conv.target)]
-    sites = call_sites(match.gm, str(conv.target))
-    if sites > 1:
-        return Reason(RefusalCode.SHARED_WEIGHT, {"layer": str(conv.target), "sites": sites})
+    shared = sharing_refusal(match.gm, str(conv.target))
+    if shared is not None:
+        return shared
     if shape_of(conv) is None or shape_of(conv) != shape_of(conv.args[0]):
         return Reason(RefusalCode.SHAPE_CHANGES)
     if any(s != 1 for s in module.stride):

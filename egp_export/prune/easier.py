@@ -22,8 +22,10 @@ from egp_export.analysis.activations import activation_spec
 from egp_export.analysis.ops import named_modules
 from egp_export.analysis.stats import SiteStats
 from egp_export.analysis.trace import trace
-from egp_export.passes.base import GraphPass, finalize
+from egp_export.passes.base import GraphPass, Recorder, finalize
 from egp_export.prune.masks import copy_model
+from egp_export.records import Reason, RefusalCode, RewriteKind
+from egp_export.report.messages import describe_refusal
 
 
 class ReplaceSitesWithIdentity(GraphPass):
@@ -34,20 +36,21 @@ class ReplaceSitesWithIdentity(GraphPass):
     def __init__(self, sites: Sequence[str]) -> None:
         self.sites = list(sites)
 
-    def run(self, gm: fx.GraphModule) -> None:
+    def run(self, gm: fx.GraphModule, record: Recorder) -> None:
         nodes = {node.name: node for node in gm.graph.nodes}
         modules = named_modules(gm)
         for name in self.sites:
             node = nodes.get(name)
             if node is None:
-                self.refuse(name, "the model has no activation call site of that name")
+                record.refuse(name, Reason(RefusalCode.NO_SUCH_SITE, {"site": name}))
                 continue
             if activation_spec(node, modules) is None or not node.args or not isinstance(node.args[0], fx.Node):
-                self.refuse(node, f"{node.format_node()} is not an activation call site")
+                record.refuse(node, Reason(RefusalCode.NOT_AN_ACTIVATION, {"node": node.format_node()}))
                 continue
+            # act(z) -> z
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
-            self.rewrote([name], "activation -> identity")
+            record.rewrote(RewriteKind.SITE_TO_IDENTITY, [name])
 
 
 def replace_with_identity(model: nn.Module, sites: Sequence[str]) -> fx.GraphModule:
@@ -62,7 +65,7 @@ def replace_with_identity(model: nn.Module, sites: Sequence[str]) -> fx.GraphMod
     if result.modified:
         finalize(gm)
     if result.refusals:
-        refused = "; ".join(f"{refusal.node!r}: {refusal.reason}" for refusal in result.refusals)
+        refused = "; ".join(f"{refusal.node!r}: {describe_refusal(refusal)}" for refusal in result.refusals)
         raise ValueError(f"cannot replace these by the identity: {refused}")
     return gm
 

@@ -67,6 +67,7 @@ REWRITES: dict[RewriteKind, Callable[[Mapping[str, Any]], str]] = {
     RewriteKind.MERGED_BIAS_MAP: lambda d: _conv_merge(d, RewriteKind.MERGED_BIAS_MAP),
     RewriteKind.MERGED_BORDER_APPROXIMATE: lambda d: _conv_merge(d, RewriteKind.MERGED_BORDER_APPROXIMATE),
     RewriteKind.RESIDUAL_FOLDED: lambda d: f"residual add folded into '{d['conv']}' (identity on the centre tap)",
+    RewriteKind.SITE_TO_IDENTITY: lambda d: "activation -> identity",
 }
 
 
@@ -81,6 +82,8 @@ REASONS: dict[RefusalCode, Callable[[Mapping[str, Any]], str]] = {
         f"(> tolerance {d['tolerance']:.3g} x output scale {d['scale']:.3g})"
     ),
     RefusalCode.INPLACE_INPUT_READ: lambda d: f"inplace {d['activation']} overwrites '{d['input']}', which other nodes read",
+    RefusalCode.NO_SUCH_SITE: lambda d: "the model has no activation call site of that name",
+    RefusalCode.NOT_AN_ACTIVATION: lambda d: f"{d['node']} is not an activation call site",
     RefusalCode.DEAD_NEURONS_KEPT: lambda d: f"{d['dead']} dead neurons kept: {describe_reason(d['because'])}",
     RefusalCode.NO_RUNNING_STATS: lambda d: "BatchNorm without running statistics uses batch statistics even in eval mode",
     RefusalCode.BN_NOT_FOLDED_BACKWARDS: lambda d: (
@@ -91,6 +94,8 @@ REASONS: dict[RefusalCode, Callable[[Mapping[str, Any]], str]] = {
     ),
     RefusalCode.NOT_A_LAYER: lambda d: f"'{d['node']}' is not a conv/linear layer",
     RefusalCode.SHARED_WEIGHT: lambda d: f"weights of '{d['layer']}' are shared by {d['sites']} call sites",
+    RefusalCode.SAME_MODULE: lambda d: f"'{d['layer']}' is the same module as '{d['other']}'",
+    RefusalCode.TIED_WEIGHT: lambda d: f"'{d['parameter']}' is the same tensor as '{d['other']}' (tied weights)",
     RefusalCode.MULTIPLE_USERS: lambda d: f"output of '{d['node']}' has {d['users']} users",
     RefusalCode.AXIS_MISMATCH: lambda d: f"neuron axis {d['axis']} is not the {d['side']}-channel axis of '{d['node']}'",
     RefusalCode.PADDED_SHIFT: lambda d: f"a shift before zero-padded '{d['node']}' would be wrong on the border",

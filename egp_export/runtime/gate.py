@@ -22,9 +22,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from egp_export.analysis.numerics import ErrorStats, compare
 from egp_export.io.fileio import write_text_atomic
-from egp_export.runtime.backends import DEFAULT_BACKEND, DEFAULT_THREADS, get_backend, onnx_input_spec
+from egp_export.runtime.backends import DEFAULT_BACKEND, DEFAULT_THREADS, BackendError, get_backend, onnx_input_spec
 from egp_export.runtime.profiler import (
     DEFAULT_CONFIDENCE,
     DEFAULT_RESAMPLES,
@@ -50,6 +52,7 @@ class NumericCheck:
     max_rel_error: float
     samples: int
     problem: str = ""  # why the outputs could not be compared (count or shape mismatch)
+    notes: list[str] = field(default_factory=list)  # output dtypes that differ
 
     @property
     def passed(self) -> bool:
@@ -61,6 +64,7 @@ class NumericCheck:
             "max_rel_error": self.max_rel_error,
             "samples": self.samples,
             "problem": self.problem,
+            "notes": list(self.notes),
             "passed": self.passed,
         }
 
@@ -73,6 +77,7 @@ class GateResult:
     min_speedup: float
     numeric: NumericCheck | None = None
     reasons: list[str] = field(default_factory=list)  # why it failed; empty when it passed
+    notes: list[str] = field(default_factory=list)  # differences that do not fail the gate (input/output dtypes)
 
     @property
     def latency_passed(self) -> bool:
@@ -103,6 +108,7 @@ class GateResult:
             else:
                 relation = "≤" if n.passed else ">"
                 parts.append(f"max rel error {n.error.max_rel:.2e} {relation} {n.max_rel_error:.0e}")
+        parts += self.notes
         setup = f"{c.backend.get('backend')}, batch {c.batch_size}, {c.baseline_rounds.shape[0]} rounds"
         return f"egp-export gate: {'PASS' if self.passed else 'FAIL'}: " + "; ".join(parts) + f" [{setup}]"
 
@@ -113,14 +119,18 @@ class GateResult:
             "min_speedup": self.min_speedup,
             "numeric": None if self.numeric is None else self.numeric.to_dict(),
             "reasons": list(self.reasons),
+            "notes": list(self.notes),
             "verdict": self.verdict(),
             "comparison": self.comparison.to_dict(),
         }
 
 
-def evaluate(comparison: Comparison, min_speedup: float, numeric: NumericCheck | None = None) -> GateResult:
+def evaluate(
+    comparison: Comparison, min_speedup: float, numeric: NumericCheck | None = None, notes: Sequence[str] = ()
+) -> GateResult:
     """The decision for a finished comparison (and numeric check): pure, no timing."""
-    result = GateResult(comparison=comparison, min_speedup=min_speedup, numeric=numeric)
+    notes = list(notes) + (numeric.notes if numeric is not None else [])
+    result = GateResult(comparison=comparison, min_speedup=min_speedup, numeric=numeric, notes=notes)
     low = comparison.ci[0]
     if not result.latency_passed:
         result.reasons.append(
@@ -136,6 +146,43 @@ def evaluate(comparison: Comparison, min_speedup: float, numeric: NumericCheck |
                 f"(max_abs={numeric.error.max_abs:.3g}) > {numeric.max_rel_error:g}"
             )
     return result
+
+
+def check_inputs(baseline_onnx, candidate_onnx, input_shape: Sequence[int] | None = None) -> list[str]:
+    """Refuse two ONNX models that take different input shapes; notes on input dtypes that differ.
+
+    The gate compares two versions of one model on the same inputs: a shape
+    mismatch is a usage error (BackendError, exit 2), not a failed gate (exit
+    1, which CI reads as "too slow or wrong"). A dtype difference (an fp16
+    candidate) is allowed: the candidate gets the baseline's inputs cast to its
+    dtype, and the result says so.
+    """
+    if not all(Path(model).suffix.lower() == ".onnx" for model in (baseline_onnx, candidate_onnx)):
+        return []
+    baseline = onnx_input_spec(baseline_onnx, input_shape)
+    candidate = onnx_input_spec(candidate_onnx, input_shape)
+
+    def describe(spec) -> str:
+        batch = spec.fixed_batch if spec.fixed_batch is not None else "B"
+        return f"{spec.name!r} [{', '.join(map(str, (batch, *spec.sample_shape)))}] {np.dtype(spec.dtype)}"
+
+    fixed = {baseline.fixed_batch, candidate.fixed_batch} - {None}
+    if baseline.sample_shape != candidate.sample_shape or len(fixed) > 1:
+        raise BackendError(
+            f"the models take different inputs: baseline {describe(baseline)}, candidate {describe(candidate)}; "
+            "the gate compares two versions of one model, so export both for the same input shape."
+        )
+    if np.dtype(baseline.dtype) != np.dtype(candidate.dtype):
+        return [f"input dtype differs: baseline {np.dtype(baseline.dtype)}, candidate {np.dtype(candidate.dtype)}"]
+    return []
+
+
+def _output_dtype_notes(reference: list, candidate: list) -> list[str]:
+    return [
+        f"output {index} dtype differs: baseline {a.dtype}, candidate {b.dtype}"
+        for index, (a, b) in enumerate(zip(reference, candidate))
+        if a.dtype != b.dtype
+    ]
 
 
 def check_numerics(
@@ -154,6 +201,7 @@ def check_numerics(
 
     The batch holds ``samples`` samples, or the model's fixed batch size if it has one.
     """
+    check_inputs(baseline_onnx, candidate_onnx, input_shape)
     if Path(baseline_onnx).suffix.lower() == ".onnx":
         # A model exported with a fixed batch size is checked at that batch size.
         samples = onnx_input_spec(baseline_onnx, input_shape).fixed_batch or samples
@@ -167,11 +215,12 @@ def check_numerics(
     finally:
         for runner in runners:
             runner.close()
+    notes = _output_dtype_notes(reference, candidate)
     try:
         error = compare(reference, candidate)
     except ValueError as problem:  # output count or shape differs
-        return NumericCheck(error=None, max_rel_error=max_rel_error, samples=samples, problem=str(problem))
-    return NumericCheck(error=error, max_rel_error=max_rel_error, samples=samples)
+        return NumericCheck(error=None, max_rel_error=max_rel_error, samples=samples, problem=str(problem), notes=notes)
+    return NumericCheck(error=error, max_rel_error=max_rel_error, samples=samples, notes=notes)
 
 
 def gate(
@@ -204,6 +253,7 @@ def gate(
     """
     if not min_speedup > 0:
         raise ValueError(f"min_speedup must be positive, got {min_speedup}")
+    notes = check_inputs(baseline_onnx, candidate_onnx, input_shape)
     numeric = None
     if max_rel_error is not None:
         numeric = check_numerics(
@@ -232,7 +282,7 @@ def gate(
         backend_options=backend_options,
         progress=progress,
     )
-    return evaluate(comparison, min_speedup, numeric)
+    return evaluate(comparison, min_speedup, numeric, notes)
 
 
 # Writers ---------------------------------------------------------------------------------------
@@ -322,6 +372,8 @@ def to_markdown(result: GateResult) -> str:
                 f"max rel error {n.error.max_rel:.3e}; allowed {n.max_rel_error:.1e} — {'passed' if n.passed else 'FAILED'}."
             )
         lines.append("")
+    if result.notes:
+        lines += ["**Notes:**", ""] + [f"- {note}" for note in result.notes] + [""]
     if result.reasons:
         lines += ["**Why it failed:**", ""] + [f"- {reason}" for reason in result.reasons] + [""]
     return "\n".join(lines)

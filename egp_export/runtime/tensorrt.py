@@ -1,8 +1,9 @@
-"""TensorRT engines from ONNX files: build, serialise, check against ONNX Runtime.
+"""TensorRT engines from ONNX files, built in memory (``build_serialized_engine``).
 
-``build_engine`` runs: refuse an existing output → import TensorRT (a clear
-BackendError where it is not installed) → fp16 in the ONNX graph where the
-TensorRT has no FP16 builder flag → parse with ``OnnxParser.parse_from_file``
+With engines.py (``build_engine``, which also checks and writes) the steps
+are: refuse an existing output → import TensorRT (a clear BackendError where
+it is not installed) → fp16 in the ONNX graph where the TensorRT has no FP16
+builder flag → parse with ``OnnxParser.parse_from_file``
 (external weights resolve beside the file) → explicit-batch network, one
 optimisation profile over the batch range, workspace limit, timing cache, DLA
 core → ``build_serialized_network`` → run the engine and ONNX Runtime (CPU,
@@ -43,16 +44,14 @@ from __future__ import annotations
 import importlib
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from egp_export.errors import VerificationError
-from egp_export.io.fileio import atomic_path, check_writable
-from egp_export.runtime.backends import ENGINE_SUFFIXES, BackendError, onnx_input_spec
+from egp_export.io.fileio import atomic_path
+from egp_export.runtime.inputs import ENGINE_SUFFIXES, BackendError, onnx_input_spec
 
 DEFAULT_WORKSPACE_MB = 1024  # enough for conv nets up to batch 64 at 224x224; raise it for larger
 TRT_FP32_RTOL = 1e-3
@@ -98,43 +97,8 @@ class SerializedEngine:
     batch_range: tuple[int, int, int]  # min, opt, max
     dla_core: int | None
     tf32: bool
-    notes: list[str] = field(default_factory=list)  # TensorRT warnings
-
-
-@dataclass
-class EngineResult:
-    """What ``build_engine`` wrote and how far the engine is from ONNX Runtime."""
-
-    path: Path
-    module: str
-    version: str
-    fp16: str | None
-    batch_range: tuple[int, int, int]
-    dla_core: int | None
-    workspace_mb: int
-    timing_cache: Path | None
-    size_bytes: int
-    build_seconds: float
-    error: object | None  # numerics.ErrorStats of the engine vs ONNX Runtime, None without verify
-    rtol: float
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {
-            "path": str(self.path),
-            "module": self.module,
-            "version": self.version,
-            "fp16": self.fp16,
-            "batch_range": list(self.batch_range),
-            "dla_core": self.dla_core,
-            "workspace_mb": self.workspace_mb,
-            "timing_cache": None if self.timing_cache is None else str(self.timing_cache),
-            "size_bytes": self.size_bytes,
-            "build_seconds": self.build_seconds,
-            "error": None if self.error is None else self.error.to_dict(),
-            "rtol": self.rtol,
-            "notes": list(self.notes),
-        }
+    notes: list[str] = field(default_factory=list)  # timing-cache notes, then TensorRT warnings
+    timing_cache: Path | None = None  # the cache file read and written back, None when none was used
 
 
 # fp16 in the graph -------------------------------------------------------------------
@@ -350,17 +314,20 @@ def build_serialized_engine(
         profile.set_shape(tensor.name, *shapes)
         config.add_optimization_profile(profile)
 
-    cache_path = None if timing_cache is None else Path(timing_cache)
-    cache_data = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
-    cache = config.create_timing_cache(cache_data)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache_notes: list[str] = []
+    cache_path = _attach_timing_cache(config, module, None if timing_cache is None else Path(timing_cache), cache_notes)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BackendError(f"TensorRT could not build an engine from {onnx_path}: {'; '.join(logger.errors) or 'see its log'}.")
     if cache_path is not None:
-        with atomic_path(cache_path, force=True) as tmp:  # a cache is meant to be updated in place
-            tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+        updated = config.get_timing_cache()
+        if updated is None:
+            cache_notes.append(f"TensorRT returned no timing cache after the build; {cache_path} was left as it was")
+            cache_path = None
+        else:
+            with atomic_path(cache_path, force=True) as tmp:  # a cache is meant to be updated in place
+                tmp.write_bytes(bytes(memoryview(updated.serialize())))
     return SerializedEngine(
         data=bytes(memoryview(serialized)),
         module=module,
@@ -369,116 +336,30 @@ def build_serialized_engine(
         batch_range=batches,
         dla_core=dla_core,
         tf32=tf32 and tf32_flag is not None,
-        notes=list(logger.warnings),
+        notes=cache_notes + list(logger.warnings),
+        timing_cache=cache_path,
     )
 
 
-def build_engine(
-    onnx_path: str | Path,
-    out_path: str | Path,
-    *,
-    fp16: bool = False,
-    dla_core: int | None = None,
-    workspace_mb: int = DEFAULT_WORKSPACE_MB,
-    timing_cache: str | Path | None = None,
-    min_batch: int = 1,
-    opt_batch: int | None = None,
-    max_batch: int | None = None,
-    input_shape: Sequence[int] | None = None,
-    runtime: str = "tensorrt",
-    tf32: bool = True,
-    verify: bool = True,
-    force: bool = False,
-) -> EngineResult:
-    """Build a TensorRT engine from ``onnx_path``, check it against ONNX Runtime, write it to ``out_path``.
+def _attach_timing_cache(config, module: str, cache_path: Path | None, notes: list[str]) -> Path | None:
+    """Give the builder a timing cache (the file's, else a fresh one); the path to write back, or None.
 
-    The batch range is ``min_batch ≤ opt_batch ≤ max_batch`` (opt defaults to
-    min, max to opt); it becomes an optimisation profile when the ONNX batch
-    dimension is dynamic. ``input_shape`` is the per-sample shape, needed only
-    when non-batch dimensions are dynamic. ``runtime`` is ``"tensorrt"`` or
-    ``"tensorrt-rtx"``. With ``verify`` the engine runs on seeded random inputs
-    at the opt batch size against ONNX Runtime (CPU, fp32) and must be within
-    ``TRT_FP16_RTOL`` / ``TRT_FP32_RTOL`` (module docstring).
-
-    Raises OutputError (``out_path`` exists and not ``force``), BackendError
-    (TensorRT missing, parser or builder failure, bad arguments) and
-    VerificationError (engine outside the tolerance; nothing is written).
+    ``set_timing_cache`` returns False for a cache written by another TensorRT
+    version or GPU (with ``ignore_mismatch=False``); the config then holds no
+    cache and ``get_timing_cache()`` returns None after the build, so a fresh
+    cache replaces it. TensorRT for RTX does not time kernels at build time:
+    its timing cache is a no-op, and a file is neither read nor written.
     """
-    target = check_writable(out_path, force=force)
-    module = RUNTIMES.get(runtime)
-    if module is None:
-        raise BackendError(f"unknown TensorRT runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}.")
-    if module == "tensorrt_rtx" and dla_core is not None:
-        raise BackendError("TensorRT for RTX has no DLA support; leave out --dla.")
-    started = time.perf_counter()
-    built = build_serialized_engine(
-        onnx_path,
-        module=module,
-        fp16=fp16,
-        dla_core=dla_core,
-        workspace_mb=workspace_mb,
-        timing_cache=timing_cache,
-        min_batch=min_batch,
-        opt_batch=opt_batch,
-        max_batch=max_batch,
-        input_shape=input_shape,
-        tf32=tf32,
-    )
-    build_seconds = time.perf_counter() - started
-    rtol = TRT_FP16_RTOL if fp16 else TRT_FP32_RTOL
-    error = None
-    if verify:
-        with tempfile.TemporaryDirectory(prefix="egp-trt-") as folder:
-            engine_file = Path(folder) / "candidate.engine"
-            engine_file.write_bytes(built.data)
-            error = verify_engine(
-                onnx_path, engine_file, runtime=runtime, batch_size=built.batch_range[1], input_shape=input_shape
-            )
-        if not error.within(rtol):
-            raise VerificationError(
-                f"the TensorRT engine differs from ONNX Runtime: max_rel={error.max_rel:.3g} "
-                f"(max_abs={error.max_abs:.3g}) > rtol={rtol:g}; no file was written. "
-                + ("fp16 may be too coarse for this model; build without --fp16." if fp16 else "Try tf32=False.")
-            )
-    with atomic_path(target, force=force) as tmp:
-        tmp.write_bytes(built.data)
-    return EngineResult(
-        path=target,
-        module=built.module,
-        version=built.version,
-        fp16=built.fp16,
-        batch_range=built.batch_range,
-        dla_core=built.dla_core,
-        workspace_mb=workspace_mb,
-        timing_cache=None if timing_cache is None else Path(timing_cache),
-        size_bytes=len(built.data),
-        build_seconds=round(build_seconds, 3),
-        error=error,
-        rtol=rtol,
-        notes=built.notes,
-    )
-
-
-def verify_engine(
-    onnx_path: str | Path,
-    engine_path: str | Path,
-    *,
-    runtime: str = "tensorrt",
-    batch_size: int = 1,
-    input_shape: Sequence[int] | None = None,
-    seed: int = VERIFY_SEED,
-):
-    """ErrorStats of a serialised engine against ONNX Runtime (CPU, fp32) on the same seeded inputs."""
-    from egp_export.analysis.numerics import compare
-    from egp_export.runtime.backends import BACKENDS, OrtCpuBackend
-
-    reference = OrtCpuBackend()
-    reference.prepare(onnx_path, input_shape=input_shape, batch_sizes=(batch_size,))
-    inputs = reference.input_spec.random_batch(batch_size, seed)
-    engine = BACKENDS[runtime]()
-    engine.prepare(engine_path, input_shape=input_shape, batch_sizes=(batch_size,))
-    try:
-        return compare(reference.run(inputs), engine.run(inputs))
-    finally:
-        engine.close()
-        reference.close()
+    if module == "tensorrt_rtx":
+        if cache_path is not None:
+            notes.append(f"timing cache {cache_path} not used: TensorRT for RTX has no build-time kernel timing")
+        return None
+    data = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
+    if config.set_timing_cache(config.create_timing_cache(data), ignore_mismatch=False):
+        return cache_path
+    if data:
+        notes.append(f"timing cache {cache_path} is from another TensorRT version or GPU; a fresh one replaces it")
+        if config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+            return cache_path
+    notes.append("TensorRT refused an empty timing cache; the engine was built without one")
+    return None

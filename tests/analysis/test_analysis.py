@@ -120,9 +120,18 @@ def test_smooth_sites_have_one_region_and_no_margin():
     assert stats.to_dict(1e-5)["min_margin"] is None
 
 
-def test_inputs_below_rank_two_are_refused():
+def test_inputs_below_rank_two_are_one_neuron():
+    """A vector (e.g. a statistic pooled over the batch) has no batch axis: every element observes one neuron."""
+    stats = site(nn.ReLU(), dim=-1)
+    stats.observe(torch.tensor([1.0, -2.0, 3.0]))
+    stats.observe(torch.tensor(4.0))
+    assert (stats.num_neurons, stats.observations) == (1, 4)
+    assert stats.on_counts.tolist() == [3]
+
+
+def test_neuron_axis_beyond_the_rank_is_refused():
     with pytest.raises(CalibrationError, match=r"expected at least \[batch, neurons\]"):
-        site(nn.ReLU()).observe(torch.randn(5))
+        site(nn.ReLU(), dim=3).observe(torch.randn(5, 2))
 
 
 def test_neuron_count_change_between_batches_is_refused():

@@ -189,6 +189,48 @@ def test_residual_add_where_the_branches_disagree_is_refused():
     assert_same_function(model, gm, torch.randn(3, 3, 6, 6))
 
 
+class ResidualOverConsumer(nn.Module):
+    """x = relu(conv1(x)); x = x + conv2(x): conv2 reads the group's channels and adds its output back to them."""
+
+    def __init__(self, add_first: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 32, 3, padding=1)
+        self.head = nn.Conv2d(32, 4, 1)
+        self.add_first = add_first
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = self.conv2(x) + x if not self.add_first else x + self.conv2(x)
+        return self.head(F.relu(x))
+
+
+@pytest.mark.parametrize("add_first", [False, True], ids=["conv-then-add", "add-then-conv"])
+def test_dead_channels_before_a_residual_over_a_consumer_are_kept_when_the_consumer_writes_them(add_first):
+    """Regression: conv2 joined only as a consumer, its output kept 32 channels, the add got 16 + 32 (traceback)."""
+    model = ResidualOverConsumer(add_first)
+    zero_channels(model.conv1, list(range(16)))
+    gm, result = _eliminate(model, torch.randn(2, 3, 6, 6))
+
+    assert _widths(gm, "conv1")[1] == _widths(gm, "conv2")[1] == 32
+    assert any("not zero in conv2" in reason for reason in reasons(result)), reasons(result)
+    assert_same_function(model, gm, torch.randn(3, 3, 6, 6))
+
+
+@pytest.mark.parametrize("add_first", [False, True], ids=["conv-then-add", "add-then-conv"])
+def test_dead_channels_before_a_residual_over_a_consumer_go_from_its_rows_and_columns(add_first):
+    model = ResidualOverConsumer(add_first)
+    zero_channels(model.conv1, list(range(16)))
+    zero_channels(model.conv2, list(range(16)))
+    gm, result = _eliminate(model, torch.randn(2, 3, 6, 6))
+
+    assert _widths(gm, "conv1")[1] == 16
+    assert _widths(gm, "conv2") == (16, 16) and _widths(gm, "head")[0] == 16
+    assert actions(result) == ["removed 16 of 32 channels from conv1, conv2 (consumers: conv2, head)"]
+    assert_same_function(model, gm, torch.randn(3, 3, 6, 6))
+    assert_onnx_valid(gm, torch.randn(2, 3, 6, 6))
+
+
 def test_channels_with_a_shift_in_the_group_are_kept():
     model = ConvChain(nn.Conv2d(3, 8, 1), nn.Identity(), nn.Conv2d(8, 2, 1))
     zero_channels(model.first, DEAD)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from egp_export.analysis.trace import trace
 from egp_export.prune.easier import ReplaceSitesWithIdentity, replace_with_identity
+from egp_export.records import RefusalCode
 from tests.prune.subjects import SharedAndFunctional
 
 pytestmark = pytest.mark.usefixtures("tiny_model_runtime")
@@ -38,9 +39,8 @@ def test_the_pass_refuses_names_that_are_no_activation_site():
     before = [node.name for node in gm.graph.nodes]
     result = ReplaceSitesWithIdentity(["conv1", "nope"])(gm)
     assert not result.modified and [node.name for node in gm.graph.nodes] == before
-    reasons = {refusal.node: refusal.reason for refusal in result.refusals}
-    assert "is not an activation call site" in reasons["conv1"]
-    assert "no activation call site of that name" in reasons["nope"]
+    codes = {refusal.node: refusal.code for refusal in result.refusals}
+    assert codes == {"conv1": RefusalCode.NOT_AN_ACTIVATION, "nope": RefusalCode.NO_SUCH_SITE}
     with pytest.raises(ValueError, match="conv1"):
         replace_with_identity(gm, ["conv1"])
 

@@ -11,6 +11,7 @@ import pytest
 
 from egp_export.cli.perf import main
 from egp_export.errors import OutputError
+from egp_export.runtime.backends import BackendError
 from egp_export.runtime.gate import (
     EXIT_FAILED,
     EXIT_PASSED,
@@ -199,3 +200,52 @@ def test_cli_in_a_subprocess_fails_with_exit_code_1(models):
     assert completed.returncode == 1, completed.stderr
     assert completed.stdout.strip().splitlines()[-1].startswith("egp-export gate: FAIL")
     assert "Traceback" not in completed.stderr
+
+
+# Inputs that differ ---------------------------------------------------------------------------------
+
+
+def _cast_model(path, input_dtype: int, output_dtype: int, shape=(3, 16, 16)):
+    """A one-node ONNX model: Cast from ``input_dtype`` to ``output_dtype`` (dynamic batch)."""
+    import onnx
+    from onnx import helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input"], ["output"], to=output_dtype)],
+        "cast",
+        [helper.make_tensor_value_info("input", input_dtype, ["batch", *shape])],
+        [helper.make_tensor_value_info("output", output_dtype, ["batch", *shape])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_input_shape_mismatch_is_a_clear_error_not_a_failed_gate(models, tmp_path, capsys):
+    """Regression: ONNX Runtime raised from inside the numeric check, a traceback and exit 1 (a FAIL to CI)."""
+    small = export_model("small", tmp_path)
+    expected = r"different inputs: baseline 'input' \[B, 3, 16, 16\].*candidate 'input' \[B, 3, 8, 8\]"
+    with pytest.raises(BackendError, match=expected):
+        gate(models["deep"], small, min_speedup=1.0, max_rel_error=1e-5, **FAST_KW)
+    with pytest.raises(BackendError, match="different inputs"):
+        gate(models["deep"], small, min_speedup=1.0, **FAST_KW)  # no numeric check: refused before timing too
+    code = main(["gate", str(models["deep"]), str(small), "--min-speedup", "1", "--max-rel-error", "1e-5", *FAST])
+    captured = capsys.readouterr()
+    assert code == BackendError.exit_code == 2
+    assert captured.err.startswith("egp-export: error:") and "different inputs" in captured.err
+    assert "Traceback" not in captured.err and "gate:" not in captured.out
+
+
+def test_dtype_differences_are_reported(tmp_path):
+    from onnx import TensorProto
+
+    baseline = _cast_model(tmp_path / "baseline.onnx", TensorProto.FLOAT, TensorProto.FLOAT)
+    half_input = _cast_model(tmp_path / "half_input.onnx", TensorProto.FLOAT16, TensorProto.FLOAT)
+    half_output = _cast_model(tmp_path / "half_output.onnx", TensorProto.FLOAT, TensorProto.FLOAT16)
+
+    result = gate(baseline, half_input, min_speedup=0.01, max_rel_error=1e-2, **FAST_KW)
+    assert result.notes == ["input dtype differs: baseline float32, candidate float16"]
+    assert "input dtype differs" in result.verdict() and "input dtype differs" in to_markdown(result)
+
+    result = gate(baseline, half_output, min_speedup=0.01, max_rel_error=1e-2, **FAST_KW)
+    assert result.notes == ["output 0 dtype differs: baseline float32, candidate float16"]
+    assert result.to_dict()["numeric"]["notes"] == result.notes

@@ -17,7 +17,8 @@ from egp_export.analysis.numerics import compare
 from egp_export.cli.perf import main
 from egp_export.export.onnx import ort_session, run_onnx
 from egp_export.runtime.backends import BackendError, get_backend
-from egp_export.runtime.tensorrt import TRT_FP16_RTOL, TRT_FP32_RTOL, build_engine, convert_to_fp16, tensorrt_unavailable_reason
+from egp_export.runtime.engines import build_engine
+from egp_export.runtime.tensorrt import TRT_FP16_RTOL, TRT_FP32_RTOL, convert_to_fp16, tensorrt_unavailable_reason
 from tests.perf_models import SMALL_SAMPLE_SHAPE, export_model
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -185,7 +186,10 @@ def test_gate_runs_on_tensorrt(tmp_path):
 class _Recorder:
     """A stand-in ``tensorrt`` module: the API surface build_serialized_engine uses, recording each call."""
 
-    def __init__(self, *, has_fp16_flag: bool, dla_cores: int = 0, parse_ok: bool = True, build_ok: bool = True):
+    def __init__(
+        self, *, has_fp16_flag: bool, dla_cores: int = 0, parse_ok: bool = True, build_ok: bool = True,
+        accepted_caches: tuple[bytes, ...] | None = None,
+    ):
         calls = self.calls = {"flags": set(), "cleared": set(), "profiles": [], "parsed": None, "cache_in": None}
         flags = ["TF32", "GPU_FALLBACK"] + (["FP16"] if has_fp16_flag else [])
         module = types.ModuleType("tensorrt")
@@ -254,11 +258,13 @@ class _Recorder:
                 return Cache()
 
             def set_timing_cache(self, cache, ignore_mismatch):
+                # TensorRT returns False (and keeps no cache) for one from another version or GPU.
                 calls["ignore_mismatch"] = ignore_mismatch
-                return True
+                calls["cache_set"] = accepted_caches is None or calls["cache_in"] in accepted_caches
+                return calls["cache_set"]
 
             def get_timing_cache(self):
-                return Cache()
+                return Cache() if calls["cache_set"] else None
 
             def __setattr__(self, name, value):
                 calls[name] = value
@@ -380,3 +386,40 @@ def test_build_engine_writes_the_serialized_engine(standin, small_onnx, tmp_path
     assert result.path.read_bytes() == b"serialized-engine"
     assert result.version == "11.99-standin" and result.fp16 == "onnx-graph" and result.batch_range == (1, 1, 4)
     assert result.error is None and result.rtol == TRT_FP16_RTOL
+
+
+def test_mismatched_timing_cache_is_replaced_by_a_fresh_one(standin, small_onnx, tmp_path):
+    """Regression: set_timing_cache's False was ignored, get_timing_cache() gave None, .serialize() failed after the build."""
+    from egp_export.runtime.tensorrt import build_serialized_engine
+
+    cache = tmp_path / "trt.cache"
+    cache.write_bytes(b"cache-from-another-gpu")
+    standin(has_fp16_flag=False, accepted_caches=(b"",))
+    built = build_serialized_engine(small_onnx, timing_cache=cache)
+    assert built.data == b"serialized-engine" and built.timing_cache == cache
+    assert cache.read_bytes() == b"timing-cache-v2"
+    assert any("from another TensorRT version or GPU" in note for note in built.notes), built.notes
+
+
+def test_engine_is_built_when_tensorrt_keeps_no_timing_cache(standin, small_onnx, tmp_path):
+    from egp_export.runtime.tensorrt import build_serialized_engine
+
+    cache = tmp_path / "trt.cache"
+    cache.write_bytes(b"cache-from-another-gpu")
+    standin(has_fp16_flag=False, accepted_caches=())
+    built = build_serialized_engine(small_onnx, timing_cache=cache)
+    assert built.data == b"serialized-engine" and built.timing_cache is None
+    assert cache.read_bytes() == b"cache-from-another-gpu"
+    assert any("built without one" in note for note in built.notes), built.notes
+
+
+def test_tensorrt_rtx_neither_reads_nor_writes_a_timing_cache(standin, small_onnx, tmp_path, monkeypatch):
+    from egp_export.runtime.tensorrt import build_serialized_engine
+
+    calls = standin(has_fp16_flag=False)
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", sys.modules["tensorrt"])
+    cache = tmp_path / "trt.cache"
+    built = build_serialized_engine(small_onnx, module="tensorrt_rtx", timing_cache=cache)
+    assert built.data == b"serialized-engine" and built.timing_cache is None
+    assert calls["cache_in"] is None and not cache.exists()
+    assert any("TensorRT for RTX has no build-time kernel timing" in note for note in built.notes), built.notes

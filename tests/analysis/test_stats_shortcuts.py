@@ -1,0 +1,70 @@
+"""The statistics' shortcuts (counts and margins decided by low/high without a pass over z) are exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tests.analysis.test_analysis import site
+
+ACTIVATIONS = [nn.ReLU(), nn.ReLU6(), nn.Hardtanh(-2.0, 3.0), nn.Hardswish(), nn.LeakyReLU(0.1), nn.GELU()]
+
+
+def _reference(z: torch.Tensor, boundaries: tuple[float, ...]) -> dict:
+    """Brute force over [neurons, observations]: counts above each boundary, ON counts, min distance to a boundary."""
+    flat = z.movedim(1, 0).reshape(z.shape[1], -1).to(torch.float64)
+    distances = [(flat - b).abs().amin(1) for b in boundaries]
+    return {
+        "on": (flat > 0).sum(1),
+        "above": [(flat > b).sum(1) for b in boundaries],
+        "margin": torch.stack(distances).amin(0) if distances else torch.full((z.shape[1],), float("inf"), dtype=torch.float64),
+        "low": flat.amin(1),
+        "high": flat.amax(1),
+    }
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=lambda a: type(a).__name__)
+@pytest.mark.parametrize("layout", ["all-straddle", "none-straddle", "mixed"])
+def test_counts_and_margins_match_brute_force(act, layout):
+    generator = torch.Generator().manual_seed(0)
+    # Neuron c is centred at shifts[c]: far from every boundary, or on one.
+    shifts = {"all-straddle": [0.0, 3.0, -3.0, 6.0], "none-straddle": [-20.0, 20.0, 1.5, -9.0], "mixed": [0.0, 20.0, 4.5, -3.0]}
+    z = torch.randn(6, 4, 3, 3, generator=generator) * 0.5 + torch.tensor(shifts[layout]).reshape(1, 4, 1, 1)
+    stats = site(act)
+    stats.observe(z[:3])
+    stats.observe(z[3:])
+    expected = _reference(z, stats.spec.boundaries)
+    assert torch.equal(stats.on_counts, expected["on"])
+    assert torch.equal(stats.low, expected["low"]) and torch.equal(stats.high, expected["high"])
+    assert torch.allclose(stats.margin, expected["margin"], rtol=0, atol=1e-6)
+    if stats.spec.boundaries:
+        above = expected["above"]
+        counts = [stats.observations - above[0]] + [above[r - 1] - above[r] for r in range(1, len(above))] + [above[-1]]
+        assert torch.equal(stats.region_counts, torch.stack(counts))
+
+
+def test_calibrate_consumes_a_generator_in_one_pass():
+    from egp_export.analysis.stats import calibrate
+    from egp_export.analysis.trace import trace
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval()
+    held: list[int] = []
+
+    def batches():
+        for index in range(5):
+            held.append(index)
+            yield torch.randn(8, 4)
+
+    gm = trace(model)
+    (stats,) = calibrate(gm, batches())
+    assert stats.observations == 5 * 8 * 1 and held == [0, 1, 2, 3, 4]
+
+
+def test_calibrate_without_batches_is_refused():
+    from egp_export.analysis.stats import calibrate
+    from egp_export.analysis.trace import trace
+    from egp_export.errors import CalibrationError
+
+    with pytest.raises(CalibrationError, match="empty"):
+        calibrate(trace(nn.Sequential(nn.ReLU()).eval()), iter([]))
