@@ -1,0 +1,167 @@
+"""Per-layer and per-unit measures of a trained model, as report rows (``egp-export analyze --measure``).
+
+- ``pqi``: the PQ Index of every weight tensor with dim > 1 (conv, linear,
+  the first conv and the classifier included: the reference's set), at layer
+  scope, with SAP's (r, c) at the defaults and the neuron-scope spread; a
+  last row ``(global)`` over all of them. Masks: a ``weight_mask`` beside the
+  weight (torch.nn.utils.prune) when the layer has one.
+- ``energy``: per residual unit, the class energy score of its branch output
+  (``energy.class_energy_score``), averaged over ``rounds`` rounds of
+  ``samples`` inputs drawn with replacement (the reference's
+  RandomSampler(replacement=True)); ``standardize`` divides by sqrt(dim)
+  (the reference's ``score_standardize``).
+- ``dcor``: per residual unit, the distance correlation between its branch
+  output and the model's outputs, averaged the same way.
+- ``nhsic``: ITPruner's per-unit t_i (normalised sum of linear-CKA
+  similarities to the other units' outputs) and alpha_i = exp(-beta t_i),
+  on one batch of ``samples`` inputs (the reference uses one test batch).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from egp_export.errors import CalibrationError
+from egp_export.measures.cka import itpruner_importance, similarity_matrix
+from egp_export.measures.energy import MAX_SAMPLES, class_energy_score, distance_correlation
+from egp_export.measures.pqi import DEFAULT_P, DEFAULT_Q, pq_index, sap_prune_count
+from egp_export.measures.units import require_units, unit_features
+
+MEASURES = ("pqi", "energy", "dcor", "nhsic")
+UNIT_SCORES = ("energy", "dcor")
+DEFAULT_ROUNDS = 5
+DEFAULT_SAMPLES = 512
+DEFAULT_BETA = 1.0
+
+
+def weight_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, weight, keep-mask) of every parameter named ``weight`` with dim > 1 (a pruned ``weight_orig`` with its mask)."""
+    rows = []
+    for name, module in model.named_modules():
+        if hasattr(module, "weight_orig") and hasattr(module, "weight_mask"):
+            weight, mask = module.weight_orig.detach(), module.weight_mask.detach().to(torch.bool)
+        elif isinstance(getattr(module, "weight", None), torch.Tensor):
+            weight = module.weight.detach()
+            mask = torch.ones_like(weight, dtype=torch.bool)
+        else:
+            continue
+        if weight.dim() > 1:
+            rows.append((f"{name}.weight" if name else "weight", weight, mask))
+    return rows
+
+
+def pqi_rows(model: nn.Module, p: float = DEFAULT_P, q: float = DEFAULT_Q) -> list[dict]:
+    tensors = weight_tensors(model)
+    rows = []
+    for name, weight, mask in tensors:
+        value = pq_index(weight, p, q, mask, "layer")
+        neurons = pq_index(weight, p, q, mask, "neuron")
+        d = int(mask.sum())
+        r, c = sap_prune_count(d, value, p, q)
+        rows.append({
+            "name": name, "measure": "pqi", "value": value, "p": p, "q": q, "unmasked": d, "sap_r": r, "sap_prune": c,
+            "neuron_min": float(neurons.min()), "neuron_mean": float(neurons.mean()), "neuron_max": float(neurons.max()),
+        })
+    if tensors:
+        value = pq_index([t[1] for t in tensors], p, q, [t[2] for t in tensors], "global")
+        d = sum(int(t[2].sum()) for t in tensors)
+        r, c = sap_prune_count(d, value, p, q)
+        rows.append({"name": "(global)", "measure": "pqi", "value": value, "p": p, "q": q, "unmasked": d, "sap_r": r,
+                     "sap_prune": c})
+    return rows
+
+
+def _inputs_and_labels(data) -> tuple[torch.Tensor, torch.Tensor]:
+    from egp_export.prune.training import as_dataset
+
+    dataset = as_dataset(data, "data")
+    if isinstance(dataset, torch.utils.data.TensorDataset):
+        inputs, labels = dataset.tensors
+        return inputs, labels
+    pairs = [dataset[index] for index in range(len(dataset))]
+    return torch.stack([torch.as_tensor(pair[0]) for pair in pairs]), torch.as_tensor([int(pair[1]) for pair in pairs])
+
+
+def unit_scores(
+    model: nn.Module,
+    data,
+    score: str = "energy",
+    *,
+    rounds: int = DEFAULT_ROUNDS,
+    samples: int = DEFAULT_SAMPLES,
+    standardize: bool = False,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Unit name -> score averaged over ``rounds`` draws of ``samples`` inputs with replacement (seeded)."""
+    if score not in UNIT_SCORES:
+        raise ValueError(f"score must be one of {', '.join(UNIT_SCORES)}, got {score!r}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    if not 2 <= samples <= MAX_SAMPLES:
+        raise ValueError(f"samples must be in [2, {MAX_SAMPLES}] (the statistics need O(n^2) memory), got {samples}")
+    inputs, labels = _inputs_and_labels(data)
+    generator = torch.Generator().manual_seed(seed)
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for _ in range(rounds):
+        chosen = torch.randint(len(inputs), (samples,), generator=generator)
+        features, outputs = unit_features(model, inputs[chosen], where="branch")
+        for name, values in features.items():
+            if score == "energy":
+                value = class_energy_score(values, labels[chosen])
+            else:
+                value = distance_correlation(values, outputs)
+            if value is None:
+                continue
+            if standardize:
+                value /= math.sqrt(values.shape[1])
+            totals[name] = totals.get(name, 0.0) + value
+            counts[name] = counts.get(name, 0) + 1
+    if not counts:
+        raise CalibrationError(
+            f"no round of {samples} samples held two classes: the energy score compares classes; "
+            "give labelled data with at least two classes or draw more samples."
+        )
+    return {name: totals[name] / counts[name] for name in totals}
+
+
+def nhsic_importance(model: nn.Module, inputs: torch.Tensor, beta: float = DEFAULT_BETA) -> dict[str, tuple[float, float]]:
+    """Unit name -> (t_i, alpha_i) from the linear-CKA similarity of the units' outputs on ``inputs``."""
+    features, _ = unit_features(model, inputs, where="output")
+    names = list(features)
+    if len(names) < 2:
+        raise ValueError(f"ITPruner's importance compares units with each other; the model has {len(names)}")
+    shares, alphas = itpruner_importance(similarity_matrix([features[name] for name in names]), beta)
+    return {name: (share, alpha) for name, share, alpha in zip(names, shares, alphas, strict=True)}
+
+
+def layer_measures(
+    model: nn.Module,
+    data=None,
+    measure: str = "pqi",
+    *,
+    rounds: int = DEFAULT_ROUNDS,
+    samples: int = DEFAULT_SAMPLES,
+    beta: float = DEFAULT_BETA,
+    seed: int = 0,
+) -> list[dict]:
+    """Report rows of ``measure`` (one of MEASURES) for ``model``; ``data`` = (inputs, labels), unused by pqi."""
+    if measure not in MEASURES:
+        raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
+    if measure == "pqi":
+        return pqi_rows(model)
+    if data is None:
+        raise CalibrationError(f"the {measure} measure runs the model: give data ((inputs, labels) or a Dataset).")
+    require_units(model)
+    if measure == "nhsic":
+        inputs, _ = _inputs_and_labels(data)
+        count = min(samples, len(inputs))
+        importance = nhsic_importance(model, inputs[:count], beta)
+        return [{"name": name, "measure": "nhsic", "value": share, "alpha": alpha, "beta": beta, "samples": count}
+                for name, (share, alpha) in importance.items()]
+    scores = unit_scores(model, data, measure, rounds=rounds, samples=samples, seed=seed)
+    return [{"name": name, "measure": measure, "value": value, "rounds": rounds, "samples": samples}
+            for name, value in scores.items()]
