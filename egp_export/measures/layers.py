@@ -74,7 +74,7 @@ def pqi_rows(model: nn.Module, p: float = DEFAULT_P, q: float = DEFAULT_Q) -> li
     return rows
 
 
-def _inputs_and_labels(data) -> tuple[torch.Tensor, torch.Tensor]:
+def inputs_and_labels(data) -> tuple[torch.Tensor, torch.Tensor]:
     from egp_export.prune.training import as_dataset
 
     dataset = as_dataset(data, "data")
@@ -102,7 +102,7 @@ def unit_scores(
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     if not 2 <= samples <= MAX_SAMPLES:
         raise ValueError(f"samples must be in [2, {MAX_SAMPLES}] (the statistics need O(n^2) memory), got {samples}")
-    inputs, labels = _inputs_and_labels(data)
+    inputs, labels = inputs_and_labels(data)
     generator = torch.Generator().manual_seed(seed)
     totals: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -157,7 +157,7 @@ def layer_measures(
         raise CalibrationError(f"the {measure} measure runs the model: give data ((inputs, labels) or a Dataset).")
     require_units(model)
     if measure == "nhsic":
-        inputs, _ = _inputs_and_labels(data)
+        inputs, _ = inputs_and_labels(data)
         count = min(samples, len(inputs))
         importance = nhsic_importance(model, inputs[:count], beta)
         return [{"name": name, "measure": "nhsic", "value": share, "alpha": alpha, "beta": beta, "samples": count}

@@ -89,20 +89,11 @@ def _layer_macs(module: nn.Module, inputs: tuple, output: torch.Tensor) -> float
 
 
 @torch.no_grad()
-def width_cost(model: nn.Module, example: torch.Tensor) -> tuple[WidthCost, list[str], list[int]]:
-    """(F, unit names, full hidden widths) of ``model``'s residual units, from its layers' MACs on one sample."""
-    units = require_units(model)
-    sides: dict[int, list] = {}
-    for index, unit in enumerate(units):
-        for attribute in unit.kind.width_out:
-            sides.setdefault(id(getattr(unit.module, attribute)), [None, None])[0] = index
-        for attribute in unit.kind.width_in:
-            sides.setdefault(id(getattr(unit.module, attribute)), [None, None])[1] = index
-    macs: list[tuple[float, int | None, int | None]] = []
+def _layer_calls(model: nn.Module, example: torch.Tensor) -> list[tuple[nn.Module, float]]:
+    """(layer, MACs per sample) of every conv / linear call of ``model`` (eval mode) on one sample of ``example``."""
+    calls: list[tuple[nn.Module, float]] = []
     handles = [
-        module.register_forward_hook(
-            lambda m, i, o: macs.append((_layer_macs(m, i, o), *sides.get(id(m), (None, None))))
-        )
+        module.register_forward_hook(lambda m, i, o: calls.append((m, _layer_macs(m, i, o))))
         for module in model.modules()
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
     ]
@@ -114,6 +105,24 @@ def width_cost(model: nn.Module, example: torch.Tensor) -> tuple[WidthCost, list
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    return calls
+
+
+def model_macs(model: nn.Module, example: torch.Tensor) -> float:
+    """Multiply-accumulates of the conv and linear layers of ``model`` for one sample shaped like ``example[0]``."""
+    return sum(macs for _, macs in _layer_calls(model, example))
+
+
+def width_cost(model: nn.Module, example: torch.Tensor) -> tuple[WidthCost, list[str], list[int]]:
+    """(F, unit names, full hidden widths) of ``model``'s residual units, from its layers' MACs on one sample."""
+    units = require_units(model)
+    sides: dict[int, list] = {}
+    for index, unit in enumerate(units):
+        for attribute in unit.kind.width_out:
+            sides.setdefault(id(getattr(unit.module, attribute)), [None, None])[0] = index
+        for attribute in unit.kind.width_in:
+            sides.setdefault(id(getattr(unit.module, attribute)), [None, None])[1] = index
+    macs = [(cost, *sides.get(id(module), (None, None))) for module, cost in _layer_calls(model, example)]
     count = len(units)
     constant, linear, square, cross = 0.0, np.zeros(count), np.zeros(count), np.zeros((count, count))
     for cost, out_unit, in_unit in macs:
