@@ -23,6 +23,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset, TensorDataset
 
 from egp_export.errors import CalibrationError
 from egp_export.measures.cka import itpruner_importance, similarity_matrix
@@ -75,14 +76,26 @@ def pqi_rows(model: nn.Module, p: float = DEFAULT_P, q: float = DEFAULT_Q) -> li
 
 
 def inputs_and_labels(data) -> tuple[torch.Tensor, torch.Tensor]:
-    from egp_export.prune.training import as_dataset
-
-    dataset = as_dataset(data, "data")
-    if isinstance(dataset, torch.utils.data.TensorDataset):
-        inputs, labels = dataset.tensors
-        return inputs, labels
-    pairs = [dataset[index] for index in range(len(dataset))]
-    return torch.stack([torch.as_tensor(pair[0]) for pair in pairs]), torch.as_tensor([int(pair[1]) for pair in pairs])
+    """(inputs, labels) tensors from an ``(inputs, labels)`` pair or a map-style Dataset of (input, label)."""
+    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        inputs, labels = data.tensors
+    elif isinstance(data, Dataset):
+        pairs = [data[index] for index in range(len(data))]
+        inputs = torch.stack([torch.as_tensor(pair[0]) for pair in pairs]) if pairs else torch.empty(0)
+        labels = torch.as_tensor([int(pair[1]) for pair in pairs])
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        inputs, labels = (torch.as_tensor(part) for part in data)
+    else:
+        raise CalibrationError(
+            f"data must be an (inputs, labels) pair or a Dataset of (input, label), got {type(data).__name__}."
+        )
+    if len(inputs) == 0 or len(inputs) != len(labels):
+        raise CalibrationError(
+            f"data has {len(inputs)} inputs and {len(labels)} labels; give one label per input, at least one."
+        )
+    if not torch.isfinite(inputs.to(torch.float64)).all():
+        raise CalibrationError("data: the inputs hold NaN/Inf values; clean or drop those samples.")
+    return inputs.to(torch.float32) if not inputs.is_floating_point() else inputs, labels
 
 
 def unit_scores(

@@ -26,9 +26,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
-
-from egp_export.demo.digits import ExpansionBlock
 
 
 @dataclass(frozen=True)
@@ -41,13 +38,18 @@ class UnitKind:
     width_in: tuple[str, ...]
 
 
-UNIT_KINDS: dict[type[nn.Module], UnitKind] = {
+# Keyed by the class's qualified name, so that measures imports neither the demo nor torchvision.
+UNIT_KINDS: dict[str, UnitKind] = {
     # relu2(bn2(conv2(relu1(conv1(x)))) + x): hidden = conv1's outputs = conv2's inputs
-    ExpansionBlock: UnitKind(branch_end="bn2", shortcut=None, width_out=("conv1",), width_in=("conv2",)),
+    "egp_export.demo.digits.ExpansionBlock": UnitKind(branch_end="bn2", shortcut=None, width_out=("conv1",), width_in=("conv2",)),
     # relu(bn2(conv2(relu(bn1(conv1(x))))) + downsample(x))
-    BasicBlock: UnitKind(branch_end="bn2", shortcut="downsample", width_out=("conv1",), width_in=("conv2",)),
+    "torchvision.models.resnet.BasicBlock": UnitKind(
+        branch_end="bn2", shortcut="downsample", width_out=("conv1",), width_in=("conv2",)
+    ),
     # relu(bn3(conv3(.. conv2(.. conv1(x)))) + downsample(x)): conv2 is width x width, its cost is quadratic
-    Bottleneck: UnitKind(branch_end="bn3", shortcut="downsample", width_out=("conv1", "conv2"), width_in=("conv2", "conv3")),
+    "torchvision.models.resnet.Bottleneck": UnitKind(
+        branch_end="bn3", shortcut="downsample", width_out=("conv1", "conv2"), width_in=("conv2", "conv3")
+    ),
 }
 
 
@@ -58,20 +60,21 @@ class ResidualUnit:
     kind: UnitKind
 
 
+def kind_of(module: nn.Module) -> UnitKind | None:
+    """The registry entry of ``module``'s exact type (subclasses may compute something else), or None."""
+    return UNIT_KINDS.get(f"{type(module).__module__}.{type(module).__qualname__}")
+
+
 def residual_units(model: nn.Module) -> list[ResidualUnit]:
     """The registered residual units of ``model`` in registration (forward) order."""
-    return [
-        ResidualUnit(name, module, UNIT_KINDS[type(module)])
-        for name, module in model.named_modules()
-        if type(module) in UNIT_KINDS
-    ]
+    return [ResidualUnit(name, module, kind) for name, module in model.named_modules() if (kind := kind_of(module))]
 
 
 def require_units(model: nn.Module) -> list[ResidualUnit]:
     """``residual_units``, or ValueError naming the known types when the model has none."""
     units = residual_units(model)
     if not units:
-        known = ", ".join(f"{kind.__module__}.{kind.__name__}" for kind in UNIT_KINDS)
+        known = ", ".join(UNIT_KINDS)
         raise ValueError(
             f"{type(model).__name__} has no residual unit of a known type ({known}); "
             "add its type to egp_export.measures.units.UNIT_KINDS"
