@@ -22,7 +22,9 @@ sparser. Where the reference leaves a case open:
   the reference's clamp of values in (-1e-5, 0) does. ``r`` is the ceiling of
   a product that is often an exact integer in exact arithmetic (1 - I = 1/d
   for a one-hot vector); the ceiling is taken after a relative 1e-12 shave so
-  that float error (``1 - 0.99 = 0.010000000000000009``) cannot add one.
+  that float error (``1 - 0.99 = 0.010000000000000009``) cannot add one, and
+  c's floor after a 1e-12 lift, so that ``144 * (1 - 125/144)`` is 19, not
+  18 (the reference computes both in float32 and can be off by one).
 - Sums run in float64 whatever the weight's dtype.
 """
 
@@ -39,8 +41,8 @@ DEFAULT_Q = 1.0
 DEFAULT_ETA_R = 0.0
 DEFAULT_GAMMA = 1.0
 DEFAULT_BETA = 0.9
-# Relative shave before the ceiling in the bound r (see the module docstring).
-_CEIL_SHAVE = 1e-12
+# Relative slack before the ceiling of r and the floor of c (see the module docstring).
+_ROUNDING_SLACK = 1e-12
 
 
 def _check_pq(p: float, q: float) -> None:
@@ -127,6 +129,6 @@ def sap_prune_count(
     if d == 0:
         return 0, 0
     bound = d * (1.0 + eta_r) ** (q / (p - q)) * max(1.0 - pqi, 0.0) ** (q * p / (q - p))
-    r = math.ceil(bound * (1.0 - _CEIL_SHAVE))
+    r = math.ceil(bound * (1.0 - _ROUNDING_SLACK))
     ratio = min(max(gamma * (1.0 - r / d), 0.0), beta)
-    return r, math.floor(d * ratio)
+    return r, math.floor(d * ratio * (1.0 + _ROUNDING_SLACK))

@@ -81,7 +81,14 @@ def test_sap_count_formula_on_random_inputs():
         r, c = sap_prune_count(d, index, p, q, eta, gamma, beta)
         bound = d * (1 + eta) ** (q / (p - q)) * (1 - index) ** (q * p / (q - p))
         assert r - 1 < bound <= r + 1e-9
-        assert c == int(np.floor(d * min(max(gamma * (1 - r / d), 0), beta)))
+        assert c == pytest.approx(d * min(max(gamma * (1 - r / d), 0), beta), abs=1.0)
+        assert c <= d * min(max(gamma * (1 - r / d), 0), beta) + 1e-9
+
+
+def test_sap_count_is_exact_where_rounding_would_lose_one():
+    # 144 * (1 - 125/144) is 18.999999999999996 in floating point; the count is 19 = d - r
+    pqi = 1 - (125 / 144) ** 1.0  # p=0.5, q=1: r = d (1 - I)
+    assert sap_prune_count(144, pqi) == (125, 19)
 
 
 def test_bad_arguments_are_refused():
