@@ -141,13 +141,15 @@ def unit_scores(
     return {name: totals[name] / counts[name] for name in totals}
 
 
-def nhsic_importance(model: nn.Module, inputs: torch.Tensor, beta: float = DEFAULT_BETA) -> dict[str, tuple[float, float]]:
-    """Unit name -> (t_i, alpha_i) from the linear-CKA similarity of the units' outputs on ``inputs``."""
+def nhsic_importance(
+    model: nn.Module, inputs: torch.Tensor, beta: float = DEFAULT_BETA, kernel: str = "linear"
+) -> dict[str, tuple[float, float]]:
+    """Unit name -> (t_i, alpha_i) from the CKA similarity (``kernel``) of the units' outputs on ``inputs``."""
     features, _ = unit_features(model, inputs, where="output")
     names = list(features)
     if len(names) < 2:
         raise ValueError(f"ITPruner's importance compares units with each other; the model has {len(names)}")
-    shares, alphas = itpruner_importance(similarity_matrix([features[name] for name in names]), beta)
+    shares, alphas = itpruner_importance(similarity_matrix([features[name] for name in names], kernel), beta)
     return {name: (share, alpha) for name, share, alpha in zip(names, shares, alphas, strict=True)}
 
 

@@ -5,7 +5,8 @@ From the reference's ``Cifar/feature_extract.py``:
 
 1. the outputs of every residual unit on one batch, flattened
    (``measures.units.unit_features(where="output")``);
-2. S_ij = CKA of units i and j, t_i = sum_{j != i} S_ij normalised to sum 1,
+2. S_ij = CKA of units i and j (linear kernel; ``kernel="gaussian"`` for the
+   median-bandwidth RBF kernel of the CKA code), t_i = sum_{j != i} S_ij normalised to sum 1,
    alpha_i = exp(-beta t_i) (``measures.cka``);
 3. widths maximising sum alpha_i x_i under FLOPs(x) <= ratio * FLOPs(dense),
    rounded and repaired to meet the budget (``measures.widths``, where the
@@ -48,6 +49,7 @@ def prune_itpruner(
     rebuild: Callable[..., nn.Module],
     flops_ratio: float = DEFAULT_FLOPS_RATIO,
     beta: float = DEFAULT_BETA,
+    kernel: str = "linear",
     samples: int = DEFAULT_SAMPLES,
     multiple: int = DEFAULT_MULTIPLE,
     x_min: float = 0.0,
@@ -73,7 +75,7 @@ def prune_itpruner(
     inputs, _ = inputs_and_labels(train_set)
     batch = inputs[:samples]
     dense_accuracy = evaluate(model, eval_set)
-    importance = nhsic_importance(model, batch, beta)
+    importance = nhsic_importance(model, batch, beta, kernel)
     cost, names, full_widths = width_cost(model, batch[:1])
     if list(importance) != names:
         raise RuntimeError(f"units measured {list(importance)} differ from the units costed {names}")
@@ -102,7 +104,8 @@ def prune_itpruner(
         model=pruned.eval(), method="itpruner", dense_accuracy=dense_accuracy, accuracy=accuracy,
         arch_kwargs={"hidden_widths": widths}, history=history,
         details={"hidden_widths": widths, "macs_dense": full, "macs": measured, "macs_budget": plan.budget,
-                 "units_removed": [name for name, width in widths.items() if width == 0], "beta": beta},
+                 "units_removed": [name for name, width in widths.items() if width == 0], "beta": beta,
+                 "kernel": kernel},
     )
     if out_dir is not None:
         write_outcome(outcome, out_dir, force=force)

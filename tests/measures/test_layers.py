@@ -9,6 +9,7 @@ from torch import nn
 
 from egp_export.errors import CalibrationError
 from egp_export.measures import MEASURES, layer_measures, pq_index, unit_scores
+from egp_export.measures.layers import nhsic_importance
 from tests.measures.subjects import digits_data, one_thread, trained_digits
 
 
@@ -40,6 +41,14 @@ def test_unit_measures_give_one_row_per_residual_unit(measure):
         assert all(0 < row["alpha"] < 1 for row in rows)
     if measure == "dcor":
         assert all(value <= 1 for value in values)
+
+
+def test_nhsic_with_the_gaussian_kernel_differs_from_linear():
+    model, (inputs, _) = trained_digits(), digits_data()["fit"]
+    linear = nhsic_importance(model, inputs[:64])
+    gaussian = nhsic_importance(model, inputs[:64], kernel="gaussian")
+    assert sum(t for t, _ in gaussian.values()) == pytest.approx(1.0)
+    assert linear != gaussian
 
 
 def test_energy_scores_average_over_seeded_rounds():

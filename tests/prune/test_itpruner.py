@@ -47,5 +47,7 @@ def test_a_rebuild_that_ignores_the_widths_is_refused():
 
     with pytest.raises(ValueError, match="rebuild must build"):
         prune_itpruner(trained_digits(), data["fit"], data["val"], rebuild=ignores, epochs=0)
+    with pytest.raises(ValueError, match="kernel"):
+        prune_itpruner(trained_digits(), data["fit"], data["val"], rebuild=digits_resnet, kernel="cosine", epochs=0)
     with pytest.raises(ValueError, match="flops_ratio"):
         prune_itpruner(trained_digits(), data["fit"], data["val"], rebuild=digits_resnet, flops_ratio=0.0)
