@@ -205,6 +205,7 @@ def itpruner_widths(
         if feasible and (best is None or scaled @ x > scaled @ best + 1e-12):
             best = x
     if best is None:
+        # No solver end point met the budget: the uniform start meets it by construction.
         best = points[1]
     widths = [
         min(max(multiple * round(x * full_width / multiple), low), full_width)
@@ -212,7 +213,8 @@ def itpruner_widths(
     ]
     widths = _repair(widths, scaled, cost, full_widths, floor_widths, budget, multiple)
     flops = cost([w / f for w, f in zip(widths, full_widths, strict=True)])
-    return WidthPlan([float(v) for v in best], widths, flops, float(budget), full, {"starts": runs})
+    solver = {"starts": runs, "uniform_fallback": not any(run["feasible"] for run in runs)}
+    return WidthPlan([float(v) for v in best], widths, flops, float(budget), full, solver)
 
 
 def _repair(widths, scaled, cost, full_widths, floor_widths, budget, multiple) -> list[int]:

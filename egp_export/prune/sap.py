@@ -33,6 +33,7 @@ formulas (``egp_export.measures.pqi``):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import torch
@@ -221,7 +222,7 @@ def prune_sap(
                          batch_size=batch_size)
     working = copy.deepcopy(model)
     initial = {key: value.detach().clone() for key, value in working.named_parameters()}
-    first = OptimConfig(**{**config.__dict__, "epochs": epochs if dense_epochs is None else dense_epochs})
+    first = dataclasses.replace(config, epochs=epochs if dense_epochs is None else dense_epochs)
     accuracy, best_epoch = train_keep_best(working, train_set, eval_set, first, seed=seed)
     dense_accuracy = accuracy
     history = [{"iteration": 0, "accuracy": accuracy, "best_epoch": best_epoch, "sparsity": sparsity(working), "layers": []}]
