@@ -53,6 +53,8 @@ def test_tiny_importances_still_decide():
     # The reference's scale: alpha of 1e-14 is below SLSQP's tolerance unless the objective is rescaled.
     cost = WidthCost(0.0, np.array([1.0, 1.0, 1.0]), np.zeros(3), np.zeros((3, 3)))
     plan = itpruner_widths([3e-14, 1e-14, 2e-14], cost, [8, 8, 8], budget=2.0, multiple=8)
+    # unscaled, SLSQP stops at once at the uniform (2/3, 2/3, 2/3)
+    assert plan.fractions == pytest.approx([1.0, 0.0, 1.0], abs=1e-6)
     assert plan.widths == [8, 0, 8]
 
 
