@@ -80,9 +80,9 @@ SUMMARY = "summary.json"
 class ExpansionBlock(nn.Module):
     """``relu(x + BN(conv1x1(relu(conv3x3(x)))))``, the hidden layer ``expansion`` times wider than x."""
 
-    def __init__(self, channels: int, expansion: int = EXPANSION) -> None:
+    def __init__(self, channels: int, expansion: int = EXPANSION, hidden: int | None = None) -> None:
         super().__init__()
-        hidden = channels * expansion
+        hidden = channels * expansion if hidden is None else hidden
         self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1)
         self.relu1 = nn.ReLU()
         self.conv2 = nn.Conv2d(hidden, channels, 1, bias=False)
@@ -94,9 +94,31 @@ class ExpansionBlock(nn.Module):
 
 
 def digits_resnet(
-    width: int = WIDTH, expansion: int = EXPANSION, stages: tuple[int, ...] = STAGES, num_classes: int = NUM_CLASSES
+    width: int = WIDTH,
+    expansion: int = EXPANSION,
+    stages: tuple[int, ...] = STAGES,
+    num_classes: int = NUM_CLASSES,
+    hidden_widths: dict[str, int] | None = None,
+    removed_blocks: tuple[str, ...] = (),
 ) -> nn.Module:
-    """conv-BN-ReLU stem, residual expansion blocks (max-pool between stages), global average pool, linear; 1x8x8 in."""
+    """conv-BN-ReLU stem, residual expansion blocks (max-pool between stages), global average pool, linear; 1x8x8 in.
+
+    The structured pruners rebuild their results from these: ``hidden_widths``
+    (block name -> hidden width, ITPruner) and ``removed_blocks`` (block names
+    whose residual branch is gone, energy-statistics block removal). A removed
+    block, or one of hidden width 0, is ``relu(x)``: its branch contributes zero.
+    """
+    hidden_widths = dict(hidden_widths or {})
+    names = [f"block{stage + 1}_{index + 1}" for stage, blocks in enumerate(stages) for index in range(blocks)]
+    unknown = sorted((set(hidden_widths) | set(removed_blocks)) - set(names))
+    if unknown:
+        raise ValueError(f"digits_resnet has no blocks {', '.join(unknown)}; its blocks are {', '.join(names)}")
+
+    def block(name: str) -> nn.Module:
+        if name in removed_blocks or hidden_widths.get(name) == 0:
+            return nn.ReLU()
+        return ExpansionBlock(width, expansion, hidden_widths.get(name))
+
     layers: list[tuple[str, nn.Module]] = [
         ("stem_conv", nn.Conv2d(1, width, 3, padding=1, bias=False)),
         ("stem_bn", nn.BatchNorm2d(width)),
@@ -105,7 +127,7 @@ def digits_resnet(
     for stage, blocks in enumerate(stages):
         if stage:
             layers.append((f"pool{stage}", nn.MaxPool2d(2)))
-        layers += [(f"block{stage + 1}_{index + 1}", ExpansionBlock(width, expansion)) for index in range(blocks)]
+        layers += [(name, block(name)) for name in (f"block{stage + 1}_{index + 1}" for index in range(blocks))]
     layers += [("gap", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("fc", nn.Linear(width, num_classes))]
     return nn.Sequential(OrderedDict(layers))
 
