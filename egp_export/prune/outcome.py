@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from egp_export.io.fileio import check_writable, write_text_atomic
-from egp_export.prune.training import OptimConfig, build_optimizer, build_scheduler, evaluate, iterate, save_torch_atomic
+from egp_export.io.fileio import check_writable, save_torch_atomic, write_text_atomic
+from egp_export.prune.training import OptimConfig, build_optimizer, build_scheduler, evaluate, iterate
 
 PRUNED_CHECKPOINT = "pruned.pt"
 HISTORY = "history.json"
