@@ -34,6 +34,8 @@ from egp_export.cli.common import PROG, fraction, non_negative_float, non_negati
 from egp_export.errors import EgpExportError
 
 DEFAULT_EVAL_FRACTION = 0.2
+ENTROPY_METHODS = ("egp", "nepenthe", "easier")
+OTHER_METHODS = ("sap", "energy", "itpruner")
 
 
 def add_prune_command(subparsers) -> argparse.ArgumentParser:
@@ -41,9 +43,10 @@ def add_prune_command(subparsers) -> argparse.ArgumentParser:
     # Defaults are literals here: importing egp_export.prune.api for them would load torch for --help.
     parser = subparsers.add_parser(
         "prune",
-        help="entropy-guided pruning (EGP, NEPENTHE, EASIER) with fine-tuning; writes pruned.pt for compile",
-        description="Prune the weights of low-entropy layers until activations become linear on the data, "
-        "fine-tuning after every step; write checkpoints that 'egp-export compile --checkpoint' reads.",
+        help="prune with fine-tuning (EGP, NEPENTHE, EASIER, SAP, energy block removal, ITPruner); writes pruned.pt",
+        description="Prune a trained model and fine-tune it: EGP/NEPENTHE/EASIER (activations made linear on the data), "
+        "SAP (PQ Index), energy-statistics residual-unit removal, or ITPruner widths; write a checkpoint that "
+        "'egp-export compile --checkpoint' reads (removed units and new widths are recorded in it).",
     )
     model = parser.add_argument_group("model")
     model.add_argument("--arch", required=True, metavar="SPEC", help="torchvision:NAME or package.module:factory")
@@ -65,7 +68,11 @@ def add_prune_command(subparsers) -> argparse.ArgumentParser:
         help="training samples the activation entropy is measured on (default 4096)",
     )
     method = parser.add_argument_group("pruning")
-    method.add_argument("--method", choices=("egp", "nepenthe", "easier"), default="egp", help="default egp")
+    method.add_argument(
+        "--method", choices=ENTROPY_METHODS + OTHER_METHODS, default="egp",
+        help="egp (default), nepenthe, easier (entropy-guided); sap (PQ Index + SAP); energy (residual units by energy "
+        "statistics); itpruner (widths from nHSIC/CKA importance under a MACs budget)",
+    )
     method.add_argument(
         "--entropy", choices=("reference", "pooled"),
         help="layer entropy: 'reference' (EGP's code: per batch of 128, mean over the neurons not constant in it; "
@@ -83,15 +90,28 @@ def add_prune_command(subparsers) -> argparse.ArgumentParser:
     )
     method.add_argument("--target-linear-sites", type=non_negative_int, metavar="N",
                         help="stop once N activation sites are linear on the data")
-    training = parser.add_argument_group("fine-tuning (defaults: EGP's reference SGD recipe)")
-    training.add_argument("--epochs-per-iteration", type=non_negative_int, default=5, metavar="E", help="default 5")
-    training.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd")
-    training.add_argument("--lr", type=positive_float, default=0.1, help="learning rate (default 0.1)")
-    training.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum (default 0.9)")
-    training.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="default 1e-4")
-    training.add_argument("--scheduler", choices=("multistep", "cosine", "constant"), default="multistep",
-                          help="per iteration: step decay at 50%% and 75%% of the epochs (default), cosine, constant")
-    training.add_argument("--batch-size", type=positive_int, default=128, help="global batch size (default 128)")
+    others = parser.add_argument_group("sap, energy, itpruner")
+    others.add_argument("--rewind", choices=("init", "pre_prune"), default="init",
+                        help="sap: retrain from the initial weights (the paper, default) or from the pre-prune ones")
+    others.add_argument("--stages", type=positive_int, default=1, help="energy: score, cluster, remove, retrain rounds")
+    others.add_argument("--score", choices=("energy", "dcor"), default="energy",
+                        help="energy: energy distance between classes (default) or distance correlation with the output")
+    others.add_argument("--flops-ratio", type=fraction, default=0.5, metavar="R",
+                        help="itpruner: MACs budget as a fraction of the dense model's (default 0.5)")
+    others.add_argument("--beta", type=positive_float, default=1.0, help="itpruner: importance temperature (default 1)")
+    training = parser.add_argument_group(
+        "fine-tuning (defaults: each method's reference recipe; for EGP SGD lr 0.1, momentum 0.9, weight decay 1e-4, "
+        "multistep, 5 epochs per iteration)"
+    )
+    training.add_argument("--epochs-per-iteration", type=non_negative_int, metavar="E",
+                          help="epochs after each pruning step (sap, energy, itpruner: of each retraining)")
+    training.add_argument("--optimizer", choices=("sgd", "adam", "adamw"))
+    training.add_argument("--lr", type=positive_float, help="learning rate")
+    training.add_argument("--momentum", type=non_negative_float, help="SGD momentum (egp, nepenthe, easier)")
+    training.add_argument("--weight-decay", type=non_negative_float)
+    training.add_argument("--scheduler", choices=("multistep", "cosine", "constant"),
+                          help="per iteration: step decay at 50%% and 75%% of the epochs, cosine, or constant")
+    training.add_argument("--batch-size", type=positive_int, help="global batch size")
     training.add_argument("--seed", type=int, default=0, help="seeds the data split, batch order and dropout (default 0)")
     output = parser.add_argument_group("output")
     output.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for checkpoints, metrics and plots")
@@ -116,34 +136,90 @@ def main(argv: list[str] | None = None) -> int:
 # Running -------------------------------------------------------------------------------
 
 
+def _training_options(args: argparse.Namespace) -> dict:
+    """The fine-tuning options given on the command line (the rest stay at the method's own defaults)."""
+    given = {
+        "optimizer": args.optimizer, "lr": args.lr, "weight_decay": args.weight_decay,
+        "scheduler": args.scheduler, "batch_size": args.batch_size,
+    }
+    return {key: value for key, value in given.items() if value is not None}
+
+
 def run_prune(args: argparse.Namespace) -> None:
     from egp_export.io.arch import build_model, parse_kwargs
     from egp_export.io.checkpoint import apply_state_dict, load_state_dict
     from egp_export.io.datasets import load_labelled_splits
-    from egp_export.prune.api import PRUNED_CHECKPOINT, prune
-    from egp_export.prune.distributed import runtime_from_env, shutdown
 
     if args.entropy == "reference" and args.method != "egp":
         raise EgpExportError(
             f"--entropy reference is EGP's reference layer entropy; --method {args.method} uses the pooled one: "
             "drop --entropy or pass --entropy pooled."
         )
+    arch_kwargs = parse_kwargs(args.arch_kwargs)
+    model = build_model(args.arch, arch_kwargs)
+    if args.checkpoint is not None:
+        apply_state_dict(model, load_state_dict(args.checkpoint, allow_pickle=args.unsafe_pickle))
+    train, held_out = load_labelled_splits(args.data, args.eval_data, eval_fraction=args.eval_fraction, seed=args.seed)
+    if args.method in OTHER_METHODS:
+        _run_other_method(args, model.eval(), train, held_out, lambda **widths: build_model(args.arch, {**arch_kwargs, **widths}))
+    else:
+        _run_entropy_method(args, model.eval(), train, held_out)
+
+
+def _run_other_method(args: argparse.Namespace, model, train, held_out, rebuild) -> None:
+    """SAP, energy block removal or ITPruner: one run, one checkpoint with the kwargs that rebuild the result."""
+    options = {**_training_options(args), "seed": args.seed, "out_dir": args.out, "force": args.force}
+    if args.epochs_per_iteration is not None:
+        options["epochs"] = args.epochs_per_iteration
+    if args.method == "sap":
+        from egp_export.prune.sap import prune_sap
+
+        outcome = prune_sap(
+            model, train, held_out, iterations=args.iterations, rewind=args.rewind,
+            max_accuracy_drop=args.max_accuracy_drop, **options,
+        )
+    elif args.method == "energy":
+        from egp_export.prune.blocks import prune_energy
+
+        outcome = prune_energy(model, train, held_out, stages=args.stages, score=args.score, **options)
+    else:
+        from egp_export.prune.itpruner import prune_itpruner
+
+        outcome = prune_itpruner(
+            model, train, held_out, rebuild=rebuild, flops_ratio=args.flops_ratio, beta=args.beta, **options
+        )
+    if args.quiet:
+        return
+    print(f"{args.method.upper()}: accuracy {outcome.dense_accuracy:.4f} -> {outcome.accuracy:.4f}", flush=True)
+    kwargs = " ".join(f"{key}={value!r}".replace(" ", "") for key, value in outcome.arch_kwargs.items())
+    print(f"wrote {', '.join(str(path) for path in outcome.paths.values())}", flush=True)
+    print(
+        f"next: egp-export compile --arch {args.arch}"
+        + (f" --arch-kwargs {kwargs}" if kwargs else "")
+        + f" --checkpoint {outcome.paths['pruned.pt']} --calibration ... --out DIR",
+        flush=True,
+    )
+
+
+def _run_entropy_method(args: argparse.Namespace, model, train, held_out) -> None:
+    from egp_export.prune.api import PRUNED_CHECKPOINT, prune
+    from egp_export.prune.distributed import runtime_from_env, shutdown
+
     runtime = runtime_from_env()
     talk = not args.quiet and runtime.is_main
+    options = _training_options(args)
+    if args.momentum is not None:
+        options["momentum"] = args.momentum
+    if args.epochs_per_iteration is not None:
+        options["epochs_per_iteration"] = args.epochs_per_iteration
     try:
-        model = build_model(args.arch, parse_kwargs(args.arch_kwargs))
-        if args.checkpoint is not None:
-            apply_state_dict(model, load_state_dict(args.checkpoint, allow_pickle=args.unsafe_pickle))
-        train, held_out = load_labelled_splits(args.data, args.eval_data, eval_fraction=args.eval_fraction, seed=args.seed)
         result = prune(
-            model.eval(), train, held_out, args.method, entropy=args.entropy, prune_shortcuts=args.prune_shortcuts,
+            model, train, held_out, args.method, entropy=args.entropy, prune_shortcuts=args.prune_shortcuts,
             rate=args.rate, iterations=args.iterations, target_sparsity=args.target_sparsity,
             max_accuracy_drop=args.max_accuracy_drop, target_linear_sites=args.target_linear_sites,
-            epochs_per_iteration=args.epochs_per_iteration, optimizer=args.optimizer, lr=args.lr,
-            momentum=args.momentum, weight_decay=args.weight_decay, scheduler=args.scheduler,
-            batch_size=args.batch_size, entropy_samples=args.entropy_samples, out_dir=args.out,
+            entropy_samples=args.entropy_samples, out_dir=args.out,
             resume=args.resume, force=args.force, seed=args.seed,
-            progress=talk and sys.stderr.isatty(), runtime=runtime,
+            progress=talk and sys.stderr.isatty(), runtime=runtime, **options,
         )
     finally:
         shutdown()
@@ -159,14 +235,9 @@ def run_prune(args: argparse.Namespace) -> None:
     )
     checkpoint = args.out / PRUNED_CHECKPOINT
     if result.identity_sites:
-        print(
-            f"note: EASIER replaced {', '.join(result.identity_sites)} by the identity; 'egp-export compile' restores "
-            "them from --arch, so compile this result from Python: egp_export.prune.load_pruned(model, path).",
-            flush=True,
-        )
+        print(f"note: EASIER replaced {', '.join(result.identity_sites)} by the identity (recorded in {checkpoint})", flush=True)
     print(f"wrote {checkpoint}, {args.out / 'metrics.jsonl'}, plots and per-iteration checkpoints in {args.out}", flush=True)
-    if not result.identity_sites:
-        print(f"next: egp-export compile --arch {args.arch} --checkpoint {checkpoint} --calibration ... --out DIR", flush=True)
+    print(f"next: egp-export compile --arch {args.arch} --checkpoint {checkpoint} --calibration ... --out DIR", flush=True)
 
 
 if __name__ == "__main__":
