@@ -333,11 +333,11 @@ def _identity_model() -> nn.Module:
     return model
 
 
-def _cli_compile(tmp_path, *args) -> tuple[int, dict | None]:
-    data = tmp_path / "data.pt"
-    torch.save(torch.randn(200, 1, 8, 8, generator=torch.Generator().manual_seed(5)), data)
+def _cli_compile(tmp_path, *args, data: torch.Tensor | None = None) -> tuple[int, dict | None]:
+    path = tmp_path / "data.pt"
+    torch.save(torch.randn(200, 1, 8, 8, generator=torch.Generator().manual_seed(5)) if data is None else data, path)
     out = tmp_path / "out"
-    code = cli.main(["compile", *map(str, args), "--calibration", str(data), "--out", str(out), "--quiet"])
+    code = cli.main(["compile", *map(str, args), "--calibration", str(path), "--out", str(out), "--quiet"])
     report = json.loads((out / "report.json").read_text()) if code == 0 else None
     return code, report
 
@@ -386,3 +386,34 @@ def test_identity_sites_the_model_lacks_and_a_missing_arch_are_errors(tmp_path):
         read_checkpoint(checkpoint)
     with pytest.raises(ArchitectureError, match="--arch is required"):
         cli._load_model(cli.build_parser().parse_args(["compile", "--calibration", "x", "--out", str(tmp_path)]))
+
+
+def test_the_cli_backs_off_where_strict_fails(tmp_path):
+    # 160 zero images then 40 of ones: every neuron is constant on the decide and validation samples and moves on
+    # the verification ones. --strict exits 3 (tests/cli); the default withdraws the statistical rewrites.
+    data = torch.cat([torch.zeros(160, 1, 8, 8), torch.ones(40, 1, 8, 8)])
+    code, report = _cli_compile(tmp_path, "--arch", "tests.test_verification:easier_net", data=data)
+
+    assert code == 0
+    assert {w["code"] for w in report["withdrawals"]} == {FINAL_CHECK_FAILED}
+    assert report["activations_linearized"] == 0
+    code, _ = _cli_compile(tmp_path, "--arch", "tests.test_verification:easier_net", "--strict", "--force", data=data)
+    assert code == 3
+
+
+@pytest.mark.slow
+def test_squeeze_excitation_sites_on_thin_evidence_are_not_rewritten():
+    # timm's mobilenetv3 with random weights: its SE sites see one value per sample. Old code rewrote them on
+    # 38 samples and the compiled model differed from the original by ~1e-3 on held-out and fresh inputs.
+    timm = pytest.importorskip("timm")
+    from egp_export.testing import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = recalibrate_batchnorm(timm.create_model("mobilenetv3_small_050", num_classes=10), (3, 64, 64))
+    data = torch.randn(64, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+    result = egp_export.compile(model, data)
+
+    thin = [r for r in result.report["refusals"] if "evidence too thin" in r["reason"]]
+    assert thin and all("se" in r["node"] for r in thin)
+    _assert_same_function(model, result.module, _fresh_like(data), result.report["verification"]["pytorch"]["rtol"])
