@@ -25,8 +25,13 @@ import torch.nn.functional as F
 import egp_export
 from egp_export.analysis.numerics import NOISE_CAP, compare
 from egp_export.cli import main as cli
-from egp_export.compiler import FINAL_CHECK_FAILED, LEFT_REGION_ON_VALIDATION, verification_rtol
-from egp_export.errors import ArchitectureError, CheckpointError, VerificationError
+from egp_export.compiler import (
+    FINAL_CHECK_FAILED,
+    LEFT_REGION_ON_VALIDATION,
+    SURROGATE_OFF_ON_VALIDATION,
+    verification_rtol,
+)
+from egp_export.errors import ArchitectureError, CalibrationError, CheckpointError, VerificationError
 from egp_export.io.checkpoint import apply_identity_sites, read_checkpoint
 
 
@@ -417,3 +422,27 @@ def test_squeeze_excitation_sites_on_thin_evidence_are_not_rewritten():
     thin = [r for r in result.report["refusals"] if "evidence too thin" in r["reason"]]
     assert thin and all("se" in r["node"] for r in thin)
     _assert_same_function(model, result.module, _fresh_like(data), result.report["verification"]["pytorch"]["rtol"])
+
+
+def test_a_surrogate_off_on_the_validation_range_is_withdrawn():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 4), nn.GELU(), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.zero_()
+    # GELU inputs in [5, 10] on the decide samples (GELU ~ identity there), in [0, 1] on the validation ones.
+    data = 5.0 + 5.0 * torch.rand(100, 1, generator=torch.Generator().manual_seed(0))
+    data[60:80] -= 5.0
+
+    result = egp_export.compile(model, data, min_observations=1)
+
+    (withdrawal,) = result.report["withdrawals"]
+    assert withdrawal["code"] == SURROGATE_OFF_ON_VALIDATION and withdrawal["site"] == "_1"
+    assert withdrawal["error"] > withdrawal["allowed"]
+    assert result.report["activations_linearized"] == 0
+    _assert_same_function(model, result.module, torch.linspace(-1.0, 10.0, 64)[:, None], 1e-5)
+
+
+def test_a_negative_min_observations_is_refused():
+    with pytest.raises(CalibrationError, match="min_observations must be >= 0"):
+        egp_export.compile(_always_on_mlp(), torch.randn(100, 4), min_observations=-1)
