@@ -64,6 +64,11 @@ DEFAULT_MIN_OBSERVATIONS = 500
 # rounding would hide wrong rewrites: 5e-2 relative error "verified" in bf16).
 _WIDENED_DTYPES = (torch.float16, torch.bfloat16)
 
+# Two runs of the model on the same input may differ by this much (relative):
+# nondeterministic GPU reductions round differently (~1e-7), far below what
+# verification allows; dropout left on differs by O(1).
+DETERMINISM_RTOL = 1e-6
+
 # Withdrawal codes (report["withdrawals"][i]["code"]).
 LEFT_REGION_ON_VALIDATION = "LEFT_REGION_ON_VALIDATION"
 SURROGATE_OFF_ON_VALIDATION = "SURROGATE_OFF_ON_VALIDATION"
@@ -121,7 +126,7 @@ def _check_deterministic(reference: nn.Module, batch: torch.Tensor) -> None:
     """Refuse a model that gives different outputs for the same input twice: nothing could be verified against it."""
     first, second = _outputs(reference, [batch, batch])
     drift = compare(first, second)
-    if drift.max_abs != 0.0 or drift.nonfinite_mismatches:
+    if not drift.within(DETERMINISM_RTOL):
         raise VerificationError(
             f"the model is not deterministic: the same input gave outputs {drift.max_rel:.3g} apart (relative) on two "
             "runs in eval mode, so no compiled copy can be verified against it. Remove randomness from forward() in "

@@ -142,6 +142,7 @@ def _ort(path, inputs: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.asarray(output))
 
 
+@pytest.mark.slow
 @settings(
     max_examples=EXAMPLES,
     deadline=None,
