@@ -56,7 +56,11 @@ class ErrorStats:
         return bool(math.isfinite(self.max_rel) and math.isfinite(rtol) and self.max_rel <= rtol)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """max_abs and max_rel; the non-finite fields only when there is a mismatch to report."""
+        fields = asdict(self)
+        if not self.nonfinite_mismatches:
+            del fields["nonfinite_mismatches"], fields["first_bad_sample"]
+        return fields
 
 
 def _as_numpy(value) -> np.ndarray:
