@@ -49,6 +49,12 @@ class RefusalCode(enum.Enum):
     DEAD_NEURONS_KEPT = "dead_neurons_kept"
     NO_SUCH_SITE = "no_such_site"
     NOT_AN_ACTIVATION = "not_an_activation"
+    # Evidence and validation (the compiler withdraws rewrites the data does not support)
+    THIN_EVIDENCE = "thin_evidence"
+    LEFT_REGION_ON_VALIDATION = "left_region_on_validation"
+    SURROGATE_OFF_ON_VALIDATION = "surrogate_off_on_validation"
+    FINAL_CHECK_FAILED = "final_check_failed"
+    WITHDRAWN = "withdrawn"  # several of the above at one site
     # Folding
     NO_RUNNING_STATS = "no_running_stats"
     BN_NOT_FOLDED_BACKWARDS = "bn_not_folded_backwards"

@@ -48,6 +48,8 @@ class Case:
     merges: int = 0  # layer merges (Linear∘Linear, conv chains) the engineering alone causes
     calibration: int = 96
     marks: list = field(default_factory=list)
+    # Stated where the model is ill-conditioned: exact rewrites then move it by more than the capped noise floor (1e-4).
+    tolerance: float = 1e-5
 
 
 def _resnet18(m):
@@ -95,6 +97,8 @@ CASES = {
         _mobilenet_v2,
         {"features_2_conv_0_2", "features_2_conv_1_2"},
         merges=1,  # features.1's projection + features.2's expand, depthwise and projection: one 3x3 conv
+        # Random-weight MobileNetV2's own fp32 noise is ~5e-5 (vs fp64); BN folding alone moves it by ~2e-4.
+        tolerance=1e-3,
     ),
     "mobilenet_v3_small": Case(
         lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
@@ -169,7 +173,7 @@ def test_engineered_sites_are_linearized_and_outputs_match(name, tmp_path):
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
     calibration = torch.randn(case.calibration, *case.shape, generator=torch.Generator().manual_seed(2))
 
-    result = egp_export.compile(model, calibration)
+    result = egp_export.compile(model, calibration, case.tolerance)
 
     # The user's model is untouched.
     for key, value in model.state_dict().items():

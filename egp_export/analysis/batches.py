@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,14 +14,30 @@ DEFAULT_BATCH_SIZE = 64
 
 @dataclass
 class CalibrationSplit:
-    """Batches used to measure activations, and held-out batches used only to verify."""
+    """The calibration samples in three disjoint parts, each with one job.
+
+    ``calibrate`` (decide): the activation statistics every rewrite is planned
+    on. ``validate``: run only to withdraw rewrites whose neurons leave their
+    region there; it never adds one. ``holdout`` (verify): never used to
+    decide anything; the final check runs on it.
+    """
 
     calibrate: list[torch.Tensor]
     holdout: list[torch.Tensor]
+    validate: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def calibration_samples(self) -> int:
+        """Samples the compile learned from: decided on or validated on."""
+        return self.decide_samples + self.validation_samples
+
+    @property
+    def decide_samples(self) -> int:
         return sum(len(b) for b in self.calibrate)
+
+    @property
+    def validation_samples(self) -> int:
+        return sum(len(b) for b in self.validate)
 
     @property
     def holdout_samples(self) -> int:
@@ -97,25 +113,31 @@ def as_batches(calibration, *, batch_size: int = DEFAULT_BATCH_SIZE) -> list[tor
     return batches
 
 
-def split_holdout(batches: list[torch.Tensor], holdout: float) -> CalibrationSplit:
-    """Hold out the last ``holdout`` fraction of samples (at least one) for verification.
+def split_holdout(batches: list[torch.Tensor], holdout: float, validation: float = 0.0) -> CalibrationSplit:
+    """Hold out the last ``holdout`` fraction of samples (at least one) for verification,
+    and the ``validation`` fraction before them (at least one when asked for) for validation.
 
     ``holdout=0`` verifies on the calibration data itself, which only checks the
     rewrite, not the claim that activations stay linear on unseen inputs.
     """
-    if not 0.0 <= holdout < 1.0:
-        raise CalibrationError(f"holdout fraction must be in [0, 1), got {holdout}.")
+    for name, fraction in (("holdout", holdout), ("validation", validation)):
+        if not 0.0 <= fraction < 1.0:
+            raise CalibrationError(f"{name} fraction must be in [0, 1), got {fraction}.")
     total = sum(len(b) for b in batches)
-    if holdout == 0.0:
-        return CalibrationSplit(calibrate=batches, holdout=batches)
-    held = max(1, round(total * holdout))
-    if held >= total:
+    held = max(1, round(total * holdout)) if holdout > 0 else 0
+    validated = max(1, round(total * validation)) if validation > 0 else 0
+    if held + validated >= total:
         raise CalibrationError(
-            f"only {total} calibration sample(s): too few to hold {holdout:.0%} out for verification; "
-            "pass more samples or a smaller holdout."
+            f"only {total} calibration sample(s): too few to keep {holdout:.0%} for verification and "
+            f"{validation:.0%} for validation and still decide on the rest; pass more samples or smaller fractions."
         )
     flat = torch.cat(batches)
-    keep = flat[: total - held]
-    rest = flat[total - held :]
     size = max(len(b) for b in batches)
-    return CalibrationSplit(calibrate=list(torch.split(keep, size)), holdout=list(torch.split(rest, size)))
+    decide_end = total - held - validated
+
+    def cut(start: int, stop: int) -> list[torch.Tensor]:
+        return list(torch.split(flat[start:stop], size)) if stop > start else []
+
+    calibrate = cut(0, decide_end)
+    holdout_batches = cut(total - held, total) if held else calibrate
+    return CalibrationSplit(calibrate=calibrate, holdout=holdout_batches, validate=cut(decide_end, total - held))

@@ -8,7 +8,21 @@ activation's *input* z (before the call: an inplace activation overwrites it):
 - how many were ON (z > 0): EGP's state, whose per-neuron frequency p gives
   the binary entropy h(p) and the site entropy mean_c h(p_c),
 - the smallest and largest z,
-- the margin: the smallest distance of any z to a region boundary.
+- the margin: the smallest distance of any z to a region boundary,
+- how many samples and observations (samples x positions) each neuron saw:
+  the evidence a "never left its region" claim rests on.
+
+With n observations of a neuron and none outside its region, the rate at
+which it leaves the region is below 3/n with 95% confidence (the rule of
+three: (1 - p)^n >= 0.05 needs p <= -ln(0.05)/n ~ 3/n). Positions inside one
+sample are correlated, so the report gives the bound per observation (3/n)
+and per sample (3/samples, the conservative one); ``min_observations`` is
+held against observations, which for pooled sites (squeeze-excitation) are
+samples alone.
+
+A rewrite the compiler withdraws (validation data showed neurons leaving
+their region, or the evidence is too thin) is recorded with ``withdraw``:
+those neurons are then neither linearized nor masked as dead.
 
 Everything accumulates as counts, minima and maxima, so memory does not grow
 with the data and two ranks' statistics merge exactly (``SiteStats.merge``).
@@ -74,6 +88,9 @@ class SiteStats:
     low: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     high: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     margin: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    samples: int = 0
+    withdrawn: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    withdrawals: list[Reason] = field(default_factory=list)  # why the withdrawn neurons are not rewritten
 
     def _reduce_dims(self, z: torch.Tensor) -> tuple[int, ...]:
         """Every axis but the neuron axis: statistics reduce over batch and space without copying z."""
@@ -98,6 +115,7 @@ class SiteStats:
             self.low = torch.full((neurons,), float("inf"), dtype=torch.float64)
             self.high = torch.full((neurons,), float("-inf"), dtype=torch.float64)
             self.margin = torch.full((neurons,), float("inf"), dtype=torch.float64)
+            self.withdrawn = torch.zeros(neurons, dtype=torch.bool)
         elif neurons != self.num_neurons:
             raise CalibrationError(
                 f"activation '{self.name}' saw {neurons} neurons in one batch and {self.num_neurons} in another; "
@@ -105,6 +123,8 @@ class SiteStats:
             )
         count = z.numel() // neurons
         self.observations += count
+        # A neuron axis at dim 0 (no batch axis) means one sample per call.
+        self.samples += z.shape[0] if dims[0] == 0 else 1
         # Reductions run where z lives (GPU too); the accumulators stay on the CPU. Every full pass over z
         # costs about as much as the activation itself, so passes that low/high already decide are skipped.
         low, high = z.amin(dims), z.amax(dims)
@@ -151,18 +171,51 @@ class SiteStats:
         if other.observations == 0:
             return
         if self.observations == 0:
-            self.num_neurons, self.observations = other.num_neurons, other.observations
+            self.num_neurons, self.observations, self.samples = other.num_neurons, other.observations, other.samples
+            self.withdrawn = torch.zeros(other.num_neurons, dtype=torch.bool)
             self.region_counts, self.on_counts = other.region_counts.clone(), other.on_counts.clone()
             self.low, self.high, self.margin = other.low.clone(), other.high.clone(), other.margin.clone()
             return
         self.observations += other.observations
+        self.samples += other.samples
         self.region_counts += other.region_counts
         self.on_counts += other.on_counts
         self.low = torch.minimum(self.low, other.low)
         self.high = torch.maximum(self.high, other.high)
         self.margin = torch.minimum(self.margin, other.margin)
 
+    def withdraw(self, neurons: torch.Tensor, reason: Reason) -> None:
+        """Never rewrite ``neurons`` (a bool mask) of this site; ``reason`` is what the site's refusal says."""
+        self.withdrawn = self.withdrawn | neurons
+        self.withdrawals.append(reason)
+
+    @property
+    def withdrawal(self) -> Reason | None:
+        """The refusal of a site with withdrawn neurons: the one reason, or all of them."""
+        if len(self.withdrawals) <= 1:
+            return self.withdrawals[0] if self.withdrawals else None
+        return Reason(RefusalCode.WITHDRAWN, {"reasons": list(self.withdrawals)})
+
     # Derived facts -------------------------------------------------------
+
+    @property
+    def positions(self) -> int:
+        """Observations per sample: 1 for pooled sites, H x W for convolutions, tokens for transformers."""
+        return self.observations // max(self.samples, 1)
+
+    def evidence(self) -> dict:
+        """What a rewrite of this site rests on: counts, the smallest margin, and the rule-of-three bounds."""
+        finite = self.margin[torch.isfinite(self.margin)]
+        return {
+            "samples": self.samples,
+            "observations_per_neuron": self.observations,
+            "positions_per_sample": self.positions,
+            "min_margin": float(finite.min()) if finite.numel() else None,
+            # With n observations and no crossing, P(crossing) < 3/n at 95% confidence (rule of three).
+            "crossing_rate_bound_95": 3.0 / self.observations if self.observations else None,
+            "crossing_rate_per_sample_bound_95": 3.0 / self.samples if self.samples else None,
+            "bound": "rule of three: no crossing in n observations => rate < 3/n (95%)",
+        }
 
     @property
     def on_fraction(self) -> torch.Tensor:
@@ -213,7 +266,11 @@ class SiteStats:
         for r, (slope, intercept) in enumerate(self.spec.regions):
             if slope is not None and intercept == 0 and torch.all(torch.as_tensor(slope) == 0):
                 dead |= region == r
-        return dead
+        return dead & ~self.withdrawn if self.withdrawn.numel() else dead
+
+    def output_scale(self) -> float:
+        """max |f(z)| over the calibrated input range: the activation's own scale at this site."""
+        return float(torch.maximum(self.spec.fn(self.low).abs(), self.spec.fn(self.high).abs()).max())
 
     def linear_map(self, tolerance: float) -> LinearMap:
         """The per-neuron affine map this site is on its calibration data, if it is one.
@@ -221,12 +278,16 @@ class SiteStats:
         Piecewise-linear activations: exact when every neuron stayed in one
         region whose map is affine. Smooth activations: the best affine fit on
         each neuron's input range, accepted when its largest deviation is at
-        most ``tolerance`` times the site's output scale (max(1, max |f(z)|)).
+        most ``tolerance`` times the site's own output scale (max |f(z)| on the
+        range; not max(1, ...), which let a SiLU layer whose outputs are all
+        ~1e-4 become zero). Withdrawn neurons make the whole site stay.
         """
         if self.observations == 0:
             return LinearMap(None, None, 0.0, Reason(RefusalCode.NO_CALIBRATION_DATA))
+        if self.withdrawn.any():
+            return LinearMap(None, None, 0.0, self.withdrawal)
         if self.spec.smooth:
-            scale = max(1.0, float(torch.maximum(self.spec.fn(self.low).abs(), self.spec.fn(self.high).abs()).max()))
+            scale = self.output_scale()
             slope, intercept, error = fit_affine(self.spec.fn, self.low, self.high, allowed_error=tolerance * scale)
             worst = float(error.max())
             if worst > tolerance * scale:
@@ -271,6 +332,8 @@ class SiteStats:
             "region_fractions": self.region_fractions,
             "dead_neurons": int(self.dead_neurons().sum()),
             "min_margin": float(finite_margin.min()) if finite_margin.numel() else None,
+            "samples": self.samples,
+            "withdrawn_neurons": int(self.withdrawn.sum()),
             "median_margin": float(finite_margin.median()) if finite_margin.numel() else None,
             "input_range": [float(self.low.min()), float(self.high.max())] if self.num_neurons else None,
             "linear": linear.ok,

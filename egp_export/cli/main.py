@@ -46,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = common.add_argument_group("model")
     model.add_argument(
         "--arch",
-        required=True,
         metavar="SPEC",
-        help="torchvision:NAME (e.g. torchvision:resnet18) or package.module:factory (e.g. mypkg.models:make_net)",
+        help="torchvision:NAME (e.g. torchvision:resnet18) or package.module:factory (e.g. mypkg.models:make_net); "
+        "required unless --checkpoint holds a whole pickled module (with --unsafe-pickle)",
     )
     model.add_argument(
         "--arch-kwargs", nargs="+", default=[], metavar="K=V", help="keyword arguments for the factory, e.g. num_classes=10"
@@ -113,6 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_HOLDOUT,
         metavar="F",
         help=f"fraction of the calibration samples (the last ones) kept out for verification (default {DEFAULT_HOLDOUT})",
+    )
+    compile_.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail (exit 3) when the compiled model does not verify, instead of withdrawing the rewrites whose neurons "
+        "left their region (on the validation samples, then every statistical rewrite) and compiling the rest",
+    )
+    compile_.add_argument(
+        "--min-observations",
+        type=positive_int,
+        metavar="N",
+        help="rewrite a site only if each neuron was observed at least N times (samples x positions) on the samples "
+        "decisions are made on; with n observations and no crossing the 95%% bound on the crossing rate is 3/n "
+        "(default egp_export.compiler.DEFAULT_MIN_OBSERVATIONS, 500)",
     )
     merging = compile_.add_argument_group("merging")
     merging.add_argument(
@@ -213,18 +227,41 @@ def _note(args: argparse.Namespace, text: str) -> None:
 
 
 def _load_model(args: argparse.Namespace):
+    """The network the checkpoint holds: a whole pickled module as it is, else --arch with the weights applied
+    and EASIER's identity sites (checkpoint metadata) rewritten."""
+    from egp_export.errors import ArchitectureError
     from egp_export.io.arch import build_model, parse_kwargs
-    from egp_export.io.checkpoint import apply_state_dict, load_state_dict
+    from egp_export.io.checkpoint import apply_identity_sites, apply_state_dict, read_checkpoint
 
-    model = build_model(args.arch, parse_kwargs(args.arch_kwargs))
-    if args.checkpoint is not None:
-        apply_state_dict(model, load_state_dict(args.checkpoint, allow_pickle=args.unsafe_pickle))
-    elif args.unsafe_pickle:
+    checkpoint = read_checkpoint(args.checkpoint, allow_pickle=args.unsafe_pickle) if args.checkpoint else None
+    if args.checkpoint is None and args.unsafe_pickle:
         _note(args, "--unsafe-pickle has no effect without --checkpoint")
+    if checkpoint is not None and checkpoint.module is not None:
+        if args.arch:
+            _note(args, f"{args.checkpoint} holds a whole module; it is compiled as it is and --arch is not used")
+        args.arch = args.arch or type(checkpoint.module).__name__
+        model = checkpoint.module
+    elif not args.arch:
+        raise ArchitectureError(
+            "--arch is required (e.g. --arch torchvision:resnet18), unless --checkpoint holds a whole pickled "
+            "nn.Module, which is compiled as it is (with --unsafe-pickle)."
+        )
+    else:
+        kwargs = parse_kwargs(args.arch_kwargs)
+        if checkpoint is not None and checkpoint.arch_kwargs:
+            # A pruned architecture (removed units, new widths) rebuilds from the checkpoint; --arch-kwargs win.
+            kwargs = {**checkpoint.arch_kwargs, **kwargs}
+            _note(args, f"{args.checkpoint}: building {args.arch} with {checkpoint.arch_kwargs} (pruned architecture)")
+        model = build_model(args.arch, kwargs)
+        if checkpoint is not None:
+            apply_state_dict(model, checkpoint.state_dict)
     if model.training:
         # Freshly built models (torchvision's included) start in training mode; deployment means eval.
         model.eval()
         _note(args, f"{args.arch} was in training mode; switched it to eval mode")
+    if checkpoint is not None and checkpoint.identity_sites and checkpoint.module is None:
+        model = apply_identity_sites(model, checkpoint.identity_sites, args.checkpoint)
+        _note(args, f"{args.checkpoint}: {', '.join(checkpoint.identity_sites)} replaced by the identity (EASIER)")
     return model
 
 
@@ -321,6 +358,7 @@ def _compile_into(args: argparse.Namespace, folder: Path, paths: dict[str, Path]
     Returns (the report, the number of held-out samples, the padding plan or None).
     """
     from egp_export.algebra.padding import padding_plan, save_plan
+    from egp_export.compiler import DEFAULT_MIN_OBSERVATIONS
     from egp_export.compiler import compile as compile_model
     from egp_export.io.fileio import write_text_atomic
     from egp_export.passes import CHANNEL_ALIGNMENT
@@ -335,6 +373,8 @@ def _compile_into(args: argparse.Namespace, folder: Path, paths: dict[str, Path]
             calibration,
             args.tolerance,
             holdout=args.holdout,
+            strict=args.strict,
+            min_observations=DEFAULT_MIN_OBSERVATIONS if args.min_observations is None else args.min_observations,
             approximate=args.approximate,
             cost_model=args.cost_model,
             merge_plan=args.merge_plan,

@@ -7,6 +7,13 @@ Checkpoints come in many shapes: a bare ``state_dict()``, a training wrapper
 :func:`load_state_dict` turns all of them into ``{name: tensor}`` with the
 names the bare architecture expects; :func:`apply_state_dict` loads that into
 a model and explains any mismatch.
+
+A checkpoint is more than weights when it holds a whole pickled module (only
+with ``allow_pickle``) or was written by ``egp-export prune --method easier``,
+whose metadata (key ``"egp_prune"``) names activation call sites EASIER
+replaced by the identity. :func:`read_checkpoint` returns all three, and
+:func:`apply_identity_sites` rewrites those sites, so that what is compiled is
+exactly the network the checkpoint holds, not the architecture it came from.
 """
 
 from __future__ import annotations
@@ -16,10 +23,12 @@ import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from egp_export.errors import CheckpointError
@@ -36,6 +45,98 @@ _MAX_LISTED = 8
 _ARCH_HINT = "is --arch / --arch-kwargs the architecture this checkpoint was trained with?"
 # torch's weights_only unpickler names the class it refused in this form.
 _REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+# Where ``egp-export prune`` writes what pruning did; EASIER's identity sites are under "identity_sites".
+PRUNE_METADATA_KEY = "egp_prune"
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds: weights, or a whole module; and the call sites pruning made identities."""
+
+    state_dict: dict[str, torch.Tensor]
+    module: nn.Module | None = None  # a whole pickled nn.Module (allow_pickle only): compile it as it is
+    identity_sites: list[str] = field(default_factory=list)
+    # Factory arguments that rebuild a pruned architecture (removed residual units, new widths).
+    arch_kwargs: dict = field(default_factory=dict)
+
+
+def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> Checkpoint:
+    """Read the checkpoint at ``path``: its weights (as :func:`load_state_dict`), a whole module if it is one,
+    and from the ``"egp_prune"`` metadata EASIER's identity sites and the factory arguments that rebuild a
+    pruned architecture (SAP, energy block removal, ITPruner)."""
+    path = _existing_file(path)
+    loaded = _torch_load(path, allow_pickle=allow_pickle)
+    state_dict = _fold_pruning_masks(_strip_wrapper_prefixes(_unwrap(loaded, path)), path)
+    return Checkpoint(
+        state_dict=state_dict,
+        module=_whole_module(loaded),
+        identity_sites=_identity_sites(loaded, path),
+        arch_kwargs=_arch_kwargs(loaded, path),
+    )
+
+
+def apply_identity_sites(model: nn.Module, sites: Sequence[str], path: str | os.PathLike = "the checkpoint") -> fx.GraphModule:
+    """An eval-mode GraphModule of (a copy of) ``model`` with the activation call sites ``sites`` replaced by
+    the identity, as EASIER did. Sites are fx node names; one the traced model lacks is a CheckpointError."""
+    from egp_export.analysis.trace import trace
+
+    gm = trace(model)
+    nodes = {node.name: node for node in gm.graph.nodes}
+    unknown = [name for name in sites if name not in nodes or not isinstance(next(iter(nodes[name].args), None), fx.Node)]
+    if unknown:
+        raise CheckpointError(
+            f"{path} says pruning replaced the activation call sites {', '.join(unknown)} by the identity, but the "
+            f"model has no such call sites; {_ARCH_HINT}"
+        )
+    for name in sites:
+        node = nodes[name]
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _existing_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the --checkpoint path.")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; give the path of a .pt/.pth file.")
+    return path
+
+
+def _whole_module(loaded: object) -> nn.Module | None:
+    if isinstance(loaded, nn.Module):
+        return loaded
+    if isinstance(loaded, Mapping):
+        return next((loaded[key] for key in _WRAPPER_KEYS if isinstance(loaded.get(key), nn.Module)), None)
+    return None
+
+
+def _identity_sites(loaded: object, path: Path) -> list[str]:
+    metadata = loaded.get(PRUNE_METADATA_KEY) if isinstance(loaded, Mapping) else None
+    if metadata is None:
+        return []
+    sites = metadata.get("identity_sites", []) if isinstance(metadata, Mapping) else None
+    if not isinstance(sites, (list, tuple)) or not all(isinstance(site, str) for site in sites):
+        raise CheckpointError(
+            f"checkpoint {path} has {PRUNE_METADATA_KEY!r} metadata whose 'identity_sites' is not a list of call-site "
+            "names; the file was not written by egp-export prune, or is damaged. Re-run the pruning."
+        )
+    return list(sites)
+
+
+def _arch_kwargs(loaded: object, path: Path) -> dict:
+    metadata = loaded.get(PRUNE_METADATA_KEY) if isinstance(loaded, Mapping) else None
+    kwargs = metadata.get("arch_kwargs", {}) if isinstance(metadata, Mapping) else {}
+    if not isinstance(kwargs, Mapping) or not all(isinstance(key, str) for key in kwargs):
+        raise CheckpointError(
+            f"checkpoint {path} has {PRUNE_METADATA_KEY!r} metadata whose 'arch_kwargs' is not a dict of factory "
+            "arguments; the file was not written by egp-export prune, or is damaged. Re-run the pruning."
+        )
+    return dict(kwargs)
 
 
 def load_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -47,15 +148,7 @@ def load_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> d
     ``nn.Module``), which executes code from the file; use it only for trusted
     files. Raises CheckpointError for anything that is not a usable state dict.
     """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; check the --checkpoint path.")
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory; give the path of a .pt/.pth file.")
-    loaded = _torch_load(path, allow_pickle=allow_pickle)
-    state_dict = _unwrap(loaded, path)
-    state_dict = _strip_wrapper_prefixes(state_dict)
-    return _fold_pruning_masks(state_dict, path)
+    return read_checkpoint(path, allow_pickle=allow_pickle).state_dict
 
 
 def apply_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:

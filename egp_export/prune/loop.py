@@ -54,6 +54,7 @@ from egp_export.analysis.ops import CONV_TYPES, LINEAR_TYPES
 from egp_export.analysis.stats import SiteStats, calibrate
 from egp_export.analysis.trace import trace
 from egp_export.errors import CheckpointError
+from egp_export.io.checkpoint import PRUNE_METADATA_KEY
 from egp_export.io.fileio import save_torch_atomic
 from egp_export.prune.easier import lowest_positive_entropy_site, replace_with_identity
 from egp_export.prune.importance import (
@@ -92,7 +93,7 @@ STATE_FILE = "state.pt"
 PRUNED_CHECKPOINT = "pruned.pt"
 ITERATIONS_DIR = "iterations"
 STATE_FORMAT = "egp-export-prune-state"
-METADATA_KEY = "egp_prune"
+METADATA_KEY = PRUNE_METADATA_KEY
 # Settings a resumed run must share with the run it continues (``iterations`` may grow).
 RESUME_KEYS = (
     "method", "entropy", "prune_shortcuts", "rate", "target_sparsity", "max_accuracy_drop", "target_linear_sites",

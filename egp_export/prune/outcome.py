@@ -29,12 +29,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from egp_export.io.checkpoint import PRUNE_METADATA_KEY
 from egp_export.io.fileio import check_writable, save_torch_atomic, write_text_atomic
 from egp_export.prune.training import OptimConfig, build_optimizer, build_scheduler, evaluate, iterate
 
 PRUNED_CHECKPOINT = "pruned.pt"
 HISTORY = "history.json"
-METADATA_KEY = "egp_prune"
+METADATA_KEY = PRUNE_METADATA_KEY
 
 
 @dataclass

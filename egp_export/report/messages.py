@@ -82,6 +82,22 @@ REASONS: dict[RefusalCode, Callable[[Mapping[str, Any]], str]] = {
         f"(> tolerance {d['tolerance']:.3g} x output scale {d['scale']:.3g})"
     ),
     RefusalCode.INPLACE_INPUT_READ: lambda d: f"inplace {d['activation']} overwrites '{d['input']}', which other nodes read",
+    RefusalCode.THIN_EVIDENCE: lambda d: (
+        f"evidence too thin: {d['observations']} observations per neuron ({d['samples']} samples x "
+        f"{d['positions']} positions) < min_observations {d['min_observations']}; the 95% bound on how often a "
+        f"neuron leaves its region would be 3/{d['observations']} = {3 / d['observations']:.2g}"
+    ),
+    RefusalCode.LEFT_REGION_ON_VALIDATION: lambda d: (
+        f"{d['neurons']} neurons left their region on {d['validation_samples']} validation samples ({d['rewrite']} withdrawn)"
+    ),
+    RefusalCode.SURROGATE_OFF_ON_VALIDATION: lambda d: (
+        f"surrogate withdrawn: off by {d['error']:.3g} on the validation range (> {d['allowed']:.3g})"
+    ),
+    RefusalCode.FINAL_CHECK_FAILED: lambda d: (
+        f"withdrawn: the final check failed with every rewrite in place (max_rel={d['max_rel']:.3g} > allowed "
+        f"{d['allowed']:g} on {d['verification_samples']} verification samples)"
+    ),
+    RefusalCode.WITHDRAWN: lambda d: "; ".join(describe_reason(r) for r in d["reasons"]),
     RefusalCode.NO_SUCH_SITE: lambda d: "the model has no activation call site of that name",
     RefusalCode.NOT_AN_ACTIVATION: lambda d: f"{d['node']} is not an activation call site",
     RefusalCode.DEAD_NEURONS_KEPT: lambda d: f"{d['dead']} dead neurons kept: {describe_reason(d['because'])}",

@@ -6,7 +6,8 @@ confidence interval of the speedup (baseline / candidate median latency)
 reaches ``min_speedup``: a noisy runner widens the interval and fails the
 gate rather than letting a lucky run through. With ``max_rel_error`` the
 candidate's outputs on the same seeded random inputs must also be within that
-relative error of the baseline's (numerics.compare: max |Δ| / max |baseline|).
+relative error of the baseline's (numerics.compare: max |Δ| / max |baseline|);
+an inf or NaN in either that the other does not have at the same place fails it.
 
 Writers: JUnit XML (one test case per check, for CI test reports) and a
 Markdown summary (for ``$GITHUB_STEP_SUMMARY`` and pull-request comments);
@@ -140,6 +141,12 @@ def evaluate(
     if numeric is not None and not numeric.passed:
         if numeric.error is None:
             result.reasons.append(f"the candidate's outputs cannot be compared with the baseline's: {numeric.problem}")
+        elif numeric.error.nonfinite_mismatches:
+            # Non-finite values are never within tolerance unless both models give the same inf/NaN there.
+            result.reasons.append(
+                f"{numeric.error.nonfinite_mismatches} output values are inf/NaN in the baseline or the candidate but "
+                f"not the same in both (first in sample {numeric.error.first_bad_sample})"
+            )
         else:
             result.reasons.append(
                 f"the candidate's outputs differ from the baseline's by max_rel={numeric.error.max_rel:.3g} "

@@ -573,7 +573,7 @@ def _failures(workspace: Workspace) -> dict[str, Failure]:
             ("--arch", "cli_models:SmallCnn", "--calibration", "builtin:digits"), ("has no attribute 'SmallCnn'", "SmallCNN")
         ),
         "activations leave their region on held-out data": Failure(
-            ("--arch", "cli_models:SmallCNN", "--calibration", str(shift)), ("held-out", "relu1"), exit_code=3
+            ("--arch", "cli_models:SmallCNN", "--calibration", str(shift), "--strict"), ("held-out", "relu1"), exit_code=3
         ),
         "analyze with a corrupt checkpoint": Failure(
             tuple(_model_args(workspace, files["corrupt.pt"])), ("not a readable PyTorch file",), command="analyze"

@@ -8,6 +8,8 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from egp_export.cli.perf import main
 from egp_export.errors import OutputError
@@ -15,6 +17,7 @@ from egp_export.runtime.backends import BackendError
 from egp_export.runtime.gate import (
     EXIT_FAILED,
     EXIT_PASSED,
+    check_numerics,
     evaluate,
     gate,
     to_junit_xml,
@@ -23,7 +26,7 @@ from egp_export.runtime.gate import (
     write_summary,
 )
 from egp_export.runtime.profiler import Comparison
-from tests.perf_models import export_model
+from tests.perf_models import CHANNELS, SAMPLE_SHAPE, conv_stack, export_model
 
 # Few, short rounds: the models differ by >5x, so the interval is far from the thresholds used here.
 FAST = ["--rounds", "5", "--iterations", "8", "--warmup", "3"]
@@ -249,3 +252,39 @@ def test_dtype_differences_are_reported(tmp_path):
     result = gate(baseline, half_output, min_speedup=0.01, max_rel_error=1e-2, **FAST_KW)
     assert result.notes == ["output 0 dtype differs: baseline float32, candidate float16"]
     assert result.to_dict()["numeric"]["notes"] == result.notes
+
+
+# Non-finite outputs --------------------------------------------------------------------------------
+
+
+class _Overflow(nn.Module):
+    """The conv stack with its output scaled past float32's range at channel 0: +inf there for positive values."""
+
+    def __init__(self, overflow: bool) -> None:
+        super().__init__()
+        self.body = conv_stack(0)
+        scale = torch.ones(1, CHANNELS, 1, 1)
+        scale[0, 0] = 1e38 if overflow else 1.0
+        self.register_buffer("scale", scale)
+
+    def forward(self, x):
+        return self.body(x) * self.scale * self.scale
+
+
+def _export(module: nn.Module, path) -> str:
+    torch.onnx.export(module.eval(), (torch.randn(2, *SAMPLE_SHAPE),), str(path), dynamo=False,
+                      input_names=["input"], dynamic_axes={"input": {0: "batch"}})
+    return str(path)
+
+
+def test_a_baseline_with_inf_outputs_fails_the_numeric_check(tmp_path):
+    # Old compare: |inf - x| became 1.8e308 and was divided by an infinite scale: "max rel error 0.00e+00", passed.
+    baseline = _export(_Overflow(overflow=True), tmp_path / "inf.onnx")
+    candidate = _export(_Overflow(overflow=False), tmp_path / "finite.onnx")
+
+    check = check_numerics(baseline, candidate, max_rel_error=1e-5)
+    assert not check.passed and check.error.nonfinite_mismatches > 0 and check.error.max_rel == float("inf")
+    result = evaluate(fake_comparison(2.0, (1.9, 2.1)), min_speedup=1.5, numeric=check)
+    assert not result.passed and "inf/NaN in the baseline or the candidate" in result.reasons[0]
+    # The same inf at the same places in both is equal output, not an error.
+    assert check_numerics(baseline, baseline, max_rel_error=1e-5).passed
