@@ -82,14 +82,17 @@ def compile_and_check(entry: ZooModel, engineered: bool) -> Compiled:
     """Compile one zoo subject and check it on fresh inputs. Raises AssertionError on a failed check."""
     model, site = build_subject(entry, engineered)
     calibration = _data(entry, CALIBRATION_SAMPLES, seed=2)
+    # Random-weight networks are ill-conditioned: their own fp32 noise can exceed the 1e-4 cap on the automatic
+    # floor (a trained network's is ~1e-5). A user compiling such a model states the tolerance: its noise level.
+    tolerance = max(1e-5, NOISE_FACTOR * fp32_noise(model, [calibration[:4]]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = egp_export.compile(model, calibration)
+        result = egp_export.compile(model, calibration, tolerance)
     leaves = [leaf["name"] for leaf in result.report["trace"]["leaf_modules"] if leaf["reason"].startswith("untraceable")]
     assert leaves == list(entry.leaves), f"automatic leaves {leaves}, registry expects {list(entry.leaves)}"
     rows = {row["name"]: row for row in result.report["analysis"]["sites"]}
     if site is not None:
-        assert "-> affine" in rows[site]["action"], f"engineered site {site}: {rows[site]['action']}"
+        assert rows[site]["linearized"], f"engineered site {site}: {rows[site]['action']}"
     fresh = _data(entry, FRESH_SAMPLES, seed=3)
     rtol = max(1e-5, NOISE_FACTOR * fp32_noise(model, [fresh[:4]]))
     with torch.no_grad():

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from egp_export import __version__
 from egp_export.cli.common import PROG, non_negative_float, positive_int, progress, run_command, say, stage
+from egp_export.errors import CalibrationError
 from egp_export.report.report import COMPILE_OUTPUTS  # report.py imports neither torch nor numpy: --help stays fast
 
 DEFAULT_TOLERANCE = 1e-5
@@ -29,6 +30,8 @@ ORIGINAL_MODEL = "original.onnx"
 EXPORT_LOG = "export.log"  # egp_export.export.onnx.EXPORT_LOG; that module loads torch
 # egp_export.export.onnx.EXPORTER_CHOICES, spelled out for the same reason (a test keeps them equal).
 EXPORTER_CHOICES = ("auto", "dynamo", "torchscript")
+# egp_export.measures.MEASURES plus EGP's entropy, spelled out so that --help loads no torch.
+ANALYZE_MEASURES = ("entropy", "pqi", "energy", "dcor", "nhsic")
 # What compile writes into --out (padding-plan.json only when asked).
 COMPILE_FILES = (*COMPILE_OUTPUTS, DEPTH_PLOT)
 
@@ -97,6 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="measure activations per call site (entropy, regions, dead neurons); writes report.json, report.md",
         description="Measure every activation call site on the calibration data; nothing is rewritten.",
+    )
+    analyze.add_argument(
+        "--measure",
+        nargs="+",
+        choices=ANALYZE_MEASURES,
+        default=["entropy"],
+        help="entropy (EGP's, per activation site; default), pqi (PQ Index per weight tensor), energy / dcor (per "
+        "residual unit: energy distance between classes, distance correlation with the output), nhsic (per unit: "
+        "ITPruner's CKA importance); several may be given",
+    )
+    analyze.add_argument(
+        "--labels-from",
+        metavar="SPEC",
+        help="labelled data for energy/dcor (builtin:digits, or a .pt/.pth/.npz file with inputs and targets); "
+        "default: builtin:digits when --calibration is builtin:digits",
     )
     analyze.set_defaults(run=_run_analyze)
 
@@ -276,11 +294,26 @@ def _wrote(out: Path, names) -> str:
     return ", ".join(str(out / name) for name in names)
 
 
+def _labelled(args: argparse.Namespace, calibration):
+    """(inputs, labels) for the measures that need classes, from --labels-from or the built-in digits."""
+    from egp_export.io.datasets import BUILTIN_DIGITS, load_labelled_splits
+
+    spec = args.labels_from or (BUILTIN_DIGITS if args.calibration == BUILTIN_DIGITS else None)
+    if spec is None:
+        raise CalibrationError(
+            "--measure energy/dcor compares classes: give labelled data with --labels-from (builtin:digits, or a "
+            ".pt/.pth/.npz file with inputs and targets)."
+        )
+    train, _ = load_labelled_splits(spec, eval_fraction=0.2, seed=0)
+    return train
+
+
 def _run_analyze(args: argparse.Namespace) -> None:
     from egp_export.analysis.stats import analyze
     from egp_export.io.fileio import run_transaction
     from egp_export.report.report import ANALYZE_OUTPUTS, write_report
 
+    measures = list(dict.fromkeys(args.measure))
     with run_transaction(args.out, ANALYZE_OUTPUTS, force=args.force) as staging:
         model = _load_model(args)
         calibration = _load_calibration(args)
@@ -293,6 +326,17 @@ def _run_analyze(args: argparse.Namespace) -> None:
             "calibration": {"samples": len(calibration), "sample_shape": list(calibration.shape[1:])},
             "analysis": analysis,
         }
+        layer_measures = [m for m in measures if m != "entropy"]
+        if layer_measures:
+            from egp_export.measures import layer_measures as measure_layers
+
+            for measure in layer_measures:
+                with stage(args, measure, f"measuring {measure}") as line:
+                    # energy/dcor compare classes; nhsic reads the inputs alone; pqi reads the weights.
+                    data = _labelled(args, calibration) if measure in ("energy", "dcor") else calibration
+                    rows = measure_layers(model, data, measure)
+                    report.setdefault("measures", {})[measure] = rows
+                    line.detail = f"{len(rows)} rows"
         write_report(report, staging)
     dead = sum(site["dead_neurons"] for site in analysis["sites"])
     say(
@@ -300,6 +344,8 @@ def _run_analyze(args: argparse.Namespace) -> None:
         f"{args.arch}: {analysis['num_sites']} activation sites, {analysis['num_linear_sites']} linear on the data, "
         f"{dead} dead neurons, mean entropy {analysis['mean_entropy']:.3f} bits",
     )
+    for measure, rows in report.get("measures", {}).items():
+        say(args, f"{measure}: {len(rows)} rows (report.md)")
     say(args, f"wrote {_wrote(args.out, ANALYZE_OUTPUTS)}")
 
 

@@ -163,7 +163,8 @@ def layer_measures(
     beta: float = DEFAULT_BETA,
     seed: int = 0,
 ) -> list[dict]:
-    """Report rows of ``measure`` (one of MEASURES) for ``model``; ``data`` = (inputs, labels), unused by pqi."""
+    """Report rows of ``measure`` (one of MEASURES) for ``model``; ``data`` = (inputs, labels), unused by pqi
+    (nhsic also takes the inputs alone)."""
     if measure not in MEASURES:
         raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
     if measure == "pqi":
@@ -172,7 +173,7 @@ def layer_measures(
         raise CalibrationError(f"the {measure} measure runs the model: give data ((inputs, labels) or a Dataset).")
     require_units(model)
     if measure == "nhsic":
-        inputs, _ = inputs_and_labels(data)
+        inputs = data if isinstance(data, torch.Tensor) else inputs_and_labels(data)[0]
         count = min(samples, len(inputs))
         importance = nhsic_importance(model, inputs[:count], beta)
         return [{"name": name, "measure": "nhsic", "value": share, "alpha": alpha, "beta": beta, "samples": count}

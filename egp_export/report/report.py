@@ -99,6 +99,10 @@ def to_markdown(report: dict) -> str:
     if compiled:
         lines += _rewrites(report.get("rewrites", []))
         lines += _refusals(report.get("refusals", []))
+        lines += _withdrawals(report.get("withdrawals", []))
+        lines += _guarantee(report)
+    for measure, rows in report.get("measures", {}).items():
+        lines += _measure_table(measure, rows)
     if report.get("onnx"):
         lines += _onnx(report["onnx"])
     return "\n".join(lines).rstrip() + "\n"
@@ -264,6 +268,45 @@ def _refusals(refusals: list[dict]) -> list[str]:
         lines.append(
             f"| {refusal.get('pass', _MISSING)} | `{_cell(refusal.get('node', ''))}` | {_cell(refusal.get('reason', ''))} |"
         )
+    return lines + [""]
+
+
+def _withdrawals(withdrawals: list[dict]) -> list[str]:
+    if not withdrawals:
+        return []
+    lines = ["## Withdrawals", "", "Rewrites the data did not support, taken back before the final check.", ""]
+    lines += ["| site | code | reason |", "|---|---|---|"]
+    for row in withdrawals:
+        lines.append(f"| `{_cell(row.get('node', ''))}` | {row.get('code', _MISSING)} | {_cell(row.get('reason', ''))} |")
+    return lines + [""]
+
+
+def _guarantee(report: dict) -> list[str]:
+    guarantee, evidence = report.get("guarantee"), report.get("evidence") or []
+    if not guarantee:
+        return []
+    lines = [
+        "## Guarantee",
+        "",
+        f"Verified on {guarantee['verified_samples']} {guarantee['verified_on']}: max_rel {_error(guarantee['max_rel'])} "
+        f"<= allowed {guarantee['allowed']:g} ({guarantee['dtype']}, tolerance {guarantee['tolerance']:g}). "
+        f"{guarantee['site_bound']}.",
+        "",
+    ]
+    if evidence:
+        lines += ["| site | samples | observations per neuron | min margin | crossing rate < (95%) |", "|---|---|---|---|---|"]
+        for row in evidence:
+            lines.append(
+                f"| `{row['site']}` | {_count(row.get('samples'))} | {_count(row.get('observations_per_neuron'))} | "
+                f"{_number(row.get('min_margin'))} | {_number(row.get('crossing_rate_bound_95'))} |"
+            )
+        lines.append("")
+    return lines
+
+
+def _measure_table(measure: str, rows: list[dict]) -> list[str]:
+    lines = [f"## Layer measure: {measure}", "", "| name | value |", "|---|---|"]
+    lines += [f"| `{_cell(str(row['name']))}` | {_number(row['value'])} |" for row in rows]
     return lines + [""]
 
 

@@ -38,7 +38,7 @@ def test_prelu_neurons_are_its_own_axis():
 def test_prelu_after_a_token_linear_with_as_many_tokens_as_channels_compiles_exactly():
     """Regression: slopes were applied along the channel axis, the compiled model differed (VerificationError)."""
     model = TokensPReLU().eval()
-    result = egp_export.compile(model, torch.randn(60, 6, 4))
+    result = egp_export.compile(model, torch.randn(60, 6, 4), min_observations=100)  # 36 samples x 6 tokens
     (row,) = result.report["analysis"]["sites"]
     assert row["neuron_dim"] == 1 and "-> affine" in row["action"]
     assert_same_function(model, result.module, torch.randn(8, 6, 4))
@@ -60,7 +60,7 @@ class VectorGate(nn.Module):
 def test_activation_on_a_rank_one_tensor_is_one_neuron_and_compiles():
     """Regression: CalibrationError 'expected at least [batch, neurons]' for a valid model."""
     model = VectorGate().eval()
-    result = egp_export.compile(model, torch.randn(40, 4))
+    result = egp_export.compile(model, torch.randn(40, 4), min_observations=1)  # the axis, not the evidence
     rows = {row["name"]: row for row in result.report["analysis"]["sites"]}
     assert rows["relu_1"]["neurons"] == 1 and "-> affine" in rows["relu_1"]["action"]
     assert_same_function(model, result.module, torch.randn(8, 4))

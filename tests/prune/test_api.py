@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from egp_export.cli.prune import build_parser
+from egp_export.cli.prune import _training_options, build_parser
 from egp_export.errors import CheckpointError, OutputError
 from egp_export.io.checkpoint import apply_state_dict, load_state_dict
 from egp_export.prune.api import DEFAULT_ENTROPY, load_pruned, prune
@@ -254,10 +254,10 @@ def test_defaults_are_the_reference_recipe():
     assert {key: optimizer.defaults[key] for key in ("lr", "momentum", "weight_decay")} == {
         "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
     }
+    # The CLI passes only what the user gave, so each method (egp's above, sap/energy/itpruner theirs) keeps its recipe.
     args = build_parser().parse_args(["prune", "--arch", "a:b", "--data", "builtin:digits", "--out", "o"])
-    assert (args.entropy, args.prune_shortcuts, args.lr, args.momentum, args.weight_decay, args.scheduler) == (
-        None, False, 0.1, 0.9, 1e-4, "multistep",
-    )
+    assert (args.entropy, args.prune_shortcuts, args.method) == (None, False, "egp")
+    assert _training_options(args) == {} and args.momentum is None and args.epochs_per_iteration is None
 
 
 def test_entropy_definitions_are_checked():

@@ -1,0 +1,69 @@
+"""The seeds' other methods through the command line: analyze --measure, prune --method energy, and a compile
+that rebuilds the pruned architecture from the checkpoint alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from egp_export.cli.main import main
+from egp_export.errors import CheckpointError
+from egp_export.io.checkpoint import PRUNE_METADATA_KEY, read_checkpoint
+
+ARCH = ["--arch", "egp_export.demo.digits:digits_resnet", "--arch-kwargs", "width=8", "expansion=2", "stages=(2,)"]
+
+
+def test_analyze_measures_pqi_energy_and_nhsic(tmp_path):
+    out = tmp_path / "analysis"
+    code = main(
+        ["analyze", *ARCH, "--calibration", "builtin:digits", "--calibration-limit", "256",
+         "--measure", "entropy", "pqi", "energy", "nhsic", "--out", str(out), "--quiet"]
+    )
+
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["measures"]) == {"pqi", "energy", "nhsic"}
+    assert {row["name"] for row in report["measures"]["energy"]} == {"block1_1", "block1_2"}
+    assert all(row["value"] >= 0 for row in report["measures"]["energy"])
+    assert "## Layer measure: energy" in (out / "report.md").read_text()
+
+
+def test_energy_needs_labels_unless_the_data_has_them(tmp_path, capsys):
+    calibration = tmp_path / "x.pt"
+    torch.save(torch.rand(64, 1, 8, 8), calibration)
+    code = main(["analyze", *ARCH, "--calibration", str(calibration), "--measure", "energy", "--out", str(tmp_path / "o")])
+
+    assert code == 2
+    assert "--labels-from" in capsys.readouterr().err
+
+
+def test_energy_pruning_removes_units_and_compile_rebuilds_the_shallower_network(tmp_path):
+    pruned = tmp_path / "pruned"
+    code = main(
+        ["prune", *ARCH, "--data", "builtin:digits", "--method", "energy", "--stages", "1", "--epochs-per-iteration", "1",
+         "--out", str(pruned), "--quiet"]
+    )
+    assert code == 0
+    checkpoint = read_checkpoint(pruned / "pruned.pt")
+    removed = checkpoint.arch_kwargs["removed_blocks"]
+    assert len(removed) >= 1
+
+    compiled = tmp_path / "compiled"
+    # No --arch-kwargs for the removed units: the checkpoint says which architecture it holds.
+    code = main(
+        ["compile", *ARCH, "--checkpoint", str(pruned / "pruned.pt"), "--calibration", "builtin:digits",
+         "--calibration-limit", "300", "--out", str(compiled), "--quiet", "--exporter", "torchscript"]
+    )
+    assert code == 0
+    report = json.loads((compiled / "report.json").read_text())
+    dense_layers = 1 + 2 * 2 + 1  # stem, two convs per unit, classifier
+    assert report["before"]["layers"] == dense_layers - 2 * len(removed)
+
+
+def test_a_damaged_arch_kwargs_entry_is_a_clear_error(tmp_path):
+    path = tmp_path / "bad.pt"
+    torch.save({"state_dict": {}, PRUNE_METADATA_KEY: {"arch_kwargs": ["not", "a", "dict"]}}, path)
+    with pytest.raises(CheckpointError, match="arch_kwargs"):
+        read_checkpoint(path)
