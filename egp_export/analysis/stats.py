@@ -423,11 +423,12 @@ def summarize_sites(sites: list[SiteStats], tolerance: float) -> dict:
     }
 
 
-def analyze(model: nn.Module, calibration, *, tolerance: float = 1e-5, progress: bool = False) -> dict:
-    """Per-site activation analysis of ``model`` on all of ``calibration`` (no rewriting)."""
+def analyze(model: nn.Module, calibration, *, tolerance: float = 1e-5, progress: bool = False, leaf_modules=()) -> dict:
+    """Per-site activation analysis of ``model`` on all of ``calibration`` (no rewriting); ``leaf_modules`` as in
+    ``trace``."""
     from egp_export.analysis.batches import as_batches
     from egp_export.analysis.trace import trace
 
-    gm = trace(model)
+    gm = trace(model, leaf_modules=tuple(leaf_modules))
     sites = calibrate(gm, as_batches(calibration), progress=progress)
     return summarize_sites(sites, tolerance)

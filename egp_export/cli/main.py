@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--input-size", nargs=2, type=positive_int, metavar=("H", "W"), help="resize images of a folder")
     data.add_argument("--calibration-limit", type=positive_int, metavar="N", help="use the first N samples only")
     data.add_argument(
+        "--leaf-module",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="trace this submodule (qualified name) as one call; repeat for several. Submodules torch.fx cannot "
+        "trace through become leaves automatically; the report lists them (activations inside are not analysed)",
+    )
+    data.add_argument(
         "--tolerance",
         type=non_negative_float,
         default=DEFAULT_TOLERANCE,
@@ -318,7 +326,9 @@ def _run_analyze(args: argparse.Namespace) -> None:
         model = _load_model(args)
         calibration = _load_calibration(args)
         with stage(args, "analyze", f"measuring activations on {len(calibration)} samples") as line:
-            analysis = analyze(model, calibration, tolerance=args.tolerance, progress=progress(args))
+            analysis = analyze(
+                model, calibration, tolerance=args.tolerance, progress=progress(args), leaf_modules=args.leaf_module
+            )
             line.detail = f"{analysis['num_sites']} activation sites"
         report = {
             "egp_export_version": __version__,
@@ -422,6 +432,7 @@ def _compile_into(args: argparse.Namespace, folder: Path, paths: dict[str, Path]
             strict=args.strict,
             min_observations=DEFAULT_MIN_OBSERVATIONS if args.min_observations is None else args.min_observations,
             approximate=args.approximate,
+            leaf_modules=args.leaf_module,
             cost_model=args.cost_model,
             merge_plan=args.merge_plan,
             channel_alignment=CHANNEL_ALIGNMENT if args.channel_alignment is None else args.channel_alignment,

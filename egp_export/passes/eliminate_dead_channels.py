@@ -64,8 +64,19 @@ class EliminateDeadChannels(GraphPass):
         self.alignment = max(1, alignment)
 
     def run(self, gm: fx.GraphModule, record: Recorder) -> None:
+        _DeadChannelRun(self.alignment, gm).run(record)
+
+
+class _DeadChannelRun:
+    """One run over one graph: its modules and the channel groups found so far live here, not on the pass."""
+
+    def __init__(self, alignment: int, gm: fx.GraphModule) -> None:
+        self.alignment = alignment
         self.gm = gm
         self.modules = named_modules(gm)
+
+    def run(self, record: Recorder) -> None:
+        gm = self.gm
         done: set[fx.Node] = set()
         for node in list(gm.graph.nodes):
             if node in done:

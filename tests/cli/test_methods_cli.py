@@ -67,3 +67,19 @@ def test_a_damaged_arch_kwargs_entry_is_a_clear_error(tmp_path):
     torch.save({"state_dict": {}, PRUNE_METADATA_KEY: {"arch_kwargs": ["not", "a", "dict"]}}, path)
     with pytest.raises(CheckpointError, match="arch_kwargs"):
         read_checkpoint(path)
+
+
+def test_leaf_module_hides_a_block_from_the_analysis_and_the_compile(tmp_path):
+    common = [*ARCH, "--calibration", "builtin:digits", "--calibration-limit", "300", "--quiet"]
+    assert main(["analyze", *common, "--out", str(tmp_path / "all")]) == 0
+    assert main(["analyze", *common, "--leaf-module", "block1_1", "--out", str(tmp_path / "leaf")]) == 0
+    sites = {
+        name: {site["name"] for site in json.loads((tmp_path / name / "report.json").read_text())["analysis"]["sites"]}
+        for name in ("all", "leaf")
+    }
+    assert sites["leaf"] < sites["all"] and not any(name.startswith("block1_1") for name in sites["leaf"])
+
+    assert main(["compile", *common, "--leaf-module", "block1_1", "--exporter", "torchscript",
+                 "--out", str(tmp_path / "compiled")]) == 0
+    report = json.loads((tmp_path / "compiled" / "report.json").read_text())
+    assert [leaf["name"] for leaf in report["trace"]["leaf_modules"]] == ["block1_1"]
