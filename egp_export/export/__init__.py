@@ -1,1 +1,1 @@
-"""export"""
+"""ONNX export with fallbacks and the ONNX Runtime check of the written file."""

@@ -1,1 +1,1 @@
-"""io"""
+"""Loading what the user gives: architectures (--arch), checkpoints, calibration and labelled data; atomic output files."""

@@ -1,1 +1,1 @@
-"""runtime"""
+"""Running exported models: backends (ONNX Runtime, torch CUDA, TensorRT), the profiler, the CI latency gate, engines."""
