@@ -10,7 +10,6 @@ than vanishing or exploding with depth.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 from egp_export.analysis.activations import activation_spec
 from egp_export.analysis.fx import activation_nodes
-from egp_export.analysis.ops import BATCHNORM_TYPES, CONV_TYPES, LINEAR_TYPES, is_identity, named_modules
+from egp_export.analysis.ops import BATCHNORM_TYPES, CONV_TYPES, LINEAR_TYPES, is_add, is_identity, named_modules
 from egp_export.analysis.trace import trace
 
 
@@ -88,7 +87,7 @@ def _producer_parameters(node: fx.Node, modules: dict[str, nn.Module]) -> list[t
         node = node.args[0]
     if len(node.users) != 1:
         return None
-    if node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2:
+    if is_add(node):
         found = [_producer_parameters(a, modules) if isinstance(a, fx.Node) else None for a in node.args]
         return None if None in found else found[0] + found[1]
     if node.op == "call_module":

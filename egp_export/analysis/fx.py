@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Iterable
 
 import torch
@@ -11,7 +10,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from egp_export.analysis.activations import activation_spec
-from egp_export.analysis.ops import LayerKind, layer_kind, module_of, named_modules
+from egp_export.analysis.ops import LayerKind, layer_kind, module_of, named_modules, writes_in_place
 from egp_export.records import Reason, RefusalCode
 
 
@@ -109,27 +108,6 @@ def neuron_dim(node: fx.Node, modules: dict[str, nn.Module], _depth: int = 0) ->
         current = inputs[0] if inputs else None
     shape = shape_of(node)
     return 1 if shape is not None and len(shape) > 2 else -1
-
-
-_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
-
-
-def writes_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """``node`` overwrites an input (``x.relu_()``, ``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``, ``x += y``).
-
-    Dead-code elimination must keep such a node even when nothing reads its
-    result: the other readers of the input it overwrites see the write.
-    """
-    if node.op == "call_method":
-        return str(node.target).endswith("_")
-    if node.kwargs.get("inplace") is True:
-        return True
-    if node.op == "call_module":
-        return bool(getattr(modules.get(str(node.target)), "inplace", False))
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return node.target in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
-    return False
 
 
 def keeps_effects(gm: fx.GraphModule) -> Callable[[fx.Node], bool]:

@@ -251,6 +251,27 @@ def conv_padding(module: nn.Module) -> tuple[int, ...]:
     return tuple(int(p) for p in padding)
 
 
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def writes_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """``node`` overwrites an input (``x.relu_()``, ``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``, ``x += y``).
+
+    Dead-code elimination must keep such a node even when nothing reads its
+    result: the other readers of the input it overwrites see the write.
+    """
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_module":
+        return bool(getattr(modules.get(str(node.target)), "inplace", False))
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
+    return False
+
+
 def follow_identities(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[fx.Node], fx.Node | None]:
     """Eval-mode identities after ``node`` (each the only user of the one before) and the node after them."""
     between: list[fx.Node] = []

@@ -8,8 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import egp_export
-from egp_export.analysis.fx import writes_in_place
-from egp_export.analysis.ops import named_modules
+from egp_export.analysis.ops import named_modules, writes_in_place
 from egp_export.analysis.trace import trace
 from egp_export.passes import finalize
 from tests.conftest import assert_same_function, randomize_batchnorm
