@@ -30,9 +30,9 @@ import torch.nn as nn
 
 from egp_export import __version__
 from egp_export.algebra.costmodel import AnalyticCost, MeasuredCost
-from egp_export.analysis.batches import DEFAULT_BATCH_SIZE, CalibrationSplit, as_batches, split_holdout
+from egp_export.analysis.batches import DEFAULT_BATCH_SIZE, Batches, CalibrationSplit, as_batches, split_holdout
 from egp_export.analysis.fx import propagate_shapes
-from egp_export.analysis.numerics import FP32_RTOL, NOISE_CAP, NOISE_FACTOR, ErrorStats, compare, fp32_noise
+from egp_export.analysis.numerics import FP32_RTOL, NOISE_CAP, NOISE_FACTOR, ErrorAccumulator, ErrorStats, compare, fp32_noise
 from egp_export.analysis.stats import SiteStats, calibrate, summarize_sites
 from egp_export.analysis.summary import summarize
 from egp_export.analysis.trace import owned_copy, trace, trace_facts
@@ -107,6 +107,19 @@ def _outputs(module: nn.Module, batches: list[torch.Tensor]) -> list:
         return [module(batch) for batch in batches]
 
 
+def _holdout_error(reference: nn.Module, candidate: nn.Module, batches) -> ErrorStats:
+    """The candidate's error against the reference over ``batches``, a batch at a time (no outputs are kept)."""
+    errors = ErrorAccumulator()
+    with torch.no_grad():
+        for batch in batches:
+            errors.add(reference(batch), candidate(batch))
+    return errors.result()
+
+
+def _widened(batch: torch.Tensor) -> torch.Tensor:
+    return batch.float() if batch.dtype in _WIDENED_DTYPES else batch
+
+
 def _working_copy(model: nn.Module) -> tuple[nn.Module, dict]:
     """A copy of ``model`` to compile (the caller's object is never run), in fp32 if it was fp16/bf16.
 
@@ -164,7 +177,7 @@ def _surrogate_error(site: SiteStats, low: torch.Tensor, high: torch.Tensor, tol
 
 
 def _withdraw_on_validation(
-    reference: nn.Module, sites: list[SiteStats], validate: list[torch.Tensor], tolerance: float, leaf_modules: tuple
+    reference: nn.Module, sites: list[SiteStats], validate: Batches, tolerance: float, leaf_modules: tuple
 ) -> list[Refusal]:
     """Withdraw the rewrites of neurons the validation samples show outside the region they were decided in.
 
@@ -173,11 +186,11 @@ def _withdraw_on_validation(
     leaves the dead mask; a smooth site whose surrogate is off by more than
     the tolerance on the validation range keeps its activation.
     """
-    if not validate:
+    if not validate.samples:
         return []
     seen = {s.name: s for s in calibrate(trace(reference, leaf_modules=leaf_modules), validate)}
     withdrawals = []
-    samples = sum(len(b) for b in validate)
+    samples = validate.samples
     for site in sites:
         other = seen.get(site.name)
         if other is None or other.observations == 0:
@@ -215,7 +228,7 @@ def _withdraw_on_validation(
 
 
 def _sites_leaving_region(
-    reference: nn.Module, sites: list[SiteStats], holdout: list[torch.Tensor], tolerance: float, leaf_modules: tuple
+    reference: nn.Module, sites: list[SiteStats], holdout: Batches, tolerance: float, leaf_modules: tuple
 ) -> list[str]:
     """Sites with neurons that stayed in one region on calibration data but not on held-out data.
 
@@ -370,7 +383,7 @@ def compile(  # noqa: A001 - the issue's public name
     if min_observations < 0:
         raise CalibrationError(f"min_observations must be >= 0, got {min_observations}.")
     working, dtype = _working_copy(model)
-    batches = [b.float() if b.dtype in _WIDENED_DTYPES else b for b in as_batches(calibration, batch_size=batch_size)]
+    batches = as_batches(calibration, batch_size=batch_size).map(_widened)
     split = split_holdout(batches, holdout, 0.0 if strict else validation)
     leaf_modules = tuple(leaf_modules)
     gm = trace(working, leaf_modules=leaf_modules)  # warns about training mode; compiles the eval-mode behaviour
@@ -406,7 +419,7 @@ def compile(  # noqa: A001 - the issue's public name
 
     def check(attempt: _Attempt) -> tuple[ErrorStats, float]:
         nonlocal noise
-        error = compare(reference_outputs, _outputs(attempt.gm, split.holdout))
+        error = _holdout_error(reference, attempt.gm, split.holdout)
         approximated = bool(attempt.approximations)
         if not error.within(verification_rtol(tolerance, noise or 0.0, approximated=approximated)) and noise is None:
             noise = fp32_noise(reference, noise_batch)
@@ -418,7 +431,6 @@ def compile(  # noqa: A001 - the issue's public name
     predicted_before = conv_seconds(gm, cost)
     attempt = rewrite(gm, sites)
     _check_deterministic(reference, split.holdout[0])
-    reference_outputs = _outputs(reference, split.holdout)
     withdrawals = list(attempt.withdrawals)
     rewritten = time.perf_counter()
     error, rtol = check(attempt)

@@ -39,8 +39,12 @@ def _data(n: int = 40) -> torch.Tensor:
         lambda x: list(torch.split(x, 7)),
         lambda x: [(b, torch.zeros(len(b))) for b in torch.split(x, 9)],
         lambda x: DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=8),
+        lambda x: DataLoader(TensorDataset(x), batch_size=8, collate_fn=lambda items: torch.stack([i[0] for i in items])),
+        lambda x: TensorDataset(x, torch.zeros(len(x))),
+        lambda x: (b for b in torch.split(x, 5)),
     ],
-    ids=["tensor", "list-of-tensors", "input-target-tuples", "dataloader"],
+    ids=["tensor", "list-of-tensors", "input-target-tuples", "dataloader", "dataloader-own-collate", "dataset",
+         "generator"],
 )
 def test_every_calibration_form_compiles_to_the_same_function(make):
     model = _net()

@@ -451,3 +451,20 @@ def test_a_surrogate_off_on_the_validation_range_is_withdrawn():
 def test_a_negative_min_observations_is_refused():
     with pytest.raises(CalibrationError, match="min_observations must be >= 0"):
         egp_export.compile(_always_on_mlp(), torch.randn(100, 4), min_observations=-1)
+
+
+def test_the_error_over_batches_equals_the_error_of_the_whole():
+    from egp_export.analysis.numerics import ErrorAccumulator
+
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(20, 5, generator=generator) * torch.linspace(0.1, 3.0, 20)[:, None]
+    candidate = reference + 1e-4 * torch.randn(20, 5, generator=generator)
+    errors = ErrorAccumulator()
+    for start in range(0, 20, 6):
+        errors.add(reference[start : start + 6], candidate[start : start + 6])
+    assert errors.result() == compare(reference, candidate)
+    candidate[13, 2] = float("nan")  # the sample index counts from the first batch
+    errors = ErrorAccumulator()
+    for start in range(0, 20, 6):
+        errors.add(reference[start : start + 6], candidate[start : start + 6])
+    assert errors.result().first_bad_sample == 13 and not errors.result().within(1.0)

@@ -83,6 +83,54 @@ def _first_sample(bad: np.ndarray) -> int:
     return int(np.argwhere(bad)[0][0]) if bad.ndim else 0
 
 
+class ErrorAccumulator:
+    """``compare`` over batches, one at a time: the outputs of a large held-out set are never held together.
+
+    The result equals ``compare`` of the concatenated outputs (the error and the
+    scale are maxima; a non-finite mismatch's sample index counts from the first
+    batch).
+    """
+
+    def __init__(self) -> None:
+        self.max_abs = 0.0
+        self.scale = 0.0
+        self.mismatches = 0
+        self.first_bad: int | None = None
+        self.samples = 0
+
+    def add(self, reference, candidate) -> None:
+        refs = [_as_numpy(r) for r in flatten_outputs(reference)]
+        cands = [_as_numpy(c) for c in flatten_outputs(candidate)]
+        if len(refs) != len(cands):
+            raise ValueError(f"output count differs: {len(refs)} reference vs {len(cands)} candidate")
+        for ref, cand in zip(refs, cands):
+            if ref.shape != cand.shape:
+                raise ValueError(f"output shape differs: {ref.shape} reference vs {cand.shape} candidate")
+            if ref.size == 0:
+                continue
+            ref_finite, cand_finite = np.isfinite(ref), np.isfinite(cand)
+            same_nonfinite = ~ref_finite & ~cand_finite & ((ref == cand) | (np.isnan(ref) & np.isnan(cand)))
+            bad = ~(ref_finite & cand_finite) & ~same_nonfinite
+            if bad.any():
+                self.mismatches += int(bad.sum())
+                if self.first_bad is None:
+                    self.first_bad = self.samples + _first_sample(bad)
+            both = ref_finite & cand_finite
+            if both.any():
+                self.max_abs = max(self.max_abs, float(np.abs(ref[both] - cand[both]).max()))
+            if ref_finite.any():
+                self.scale = max(self.scale, float(np.abs(ref[ref_finite]).max()))
+        self.samples += len(refs[0]) if refs and refs[0].ndim else 1
+
+    def result(self) -> ErrorStats:
+        if self.mismatches:
+            return ErrorStats(
+                max_abs=math.inf, max_rel=math.inf, nonfinite_mismatches=self.mismatches, first_bad_sample=self.first_bad
+            )
+        max_rel = self.max_abs / self.scale if self.scale > 0 else (0.0 if self.max_abs == 0 else math.inf)
+        return ErrorStats(max_abs=self.max_abs, max_rel=max_rel)
+
+
 def compare(reference, candidate) -> ErrorStats:
     """Error of ``candidate`` against ``reference`` (tensors, arrays or nests of them).
 
@@ -92,35 +140,9 @@ def compare(reference, candidate) -> ErrorStats:
     inf). The scale is max |r| over the finite reference values only, so an
     inf in the reference cannot divide the error away.
     """
-    refs = [_as_numpy(r) for r in flatten_outputs(reference)]
-    cands = [_as_numpy(c) for c in flatten_outputs(candidate)]
-    if len(refs) != len(cands):
-        raise ValueError(f"output count differs: {len(refs)} reference vs {len(cands)} candidate")
-    max_abs = 0.0
-    scale = 0.0
-    mismatches = 0
-    first_bad: int | None = None
-    for ref, cand in zip(refs, cands):
-        if ref.shape != cand.shape:
-            raise ValueError(f"output shape differs: {ref.shape} reference vs {cand.shape} candidate")
-        if ref.size == 0:
-            continue
-        ref_finite, cand_finite = np.isfinite(ref), np.isfinite(cand)
-        same_nonfinite = ~ref_finite & ~cand_finite & ((ref == cand) | (np.isnan(ref) & np.isnan(cand)))
-        bad = ~(ref_finite & cand_finite) & ~same_nonfinite
-        if bad.any():
-            mismatches += int(bad.sum())
-            if first_bad is None:
-                first_bad = _first_sample(bad)
-        both = ref_finite & cand_finite
-        if both.any():
-            max_abs = max(max_abs, float(np.abs(ref[both] - cand[both]).max()))
-        if ref_finite.any():
-            scale = max(scale, float(np.abs(ref[ref_finite]).max()))
-    if mismatches:
-        return ErrorStats(max_abs=math.inf, max_rel=math.inf, nonfinite_mismatches=mismatches, first_bad_sample=first_bad)
-    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
-    return ErrorStats(max_abs=max_abs, max_rel=max_rel)
+    accumulator = ErrorAccumulator()
+    accumulator.add(reference, candidate)
+    return accumulator.result()
 
 
 def nonfinite_samples(outputs) -> list[int]:

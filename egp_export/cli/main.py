@@ -291,11 +291,33 @@ def _load_model(args: argparse.Namespace):
     return model
 
 
-def _load_calibration(args: argparse.Namespace):
+def _load_calibration(args: argparse.Namespace, model):
+    """The calibration inputs; integer data stay integers (token ids) unless the model only takes floats."""
+    import torch
+
     from egp_export.io.datasets import load_calibration
 
     input_size = tuple(args.input_size) if args.input_size else None
-    return load_calibration(args.calibration, input_size=input_size, limit=args.calibration_limit)
+    data = load_calibration(args.calibration, input_size=input_size, limit=args.calibration_limit)
+    if data.is_floating_point() or _runs_on(model, data[:1]):
+        return data
+    if _runs_on(model, data[:1].to(torch.float32)):
+        say(args, f"note: {args.calibration} holds {str(data.dtype).removeprefix('torch.')} data and the model takes "
+                  "floats: converted to float32 (values as stored, not rescaled)")
+        return data.to(torch.float32)
+    return data  # compile/analyze name the dtype the model rejects
+
+
+def _runs_on(model, sample) -> bool:
+    """Whether ``model`` (built by this command, in eval mode) accepts ``sample``."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(sample)
+    except Exception:  # noqa: BLE001 - any failure means "not this input"; compile reports the real error
+        return False
+    return True
 
 
 def _wrote(out: Path, names) -> str:
@@ -324,7 +346,7 @@ def _run_analyze(args: argparse.Namespace) -> None:
     measures = list(dict.fromkeys(args.measure))
     with run_transaction(args.out, ANALYZE_OUTPUTS, force=args.force) as staging:
         model = _load_model(args)
-        calibration = _load_calibration(args)
+        calibration = _load_calibration(args, model)
         with stage(args, "analyze", f"measuring activations on {len(calibration)} samples") as line:
             analysis = analyze(
                 model, calibration, tolerance=args.tolerance, progress=progress(args), leaf_modules=args.leaf_module
@@ -422,7 +444,7 @@ def _compile_into(args: argparse.Namespace, folder: Path, paths: dict[str, Path]
     from egp_export.report.report import ENTROPY_PLOT, ONNX_MODEL, with_export, write_report
 
     model = _load_model(args)
-    calibration = _load_calibration(args)
+    calibration = _load_calibration(args, model)
     with stage(args, "compile", f"trace, calibrate on {len(calibration)} samples, rewrite, verify") as line:
         result = compile_model(
             model,

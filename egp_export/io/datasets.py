@@ -1,4 +1,4 @@
-"""Loading calibration inputs from files into one float32 batch ``[N, ...]``.
+"""Loading calibration inputs from files into one batch ``[N, ...]``: floats as float32, integers as stored.
 
 Accepted ``--calib`` specifications:
 
@@ -9,6 +9,13 @@ Accepted ``--calib`` specifications:
 
 Dicts and ``.npz`` archives are searched for the first of :data:`INPUT_KEYS`.
 Every result is checked: at least one sample, and only finite values.
+
+Integer and boolean data keep their dtype (token ids for an ``nn.Embedding``);
+the command line converts them to float32 when the model rejects integers
+(``uint8`` images). A ``.npy`` file is memory-mapped (copy-on-write: the file
+is never written): float32 and integer arrays are used in place and read from
+disk as the batches are used, so the data need not fit in memory; other float
+dtypes are converted, which copies them.
 """
 
 from __future__ import annotations
@@ -35,12 +42,14 @@ _ACCEPTED = (
     f"{', '.join(INPUT_KEYS)}), a .npy file, a .npz archive, or a folder of images "
     f"({', '.join(sorted(IMAGE_SUFFIXES))})"
 )
+# Samples per chunk of the NaN/Inf check.
+_CHECK_CHUNK = 256
 # sklearn's digits are 4-bit grey levels: 0..16.
 _DIGITS_MAX = 16.0
 
 
 def load_calibration(spec: str, *, input_size: tuple[int, int] | None = None, limit: int | None = None) -> torch.Tensor:
-    """Load the calibration inputs named by ``spec`` as a float32 tensor ``[N, ...]``.
+    """Load the calibration inputs named by ``spec`` as a tensor ``[N, ...]``: float32, or integers as stored.
 
     ``input_size`` (H, W) resizes images of an image folder and is needed when
     they differ in size; other sources are returned as stored. ``limit`` keeps
@@ -131,8 +140,9 @@ def _load_torch_file(path: Path) -> torch.Tensor:
 
 def _load_npy(path: Path) -> torch.Tensor:
     try:
-        # allow_pickle=False: object arrays would execute code from the file.
-        array = np.load(path, allow_pickle=False)
+        # allow_pickle=False: object arrays would execute code from the file. mmap_mode="c": pages are read as
+        # they are used and writes (an inplace first layer) stay private, so the file is never changed.
+        array = np.load(path, allow_pickle=False, mmap_mode="c")
     except (ValueError, OSError, EOFError) as error:
         raise CalibrationError(
             f"cannot read {path} as a numeric .npy array ({error}); save it with numpy.save(path, array)."
@@ -172,6 +182,8 @@ def _from_numpy(array: object, path: Path) -> torch.Tensor:
         raise CalibrationError(
             f"calibration data {path} has dtype {array.dtype}; only boolean, integer and floating data are usable."
         )
+    if isinstance(array, np.memmap) and (array.ndim == 0 or not array.flags.c_contiguous):
+        array = np.array(array)  # a 0-d or Fortran-ordered file: read it (torch needs C order)
     # order="C" copies only arrays torch cannot view (negative strides); unlike ascontiguousarray it keeps 0-d.
     return torch.from_numpy(np.asarray(array, order="C"))
 
@@ -223,7 +235,7 @@ def _check_input_size(input_size: tuple[int, int]) -> tuple[int, int]:
 
 
 def _validated(data: torch.Tensor, source: str) -> torch.Tensor:
-    """Check a loaded batch and return it as float32."""
+    """Check a loaded batch and return it: floats as float32 (float32 data uncopied), integers as stored."""
     if data.dim() == 0:
         raise CalibrationError(f"calibration data {source} is a single number; it needs a batch dimension [N, ...].")
     if data.shape[0] == 0:
@@ -232,9 +244,16 @@ def _validated(data: torch.Tensor, source: str) -> torch.Tensor:
         )
     if data.is_complex():
         raise CalibrationError(f"calibration data {source} is complex ({data.dtype}); give real-valued inputs.")
+    if data.dtype == torch.bool:
+        data = data.to(torch.float32)
+    if not data.is_floating_point():
+        return data.contiguous()
     data = data.to(torch.float32)
-    nan_count = int(torch.isnan(data).sum())
-    inf_count = int(torch.isinf(data).sum())
+    # Chunked: whole-set masks would cost as much memory as the data (a memory-mapped file is read once).
+    nan_count = inf_count = 0
+    for chunk in torch.split(data, _CHECK_CHUNK):
+        nan_count += int(torch.isnan(chunk).sum())
+        inf_count += int(torch.isinf(chunk).sum())
     if nan_count or inf_count:
         raise CalibrationError(
             f"calibration data {source} contains {nan_count} NaN and {inf_count} Inf values "

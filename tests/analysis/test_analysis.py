@@ -71,9 +71,11 @@ def test_margin_is_the_smallest_distance_to_a_boundary():
     relu6 = site(nn.ReLU6())
     relu6.observe(_hand_made())
 
-    assert relu.margin.tolist() == [0.5, 0.0, 0.25]
-    # ReLU6 boundaries 0 and 6: channel 2's 7.0 is 1 from 6, its -0.25 is 0.25 from 0.
-    assert relu6.margin.tolist() == [0.5, 0.0, 0.25]
+    # Channels 1 and 2 were seen on both sides of 0: they left their region, their margin is 0.
+    assert relu.margin.tolist() == [0.5, 0.0, 0.0]
+    assert relu6.margin.tolist() == [0.5, 0.0, 0.0]
+    # The report quotes the margins of the neurons that stayed in one region only.
+    assert relu.to_dict(1e-5)["min_margin"] == 0.5 and relu.evidence()["min_margin"] == 0.5
     assert relu6.region_counts.tolist() == [[0, 3, 2], [4, 1, 1], [0, 0, 1]]
     torch.testing.assert_close(relu6.low, torch.tensor([0.5, -2.0, -3.0], dtype=torch.float64))
     torch.testing.assert_close(relu6.high, torch.tensor([3.0, 4.0, 7.0], dtype=torch.float64))

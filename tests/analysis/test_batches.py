@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from egp_export.analysis.batches import split_holdout
+from egp_export.analysis.batches import as_batches, split_holdout
 from egp_export.errors import CalibrationError
 
 
@@ -15,15 +15,15 @@ def test_the_three_parts_are_disjoint_and_in_order():
 
     assert (split.decide_samples, split.validation_samples, split.holdout_samples) == (30, 10, 10)
     assert split.calibration_samples == 40
-    parts = [torch.cat(split.calibrate), torch.cat(split.validate), torch.cat(split.holdout)]
+    parts = [torch.cat(list(split.calibrate)), torch.cat(list(split.validate)), torch.cat(list(split.holdout))]
     assert torch.equal(torch.cat(parts), samples)
-    assert max(len(b) for b in split.calibrate + split.validate + split.holdout) <= 16  # batches stay bounded
+    assert max(len(b) for b in [*split.calibrate, *split.validate, *split.holdout]) <= 16  # batches stay bounded
 
 
 def test_without_validation_and_holdout_everything_decides_and_verifies():
     samples = torch.randn(10, 3)
     split = split_holdout([samples], holdout=0.0)
-    assert split.validate == [] and split.holdout is split.calibrate and split.decide_samples == 10
+    assert len(split.validate) == 0 and split.holdout is split.calibrate and split.decide_samples == 10
 
 
 @pytest.mark.parametrize(
@@ -37,3 +37,73 @@ def test_without_validation_and_holdout_everything_decides_and_verifies():
 def test_impossible_splits_are_calibration_errors(total, holdout, validation, message):
     with pytest.raises(CalibrationError, match=message):
         split_holdout([torch.randn(total, 3)], holdout=holdout, validation=validation)
+
+
+class _CountingDataset(torch.utils.data.Dataset):
+    """A map-style dataset that records which items were read (and how many at once are alive)."""
+
+    def __init__(self, samples: torch.Tensor) -> None:
+        self.samples, self.reads = samples, []
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        self.reads.append(index)
+        return self.samples[index], index % 3
+
+
+def test_a_tensor_is_split_into_views_never_copied():
+    samples = torch.randn(50, 3)
+    split = split_holdout(as_batches(samples, batch_size=16), holdout=0.2, validation=0.2)
+    for batch in [*split.calibrate, *split.validate, *split.holdout]:
+        assert batch.untyped_storage().data_ptr() == samples.untyped_storage().data_ptr()
+    assert torch.equal(torch.cat([*split.calibrate, *split.validate, *split.holdout]), samples)
+
+
+def test_batches_of_an_iterable_spanning_two_items_are_joined():
+    samples = torch.arange(10, dtype=torch.float32)[:, None]
+    batches = as_batches(iter([samples[:3], samples[3:7], samples[7:]]), batch_size=4)
+    assert [b.flatten().tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [b.flatten().tolist() for b in batches.part(2, 9)] == [[2, 3, 4, 5], [6, 7, 8]]
+
+
+def test_a_dataset_is_read_a_batch_at_a_time_in_index_order():
+    dataset = _CountingDataset(torch.randn(40, 2, 3))
+    batches = as_batches(dataset, batch_size=8)
+    assert dataset.reads == [0]  # only the first item, for the sample shape
+    split = split_holdout(batches, holdout=0.25)
+    dataset.reads.clear()
+    first = split.holdout[0]
+    assert dataset.reads == list(range(30, 38)) and torch.equal(first, dataset.samples[30:38])
+    assert torch.equal(torch.cat(list(split.calibrate)), dataset.samples[:30])
+
+
+def test_a_plain_dataloader_is_read_through_its_dataset():
+    dataset = _CountingDataset(torch.randn(20, 3))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=5, shuffle=True)
+    batches = as_batches(loader, batch_size=8)
+    assert batches.samples == 20 and torch.equal(torch.cat(list(batches)), dataset.samples)  # index order, no shuffle
+
+
+def test_a_dataset_sample_with_nan_or_another_shape_is_refused_when_read():
+    samples = torch.randn(12, 3)
+    samples[9, 1] = float("nan")
+    batches = as_batches(_CountingDataset(samples), batch_size=4)
+    assert torch.equal(batches[0], samples[:4])
+    with pytest.raises(CalibrationError, match=r"calibration samples 8..11 has 1 NaN/Inf"):
+        batches[2]
+
+    class Ragged(_CountingDataset):
+        def __getitem__(self, index):
+            return torch.zeros(3 if index < 5 else 4)
+
+    with pytest.raises(CalibrationError, match=r"calibration sample 5 has shape \(4,\)"):
+        list(as_batches(Ragged(samples), batch_size=4))
+
+
+def test_empty_data_is_refused():
+    with pytest.raises(CalibrationError, match="empty"):
+        as_batches(torch.zeros(0, 3))
+    with pytest.raises(CalibrationError, match="empty"):
+        as_batches(_CountingDataset(torch.zeros(0, 3)))

@@ -37,7 +37,14 @@ def test_counts_and_margins_match_brute_force(act, layout):
     expected = _reference(z, stats.spec.boundaries)
     assert torch.equal(stats.on_counts, expected["on"])
     assert torch.equal(stats.low, expected["low"]) and torch.equal(stats.high, expected["high"])
-    assert torch.allclose(stats.margin, expected["margin"], rtol=0, atol=1e-6)
+    # Margins are exact for neurons that stayed in one region; a neuron seen in two has margin 0 when one batch
+    # straddled the boundary (no pass over z), and the report leaves every such neuron out.
+    one_region = stats.neuron_region >= 0 if stats.spec.boundaries else torch.ones(4, dtype=torch.bool)
+    assert torch.allclose(stats.margin[one_region], expected["margin"][one_region], rtol=0, atol=1e-6)
+    assert torch.all(stats.margin[~one_region] <= expected["margin"][~one_region] + 1e-6)
+    shown = stats.to_dict(1e-5)["min_margin"]
+    finite = expected["margin"][one_region & torch.isfinite(expected["margin"])]
+    assert shown == (pytest.approx(float(finite.min()), abs=1e-6) if finite.numel() else None)
     if stats.spec.boundaries:
         above = expected["above"]
         counts = [stats.observations - above[0]] + [above[r - 1] - above[r] for r in range(1, len(above))] + [above[-1]]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -97,14 +99,32 @@ def test_pt_dict_without_input_key_lists_keys(tmp_path):
         load_calibration(str(path))
 
 
-def test_pt_integer_data_becomes_float(tmp_path):
+def test_integer_data_keep_their_dtype(tmp_path):
     path = tmp_path / "uint8.pt"
     torch.save(torch.tensor([[0, 128], [255, 7]], dtype=torch.uint8), path)
-
     data = load_calibration(str(path))
+    assert data.dtype == torch.uint8 and data.tolist() == [[0, 128], [255, 7]]
 
-    assert data.dtype == torch.float32
-    assert data.tolist() == [[0.0, 128.0], [255.0, 7.0]]
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.array([[1, 5, 9], [2, 0, 3]], dtype=np.int64))
+    assert load_calibration(str(ids)).dtype == torch.int64
+
+
+def test_a_float32_npy_file_is_memory_mapped_and_never_written(tmp_path):
+    path = tmp_path / "x.npy"
+    array = np.arange(24, dtype=np.float32).reshape(4, 6)
+    np.save(path, array)
+    data = load_calibration(str(path))
+    if sys.platform == "linux":
+        # Mapped, not read: on Linux a private mapping's untouched pages show later writes to the file.
+        writer = np.load(path, mmap_mode="r+")
+        writer[3, 5] = 99.0
+        writer.flush()
+        del writer
+        assert float(data[3, 5]) == 99.0
+        array[3, 5] = 99.0
+    data[0].relu_().mul_(0)  # an inplace first layer writes its input
+    assert np.array_equal(np.load(path), array)  # copy-on-write: the file is unchanged
 
 
 def test_pt_with_pickled_objects_is_refused(tmp_path):
