@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -48,6 +49,37 @@ from egp_export.passes import (
 )
 from egp_export.records import Reason, Refusal, RefusalCode, Rewrite, RewriteKind
 from egp_export.report.messages import describe_refusal, describe_rewrite, with_text
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """A compile stage starting (``done`` False) or finished (``done`` True, with its seconds and facts).
+
+    Stages in order: "trace", "calibrate", "rewrite", "verify"; a back-off
+    adds "back-off" (re-calibrate and rewrite without the withdrawn rewrites) and
+    a second "verify". ``facts`` are numbers (sites, rewrites, max_rel, ...).
+    """
+
+    stage: str
+    done: bool
+    seconds: float = 0.0
+    facts: dict = field(default_factory=dict)
+
+
+class _Stages:
+    """Times the compile's stages and tells ``on_stage`` (if any) when each starts and ends."""
+
+    def __init__(self, on_stage: Callable[[StageEvent], None] | None) -> None:
+        self.on_stage, self.started, self.name = on_stage, 0.0, ""
+
+    def start(self, name: str) -> None:
+        self.name, self.started = name, time.perf_counter()
+        if self.on_stage is not None:
+            self.on_stage(StageEvent(name, False))
+
+    def done(self, **facts) -> None:
+        if self.on_stage is not None:
+            self.on_stage(StageEvent(self.name, True, time.perf_counter() - self.started, facts))
 
 
 @dataclass
@@ -351,6 +383,7 @@ def compile(  # noqa: A001 - the issue's public name
     debug: bool = False,
     progress: bool = False,
     leaf_modules=(),
+    on_stage: Callable[[StageEvent], None] | None = None,
 ) -> CompileResult:
     """Compile ``model`` into a shallower torch.fx GraphModule that computes the same function.
 
@@ -378,16 +411,22 @@ def compile(  # noqa: A001 - the issue's public name
     torch.fx cannot trace through; the report's ``trace`` section lists them
     (activations inside are not analysed). ``model`` is never run and never
     mutated; a model whose outputs differ for the same input twice is refused.
+    ``on_stage`` is called with a :class:`StageEvent` as each stage starts and
+    ends (the command line prints them on a terminal); ``progress`` shows a
+    bar over the calibration batches.
     """
     started = time.perf_counter()
+    stages = _Stages(on_stage)
     if min_observations < 0:
         raise CalibrationError(f"min_observations must be >= 0, got {min_observations}.")
     working, dtype = _working_copy(model)
     batches = as_batches(calibration, batch_size=batch_size).map(_widened)
     split = split_holdout(batches, holdout, 0.0 if strict else validation)
     leaf_modules = tuple(leaf_modules)
+    stages.start("trace")
     gm = trace(working, leaf_modules=leaf_modules)  # warns about training mode; compiles the eval-mode behaviour
     traced = trace_facts(gm)
+    stages.done(nodes=len(gm.graph.nodes), leaf_modules=len(traced.leaf_modules))
     reference = working.eval()
     noise_batch = [split.holdout[0][:NOISE_SAMPLES]]
     # The fp64 reference run is slow on CPU: measured up front only in debug
@@ -425,15 +464,24 @@ def compile(  # noqa: A001 - the issue's public name
             noise = fp32_noise(reference, noise_batch)
         return error, verification_rtol(tolerance, noise or 0.0, approximated=approximated)
 
+    stages.start("calibrate")
     sites = calibrate(gm, split.calibrate, progress=progress)  # first: data the model rejects is a CalibrationError
+    stages.done(samples=split.decide_samples, sites=len(sites))
     calibrated = time.perf_counter()
     before = summarize(gm)
     predicted_before = conv_seconds(gm, cost)
+    stages.start("rewrite")
     attempt = rewrite(gm, sites)
+    stages.done(
+        rewrites=len(attempt.pipeline.rewrites), refusals=len(attempt.pipeline.refusals),
+        withdrawals=len(attempt.withdrawals),
+    )
     _check_deterministic(reference, split.holdout[0])
     withdrawals = list(attempt.withdrawals)
     rewritten = time.perf_counter()
+    stages.start("verify")
     error, rtol = check(attempt)
+    stages.done(samples=split.holdout_samples, max_rel=error.max_rel, allowed=rtol)
     # Back off when statistics may be at fault; a failure with border-approximate merges (the user's
     # explicit approximate=True) is reported instead: their tolerance, not the data, decides those.
     if not error.within(rtol) and not strict and attempt.statistical and not attempt.border_approximate:
@@ -445,9 +493,13 @@ def compile(  # noqa: A001 - the issue's public name
             Refusal(WITHDRAWAL, r.nodes[0], Reason(failed.code, {**failed.detail, "rewrite": r.kind}))
             for r in attempt.statistical
         ]
+        stages.start("back-off")
         fresh = trace(working, leaf_modules=leaf_modules)
         attempt = rewrite(fresh, calibrate(fresh, split.calibrate), failed)
+        stages.done(withdrawn=len(withdrawals), rewrites=len(attempt.pipeline.rewrites))
+        stages.start("verify")
         error, rtol = check(attempt)
+        stages.done(samples=split.holdout_samples, max_rel=error.max_rel, allowed=rtol)
     if not error.within(rtol):
         hint = _failure_hint(attempt, reference, split, tolerance, strict, leaf_modules)
         raise _verification_error(error, rtol, split, hint)

@@ -120,3 +120,18 @@ def test_no_warnings_for_a_clean_eval_model():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         egp_export.compile(_net(), _data())
+
+
+def test_each_stage_is_announced_and_timed_in_order():
+    from egp_export.compiler import StageEvent
+
+    events: list[StageEvent] = []
+    result = egp_export.compile(_net(), _data(), on_stage=events.append)
+    assert [(e.stage, e.done) for e in events] == [
+        (name, done) for name in ("trace", "calibrate", "rewrite", "verify") for done in (False, True)
+    ]
+    done = {e.stage: e for e in events if e.done}
+    assert done["calibrate"].facts == {"samples": result.report["calibration"]["decide_samples"], "sites": 2}
+    assert done["verify"].facts["max_rel"] == result.report["verification"]["pytorch"]["max_rel"]
+    assert done["rewrite"].facts["rewrites"] == len(result.report["rewrites"])
+    assert all(e.seconds >= 0 for e in events) and all(e.seconds == 0 and not e.facts for e in events if not e.done)

@@ -86,9 +86,13 @@ def test_inf_and_nan_in_the_reference_are_an_error_naming_the_sample_in_strict_m
 
 def test_inf_in_the_reference_backs_off_to_a_model_with_the_same_inf_and_nan():
     model = _RareOverflow().eval()
-    result = egp_export.compile(model, _overflow_data(), min_observations=1)
+    events = []
+    result = egp_export.compile(model, _overflow_data(), min_observations=1, on_stage=events.append)
 
     assert [w["code"] for w in result.report["withdrawals"]] == [FINAL_CHECK_FAILED]
+    # The back-off is a stage of its own, followed by a second verification.
+    assert [e.stage for e in events if e.done] == ["trace", "calibrate", "rewrite", "verify", "back-off", "verify"]
+    assert events[-1].facts["max_rel"] == result.report["verification"]["pytorch"]["max_rel"]
     assert result.report["activations_linearized"] == 0
     inputs = _overflow_data()[90:]
     with torch.no_grad():

@@ -1,16 +1,26 @@
 """Calibration cost relative to a plain forward pass (the number docs/calibration.md reports).
 
-    PYTHONPATH=. python tools/bench_calibration.py [--samples 64] [--size 224] [--threads 2] [--repeats 3]
+    PYTHONPATH=. python tools/bench_calibration.py [--samples 64] [--size 224] [--threads 2] [--repeats 5]
+    PYTHONPATH=. python tools/bench_calibration.py --ops --models mobilenet_v2
 
 For each model: the traced GraphModule's plain forward over the samples, and
 ``calibrate`` (the statistics interpreter) over the same batches, interleaved
-``--repeats`` times; the best of each is reported with their ratio. Random
-weights and inputs: the cost does not depend on the values.
+``--repeats`` times (forward, calibrate, forward, ...). Reported: the median
+of each, and the median of the per-repeat ratios (each calibrate over the
+forward run just before it: on a shared machine the speed drifts between
+repeats, a ratio of neighbours does not). Random weights and inputs: the
+cost does not depend on the values, except where a boundary is straddled.
+
+``--ops`` instead captures every site's input z on one batch and times each
+reduction alone over all of them (best of 3): the activation itself, amin,
+amax, the ON count as calibrate computes it, and the plain
+``(z > 0).sum(dims)`` it replaced.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -47,7 +57,40 @@ def bench(name: str, samples: int, size: int, repeats: int, batch_size: int) -> 
     for _ in range(repeats):
         plain.append(_seconds(forward))
         stats.append(_seconds(lambda: calibrate(gm, batches)))
-    return {"model": name, "forward_s": min(plain), "calibrate_s": min(stats), "ratio": min(stats) / min(plain)}
+    ratios = [c / f for c, f in zip(stats, plain)]
+    return {"model": name, "forward_s": statistics.median(plain), "calibrate_s": statistics.median(stats),
+            "ratio": statistics.median(ratios), "ratios": ratios}
+
+
+def bench_ops(name: str, samples: int, size: int) -> dict[str, float]:
+    """Seconds per reduction, summed over the sites' inputs of one batch (see the module docstring)."""
+    from egp_export.analysis.stats import ActivationStatsInterpreter, Scratch, _count_greater
+
+    torch.manual_seed(0)
+    gm = trace(MODELS[name]().eval())
+    interpreter = ActivationStatsInterpreter(gm)
+    captured: list[tuple[torch.Tensor, tuple[int, ...], object]] = []
+    for site in interpreter.sites.values():
+        site.observe = lambda z, scratch=None, site=site: captured.append(  # type: ignore[method-assign]
+            (z.detach().clone(), site._reduce_dims(z), site.spec.fn))
+    with torch.no_grad():
+        interpreter.run(torch.randn(samples, 3, size, size))
+    scratch = Scratch()
+    ops = {
+        "activation": lambda z, dims, fn: fn(z),
+        "amin": lambda z, dims, fn: z.amin(dims),
+        "amax": lambda z, dims, fn: z.amax(dims),
+        "on count (calibrate)": lambda z, dims, fn: _count_greater(z, dims, 0.0, z.numel() // z.shape[1], scratch),
+        "on count ((z > 0).sum)": lambda z, dims, fn: (z > 0).sum(dims),
+    }
+    times = {}
+    for label, op in ops.items():
+        total = 0.0
+        for z, dims, fn in captured:
+            op(z, dims, fn)
+            total += min(_seconds(lambda op=op, z=z, dims=dims, fn=fn: op(z, dims, fn)) for _ in range(3))
+        times[label] = total
+    return times
 
 
 def main() -> None:
@@ -55,17 +98,24 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--ops", action="store_true", help="time each reduction alone on the captured site inputs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.ops:
+        for name in args.models:
+            times = bench_ops(name, args.samples, args.size)
+            print(f"{name}: " + ", ".join(f"{label} {seconds:.3f} s" for label, seconds in times.items()), flush=True)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.samples} samples at {args.size}^2, "
-          f"batch {args.batch_size}, best of {args.repeats}")
+          f"batch {args.batch_size}, medians of {args.repeats} interleaved repeats")
     for name in args.models:
         row = bench(name, args.samples, args.size, args.repeats, args.batch_size)
+        spread = ", ".join(f"{r:.2f}" for r in row["ratios"])
         print(f"{row['model']:14s} forward {row['forward_s']:7.2f} s  calibrate {row['calibrate_s']:7.2f} s  "
-              f"ratio {row['ratio']:.2f}x", flush=True)
+              f"ratio {row['ratio']:.2f}x  (per repeat: {spread})", flush=True)
 
 
 if __name__ == "__main__":

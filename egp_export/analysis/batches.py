@@ -207,9 +207,11 @@ def as_batches(calibration, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Batches:
 
     Samples keep their dtype (integer token ids stay integers). A tensor is
     cut into ``batch_size`` views and a map-style Dataset (or a DataLoader over
-    one with the default collate function: its sampler is not used, samples are
-    read in index order) is read a batch at a time, so neither is copied or held
-    whole; any other iterable is read once and held. Tensors and iterables are
+    one that gives every sample once with the default collate function: a
+    sequential or shuffling sampler, no drop_last; it is read in index order)
+    is read a batch at a time, so neither is copied or held whole; any other
+    iterable (a loader with its own sampler or collate function, a generator)
+    is read once and held. Tensors and iterables are
     checked up front (shape, NaN/Inf), a Dataset's batches as they are read.
     """
     if isinstance(calibration, (str, bytes)):
@@ -257,10 +259,17 @@ def _nonempty(batches: Batches) -> Batches:
 def _map_style_dataset(calibration) -> Dataset | None:
     """The map-style Dataset to read by index: the object itself, or a plain DataLoader's dataset."""
     if isinstance(calibration, DataLoader):
-        from torch.utils.data import default_collate
+        from torch.utils.data import RandomSampler, SequentialSampler, default_collate
 
-        dataset = calibration.dataset
-        plain = calibration.collate_fn is default_collate and calibration.batch_size is not None
+        dataset, sampler = calibration.dataset, calibration.sampler
+        # Read in index order only when the loader would give every sample once, collated the default way.
+        every_sample = isinstance(sampler, SequentialSampler) or (
+            isinstance(sampler, RandomSampler) and not sampler.replacement and sampler._num_samples is None
+        )
+        plain = (
+            every_sample and calibration.collate_fn is default_collate and calibration.batch_size is not None
+            and not calibration.drop_last
+        )
         return dataset if plain and not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__") else None
     if isinstance(calibration, Dataset) and not isinstance(calibration, IterableDataset) and hasattr(calibration, "__len__"):
         return calibration

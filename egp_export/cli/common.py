@@ -94,3 +94,22 @@ def stage(args: argparse.Namespace, name: str, doing: str) -> Iterator[StageLine
     if shown:
         detail = f"{line.detail}, " if line.detail else ""
         print(f"{name}: {detail}{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def _fact(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def stage_events(args: argparse.Namespace):
+    """A callback for ``compile(on_stage=...)`` printing each stage as ``stage`` does (terminal only), or None."""
+    if not progress(args):
+        return None
+
+    def show(event) -> None:
+        if not event.done:
+            print(f"  {event.stage} ...", file=sys.stderr, flush=True)
+            return
+        facts = ", ".join(f"{name.replace('_', ' ')} {_fact(value)}" for name, value in event.facts.items())
+        print(f"  {event.stage}: {facts + ', ' if facts else ''}{event.seconds:.1f} s", file=sys.stderr, flush=True)
+
+    return show

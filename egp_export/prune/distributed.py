@@ -55,6 +55,7 @@ def all_reduce_site_stats(sites: list[SiteStats], device: torch.device | None = 
     # Counts: observations, then each site's region counts and ON counts, flattened.
     counts = torch.cat([
         torch.tensor([site.observations for site in sites], dtype=torch.int64),
+        torch.tensor([site.samples for site in sites], dtype=torch.int64),
         *[torch.cat([site.region_counts.flatten(), site.on_counts]) for site in sites],
     ]).to(device)
     minima = torch.cat([torch.cat([site.low, site.margin]) for site in sites]).to(device)
@@ -63,11 +64,12 @@ def all_reduce_site_stats(sites: list[SiteStats], device: torch.device | None = 
     dist.all_reduce(minima, op=dist.ReduceOp.MIN)
     dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
     counts, minima, maxima = counts.cpu(), minima.cpu(), maxima.cpu()
-    offset, low_offset, high_offset = len(sites), 0, 0
+    offset, low_offset, high_offset = 2 * len(sites), 0, 0
     for index, site in enumerate(sites):
         neurons = site.num_neurons
         regions = site.region_counts.numel()
         site.observations = int(counts[index])
+        site.samples = int(counts[len(sites) + index])
         site.region_counts = counts[offset : offset + regions].reshape(site.region_counts.shape).clone()
         site.on_counts = counts[offset + regions : offset + regions + neurons].clone()
         offset += regions + neurons
@@ -76,6 +78,7 @@ def all_reduce_site_stats(sites: list[SiteStats], device: torch.device | None = 
         low_offset += 2 * neurons
         site.high = maxima[high_offset : high_offset + neurons].clone()
         high_offset += neurons
+        site.zero_crossed_margins()  # a neuron that crossed on one rank's data only
 
 
 class DistributedRuntime(Runtime):

@@ -107,3 +107,11 @@ def test_empty_data_is_refused():
         as_batches(torch.zeros(0, 3))
     with pytest.raises(CalibrationError, match="empty"):
         as_batches(_CountingDataset(torch.zeros(0, 3)))
+
+
+def test_a_loader_that_picks_its_samples_is_read_as_it_iterates():
+    dataset = _CountingDataset(torch.randn(20, 3))
+    subset = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=[3, 1, 7])
+    assert torch.equal(torch.cat(list(as_batches(subset))), dataset.samples[[3, 1, 7]])
+    dropping = torch.utils.data.DataLoader(dataset, batch_size=8, drop_last=True)
+    assert as_batches(dropping).samples == 16

@@ -71,7 +71,10 @@ def _worker(rank: int, port: int, folder: str) -> None:
         )
         torch.save(
             {
-                "sites": [(s.name, s.observations, s.on_counts, s.region_counts, s.low, s.high, s.margin) for s in sites],
+                "sites": [
+                    (s.name, s.observations, s.samples, s.on_counts, s.region_counts, s.low, s.high, s.margin)
+                    for s in sites
+                ],
                 "masks": result.masks,
                 "state": result.model.state_dict(),
                 "history": [(r["accuracy"], r["entropies"], r["budgets"]) for r in result.history],
@@ -90,8 +93,8 @@ def test_two_gloo_ranks_prune_identically(tmp_path):
     # All-reduced statistics equal one process's statistics on all 37 samples.
     single = calibrate(trace(_model()), input_batches(as_dataset(_data(37, 3), "stats"), None, runtime=Runtime()))
     for merged in (ranks[0]["sites"], ranks[1]["sites"]):
-        for site, (name, observations, on, regions, low, high, margin) in zip(single, merged):
-            assert (site.name, site.observations) == (name, observations)
+        for site, (name, observations, samples, on, regions, low, high, margin) in zip(single, merged):
+            assert (site.name, site.observations, site.samples) == (name, observations, samples)
             assert torch.equal(site.on_counts, on) and torch.equal(site.region_counts, regions)
             assert torch.equal(site.low, low) and torch.equal(site.high, high) and torch.equal(site.margin, margin)
 
