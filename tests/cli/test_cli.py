@@ -71,6 +71,22 @@ MODELS_SOURCE = textwrap.dedent(
             return self.fc(self.pool(x).flatten(1))
 
 
+    class TokenNet(nn.Module):
+        # Token ids -> embedding -> Linear -> ReLU that never switches off -> mean over tokens -> Linear.
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = nn.Embedding(50, 8)
+            self.fc = nn.Linear(8, 8)
+            self.relu = nn.ReLU()
+            self.head = nn.Linear(8, 3)
+            with torch.no_grad():
+                self.fc.bias.fill_(50.0)
+
+        def forward(self, ids):
+            return self.head(self.relu(self.fc(self.embed(ids))).mean(1))
+
+
     class Branchy(SmallCNN):
         def forward(self, x):
             if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
@@ -835,3 +851,22 @@ def test_the_ort_check_allows_the_compiled_modules_own_noise_floor_but_no_more()
     assert _ort_rtol(1e-5, _Cancelling(), x) == pytest.approx(1e-4)  # raised to the (capped) floor
     assert _ort_rtol(1e-5, torch.nn.Identity(), x) == 1e-5  # a clean module keeps the compile's floor
     assert _ort_rtol(3e-3, _Cancelling(), x) == 3e-3  # a user's tolerance the compile used is kept
+
+
+def test_integer_files_keep_their_dtype_or_become_floats_when_the_model_takes_floats(cli_main, workspace):
+    import numpy as np
+
+    ids = workspace.root / "ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, 50, size=(300, 6), dtype=np.int64))
+    tokens = cli_main("compile", "--arch", "cli_models:TokenNet", "--calibration", ids, "--min-observations", "100",
+                      "--out", workspace.root / "tokens")
+    assert tokens.returncode == 0, tokens.stderr
+    assert "converted to float32" not in tokens.stdout
+    report = json.loads((workspace.root / "tokens" / "report.json").read_text())
+    assert report["activations_linearized"] == 1 and report["verification"]["onnxruntime"]["max_rel"] <= 1e-5
+
+    images = workspace.root / "uint8.npy"
+    np.save(images, np.random.default_rng(1).integers(0, 2, size=(300, 1, 8, 8), dtype=np.uint8))
+    pixels = cli_main("compile", "--arch", "cli_models:SmallCNN", "--calibration", images, "--out", workspace.root / "u8")
+    assert pixels.returncode == 0, pixels.stderr
+    assert "holds uint8 data and the model takes floats: converted to float32" in pixels.stdout
