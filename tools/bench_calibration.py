@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python tools/bench_calibration.py [--samples 64] [--size 224] [--threads 2] [--repeats 5]
     PYTHONPATH=. python tools/bench_calibration.py --ops --models mobilenet_v2
+    PYTHONPATH=. python tools/bench_calibration.py --memory 512 4096
 
 For each model: the traced GraphModule's plain forward over the samples, and
 ``calibrate`` (the statistics interpreter) over the same batches, interleaved
@@ -15,6 +16,13 @@ cost does not depend on the values, except where a boundary is straddled.
 reduction alone over all of them (best of 3): the activation itself, amin,
 amax, the ON count as calibrate computes it, and the plain
 ``(z > 0).sum(dims)`` it replaced.
+
+``--memory N ...`` runs ``egp_export.compile`` on torchvision's ResNet-18 (10
+classes, 32x32 inputs) in a fresh process per sample count N and calibration
+form, and prints the process's peak resident memory: the samples given as a
+DataLoader over a Dataset that makes sample i from a seed (nothing stored),
+or as one tensor. With the Dataset the peak should not grow with N; with the
+tensor it grows by the tensor alone (N x 12 KiB), not by a copy of it.
 """
 
 from __future__ import annotations
@@ -93,6 +101,48 @@ def bench_ops(name: str, samples: int, size: int) -> dict[str, float]:
     return times
 
 
+class _SeededImages(torch.utils.data.Dataset):
+    """Sample i is drawn from seed i: any number of samples, none stored."""
+
+    def __init__(self, samples: int) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def __getitem__(self, index: int):
+        return torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(index)), 0
+
+
+def _memory_child(samples: int, form: str) -> None:
+    import resource
+
+    import egp_export
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    dataset = _SeededImages(samples)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64)
+    data = loader if form == "dataset" else torch.stack([dataset[i][0] for i in range(samples)])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    egp_export.compile(model, data, tolerance=1e-3)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"{form:8s} {samples:6d} samples: peak RSS {peak / 1024:7.0f} MiB (before compile {before / 1024:6.0f} MiB), "
+          f"{time.perf_counter() - started:5.1f} s", flush=True)
+
+
+def bench_memory(counts: list[int], threads: int) -> None:
+    import subprocess
+    import sys
+
+    for form in ("dataset", "tensor"):
+        for samples in counts:
+            subprocess.run(
+                [sys.executable, __file__, "--memory-child", str(samples), form, "--threads", str(threads)], check=True
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=64)
@@ -102,8 +152,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--ops", action="store_true", help="time each reduction alone on the captured site inputs")
+    parser.add_argument("--memory", type=int, nargs="*", help="peak memory of compile for these sample counts")
+    parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.memory_child:
+        _memory_child(int(args.memory_child[0]), args.memory_child[1])
+        return
+    if args.memory:
+        bench_memory(args.memory, args.threads)
+        return
     if args.ops:
         for name in args.models:
             times = bench_ops(name, args.samples, args.size)
