@@ -37,7 +37,7 @@ from egp_export.analysis.numerics import FP32_RTOL, NOISE_CAP, NOISE_FACTOR, Err
 from egp_export.analysis.stats import SiteStats, calibrate, summarize_sites
 from egp_export.analysis.summary import summarize
 from egp_export.analysis.trace import owned_copy, trace, trace_facts
-from egp_export.errors import CalibrationError, VerificationError
+from egp_export.errors import CalibrationError, EgpExportError, VerificationError
 from egp_export.passes import (
     CHANNEL_ALIGNMENT,
     LinearizeActivations,
@@ -139,13 +139,47 @@ def _outputs(module: nn.Module, batches: list[torch.Tensor]) -> list:
         return [module(batch) for batch in batches]
 
 
-def _holdout_error(reference: nn.Module, candidate: nn.Module, batches) -> ErrorStats:
-    """The candidate's error against the reference over ``batches``, a batch at a time (no outputs are kept)."""
-    errors = ErrorAccumulator()
-    with torch.no_grad():
-        for batch in batches:
-            errors.add(reference(batch), candidate(batch))
-    return errors.result()
+class _Shards:
+    """Which samples this process works on, and the merges that make every process agree.
+
+    One process: all of them, nothing to merge. Under torchrun (``runtime``
+    with ``world_size`` > 1, e.g. ``prune.distributed.runtime_from_env()``):
+    each rank calibrates, validates and verifies on a contiguous share of each
+    part, and the statistics and errors are all-reduced, so every rank decides
+    the same rewrites and sees the same error as one process on all samples.
+    """
+
+    def __init__(self, runtime) -> None:
+        self.runtime = runtime
+        self.rank, self.world = getattr(runtime, "rank", 0), getattr(runtime, "world_size", 1)
+
+    def check(self, split: CalibrationSplit) -> None:
+        parts = (("decide", split.calibrate), ("validation", split.validate), ("held-out", split.holdout))
+        small = [f"{name} {part.samples}" for name, part in parts if 0 < part.samples < self.world]
+        if small:
+            raise CalibrationError(
+                f"{self.world} processes need at least {self.world} samples in each part of the calibration data; "
+                f"got {', '.join(small)}: pass more samples or run fewer processes."
+            )
+
+    def of(self, batches: Batches) -> Batches:
+        return batches if self.world == 1 else batches.shard(self.rank, self.world)
+
+    def calibrate(self, gm: fx.GraphModule, batches: Batches, *, progress: bool = False) -> list[SiteStats]:
+        sites = calibrate(gm, self.of(batches), progress=progress)
+        if self.world > 1:
+            self.runtime.reduce_sites(sites)
+        return sites
+
+    def error(self, reference: nn.Module, candidate: nn.Module, batches: Batches) -> ErrorStats:
+        """The candidate's error against the reference over ``batches``, a batch at a time (no outputs are kept)."""
+        errors = ErrorAccumulator()
+        with torch.no_grad():
+            for batch in self.of(batches):
+                errors.add(reference(batch), candidate(batch))
+        if self.world > 1:
+            errors.all_reduce(self.runtime, batches.samples * self.rank // self.world)
+        return errors.result()
 
 
 def _widened(batch: torch.Tensor) -> torch.Tensor:
@@ -209,7 +243,8 @@ def _surrogate_error(site: SiteStats, low: torch.Tensor, high: torch.Tensor, tol
 
 
 def _withdraw_on_validation(
-    reference: nn.Module, sites: list[SiteStats], validate: Batches, tolerance: float, leaf_modules: tuple
+    reference: nn.Module, sites: list[SiteStats], validate: Batches, tolerance: float, leaf_modules: tuple,
+    shards: _Shards,
 ) -> list[Refusal]:
     """Withdraw the rewrites of neurons the validation samples show outside the region they were decided in.
 
@@ -220,7 +255,7 @@ def _withdraw_on_validation(
     """
     if not validate.samples:
         return []
-    seen = {s.name: s for s in calibrate(trace(reference, leaf_modules=leaf_modules), validate)}
+    seen = {s.name: s for s in shards.calibrate(trace(reference, leaf_modules=leaf_modules), validate)}
     withdrawals = []
     samples = validate.samples
     for site in sites:
@@ -260,14 +295,15 @@ def _withdraw_on_validation(
 
 
 def _sites_leaving_region(
-    reference: nn.Module, sites: list[SiteStats], holdout: Batches, tolerance: float, leaf_modules: tuple
+    reference: nn.Module, sites: list[SiteStats], holdout: Batches, tolerance: float, leaf_modules: tuple,
+    shards: _Shards,
 ) -> list[str]:
     """Sites with neurons that stayed in one region on calibration data but not on held-out data.
 
     Those neurons were rewritten (linearized or masked as dead) on the strength
     of the calibration data alone; they are the usual cause of a failed check.
     """
-    held = {s.name: s for s in calibrate(trace(reference, leaf_modules=leaf_modules), holdout)}
+    held = {s.name: s for s in shards.calibrate(trace(reference, leaf_modules=leaf_modules), holdout)}
     moved = []
     for site in sites:
         other = held.get(site.name)
@@ -384,6 +420,7 @@ def compile(  # noqa: A001 - the issue's public name
     progress: bool = False,
     leaf_modules=(),
     on_stage: Callable[[StageEvent], None] | None = None,
+    runtime=None,
 ) -> CompileResult:
     """Compile ``model`` into a shallower torch.fx GraphModule that computes the same function.
 
@@ -413,7 +450,13 @@ def compile(  # noqa: A001 - the issue's public name
     mutated; a model whose outputs differ for the same input twice is refused.
     ``on_stage`` is called with a :class:`StageEvent` as each stage starts and
     ends (the command line prints them on a terminal); ``progress`` shows a
-    bar over the calibration batches.
+    bar over the calibration batches. ``runtime`` (one rank of a torchrun
+    job, ``egp_export.prune.distributed.runtime_from_env()``) splits the
+    calibration, validation and verification work over the ranks and merges
+    their statistics and errors exactly: every rank returns the same module
+    and report, as one process on all samples would (every rank must be
+    given the same calibration data; the measured cost model is refused, its
+    timings differ between processes).
     """
     started = time.perf_counter()
     stages = _Stages(on_stage)
@@ -422,6 +465,8 @@ def compile(  # noqa: A001 - the issue's public name
     working, dtype = _working_copy(model)
     batches = as_batches(calibration, batch_size=batch_size).map(_widened)
     split = split_holdout(batches, holdout, 0.0 if strict else validation)
+    shards = _Shards(runtime)
+    shards.check(split)
     leaf_modules = tuple(leaf_modules)
     stages.start("trace")
     gm = trace(working, leaf_modules=leaf_modules)  # warns about training mode; compiles the eval-mode behaviour
@@ -434,6 +479,11 @@ def compile(  # noqa: A001 - the issue's public name
     # floor is not met.
     noise = fp32_noise(reference, noise_batch) if debug else None
     cost = resolve_cost_model(cost_model)
+    if isinstance(cost, MeasuredCost) and shards.world > 1:
+        raise EgpExportError(
+            "the measured cost model times convolutions in each process, so processes could plan different merges; "
+            "use the analytic cost model (the default) when compiling under torchrun."
+        )
     example = split.calibrate[0][:1]
 
     def rewrite(gm: fx.GraphModule, sites: list[SiteStats], withdraw_everything: Reason | None = None) -> _Attempt:
@@ -443,7 +493,7 @@ def compile(  # noqa: A001 - the issue's public name
                 site.withdraw(torch.ones(site.num_neurons, dtype=torch.bool), withdraw_everything)
         else:
             _withdraw_thin_evidence(sites, tolerance, min_observations)
-            withdrawals = _withdraw_on_validation(reference, sites, split.validate, tolerance, leaf_modules)
+            withdrawals = _withdraw_on_validation(reference, sites, split.validate, tolerance, leaf_modules, shards)
         manager = PassManager(
             steps if steps is not None else default_steps(
                 tolerance, approximate=approximate, cost=cost, plan=merge_plan, channel_alignment=channel_alignment
@@ -458,14 +508,14 @@ def compile(  # noqa: A001 - the issue's public name
 
     def check(attempt: _Attempt) -> tuple[ErrorStats, float]:
         nonlocal noise
-        error = _holdout_error(reference, attempt.gm, split.holdout)
+        error = shards.error(reference, attempt.gm, split.holdout)
         approximated = bool(attempt.approximations)
         if not error.within(verification_rtol(tolerance, noise or 0.0, approximated=approximated)) and noise is None:
             noise = fp32_noise(reference, noise_batch)
         return error, verification_rtol(tolerance, noise or 0.0, approximated=approximated)
 
     stages.start("calibrate")
-    sites = calibrate(gm, split.calibrate, progress=progress)  # first: data the model rejects is a CalibrationError
+    sites = shards.calibrate(gm, split.calibrate, progress=progress)  # first: data the model rejects: CalibrationError
     stages.done(samples=split.decide_samples, sites=len(sites))
     calibrated = time.perf_counter()
     before = summarize(gm)
@@ -495,13 +545,13 @@ def compile(  # noqa: A001 - the issue's public name
         ]
         stages.start("back-off")
         fresh = trace(working, leaf_modules=leaf_modules)
-        attempt = rewrite(fresh, calibrate(fresh, split.calibrate), failed)
+        attempt = rewrite(fresh, shards.calibrate(fresh, split.calibrate), failed)
         stages.done(withdrawn=len(withdrawals), rewrites=len(attempt.pipeline.rewrites))
         stages.start("verify")
         error, rtol = check(attempt)
         stages.done(samples=split.holdout_samples, max_rel=error.max_rel, allowed=rtol)
     if not error.within(rtol):
-        hint = _failure_hint(attempt, reference, split, tolerance, strict, leaf_modules)
+        hint = _failure_hint(attempt, reference, split, tolerance, strict, leaf_modules, shards)
         raise _verification_error(error, rtol, split, hint)
     if isinstance(cost, MeasuredCost):
         cost.save()
@@ -517,11 +567,14 @@ def compile(  # noqa: A001 - the issue's public name
 
 
 def _failure_hint(
-    attempt: _Attempt, reference: nn.Module, split: CalibrationSplit, tolerance: float, strict: bool, leaf_modules: tuple
+    attempt: _Attempt, reference: nn.Module, split: CalibrationSplit, tolerance: float, strict: bool, leaf_modules: tuple,
+    shards: _Shards,
 ) -> str:
     hint = ""
     statistical = bool(attempt.statistical)
-    moved = _sites_leaving_region(reference, attempt.sites, split.holdout, tolerance, leaf_modules) if statistical else []
+    moved = (
+        _sites_leaving_region(reference, attempt.sites, split.holdout, tolerance, leaf_modules, shards) if statistical else []
+    )
     if moved:
         hint += (
             " Neurons rewritten as linear or dead on the strength of the calibration data left their region "

@@ -59,6 +59,10 @@ class Batches(Sequence[torch.Tensor]):
         """The samples [start, stop) of this range (relative to it), batched alike."""
         return Batches(self.source, self.start + start, self.start + stop, self.size, self.transform)
 
+    def shard(self, rank: int, world_size: int) -> Batches:
+        """Rank ``rank``'s contiguous share of these samples (shares differ by at most one sample)."""
+        return self.part(self.samples * rank // world_size, self.samples * (rank + 1) // world_size)
+
     def map(self, transform: Callable[[torch.Tensor], torch.Tensor]) -> Batches:
         """The same batches with ``transform`` applied to each as it is made."""
         inner = self.transform

@@ -122,6 +122,16 @@ class ErrorAccumulator:
                 self.scale = max(self.scale, float(np.abs(ref[ref_finite]).max()))
         self.samples += len(refs[0]) if refs and refs[0].ndim else 1
 
+    def all_reduce(self, runtime, offset: int) -> None:
+        """Merge every rank's accumulator (``runtime``: sum and max over ranks, as prune's Runtime); ``offset`` is
+        this rank's first sample, so the first bad sample is numbered over all ranks' samples."""
+        first_bad = -(self.first_bad + offset) if self.first_bad is not None else -math.inf
+        maxima = runtime.max(torch.tensor([self.max_abs, self.scale, first_bad], dtype=torch.float64))
+        sums = runtime.sum(torch.tensor([self.mismatches, self.samples], dtype=torch.int64))
+        self.max_abs, self.scale = float(maxima[0]), float(maxima[1])
+        self.first_bad = None if maxima[2] == -math.inf else int(-maxima[2])
+        self.mismatches, self.samples = int(sums[0]), int(sums[1])
+
     def result(self) -> ErrorStats:
         if self.mismatches:
             return ErrorStats(

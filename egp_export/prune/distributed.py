@@ -104,6 +104,11 @@ class DistributedRuntime(Runtime):
         dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
         return reduced.to(values.device)
 
+    def max(self, values: torch.Tensor) -> torch.Tensor:
+        reduced = values.to(self.device)
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+        return reduced.to(values.device)
+
     def reduce_sites(self, sites: list[SiteStats]) -> None:
         all_reduce_site_stats(sites, self.device if self.device.type == "cuda" else None)
 

@@ -100,6 +100,10 @@ class Runtime:
         """``values`` summed over ranks."""
         return values
 
+    def max(self, values: torch.Tensor) -> torch.Tensor:
+        """The element-wise maximum of ``values`` over ranks."""
+        return values
+
     def reduce_sites(self, sites: list) -> None:
         """Merge every rank's activation statistics into ``sites`` in place (one process: nothing to merge)."""
 
