@@ -20,6 +20,7 @@ floor, so the noise never covers them.
 
 from __future__ import annotations
 
+import hashlib
 import time
 import warnings
 from collections.abc import Callable
@@ -160,6 +161,22 @@ class _Shards:
             raise CalibrationError(
                 f"{self.world} processes need at least {self.world} samples in each part of the calibration data; "
                 f"got {', '.join(small)}: pass more samples or run fewer processes."
+            )
+
+    def check_same_model(self, model: nn.Module) -> None:
+        """Refuse ranks holding different weights (e.g. each initialised at random): their statistics cannot merge."""
+        if self.world == 1:
+            return
+        digest = hashlib.sha256()
+        for name, tensor in model.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        value = int.from_bytes(digest.digest()[:7], "little")  # below 2**56: exact in int64 on every backend
+        extremes = self.runtime.max(torch.tensor([value, -value], dtype=torch.int64))
+        if int(extremes[0]) != value or int(extremes[1]) != -value:
+            raise CalibrationError(
+                "the processes of this torchrun job hold different weights (a model initialised at random in each "
+                "process?); give every process the same weights (--checkpoint) so their statistics can be merged."
             )
 
     def of(self, batches: Batches) -> Batches:
@@ -467,6 +484,7 @@ def compile(  # noqa: A001 - the issue's public name
     split = split_holdout(batches, holdout, 0.0 if strict else validation)
     shards = _Shards(runtime)
     shards.check(split)
+    shards.check_same_model(working)
     leaf_modules = tuple(leaf_modules)
     stages.start("trace")
     gm = trace(working, leaf_modules=leaf_modules)  # warns about training mode; compiles the eval-mode behaviour

@@ -75,6 +75,12 @@ def _worker(rank: int, port: int, folder: str) -> None:
             egp_export.compile(_model(), _data(), cost_model="measured", runtime=runtime)
         with pytest.raises(CalibrationError, match="2 processes need at least 2 samples"):
             egp_export.compile(_model(), _data()[:6], runtime=runtime)  # one held-out sample for two ranks
+        other = _model()
+        if rank == 1:
+            with torch.no_grad():
+                other[7].bias[0] += 1e-3
+        with pytest.raises(CalibrationError, match="hold different weights"):
+            egp_export.compile(other, _data(), runtime=runtime)
     finally:
         dist.destroy_process_group()
 
@@ -87,3 +93,53 @@ def test_two_ranks_compile_what_one_process_compiles(tmp_path):
         merged = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert torch.equal(merged.pop("outputs"), single["outputs"])
         assert merged == {k: v for k, v in single.items() if k != "outputs"}
+
+
+def test_torchrun_runs_the_compile_command(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    checkpoint = tmp_path / "dense.pt"
+    torch.save(_digits_model().state_dict(), checkpoint)
+
+    def torchrun(*extra: str):
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+            "-m", "egp_export", "compile", "--arch", "egp_export.demo.digits:digits_resnet", "--arch-kwargs", "width=8",
+            "expansion=2", "stages=(1,)", "--calibration", "builtin:digits", "--calibration-limit", "500", *extra,
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+    # Without a checkpoint each process initialises its own random weights: refused, clearly, on every rank.
+    refused = torchrun("--out", str(tmp_path / "refused"))
+    assert refused.returncode != 0
+    assert "egp-export: error: the processes of this torchrun job hold different weights" in refused.stderr
+    run = torchrun("--checkpoint", str(checkpoint), "--out", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("depth ") == 1  # only rank 0 prints its summary
+    import json
+
+    report = json.loads((out / "report.json").read_text())
+    alone = egp_export.compile(
+        _digits_model(), egp_export_digits()[:500], min_observations=report["guarantee"]["min_observations"]
+    )
+    assert report["calibration"] == alone.report["calibration"]
+    assert [row["observations"] for row in report["analysis"]["sites"]] == [
+        row["observations"] for row in alone.report["analysis"]["sites"]
+    ]
+    assert report["verification"]["pytorch"]["max_rel"] == alone.report["verification"]["pytorch"]["max_rel"]
+
+
+def _digits_model() -> nn.Module:
+    from egp_export.demo.digits import digits_resnet
+
+    torch.manual_seed(0)
+    return digits_resnet(width=8, expansion=2, stages=(1,)).eval()
+
+
+def egp_export_digits() -> torch.Tensor:
+    from egp_export.io.datasets import load_calibration
+
+    return load_calibration("builtin:digits")

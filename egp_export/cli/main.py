@@ -392,12 +392,24 @@ def _run_analyze(args: argparse.Namespace) -> None:
 
 def _run_compile(args: argparse.Namespace) -> None:
     from egp_export.io.fileio import run_transaction
+    from egp_export.prune.distributed import runtime_from_env, shutdown
 
     names = COMPILE_FILES + ((PADDING_PLAN,) if args.padding_plan else ()) + ((ORIGINAL_MODEL,) if args.measure_latency else ())
+    # Under torchrun every rank calibrates and verifies its share; rank 0 alone exports and writes.
+    runtime = runtime_from_env()
+    if not runtime.is_main:
+        try:
+            _compile_on_a_rank(args, runtime, names)
+        finally:
+            shutdown()
+        return
     # Everything is written into a staging folder and moved into --out together at the end:
     # an error or Ctrl-C on the way leaves --out as it was (but for export.log, see below).
-    with run_transaction(args.out, names, force=args.force) as staging:
-        report, held, moves = _compile_into(args, staging, {name: staging / name for name in names})
+    try:
+        with run_transaction(args.out, names, force=args.force) as staging:
+            report, held, moves = _compile_into(args, staging, {name: staging / name for name in names}, runtime)
+    finally:
+        shutdown()
 
     before, after = report["before"], report["after"]
     pytorch, onnxruntime = report["verification"]["pytorch"], report["verification"]["onnxruntime"]
@@ -439,16 +451,50 @@ def _run_compile(args: argparse.Namespace) -> None:
     say(args, f"wrote {_wrote(args.out, names)}")
 
 
-def _compile_into(args: argparse.Namespace, folder: Path, paths: dict[str, Path]) -> tuple[dict, int, list | None]:
+def _compile_on_a_rank(args: argparse.Namespace, runtime, names) -> None:
+    """A torchrun rank other than 0: refuse what rank 0 refuses before compiling (so no rank waits for one that
+    stopped), then take part in the compile, silently; rank 0 writes everything."""
+    import warnings
+
+    from egp_export.compiler import compile as compile_model
+    from egp_export.io.fileio import check_writable
+
+    args.quiet = True
+    for name in names:
+        check_writable(args.out / name, force=args.force)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rank 0 shows them
+        model = _load_model(args)
+        compile_model(model, _load_calibration(args, model), args.tolerance, runtime=runtime, **_compile_options(args))
+
+
+def _compile_options(args: argparse.Namespace) -> dict:
+    from egp_export.compiler import DEFAULT_MIN_OBSERVATIONS
+    from egp_export.passes import CHANNEL_ALIGNMENT
+
+    return {
+        "holdout": args.holdout,
+        "strict": args.strict,
+        "min_observations": DEFAULT_MIN_OBSERVATIONS if args.min_observations is None else args.min_observations,
+        "approximate": args.approximate,
+        "leaf_modules": args.leaf_module,
+        "cost_model": args.cost_model,
+        "merge_plan": args.merge_plan,
+        "channel_alignment": CHANNEL_ALIGNMENT if args.channel_alignment is None else args.channel_alignment,
+        "debug": args.debug,
+    }
+
+
+def _compile_into(
+    args: argparse.Namespace, folder: Path, paths: dict[str, Path], runtime=None
+) -> tuple[dict, int, list | None]:
     """Compile, export and verify, writing the outputs into ``folder`` (at ``paths``).
 
     Returns (the report, the number of held-out samples, the padding plan or None).
     """
     from egp_export.algebra.padding import padding_plan, save_plan
-    from egp_export.compiler import DEFAULT_MIN_OBSERVATIONS
     from egp_export.compiler import compile as compile_model
     from egp_export.io.fileio import write_text_atomic
-    from egp_export.passes import CHANNEL_ALIGNMENT
     from egp_export.report.plots import plot_depth, plot_entropy
     from egp_export.report.report import ENTROPY_PLOT, ONNX_MODEL, with_export, write_report
 
@@ -459,18 +505,15 @@ def _compile_into(args: argparse.Namespace, folder: Path, paths: dict[str, Path]
             model,
             calibration,
             args.tolerance,
-            holdout=args.holdout,
-            strict=args.strict,
-            min_observations=DEFAULT_MIN_OBSERVATIONS if args.min_observations is None else args.min_observations,
-            approximate=args.approximate,
-            leaf_modules=args.leaf_module,
-            cost_model=args.cost_model,
-            merge_plan=args.merge_plan,
-            channel_alignment=CHANNEL_ALIGNMENT if args.channel_alignment is None else args.channel_alignment,
-            debug=args.debug,
             progress=progress(args),
             on_stage=stage_events(args),
+            runtime=runtime,
+            **_compile_options(args),
         )
+    if runtime is not None and runtime.world_size > 1:
+        from egp_export.prune.distributed import shutdown
+
+        shutdown()  # the other ranks are done; the export and reports are rank 0's alone
         line.detail = f"{result.report['activations_linearized']} activations linearized"
     # compile() held out the last samples; ONNX Runtime is checked on the same unseen inputs.
     held = result.report["calibration"]["holdout_samples"]
