@@ -510,11 +510,11 @@ def _compile_into(
             runtime=runtime,
             **_compile_options(args),
         )
+        line.detail = f"{result.report['activations_linearized']} activations linearized"
     if runtime is not None and runtime.world_size > 1:
         from egp_export.prune.distributed import shutdown
 
         shutdown()  # the other ranks are done; the export and reports are rank 0's alone
-        line.detail = f"{result.report['activations_linearized']} activations linearized"
     # compile() held out the last samples; ONNX Runtime is checked on the same unseen inputs.
     held = result.report["calibration"]["holdout_samples"]
     verify = calibration[len(calibration) - held :] if held else calibration
