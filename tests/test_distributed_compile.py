@@ -4,16 +4,15 @@ and end with the module and report one process makes on all of them."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
 import egp_export
 from egp_export.errors import CalibrationError, EgpExportError
+from tests.gloo import free_port, gloo_rank
 
 WORLD = 2
 SAMPLES = 83  # shares of unequal size in every part
@@ -55,20 +54,8 @@ def _summary(result) -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker(rank: int, port: int, folder: str) -> None:
-    from egp_export.prune.distributed import DistributedRuntime
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        runtime = DistributedRuntime()
+    with gloo_rank(rank, port, WORLD) as runtime:
         result = egp_export.compile(_model(), _data(), min_observations=1, runtime=runtime)
         torch.save(_summary(result), os.path.join(folder, f"rank{rank}.pt"))
         with pytest.raises(EgpExportError, match="measured cost model"):
@@ -81,12 +68,10 @@ def _worker(rank: int, port: int, folder: str) -> None:
                 other[7].bias[0] += 1e-3
         with pytest.raises(CalibrationError, match="hold different weights"):
             egp_export.compile(other, _data(), runtime=runtime)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_compile_what_one_process_compiles(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     single = _summary(egp_export.compile(_model(), _data(), min_observations=1))
     assert single["rewrites"] and any("dead" in action for action in single["rewrites"])
     for rank in range(WORLD):
@@ -105,7 +90,7 @@ def test_torchrun_runs_the_compile_command(tmp_path):
 
     def torchrun(*extra: str):
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
             "-m", "egp_export", "compile", "--arch", "egp_export.demo.digits:digits_resnet", "--arch-kwargs", "width=8",
             "expansion=2", "stages=(1,)", "--calibration", "builtin:digits", "--calibration-limit", "500", *extra,
         ]

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
@@ -16,6 +14,7 @@ from egp_export.analysis.stats import calibrate
 from egp_export.analysis.trace import trace
 from egp_export.prune.api import prune
 from egp_export.prune.training import Runtime, as_dataset, input_batches
+from tests.gloo import free_port, gloo_rank
 
 WORLD = 2
 
@@ -47,20 +46,8 @@ def _data(samples: int, seed: int):
     return x, (x.mean((1, 2, 3)) > 0).long() + (x[:, 0, 0, 0] > 1).long()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker(rank: int, port: int, folder: str) -> None:
-    from egp_export.prune.distributed import DistributedRuntime
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        runtime = DistributedRuntime()
+    with gloo_rank(rank, port, WORLD) as runtime:
         # 37 samples: shards of 19 and 18, so merging must also get unequal shards right.
         batches = input_batches(as_dataset(_data(37, 3), "stats"), None, runtime=runtime, batch_size=8)
         sites = calibrate(trace(_model()), batches)
@@ -82,12 +69,10 @@ def _worker(rank: int, port: int, folder: str) -> None:
             },
             os.path.join(folder, f"rank{rank}.pt"),
         )
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_prune_identically(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
     # All-reduced statistics equal one process's statistics on all 37 samples.
@@ -116,7 +101,7 @@ def test_two_gloo_ranks_prune_identically(tmp_path):
 
 def test_torchrun_runs_the_prune_command(tmp_path):
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
         "-m", "egp_export", "prune",
         "--arch", "egp_export.demo.digits:digits_resnet", "--arch-kwargs", "width=8", "expansion=2", "stages=(1,)",
         "--data", "builtin:digits", "--out", str(tmp_path / "out"), "--iterations", "1", "--epochs-per-iteration", "1",
