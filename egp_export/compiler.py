@@ -190,12 +190,12 @@ class _Shards:
 
     def error(self, reference: nn.Module, candidate: nn.Module, batches: Batches) -> ErrorStats:
         """The candidate's error against the reference over ``batches``, a batch at a time (no outputs are kept)."""
-        errors = ErrorAccumulator()
+        errors, share = ErrorAccumulator(), self.of(batches)
         with torch.no_grad():
-            for batch in self.of(batches):
+            for batch in share:
                 errors.add(reference(batch), candidate(batch))
         if self.world > 1:
-            errors.all_reduce(self.runtime, batches.samples * self.rank // self.world)
+            errors.all_reduce(self.runtime, share.start - batches.start)
         return errors.result()
 
 

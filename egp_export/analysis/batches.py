@@ -41,9 +41,7 @@ class Batches(Sequence[torch.Tensor]):
     def __len__(self) -> int:
         return -(-self.samples // self.size)
 
-    def __getitem__(self, index):  # noqa: ANN001 - int or slice, as for a list
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
+    def __getitem__(self, index: int) -> torch.Tensor:
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
@@ -69,16 +67,11 @@ class Batches(Sequence[torch.Tensor]):
         combined = transform if inner is None else (lambda batch: transform(inner(batch)))
         return Batches(self.source, self.start, self.stop, self.size, combined)
 
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return self.source.sample_shape
-
 
 class _Source:
     """Samples 0 .. samples-1, read by range; every batch a source returns has been checked."""
 
     samples: int
-    sample_shape: tuple[int, ...]
 
     def take(self, start: int, stop: int) -> torch.Tensor:
         raise NotImplementedError
@@ -88,7 +81,7 @@ class _TensorSource(_Source):
     """One tensor, samples along dim 0: batches are views."""
 
     def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor, self.samples, self.sample_shape = tensor, len(tensor), tuple(tensor.shape[1:])
+        self.tensor, self.samples = tensor, len(tensor)
 
     def take(self, start: int, stop: int) -> torch.Tensor:
         return self.tensor[start:stop]
@@ -100,7 +93,7 @@ class _ListSource(_Source):
     def __init__(self, batches: list[torch.Tensor]) -> None:
         self.batches = batches
         self.offsets = list(itertools.accumulate((len(b) for b in batches), initial=0))
-        self.samples, self.sample_shape = self.offsets[-1], tuple(batches[0].shape[1:])
+        self.samples = self.offsets[-1]
 
     def take(self, start: int, stop: int) -> torch.Tensor:
         first = bisect.bisect_right(self.offsets, start) - 1
@@ -144,12 +137,22 @@ def _checked(tensor: torch.Tensor, what: str) -> torch.Tensor:
         raise CalibrationError(f"{what} is a scalar; each item must be a batch [B, ...].")
     if tensor.is_complex():
         raise CalibrationError(f"{what} is complex ({tensor.dtype}); give real-valued inputs.")
-    if tensor.is_floating_point():
-        # Chunked: a whole-set isfinite mask would cost as much memory as the data.
-        bad = sum(int((~torch.isfinite(chunk)).sum()) for chunk in torch.split(tensor, _CHECK_CHUNK))
-        if bad:
-            raise CalibrationError(f"{what} has {bad} NaN/Inf values; clean or drop those samples first.")
+    bad = sum(count_nonfinite(tensor))
+    if bad:
+        raise CalibrationError(f"{what} has {bad} NaN/Inf values; clean or drop those samples first.")
     return tensor.detach()
+
+
+def count_nonfinite(tensor: torch.Tensor) -> tuple[int, int]:
+    """(NaN count, Inf count) of ``tensor``, in chunks of samples: a whole-set mask would cost as much memory as the
+    data (and a memory-mapped file is read once)."""
+    if not tensor.is_floating_point():
+        return 0, 0
+    nans = infs = 0
+    for chunk in torch.split(tensor, _CHECK_CHUNK):
+        nans += int(torch.isnan(chunk).sum())
+        infs += int(torch.isinf(chunk).sum())
+    return nans, infs
 
 
 @dataclass

@@ -147,7 +147,7 @@ class SiteStats:
             self.region_counts[r] += above[r - 1] - above[r]
         self.region_counts[-1] += above[-1]
         for b in self.spec.boundaries:
-            self.margin = torch.minimum(self.margin, self._distance(z, dims, b, low, high).cpu().to(torch.float64))
+            self.margin = torch.minimum(self.margin, self._distance(b, low, high).cpu().to(torch.float64))
         self.zero_crossed_margins()
 
     def zero_crossed_margins(self) -> None:
@@ -167,13 +167,11 @@ class SiteStats:
         return _count_greater(z, dims, boundary, count, scratch)
 
     @staticmethod
-    def _distance(z, dims, boundary, low, high) -> torch.Tensor:
+    def _distance(boundary, low, high) -> torch.Tensor:
         """Per neuron, min |z - boundary| without a pass over z: a neuron on one side of it is nearest at low
-        (above) or high (below); a neuron whose range straddles it was seen on both sides, so it left its region
-        and its margin is 0 (the report only quotes margins of neurons that stayed in one region)."""
-        one_side = torch.where(low > boundary, low - boundary, boundary - high)
-        straddles = (low <= boundary) & (high > boundary)
-        return torch.where(straddles, torch.zeros_like(one_side), one_side)
+        (above) or high (below); a neuron whose range straddles it (the difference is negative) was seen on both
+        sides, so it left its region and its margin is 0 (the report only quotes one-region neurons' margins)."""
+        return torch.where(low > boundary, low - boundary, boundary - high).clamp_min(0.0)
 
     def merge(self, other: SiteStats) -> None:
         """Add another shard's statistics of the same site (e.g. another DDP rank)."""

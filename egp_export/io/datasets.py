@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from egp_export.analysis.batches import count_nonfinite
 from egp_export.errors import CalibrationError
 
 # Names under which a dict or .npz archive commonly stores the model inputs (and, for pruning, the
@@ -42,8 +43,6 @@ _ACCEPTED = (
     f"{', '.join(INPUT_KEYS)}), a .npy file, a .npz archive, or a folder of images "
     f"({', '.join(sorted(IMAGE_SUFFIXES))})"
 )
-# Samples per chunk of the NaN/Inf check.
-_CHECK_CHUNK = 256
 # sklearn's digits are 4-bit grey levels: 0..16.
 _DIGITS_MAX = 16.0
 
@@ -249,11 +248,7 @@ def _validated(data: torch.Tensor, source: str) -> torch.Tensor:
     if not data.is_floating_point():
         return data.contiguous()
     data = data.to(torch.float32)
-    # Chunked: whole-set masks would cost as much memory as the data (a memory-mapped file is read once).
-    nan_count = inf_count = 0
-    for chunk in torch.split(data, _CHECK_CHUNK):
-        nan_count += int(torch.isnan(chunk).sum())
-        inf_count += int(torch.isinf(chunk).sum())
+    nan_count, inf_count = count_nonfinite(data)
     if nan_count or inf_count:
         raise CalibrationError(
             f"calibration data {source} contains {nan_count} NaN and {inf_count} Inf values "
