@@ -101,6 +101,13 @@ def test_a_dataset_sample_with_nan_or_another_shape_is_refused_when_read():
     with pytest.raises(CalibrationError, match=r"calibration sample 5 has shape \(4,\)"):
         list(as_batches(Ragged(samples), batch_size=4))
 
+    class Mixed(_CountingDataset):
+        def __getitem__(self, index):
+            return torch.zeros(3, dtype=torch.float32 if index < 6 else torch.float64)
+
+    with pytest.raises(CalibrationError, match=r"calibration sample 6 has shape \(3,\) and dtype torch.float64"):
+        list(as_batches(Mixed(samples), batch_size=4))
+
 
 def test_empty_data_is_refused():
     with pytest.raises(CalibrationError, match="empty"):
