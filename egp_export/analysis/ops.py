@@ -114,12 +114,8 @@ LAYER_PARAMETERS: dict[LayerKind, tuple[str, ...]] = {
     LayerKind.BATCH_NORM: ("running_mean", "running_var", "weight", "bias"),
 }
 
-# a + b (tensors): operator, function, ATen; methods ``add``/``add_`` are in ADD_METHODS.
-_BINARY: Signature = ("input", "other")
-ADD_FUNCTIONS: dict[object, Signature] = {
-    operator.add: _BINARY, operator.iadd: _BINARY, torch.add: _BINARY,
-    **{fn: ("self", "other") for fn in aten_ops("add.Tensor", "add_.Tensor")},
-}
+# a + b of two operands (operator, function, ATen; ``alpha`` must be 1). Methods: ADD_METHODS.
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, *aten_ops("add.Tensor", "add_.Tensor")}
 ADD_METHODS = {"add", "add_"}
 # Functional ops that are the identity when their training operand is literally False:
 # callable -> (operand order, name of the training operand, its default; None = required).
