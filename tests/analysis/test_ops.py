@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import inspect
 import operator
+import warnings
 
 import pytest
+import timm
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -13,9 +15,11 @@ import torch.nn.functional as F
 
 import egp_export
 from egp_export.analysis import activations, ops
+from egp_export.analysis.fx import propagate_shapes
 from egp_export.analysis.trace import trace
-from egp_export.passes import BindFunctionalLayers
-from egp_export.records import RewriteKind
+from egp_export.passes import BindFunctionalLayers, FoldBatchNorm, finalize
+from egp_export.records import RefusalCode, RewriteKind
+from egp_export.report.messages import describe_refusal
 from torchvision.ops import stochastic_depth
 
 from tests.conftest import apply, assert_same_function, prepare, randomize_batchnorm
@@ -412,3 +416,122 @@ def test_every_add_function_is_an_add_without_alpha(fn):
     assert ops.is_add(graph.call_function(fn, (a, b), {"alpha": 1}))
     assert not ops.is_add(graph.call_function(fn, (a, b), {"alpha": 2}))
     assert not ops.is_add(graph.call_function(fn, (a,)))
+
+
+# Subclasses that compute something else are opaque ------------------------------
+
+
+class StandardisedConv(nn.Conv2d):
+    """A Conv2d subclass with its own forward (weight standardisation): its attributes do not describe it."""
+
+    def forward(self, x):
+        weight = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / self.weight.std((1, 2, 3), keepdim=True)
+        return self._conv_forward(x, weight, self.bias)
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class BatchNormThenRelu(nn.BatchNorm2d):
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+class PlainConv(nn.Conv2d):
+    """A subclass that only adds a name: it computes what Conv2d computes."""
+
+
+def _orthogonal_conv() -> nn.Conv2d:
+    conv = nn.Conv2d(4, 4, 1)
+    nn.utils.parametrize.register_parametrization(conv, "weight", nn.Identity())
+    return conv
+
+
+def _hooked_conv() -> nn.Conv2d:
+    conv = nn.Conv2d(4, 4, 1)
+    conv.register_forward_hook(lambda module, inputs, output: output * 2)
+    return conv
+
+
+@pytest.mark.parametrize(
+    "module, why",
+    [
+        (StandardisedConv(4, 4, 1), "overrides forward"),
+        (ScaledLinear(4, 4), "overrides forward"),
+        (BatchNormThenRelu(4), "overrides forward"),
+        (_orthogonal_conv(), "parametrized"),
+        (_hooked_conv(), "forward hooks"),
+    ],
+    ids=["conv-forward", "linear-forward", "batchnorm-forward", "parametrized", "hooked"],
+)
+def test_a_layer_subclass_that_computes_something_else_is_opaque_with_a_reason(module, why):
+    graph = fx.Graph()
+    node = graph.call_module("layer", (graph.placeholder("x"),))
+    modules = {"layer": module}
+    assert ops.layer_kind(node, modules) is None and not ops.is_module_layer(node, modules)
+    reason = ops.layer_opaque_reason(module)
+    assert reason.code is RefusalCode.OPAQUE_MODULE and reason.detail["why"] == why
+
+
+@pytest.mark.parametrize("module, kind", [(PlainConv(4, 4, 1), ops.LayerKind.CONV), (nn.Conv2d(4, 4, 1), ops.LayerKind.CONV)])
+def test_a_subclass_that_computes_what_its_base_does_is_that_layer(module, kind):
+    graph = fx.Graph()
+    node = graph.call_module("layer", (graph.placeholder("x"),))
+    assert ops.layer_kind(node, {"layer": module}) is kind and ops.layer_opaque_reason(module) is None
+
+
+class ConvSubclassBn(nn.Module):
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+        self.bn = nn.BatchNorm2d(8)
+        randomize_batchnorm(self.bn)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def test_a_conv_subclass_with_its_own_forward_is_not_folded_into():
+    model = ConvSubclassBn(StandardisedConv(3, 8, 3, padding=1)).eval()
+    example = torch.randn(4, 3, 8, 8)
+    gm = trace(model, leaf_modules=[StandardisedConv])
+    propagate_shapes(gm, example[:1])
+    result = FoldBatchNorm()(gm)
+    finalize(gm)
+    assert [r.kind for r in result.rewrites] == [RewriteKind.BN_TO_AFFINE]
+    [kept] = result.refusals
+    because = kept.reason.detail["because"]
+    assert because.code is RefusalCode.OPAQUE_MODULE and because.detail["module_type"] == "StandardisedConv"
+    assert "StandardisedConv, a Conv2d subclass that overrides forward" in describe_refusal(kept)
+    assert_same_function(model, gm, torch.randn(6, 3, 8, 8))
+
+
+class TimmSameBlock(nn.Module):
+    """A BatchNorm on the input (it folds forwards into the conv if the conv is taken for unpadded), then
+    timm's Conv2dSame (stride 2: padding computed from the input size at run time) + BN + ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(3)
+        self.conv = timm.layers.create_conv2d(3, 8, 3, stride=2, padding="same")
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU()
+        randomize_batchnorm(self.norm)
+        randomize_batchnorm(self.bn)
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(self.norm(x))))
+
+
+@pytest.mark.parametrize("size", [9, 10], ids=["odd", "even"])
+def test_a_timm_conv2d_same_model_compiles_and_matches_on_fresh_inputs(size):
+    model = TimmSameBlock().eval()
+    assert type(model.conv) is timm.layers.Conv2dSame
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Conv2dSame is untraceable: made a leaf, with a warning
+        result = egp_export.compile(model, torch.randn(64, 3, size, size))
+    assert_same_function(model, result.module, torch.randn(32, 3, size, size))
+    kept = [r for r in result.report["refusals"] if r["code"] == RefusalCode.BN_NOT_FOLDED_BACKWARDS.value]
+    assert any(r["detail"]["because"]["code"] == RefusalCode.OPAQUE_MODULE.value for r in kept)
