@@ -35,6 +35,8 @@ constant parameters into modules the folding passes can change).
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
 import operator
 from collections.abc import Iterable
 
@@ -375,7 +377,8 @@ _IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itr
 
 
 def writes_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """``node`` overwrites an input (``x.relu_()``, ``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``, ``x += y``).
+    """``node`` overwrites an input (``x.relu_()``, ``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)`` or
+    ``F.relu(x, True)``, ``x += y``, ``aten.relu_.default``).
 
     Dead-code elimination must keep such a node even when nothing reads its
     result: the other readers of the input it overwrites see the write.
@@ -387,9 +390,24 @@ def writes_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return bool(getattr(modules.get(str(node.target)), "inplace", False))
     if node.op == "call_function":
+        if isinstance(node.target, torch._ops.OpOverload):  # aten.relu_.default: its schema says it writes
+            return any(a.alias_info is not None and a.alias_info.is_write for a in node.target._schema.arguments)
+        position = _inplace_position(node.target)
+        if position is not None and len(node.args) > position and node.args[position] is True:
+            return True  # F.relu(x, True)
         name = getattr(node.target, "__name__", "")
         return node.target in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
     return False
+
+
+@functools.cache
+def _inplace_position(target) -> int | None:
+    """Where a Python function takes its ``inplace`` operand (F.relu, F.dropout, ...), or None."""
+    try:
+        names = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):  # C builtins have no Python signature
+        return None
+    return names.index("inplace") if "inplace" in names else None
 
 
 def follow_identities(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[fx.Node], fx.Node | None]:

@@ -535,3 +535,22 @@ def test_a_timm_conv2d_same_model_compiles_and_matches_on_fresh_inputs(size):
     assert_same_function(model, result.module, torch.randn(32, 3, size, size))
     kept = [r for r in result.report["refusals"] if r["code"] == RefusalCode.BN_NOT_FOLDED_BACKWARDS.value]
     assert any(r["detail"]["because"]["code"] == RefusalCode.OPAQUE_MODULE.value for r in kept)
+
+
+@pytest.mark.parametrize(
+    "call, writes",
+    [
+        (lambda m, x: F.relu(x * 1, True), True),
+        (lambda m, x: F.relu(x * 1, inplace=True), True),
+        (lambda m, x: F.relu(x * 1, False), False),
+        (lambda m, x: F.relu(x * 1), False),
+        (lambda m, x: torch.ops.aten.relu_.default(x * 1), True),
+        (lambda m, x: torch.ops.aten.relu.default(x * 1), False),
+        (lambda m, x: torch.ops.aten.hardtanh_(x * 1, 0.0, 6.0), True),
+        (lambda m, x: (x * 1).relu_(), True),
+    ],
+    ids=["positional", "keyword", "positional-false", "default", "aten-overload", "aten-pure", "aten-packet", "method"],
+)
+def test_writes_in_place_reads_every_spelling_of_in_place(call, writes):
+    node, modules = _node(Operands(call))
+    assert ops.writes_in_place(node, modules) is writes
