@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.ops import stochastic_depth
 
 import egp_export
 from egp_export.analysis import activations, ops
@@ -20,8 +21,6 @@ from egp_export.analysis.trace import trace
 from egp_export.passes import BindFunctionalLayers, FoldBatchNorm, finalize
 from egp_export.records import RefusalCode, RewriteKind
 from egp_export.report.messages import describe_refusal
-from torchvision.ops import stochastic_depth
-
 from tests.conftest import apply, assert_same_function, prepare, randomize_batchnorm
 
 
@@ -348,9 +347,9 @@ def test_every_eval_identity_function_reads_its_training_operand(fn, style):
         values = {"p": 0.5, "mode": "row", training: value, "inplace": False}
         rest = [n for n in names[1:] if n in values]
         if style == "positional":
-            model = Operands(lambda m, x: fn(x, *[values[n] for n in rest]))
+            model = Operands(lambda m, x, values=values, rest=rest: fn(x, *[values[n] for n in rest]))
         else:
-            model = Operands(lambda m, x: fn(x, **{n: values[n] for n in rest}))
+            model = Operands(lambda m, x, values=values, rest=rest: fn(x, **{n: values[n] for n in rest}))
         node, modules = _node(model)
         assert ops.is_identity(node, modules) is identity, (value, identity)
     if default is not None:  # training left out: its default decides
@@ -375,7 +374,7 @@ def test_every_global_pool_function_reads_its_output_size(fn):
     assert ops.GLOBAL_POOL_FUNCTIONS[fn][1:] == real_signature(fn)[1:]
     rank = 1 if "1d" in _name(fn) else 3 if "3d" in _name(fn) else 2
     for size, pooled in ((1, True), ([1] * rank, True), (2, False)):
-        for call in (lambda m, x: fn(x, size), lambda m, x: fn(x, output_size=size)):
+        for call in (lambda m, x, size=size: fn(x, size), lambda m, x, size=size: fn(x, output_size=size)):
             node, modules = _node(Operands(call))
             assert ops.is_global_average_pool(node, modules) is pooled and ops.is_pool(node, modules)
 
@@ -554,3 +553,23 @@ def test_a_timm_conv2d_same_model_compiles_and_matches_on_fresh_inputs(size):
 def test_writes_in_place_reads_every_spelling_of_in_place(call, writes):
     node, modules = _node(Operands(call))
     assert ops.writes_in_place(node, modules) is writes
+
+
+MODULE_RULES = [
+    ("identity", nn.Identity, (), ops.is_identity),
+    ("dropout", nn.Dropout, (0.5,), ops.is_identity),
+    ("flatten", nn.Flatten, (), ops.is_flatten_from_channels),
+    ("global_pool", nn.AdaptiveAvgPool2d, (1,), ops.is_global_average_pool),
+    ("pool", nn.MaxPool2d, (2,), ops.is_pool),
+    ("pad", nn.ZeroPad2d, (1,), ops.is_pad),
+]
+
+
+@pytest.mark.parametrize("name, base, args, predicate", MODULE_RULES, ids=[r[0] for r in MODULE_RULES])
+def test_each_module_rule_fires_for_its_class_and_not_for_a_subclass_with_its_own_forward(name, base, args, predicate):
+    own = type(f"Own{base.__name__}", (base,), {"forward": lambda self, x: 2 * base.forward(self, x)})
+    modules = {"plain": base(*args), "own": own(*args)}
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    assert predicate(graph.call_module("plain", (x,)), modules)
+    assert not predicate(graph.call_module("own", (x,)), modules)
