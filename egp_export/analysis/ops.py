@@ -229,6 +229,12 @@ def is_layer_module(module: nn.Module | None) -> bool:
     return is_conv_module(module) or is_linear_module(module)
 
 
+def is_any_layer_module(module: nn.Module | None) -> bool:
+    """A conv/linear module or subclass, whatever its ``forward``: a layer for the network's depth and for
+    pruning masks (zeroing its weight prunes it), though an opaque one is no layer for the algebra."""
+    return isinstance(module, CONV_TYPES + LINEAR_TYPES)
+
+
 def layer_opaque_reason(module: nn.Module | None) -> Reason | None:
     """Why a conv/linear/batch-norm subclass is opaque to the algebra, or None."""
     return opaque_reason(module, CONV_TYPES + LINEAR_TYPES + BATCHNORM_TYPES) if module is not None else None
@@ -274,8 +280,8 @@ def is_batch_norm(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 
 def is_layer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Conv or linear, in any spelling: the layers whose chain length is the network's depth."""
-    return layer_kind(node, modules) in (LayerKind.CONV, LayerKind.LINEAR)
+    """Conv or linear, in any spelling (opaque subclasses too): the layers whose chain length is the network's depth."""
+    return layer_kind(node, modules) in (LayerKind.CONV, LayerKind.LINEAR) or is_any_layer_module(module_of(node, modules))
 
 
 def is_module_layer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:

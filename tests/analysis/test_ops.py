@@ -573,3 +573,12 @@ def test_each_module_rule_fires_for_its_class_and_not_for_a_subclass_with_its_ow
     x = graph.placeholder("x")
     assert predicate(graph.call_module("plain", (x,)), modules)
     assert not predicate(graph.call_module("own", (x,)), modules)
+
+
+def test_an_opaque_conv_is_still_a_layer_for_depth_and_pruning_but_not_for_the_algebra():
+    graph = fx.Graph()
+    node = graph.call_module("layer", (graph.placeholder("x"),))
+    modules = {"layer": StandardisedConv(4, 4, 1)}
+    assert ops.is_layer(node, modules) and ops.is_any_layer_module(modules["layer"])
+    assert not ops.is_module_layer(node, modules) and not ops.is_conv(node, modules)
+    assert not ops.is_layer(graph.call_module("norm", (node,)), {"norm": nn.BatchNorm2d(4)})
