@@ -136,6 +136,9 @@ _MODULES: tuple[tuple[type, Callable[[nn.Module], ActivationSpec]], ...] = (
 )
 
 
+_ACTIVATION_TYPES = tuple(base for base, _ in _MODULES)
+
+
 def _module_spec(module: nn.Module) -> ActivationSpec | None:
     for base, build in _MODULES:
         if isinstance(module, base):
@@ -241,7 +244,7 @@ def hidden_activation_count(module: nn.Module) -> int:
     """
     count = 0
     for name, submodule in module.named_modules():
-        if name and _module_spec(submodule) is not None:
+        if name and isinstance(submodule, _ACTIVATION_TYPES):  # a subclass with its own forward hides one too
             count += 1
         count += sum(1 for value in vars(submodule).values() if _is_activation_function(value))
     return count
