@@ -582,3 +582,22 @@ def test_an_opaque_conv_is_still_a_layer_for_depth_and_pruning_but_not_for_the_a
     assert ops.is_layer(node, modules) and ops.is_any_layer_module(modules["layer"])
     assert not ops.is_module_layer(node, modules) and not ops.is_conv(node, modules)
     assert not ops.is_layer(graph.call_module("norm", (node,)), {"norm": nn.BatchNorm2d(4)})
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        timm.layers.BatchNormAct2d(4),
+        timm.layers.Conv2dSame(4, 4, 3, stride=2),
+        timm.layers.StdConv2dSame(4, 4, 3, stride=2, padding="SAME"),
+        timm.layers.ScaledStdConv2d(4, 4, 3),
+    ],
+    ids=lambda m: type(m).__name__,
+)
+def test_timm_layers_with_their_own_forward_are_opaque_when_called_as_one_module(module):
+    """As leaves (requested, or untraceable like Conv2dSame) they are no BatchNorm/conv: BatchNormAct2d's
+    activation and Conv2dSame's run-time padding are not in their attributes."""
+    graph = fx.Graph()
+    node = graph.call_module("layer", (graph.placeholder("x"),))
+    assert ops.layer_kind(node, {"layer": module}) is None
+    assert ops.layer_opaque_reason(module).detail["why"] == "overrides forward"
