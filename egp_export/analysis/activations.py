@@ -122,7 +122,7 @@ def _mish() -> ActivationSpec:
 
 # Activation modules, most specific first (ReLU6 is a Hardtanh). A subclass with its own ``forward``
 # (a ReLU that scales) computes something else: no spec (see ops.opaque_reason).
-_MODULES: tuple[tuple[type, Callable[[nn.Module], ActivationSpec]], ...] = (
+ACTIVATION_MODULES: tuple[tuple[type, Callable[[nn.Module], ActivationSpec]], ...] = (
     (nn.ReLU6, lambda m: _hardtanh("relu6", 0.0, 6.0)),
     (nn.ReLU, lambda m: _relu()),
     (nn.Hardtanh, lambda m: _hardtanh("hardtanh", float(m.min_val), float(m.max_val))),
@@ -136,11 +136,11 @@ _MODULES: tuple[tuple[type, Callable[[nn.Module], ActivationSpec]], ...] = (
 )
 
 
-_ACTIVATION_TYPES = tuple(base for base, _ in _MODULES)
+ACTIVATION_TYPES = tuple(base for base, _ in ACTIVATION_MODULES)
 
 
 def _module_spec(module: nn.Module) -> ActivationSpec | None:
-    for base, build in _MODULES:
+    for base, build in ACTIVATION_MODULES:
         if isinstance(module, base):
             if not computes_as(module, (base,)):
                 return None
@@ -175,7 +175,7 @@ def _gelu_build(arg) -> ActivationSpec:
     return _gelu(str(arg("approximate", "none")))
 
 
-_FUNCTIONS: dict[Callable, tuple[Signature, _Build, bool]] = {
+ACTIVATION_FUNCTIONS: dict[Callable, tuple[Signature, _Build, bool]] = {
     F.relu: (_UNARY, _relu_build, False),
     torch.relu: (_SELF, _relu_build, False),
     F.relu_: (_SELF, _relu_build, True),  # is torch.relu_
@@ -209,7 +209,7 @@ _FUNCTIONS: dict[Callable, tuple[Signature, _Build, bool]] = {
 }
 
 # Tensor methods: name -> builder (``relu_`` writes in place).
-_METHODS: dict[str, _Build] = {"relu": _relu_build, "relu_": _relu_build}
+ACTIVATION_METHODS: dict[str, _Build] = {"relu": _relu_build, "relu_": _relu_build}
 
 
 def activation_spec(node: fx.Node, modules: dict[str, nn.Module]) -> ActivationSpec | None:
@@ -217,20 +217,20 @@ def activation_spec(node: fx.Node, modules: dict[str, nn.Module]) -> ActivationS
     if node.op == "call_module":
         module = modules.get(str(node.target))
         return _module_spec(module) if module is not None else None
-    if node.op == "call_function" and node.target in _FUNCTIONS:
-        signature, build, always_inplace = _FUNCTIONS[node.target]
+    if node.op == "call_function" and node.target in ACTIVATION_FUNCTIONS:
+        signature, build, always_inplace = ACTIVATION_FUNCTIONS[node.target]
         spec = build(lambda name, default: bind(node, signature, name, default) if name in signature else default)
         inplace = always_inplace or ("inplace" in signature and bind(node, signature, "inplace", False) is True)
         return replace(spec, inplace=inplace)
-    if node.op == "call_method" and node.target in _METHODS:
-        spec = _METHODS[str(node.target)](lambda name, default: default)
+    if node.op == "call_method" and node.target in ACTIVATION_METHODS:
+        spec = ACTIVATION_METHODS[str(node.target)](lambda name, default: default)
         return replace(spec, inplace=node.target.endswith("_"))
     return None
 
 
 def _is_activation_function(value) -> bool:
     try:
-        return value in _FUNCTIONS
+        return value in ACTIVATION_FUNCTIONS
     except TypeError:  # unhashable attribute values
         return False
 
@@ -244,7 +244,7 @@ def hidden_activation_count(module: nn.Module) -> int:
     """
     count = 0
     for name, submodule in module.named_modules():
-        if name and isinstance(submodule, _ACTIVATION_TYPES):  # a subclass with its own forward hides one too
+        if name and isinstance(submodule, ACTIVATION_TYPES):  # a subclass with its own forward hides one too
             count += 1
         count += sum(1 for value in vars(submodule).values() if _is_activation_function(value))
     return count

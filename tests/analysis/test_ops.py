@@ -291,12 +291,12 @@ def _activation_values(fn) -> dict:
     return {"min_val": -0.5, "max_val": 0.7, "negative_slope": 0.2, "approximate": "tanh"}
 
 
-ACTIVATION_CASES = [(fn, style) for fn in activations._FUNCTIONS for style in ("positional", "keyword")]
+ACTIVATION_CASES = [(fn, style) for fn in activations.ACTIVATION_FUNCTIONS for style in ("positional", "keyword")]
 
 
 @pytest.mark.parametrize("fn, style", ACTIVATION_CASES, ids=[f"{_name(f)}-{s}" for f, s in ACTIVATION_CASES])
 def test_every_functional_activation_reads_its_operands_and_in_place_flag(fn, style):
-    signature, _, always_inplace = activations._FUNCTIONS[fn]
+    signature, _, always_inplace = activations.ACTIVATION_FUNCTIONS[fn]
     names = real_signature(fn)
     assert signature[1:] == names[1:], f"the table's operand order for {_name(fn)} is not its signature"
     inplace = style == "positional"  # positional calls ask for in place, keyword calls do not
@@ -316,7 +316,9 @@ def test_every_functional_activation_reads_its_operands_and_in_place_flag(fn, st
         torch.testing.assert_close(spec.fn(x), model(x), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("base, build", activations._MODULES, ids=[b.__name__ for b, _ in activations._MODULES])
+@pytest.mark.parametrize(
+    "base, build", activations.ACTIVATION_MODULES, ids=[b.__name__ for b, _ in activations.ACTIVATION_MODULES]
+)
 def test_every_activation_module_is_known_and_a_subclass_with_its_own_forward_is_not(base, build):
     module = base()
     own = type(f"Scaled{base.__name__}", (base,), {"forward": lambda self, x: 2 * base.forward(self, x)})()
