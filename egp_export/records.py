@@ -60,6 +60,7 @@ class RefusalCode(enum.Enum):
     BN_NOT_FOLDED_BACKWARDS = "bn_not_folded_backwards"
     AFFINE_NOT_FOLDABLE = "affine_not_foldable"
     NOT_A_LAYER = "not_a_layer"
+    OPAQUE_MODULE = "opaque_module"  # a layer subclass that computes something its attributes do not describe
     SHARED_WEIGHT = "shared_weight"
     SAME_MODULE = "same_module"  # one module registered under two names
     TIED_WEIGHT = "tied_weight"  # a parameter another module holds too

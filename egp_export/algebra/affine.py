@@ -16,12 +16,12 @@ import torch.nn as nn
 
 from egp_export.algebra.convchain import explicit_padding
 from egp_export.analysis.fx import sharing_refusal
-from egp_export.analysis.ops import CONV_TYPES, LINEAR_TYPES, module_of
+from egp_export.analysis.ops import is_conv_module, is_layer_module, layer_opaque_reason, module_of
 from egp_export.records import Reason, RefusalCode
 
 
 def _layer_dim(module: nn.Module) -> int:
-    return 1 if isinstance(module, CONV_TYPES) else -1
+    return 1 if is_conv_module(module) else -1
 
 
 def _dims_match(module: nn.Module, dim: int, rank: int | None) -> bool:
@@ -35,7 +35,10 @@ def _dims_match(module: nn.Module, dim: int, rank: int | None) -> bool:
 def layer_refusal(node: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Module]) -> Reason | None:
     """Why the weights of the layer called at ``node`` may not be changed, or None."""
     module = module_of(node, modules)
-    if not isinstance(module, CONV_TYPES + LINEAR_TYPES):
+    if not is_layer_module(module):
+        opaque = layer_opaque_reason(module)
+        if opaque is not None:
+            return Reason(opaque.code, {"node": node.name, **opaque.detail})
         return Reason(RefusalCode.NOT_A_LAYER, {"node": node.name})
     return sharing_refusal(gm, str(node.target))
 
@@ -70,7 +73,7 @@ def consumer_refusal(
     module = modules[str(consumer.target)]
     if not _dims_match(module, dim, rank):
         return Reason(RefusalCode.AXIS_MISMATCH, {"axis": dim, "side": "input", "node": consumer.name})
-    if has_shift and isinstance(module, CONV_TYPES) and module.padding_mode == "zeros" and _pads(module):
+    if has_shift and is_conv_module(module) and module.padding_mode == "zeros" and _pads(module):
         return Reason(RefusalCode.PADDED_SHIFT, {"node": consumer.name})
     return None
 

@@ -27,6 +27,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from egp_export.analysis.ops import Signature, aten_ops, bind, computes_as
+
 
 @dataclass(frozen=True)
 class ActivationSpec:
@@ -118,64 +120,96 @@ def _mish() -> ActivationSpec:
     return ActivationSpec("mish", (), ((None, 0.0),), F.mish)
 
 
+# Activation modules, most specific first (ReLU6 is a Hardtanh). A subclass with its own ``forward``
+# (a ReLU that scales) computes something else: no spec (see ops.opaque_reason).
+ACTIVATION_MODULES: tuple[tuple[type, Callable[[nn.Module], ActivationSpec]], ...] = (
+    (nn.ReLU6, lambda m: _hardtanh("relu6", 0.0, 6.0)),
+    (nn.ReLU, lambda m: _relu()),
+    (nn.Hardtanh, lambda m: _hardtanh("hardtanh", float(m.min_val), float(m.max_val))),
+    (nn.LeakyReLU, lambda m: _leaky_relu(float(m.negative_slope))),
+    (nn.PReLU, lambda m: _prelu(m.weight)),
+    (nn.Hardswish, lambda m: _hardswish()),
+    (nn.Hardsigmoid, lambda m: _hardsigmoid()),
+    (nn.GELU, lambda m: _gelu(m.approximate)),
+    (nn.SiLU, lambda m: _silu()),
+    (nn.Mish, lambda m: _mish()),
+)
+
+
+ACTIVATION_TYPES = tuple(base for base, _ in ACTIVATION_MODULES)
+
+
 def _module_spec(module: nn.Module) -> ActivationSpec | None:
-    inplace = bool(getattr(module, "inplace", False))
-    spec: ActivationSpec | None
-    if isinstance(module, nn.ReLU6):  # subclass of Hardtanh: test first
-        spec = _hardtanh("relu6", 0.0, 6.0)
-    elif isinstance(module, nn.ReLU):
-        spec = _relu()
-    elif isinstance(module, nn.Hardtanh):
-        spec = _hardtanh("hardtanh", float(module.min_val), float(module.max_val))
-    elif isinstance(module, nn.LeakyReLU):
-        spec = _leaky_relu(float(module.negative_slope))
-    elif isinstance(module, nn.PReLU):
-        spec = _prelu(module.weight)
-    elif isinstance(module, nn.Hardswish):
-        spec = _hardswish()
-    elif isinstance(module, nn.Hardsigmoid):
-        spec = _hardsigmoid()
-    elif isinstance(module, nn.GELU):
-        spec = _gelu(module.approximate)
-    elif isinstance(module, nn.SiLU):
-        spec = _silu()
-    elif isinstance(module, nn.Mish):
-        spec = _mish()
-    else:
-        return None
-    return replace(spec, inplace=inplace)
+    for base, build in ACTIVATION_MODULES:
+        if isinstance(module, base):
+            if not computes_as(module, (base,)):
+                return None
+            return replace(build(module), inplace=bool(getattr(module, "inplace", False)))
+    return None
 
 
-def _arg(node: fx.Node, index: int, name: str, default):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
+# Functional spellings, rules as data: callable -> (its operand order, builder reading the bound
+# operands, whether it always writes in place). ATen's ``_``-suffixed ops and F.*_ write in place;
+# the others do when their ``inplace`` operand is True (positional or keyword).
+_Build = Callable[[Callable[[str, object], object]], ActivationSpec]
+_UNARY: Signature = ("input", "inplace")
+_SELF: Signature = ("self",)
+_HARDTANH: Signature = ("input", "min_val", "max_val", "inplace")
+_LEAKY: Signature = ("input", "negative_slope", "inplace")
+_GELU: Signature = ("input", "approximate")
 
 
-# Functional call targets -> builder reading the call's arguments. Rules are
-# data: one line per function, inplace variants beside their pure forms.
-_FUNCTIONS: dict[Callable, Callable[[fx.Node], ActivationSpec]] = {
-    F.relu: lambda n: _relu(),
-    torch.relu: lambda n: _relu(),
-    torch.relu_: lambda n: _relu(),
-    F.relu_: lambda n: _relu(),
-    F.relu6: lambda n: _hardtanh("relu6", 0.0, 6.0),
-    F.hardtanh: lambda n: _hardtanh("hardtanh", float(_arg(n, 1, "min_val", -1.0)), float(_arg(n, 2, "max_val", 1.0))),
-    F.hardtanh_: lambda n: _hardtanh("hardtanh", float(_arg(n, 1, "min_val", -1.0)), float(_arg(n, 2, "max_val", 1.0))),
-    F.leaky_relu: lambda n: _leaky_relu(float(_arg(n, 1, "negative_slope", 0.01))),
-    F.leaky_relu_: lambda n: _leaky_relu(float(_arg(n, 1, "negative_slope", 0.01))),
-    F.hardswish: lambda n: _hardswish(),
-    F.hardsigmoid: lambda n: _hardsigmoid(),
-    F.gelu: lambda n: _gelu(str(_arg(n, 1, "approximate", "none"))),
-    F.silu: lambda n: _silu(),
-    F.mish: lambda n: _mish(),
+def _relu_build(arg) -> ActivationSpec:
+    return _relu()
+
+
+def _hardtanh_build(arg) -> ActivationSpec:
+    return _hardtanh("hardtanh", float(arg("min_val", -1.0)), float(arg("max_val", 1.0)))
+
+
+def _leaky_build(arg) -> ActivationSpec:
+    return _leaky_relu(float(arg("negative_slope", 0.01)))
+
+
+def _gelu_build(arg) -> ActivationSpec:
+    return _gelu(str(arg("approximate", "none")))
+
+
+ACTIVATION_FUNCTIONS: dict[Callable, tuple[Signature, _Build, bool]] = {
+    F.relu: (_UNARY, _relu_build, False),
+    torch.relu: (_SELF, _relu_build, False),
+    F.relu_: (_SELF, _relu_build, True),  # is torch.relu_
+    F.relu6: (_UNARY, lambda arg: _hardtanh("relu6", 0.0, 6.0), False),
+    F.hardtanh: (_HARDTANH, _hardtanh_build, False),
+    F.hardtanh_: (_HARDTANH[:3], _hardtanh_build, True),
+    F.leaky_relu: (_LEAKY, _leaky_build, False),
+    F.leaky_relu_: (_LEAKY[:2], _leaky_build, True),
+    F.hardswish: (_UNARY, lambda arg: _hardswish(), False),
+    F.hardsigmoid: (_UNARY, lambda arg: _hardsigmoid(), False),
+    F.gelu: (_GELU, _gelu_build, False),
+    F.silu: (_UNARY, lambda arg: _silu(), False),
+    F.mish: (_UNARY, lambda arg: _mish(), False),
+    # ATen, as torch.export graphs hold them (ReLU6 is hardtanh(x, 0, 6) there).
+    **{fn: (_SELF, _relu_build, False) for fn in aten_ops("relu.default")},
+    **{fn: (_SELF, _relu_build, True) for fn in aten_ops("relu_.default")},
+    **{fn: (("self", "min_val", "max_val"), _hardtanh_build, False) for fn in aten_ops("hardtanh.default")},
+    **{fn: (("self", "min_val", "max_val"), _hardtanh_build, True) for fn in aten_ops("hardtanh_.default")},
+    **{fn: (("self", "negative_slope"), _leaky_build, False) for fn in aten_ops("leaky_relu.default")},
+    **{fn: (("self", "negative_slope"), _leaky_build, True) for fn in aten_ops("leaky_relu_.default")},
+    **{fn: (_SELF, lambda arg: _hardswish(), False) for fn in aten_ops("hardswish.default")},
+    **{fn: (_SELF, lambda arg: _hardswish(), True) for fn in aten_ops("hardswish_.default")},
+    **{fn: (_SELF, lambda arg: _hardsigmoid(), False) for fn in aten_ops("hardsigmoid.default")},
+    **{fn: (_SELF, lambda arg: _hardsigmoid(), True) for fn in aten_ops("hardsigmoid_.default")},
+    **{fn: (("self", "approximate"), _gelu_build, False) for fn in aten_ops("gelu.default")},
+    **{fn: (("self", "approximate"), _gelu_build, True) for fn in aten_ops("gelu_.default")},
+    **{fn: (_SELF, lambda arg: _silu(), False) for fn in aten_ops("silu.default")},
+    **{fn: (_SELF, lambda arg: _silu(), True) for fn in aten_ops("silu_.default")},
+    **{fn: (_SELF, lambda arg: _mish(), False) for fn in aten_ops("mish.default")},
+    **{fn: (_SELF, lambda arg: _mish(), True) for fn in aten_ops("mish_.default")},
 }
-_INPLACE_FUNCTIONS = {torch.relu_, F.relu_, F.hardtanh_, F.leaky_relu_}
 
-_METHODS: dict[str, Callable[[fx.Node], ActivationSpec]] = {
-    "relu": lambda n: _relu(),
-    "relu_": lambda n: _relu(),
-}
+# Tensor methods: name -> builder (``relu_`` writes in place).
+ACTIVATION_METHODS: dict[str, _Build] = {"relu": _relu_build, "relu_": _relu_build}
 
 
 def activation_spec(node: fx.Node, modules: dict[str, nn.Module]) -> ActivationSpec | None:
@@ -183,19 +217,20 @@ def activation_spec(node: fx.Node, modules: dict[str, nn.Module]) -> ActivationS
     if node.op == "call_module":
         module = modules.get(str(node.target))
         return _module_spec(module) if module is not None else None
-    if node.op == "call_function" and node.target in _FUNCTIONS:
-        spec = _FUNCTIONS[node.target](node)
-        inplace = node.target in _INPLACE_FUNCTIONS or bool(node.kwargs.get("inplace", False))
+    if node.op == "call_function" and node.target in ACTIVATION_FUNCTIONS:
+        signature, build, always_inplace = ACTIVATION_FUNCTIONS[node.target]
+        spec = build(lambda name, default: bind(node, signature, name, default) if name in signature else default)
+        inplace = always_inplace or ("inplace" in signature and bind(node, signature, "inplace", False) is True)
         return replace(spec, inplace=inplace)
-    if node.op == "call_method" and node.target in _METHODS:
-        spec = _METHODS[str(node.target)](node)
+    if node.op == "call_method" and node.target in ACTIVATION_METHODS:
+        spec = ACTIVATION_METHODS[str(node.target)](lambda name, default: default)
         return replace(spec, inplace=node.target.endswith("_"))
     return None
 
 
 def _is_activation_function(value) -> bool:
     try:
-        return value in _FUNCTIONS
+        return value in ACTIVATION_FUNCTIONS
     except TypeError:  # unhashable attribute values
         return False
 
@@ -209,7 +244,7 @@ def hidden_activation_count(module: nn.Module) -> int:
     """
     count = 0
     for name, submodule in module.named_modules():
-        if name and _module_spec(submodule) is not None:
+        if name and isinstance(submodule, ACTIVATION_TYPES):  # a subclass with its own forward hides one too
             count += 1
         count += sum(1 for value in vars(submodule).values() if _is_activation_function(value))
     return count

@@ -13,6 +13,19 @@ the op (Torch-Pruning's ``module2type`` is the model):
   ``aten.linear``, ``aten.add.Tensor``, ...), so that a second front end can
   plug in without another vocabulary.
 
+The functional spellings are tables: each callable with its *own* operand
+order (``F.batch_norm(input, running_mean, running_var, weight, bias, ...)``
+is not ``torch.batch_norm(input, weight, bias, running_mean, running_var,
+...)``), and ``operand`` binds a call by that order, positional or keyword.
+To teach the vocabulary a spelling, add one line to a table; the tests
+enumerate the tables and call every entry.
+
+A module counts as a kind only if it computes what the torch.nn class does:
+a subclass that overrides ``forward`` (timm's ``Conv2dSame`` pads by the
+input's size at run time, ``StdConv2d`` standardises its weight), a
+parametrized module or one with forward hooks is *opaque* to the algebra,
+and ``opaque_reason`` says why.
+
 A layer is therefore not assumed to be a module call: ``layer_kind`` says
 what a node computes, and ``functional_layer_args`` names the parameter
 operands of a functional layer (``bind_functional_layers`` turns those with
@@ -22,12 +35,18 @@ constant parameters into modules the folding passes can change).
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
 import operator
+from collections.abc import Iterable
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+from egp_export.records import Reason, RefusalCode
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 LINEAR_TYPES = (nn.Linear,)
@@ -46,15 +65,21 @@ PAD_TYPES = (
     nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d,
 )
 
+# The methods a torch.nn layer's call runs: a subclass that redefines one computes something else.
+_COMPUTING_METHODS = ("forward", "_conv_forward", "__call__", "_call_impl")
 
-def _aten(*names: str) -> set:
-    """ATen overload packets that exist in this torch (``torch.export`` graphs call them)."""
-    found = set()
+
+def aten_ops(*names: str) -> list:
+    """ATen ops by ``"packet.overload"`` name (the packet too), those that exist in this torch."""
+    found = []
     for name in names:
-        packet = getattr(torch.ops.aten, name, None)
-        if packet is not None:
-            found.add(packet)
-            found.update(getattr(packet, overload) for overload in packet.overloads())
+        packet_name, _, overload = name.partition(".")
+        packet = getattr(torch.ops.aten, packet_name, None)
+        if packet is None:
+            continue
+        found.append(packet)
+        if overload and hasattr(packet, overload):
+            found.append(getattr(packet, overload))
     return found
 
 
@@ -64,40 +89,71 @@ class LayerKind(enum.Enum):
     BATCH_NORM = "batch_norm"
 
 
-# Functional layers: the callables and, for each, where its parameter operands sit (position, keyword).
-_FUNCTIONAL_LAYERS: dict[object, tuple[LayerKind, dict[str, tuple[int, str]]]] = {}
-for _fn in (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, *_aten("conv1d", "conv2d", "conv3d")):
-    _FUNCTIONAL_LAYERS[_fn] = (LayerKind.CONV, {"weight": (1, "weight"), "bias": (2, "bias")})
-for _fn in (F.linear, *_aten("linear")):
-    _FUNCTIONAL_LAYERS[_fn] = (LayerKind.LINEAR, {"weight": (1, "weight"), "bias": (2, "bias")})
-for _fn in (F.batch_norm, torch.batch_norm, *_aten("batch_norm")):
-    _FUNCTIONAL_LAYERS[_fn] = (
-        LayerKind.BATCH_NORM,
-        {"running_mean": (1, "running_mean"), "running_var": (2, "running_var"), "weight": (3, "weight"), "bias": (4, "bias")},
-    )
+# Operand orders (the keyword names are the same). ATen's schemas call the first operand ``self`` for most ops.
+Signature = tuple[str, ...]
+_CONV: Signature = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_LINEAR: Signature = ("input", "weight", "bias")
+_F_BATCH_NORM: Signature = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_ATEN_BATCH_NORM: Signature = (
+    "input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled",
+)
 
-_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, *_aten("add", "add_")}
-_ADD_METHODS = {"add", "add_"}
-_FLATTEN_FUNCTIONS = {torch.flatten, *_aten("flatten")}
-_GLOBAL_POOL_FUNCTIONS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, *_aten("adaptive_avg_pool2d")}
-_POOL_FUNCTIONS = {
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    *_aten("max_pool2d", "avg_pool2d", "adaptive_avg_pool2d"),
+# Functional layers: callable -> (what it computes, its operand order). F.conv2d is torch.conv2d.
+FUNCTIONAL_LAYERS: dict[object, tuple[LayerKind, Signature]] = {
+    **{fn: (LayerKind.CONV, _CONV) for fn in (F.conv1d, F.conv2d, F.conv3d)},
+    **{fn: (LayerKind.CONV, _CONV) for fn in aten_ops("conv1d.default", "conv2d.default", "conv3d.default")},
+    **{fn: (LayerKind.CONV, _CONV) for fn in aten_ops("conv1d.padding", "conv2d.padding", "conv3d.padding")},
+    F.linear: (LayerKind.LINEAR, _LINEAR),
+    **{fn: (LayerKind.LINEAR, _LINEAR) for fn in aten_ops("linear.default")},
+    F.batch_norm: (LayerKind.BATCH_NORM, _F_BATCH_NORM),
+    torch.batch_norm: (LayerKind.BATCH_NORM, _ATEN_BATCH_NORM),
+    **{fn: (LayerKind.BATCH_NORM, _ATEN_BATCH_NORM) for fn in aten_ops("batch_norm.default")},
 }
-_PAD_FUNCTIONS = {F.pad, *_aten("pad", "constant_pad_nd")}
-# Functional ops that are the identity when their ``training`` operand is literally False: (position, default).
-_TRAINING_ARGUMENT: dict[object, tuple[int, bool]] = {
-    F.dropout: (2, True), F.dropout1d: (2, True), F.dropout2d: (2, True), F.dropout3d: (2, True),
-    F.alpha_dropout: (2, False), F.feature_alpha_dropout: (2, False),
-    **{packet: (2, True) for packet in _aten("dropout")},
+# The operands of each layer kind that are its parameters (constant in a deployable model).
+LAYER_PARAMETERS: dict[LayerKind, tuple[str, ...]] = {
+    LayerKind.CONV: ("weight", "bias"),
+    LayerKind.LINEAR: ("weight", "bias"),
+    LayerKind.BATCH_NORM: ("running_mean", "running_var", "weight", "bias"),
+}
+
+# a + b of two operands (operator, function, ATen; ``alpha`` must be 1). Methods: ADD_METHODS.
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, *aten_ops("add.Tensor", "add_.Tensor")}
+ADD_METHODS = {"add", "add_"}
+# Functional ops that are the identity when their training operand is literally False:
+# callable -> (operand order, name of the training operand, its default; None = required).
+_DROPOUT: Signature = ("input", "p", "training", "inplace")
+_ATEN_DROPOUT: Signature = ("input", "p", "train")
+EVAL_IDENTITY_FUNCTIONS: dict[object, tuple[Signature, str, bool | None]] = {
+    **{fn: (_DROPOUT, "training", True) for fn in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)},
+    **{fn: (_DROPOUT, "training", False) for fn in (F.alpha_dropout, F.feature_alpha_dropout)},
+    **{
+        fn: (_ATEN_DROPOUT, "train", None)
+        for fn in (torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout)
+    },
+    **{
+        fn: (_ATEN_DROPOUT, "train", None)
+        for fn in aten_ops("dropout.default", "alpha_dropout.default", "feature_dropout.default", "feature_alpha_dropout.default")
+    },
 }
 try:  # torchvision is a dependency, but the vocabulary does not need it
     from torchvision.ops import stochastic_depth as _stochastic_depth
 
-    _TRAINING_ARGUMENT[_stochastic_depth] = (3, True)
+    EVAL_IDENTITY_FUNCTIONS[_stochastic_depth] = (("input", "p", "mode", "training"), "training", True)
 except ImportError:  # pragma: no cover - torchvision missing
     pass
+_FLATTEN: Signature = ("input", "start_dim", "end_dim")
+FLATTEN_FUNCTIONS: dict[object, Signature] = {torch.flatten: _FLATTEN, **{fn: _FLATTEN for fn in aten_ops("flatten.using_ints")}}
+_ADAPTIVE_POOL: Signature = ("input", "output_size")
+GLOBAL_POOL_FUNCTIONS: dict[object, Signature] = {
+    **{fn: _ADAPTIVE_POOL for fn in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)},
+    **{fn: _ADAPTIVE_POOL for fn in aten_ops("adaptive_avg_pool2d.default", "adaptive_avg_pool3d.default")},
+}
+POOL_FUNCTIONS = {
+    *GLOBAL_POOL_FUNCTIONS, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    *aten_ops("max_pool2d.default", "avg_pool2d.default"),
+}
+PAD_FUNCTIONS = {F.pad, torch.constant_pad_nd, *aten_ops("pad.default", "constant_pad_nd.default")}
 
 
 def named_modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
@@ -114,6 +170,76 @@ def _argument(node: fx.Node, position: int, keyword: str, default=None):
     return node.kwargs.get(keyword, default)
 
 
+def bind(node: fx.Node, signature: Signature, name: str, default=None):
+    """Operand ``name`` of a call whose operands are ordered by ``signature`` (positional or keyword)."""
+    return _argument(node, signature.index(name), name, default)
+
+
+def operand(node: fx.Node, name: str, default=None):
+    """Operand ``name`` (``"running_var"``, ``"stride"``, ``"eps"``) of a functional layer call, bound by
+    the callable's own signature; ``default`` when the call leaves it out."""
+    return bind(node, FUNCTIONAL_LAYERS[node.target][1], name, default)
+
+
+# Modules ---------------------------------------------------------------------
+
+
+def opaque_reason(module: nn.Module, bases: Iterable[type]) -> Reason | None:
+    """Why ``module``, an instance of one of ``bases``, does not compute what that base computes, or None.
+
+    A subclass that redefines ``forward`` (or ``_conv_forward``) computes
+    something the base's attributes do not describe; a parametrization
+    recomputes ``weight`` on every access and forward hooks change the call,
+    so writing folded weights into such a module would not change (or not
+    only change) what it computes.
+    """
+    base = next((b for b in bases if isinstance(module, b)), None)
+    if base is None:
+        return None
+    detail = {"module_type": type(module).__name__, "base": base.__name__}
+    overridden = [m for m in _COMPUTING_METHODS if getattr(type(module), m, None) is not getattr(base, m, None)]
+    if overridden:
+        return Reason(RefusalCode.OPAQUE_MODULE, {**detail, "why": f"overrides {overridden[0]}"})
+    if parametrize.is_parametrized(module):
+        return Reason(RefusalCode.OPAQUE_MODULE, {**detail, "why": "parametrized"})
+    if module._forward_hooks or module._forward_pre_hooks:
+        return Reason(RefusalCode.OPAQUE_MODULE, {**detail, "why": "forward hooks"})
+    return None
+
+
+def computes_as(module: nn.Module | None, bases: tuple[type, ...]) -> bool:
+    """``module`` is an instance of one of ``bases`` and computes exactly what that base does."""
+    return isinstance(module, bases) and opaque_reason(module, bases) is None
+
+
+def is_conv_module(module: nn.Module | None) -> bool:
+    return computes_as(module, CONV_TYPES)
+
+
+def is_linear_module(module: nn.Module | None) -> bool:
+    return computes_as(module, LINEAR_TYPES)
+
+
+def is_batchnorm_module(module: nn.Module | None) -> bool:
+    return computes_as(module, BATCHNORM_TYPES)
+
+
+def is_layer_module(module: nn.Module | None) -> bool:
+    """A conv or linear module whose weights describe what it computes (a pass may read and change them)."""
+    return is_conv_module(module) or is_linear_module(module)
+
+
+def is_any_layer_module(module: nn.Module | None) -> bool:
+    """A conv/linear module or subclass, whatever its ``forward``: a layer for the network's depth and for
+    pruning masks (zeroing its weight prunes it), though an opaque one is no layer for the algebra."""
+    return isinstance(module, CONV_TYPES + LINEAR_TYPES)
+
+
+def layer_opaque_reason(module: nn.Module | None) -> Reason | None:
+    """Why a conv/linear/batch-norm subclass is opaque to the algebra, or None."""
+    return opaque_reason(module, CONV_TYPES + LINEAR_TYPES + BATCHNORM_TYPES) if module is not None else None
+
+
 # Layers --------------------------------------------------------------------
 
 
@@ -121,24 +247,24 @@ def layer_kind(node: fx.Node, modules: dict[str, nn.Module]) -> LayerKind | None
     """What layer ``node`` computes (module call or functional), or None."""
     module = module_of(node, modules)
     if module is not None:
-        if isinstance(module, CONV_TYPES):
+        if is_conv_module(module):
             return LayerKind.CONV
-        if isinstance(module, LINEAR_TYPES):
+        if is_linear_module(module):
             return LayerKind.LINEAR
-        if isinstance(module, BATCHNORM_TYPES):
+        if is_batchnorm_module(module):
             return LayerKind.BATCH_NORM
         return None
-    if node.op == "call_function" and node.target in _FUNCTIONAL_LAYERS:
-        return _FUNCTIONAL_LAYERS[node.target][0]
+    if node.op == "call_function" and node.target in FUNCTIONAL_LAYERS:
+        return FUNCTIONAL_LAYERS[node.target][0]
     return None
 
 
 def functional_layer_args(node: fx.Node) -> dict[str, object] | None:
     """The parameter operands (weight, bias, running statistics) of a functional layer call, else None."""
-    if node.op != "call_function" or node.target not in _FUNCTIONAL_LAYERS:
+    if node.op != "call_function" or node.target not in FUNCTIONAL_LAYERS:
         return None
-    _, slots = _FUNCTIONAL_LAYERS[node.target]
-    return {name: _argument(node, position, keyword) for name, (position, keyword) in slots.items()}
+    kind, signature = FUNCTIONAL_LAYERS[node.target]
+    return {name: bind(node, signature, name) for name in LAYER_PARAMETERS[kind]}
 
 
 def is_conv(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -154,23 +280,23 @@ def is_batch_norm(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 
 def is_layer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Conv or linear, in any spelling: the layers whose chain length is the network's depth."""
-    return layer_kind(node, modules) in (LayerKind.CONV, LayerKind.LINEAR)
+    """Conv or linear, in any spelling (opaque subclasses too): the layers whose chain length is the network's depth."""
+    return layer_kind(node, modules) in (LayerKind.CONV, LayerKind.LINEAR) or is_any_layer_module(module_of(node, modules))
 
 
 def is_module_layer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """A conv/linear module call: a layer whose weights a pass can read and change."""
-    return isinstance(module_of(node, modules), CONV_TYPES + LINEAR_TYPES)
+    return is_layer_module(module_of(node, modules))
 
 
 # Elementwise and structural ops ---------------------------------------------
 
 
 def is_add(node: fx.Node) -> bool:
-    """``a + b``, ``a += b``, ``torch.add(a, b)``, ``a.add(b)``, ``a.add_(b)`` (no ``alpha``)."""
-    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+    """``a + b``, ``a += b``, ``torch.add(a, b)``, ``a.add(b)``, ``a.add_(b)``, ``aten.add.Tensor`` (no ``alpha``)."""
+    if node.op == "call_function" and node.target in ADD_FUNCTIONS:
         return len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1
-    if node.op == "call_method" and node.target in _ADD_METHODS:
+    if node.op == "call_method" and node.target in ADD_METHODS:
         return len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1
     return False
 
@@ -178,12 +304,11 @@ def is_add(node: fx.Node) -> bool:
 def is_identity(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """An op that returns its first input unchanged in eval mode: Identity/Dropout modules, and
     functional dropout / stochastic depth whose ``training`` operand is literally False."""
-    if isinstance(module_of(node, modules), IDENTITY_TYPES):
+    if computes_as(module_of(node, modules), IDENTITY_TYPES):
         return True
-    if node.op == "call_function" and node.target in _TRAINING_ARGUMENT:
-        position, default = _TRAINING_ARGUMENT[node.target]
-        keyword = "train" if node.target in _aten("dropout") else "training"
-        return _argument(node, position, keyword, default) is False
+    if node.op == "call_function" and node.target in EVAL_IDENTITY_FUNCTIONS:
+        signature, training, default = EVAL_IDENTITY_FUNCTIONS[node.target]
+        return bind(node, signature, training, default) is False
     return False
 
 
@@ -198,12 +323,15 @@ def identity_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
 def flatten_dims(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, int] | None:
     """(start_dim, end_dim) when ``node`` is a flatten (module, function or method), else None."""
     module = module_of(node, modules)
-    if isinstance(module, nn.Flatten):
+    if computes_as(module, (nn.Flatten,)):
         return module.start_dim, module.end_dim
-    if (node.op == "call_function" and node.target in _FLATTEN_FUNCTIONS) or (
-        node.op == "call_method" and node.target == "flatten"
-    ):
-        return _argument(node, 1, "start_dim", 0), _argument(node, 2, "end_dim", -1)
+    if node.op == "call_function" and node.target in FLATTEN_FUNCTIONS:
+        signature = FLATTEN_FUNCTIONS[node.target]
+    elif node.op == "call_method" and node.target == "flatten":
+        signature = ("self", "start_dim", "end_dim")
+    else:
+        return None
+    return bind(node, signature, "start_dim", 0), bind(node, signature, "end_dim", -1)
     return None
 
 
@@ -215,10 +343,10 @@ def is_flatten_from_channels(node: fx.Node, modules: dict[str, nn.Module]) -> bo
 def is_global_average_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Adaptive average pooling to size 1 (module or function)."""
     module = module_of(node, modules)
-    if isinstance(module, GLOBAL_POOL_TYPES):
+    if computes_as(module, GLOBAL_POOL_TYPES):
         size = module.output_size
-    elif node.op == "call_function" and node.target in _GLOBAL_POOL_FUNCTIONS:
-        size = _argument(node, 1, "output_size")
+    elif node.op == "call_function" and node.target in GLOBAL_POOL_FUNCTIONS:
+        size = bind(node, GLOBAL_POOL_FUNCTIONS[node.target], "output_size")
     else:
         return False
     return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
@@ -226,12 +354,12 @@ def is_global_average_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool
 
 def is_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Any max/average pooling (channel-wise: pooling keeps zero channels zero)."""
-    return isinstance(module_of(node, modules), POOL_TYPES) or (node.op == "call_function" and node.target in _POOL_FUNCTIONS)
+    return computes_as(module_of(node, modules), POOL_TYPES) or (node.op == "call_function" and node.target in POOL_FUNCTIONS)
 
 
 def is_pad(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Explicit padding (``F.pad`` or a padding module)."""
-    return isinstance(module_of(node, modules), PAD_TYPES) or (node.op == "call_function" and node.target in _PAD_FUNCTIONS)
+    return computes_as(module_of(node, modules), PAD_TYPES) or (node.op == "call_function" and node.target in PAD_FUNCTIONS)
 
 
 def conv_padding(module: nn.Module) -> tuple[int, ...]:
@@ -255,7 +383,8 @@ _IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itr
 
 
 def writes_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """``node`` overwrites an input (``x.relu_()``, ``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``, ``x += y``).
+    """``node`` overwrites an input (``x.relu_()``, ``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)`` or
+    ``F.relu(x, True)``, ``x += y``, ``aten.relu_.default``).
 
     Dead-code elimination must keep such a node even when nothing reads its
     result: the other readers of the input it overwrites see the write.
@@ -267,9 +396,24 @@ def writes_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return bool(getattr(modules.get(str(node.target)), "inplace", False))
     if node.op == "call_function":
+        if isinstance(node.target, torch._ops.OpOverload):  # aten.relu_.default: its schema says it writes
+            return any(a.alias_info is not None and a.alias_info.is_write for a in node.target._schema.arguments)
+        position = _inplace_position(node.target)
+        if position is not None and len(node.args) > position and node.args[position] is True:
+            return True  # F.relu(x, True)
         name = getattr(node.target, "__name__", "")
         return node.target in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
     return False
+
+
+@functools.cache
+def _inplace_position(target) -> int | None:
+    """Where a Python function takes its ``inplace`` operand (F.relu, F.dropout, ...), or None."""
+    try:
+        names = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):  # C builtins have no Python signature
+        return None
+    return names.index("inplace") if "inplace" in names else None
 
 
 def follow_identities(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[fx.Node], fx.Node | None]:

@@ -1,7 +1,9 @@
 """Turn functional conv / linear / batch-norm calls with constant parameters into module calls (exact).
 
 timm's ``StdConv2d`` and ``BatchNormAct2d`` trace as ``F.conv2d(x, w, ...)``
-and ``F.batch_norm(x, running_mean, ...)`` whose parameter operands are
+and ``F.batch_norm(x, running_mean, ...)`` (``torch.batch_norm`` and
+``aten.batch_norm`` order their operands differently: the vocabulary binds
+each spelling by its own signature) whose parameter operands are
 ``get_attr`` nodes, or (weight standardisation) small subgraphs computed from
 ``get_attr`` nodes alone. Such a call computes exactly what a module with
 those tensors computes:
@@ -22,7 +24,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from egp_export.analysis.fx import insert_module_call, shape_of
-from egp_export.analysis.ops import LayerKind, functional_layer_args, layer_kind, named_modules
+from egp_export.analysis.ops import LayerKind, functional_layer_args, layer_kind, named_modules, operand
 from egp_export.passes.base import GraphPass, Recorder
 from egp_export.records import RewriteKind
 
@@ -55,10 +57,11 @@ def _constant(value, gm: fx.GraphModule, cache: dict) -> object:
     return result
 
 
-def _literal(node: fx.Node, position: int, keyword: str, default):
-    value = node.args[position] if len(node.args) > position else node.kwargs.get(keyword, default)
+def _literal(node: fx.Node, name: str, default):
+    """Operand ``name`` of the call, bound by its callable's own signature; raises LookupError if it is computed."""
+    value = operand(node, name, default)
     if isinstance(value, fx.Node) or (isinstance(value, (list, tuple)) and any(isinstance(v, fx.Node) for v in value)):
-        raise LookupError(f"'{keyword}' of '{node.name}' is computed in the graph")
+        raise LookupError(f"'{name}' of '{node.name}' is computed in the graph")
     return value
 
 
@@ -68,14 +71,14 @@ def _tensor(value) -> torch.Tensor | None:
 
 def _conv_module(node: fx.Node, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     rank = weight.dim() - 2
-    groups = _literal(node, 6, "groups", 1)
+    groups = _literal(node, "groups", 1)
     module = _CONV_MODULES[rank](
         weight.shape[1] * groups,
         weight.shape[0],
         tuple(weight.shape[2:]),
-        stride=_literal(node, 3, "stride", 1),
-        padding=_literal(node, 4, "padding", 0),
-        dilation=_literal(node, 5, "dilation", 1),
+        stride=_literal(node, "stride", 1),
+        padding=_literal(node, "padding", 0),
+        dilation=_literal(node, "dilation", 1),
         groups=groups,
         bias=bias is not None,
         dtype=weight.dtype,
@@ -97,14 +100,14 @@ def _linear_module(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module
 
 def _batchnorm_module(node: fx.Node, tensors: dict) -> nn.Module | None:
     shape = shape_of(node)
-    if shape is None or len(shape) not in _BATCHNORM_MODULES or _literal(node, 5, "training", False) is not False:
+    if shape is None or len(shape) not in _BATCHNORM_MODULES or _literal(node, "training", False) is not False:
         return None
     mean, var = tensors["running_mean"], tensors["running_var"]
     if mean is None or var is None:
         return None
     weight, bias = tensors["weight"], tensors["bias"]
     module = _BATCHNORM_MODULES[len(shape)](
-        mean.numel(), eps=_literal(node, 7, "eps", 1e-5), affine=weight is not None or bias is not None,
+        mean.numel(), eps=_literal(node, "eps", 1e-5), affine=weight is not None or bias is not None,
         dtype=mean.dtype, device=mean.device,
     )
     module.running_mean.copy_(mean)

@@ -23,7 +23,17 @@ import torch.nn as nn
 
 from egp_export.analysis.activations import activation_spec
 from egp_export.analysis.fx import call_sites, shape_of
-from egp_export.analysis.ops import CONV_TYPES, LINEAR_TYPES, flatten_dims, is_add, is_identity, is_pool, module_of, named_modules
+from egp_export.analysis.ops import (
+    flatten_dims,
+    is_add,
+    is_conv_module,
+    is_identity,
+    is_layer_module,
+    is_linear_module,
+    is_pool,
+    module_of,
+    named_modules,
+)
 from egp_export.passes.base import GraphPass, Recorder
 from egp_export.passes.modules import ChannelAffine
 from egp_export.records import Reason, RefusalCode, RewriteKind
@@ -83,7 +93,7 @@ class _DeadChannelRun:
                 continue
             if not self._is_free_layer(node):
                 module = module_of(node, self.modules)
-                if isinstance(module, CONV_TYPES + LINEAR_TYPES) and zero_rows(module).any():
+                if is_layer_module(module) and zero_rows(module).any():
                     count = int(zero_rows(module).sum())
                     record.refuse(node, Reason(RefusalCode.ZERO_CHANNELS_IN_TIED_LAYER, {"count": count}))
                 continue
@@ -138,9 +148,9 @@ class _DeadChannelRun:
         belong to another channel group; those are left alone.
         """
         module = module_of(node, self.modules)
-        if not isinstance(module, CONV_TYPES + LINEAR_TYPES) or call_sites(self.gm, str(node.target)) != 1:
+        if not is_layer_module(module) or call_sites(self.gm, str(node.target)) != 1:
             return False
-        return not (isinstance(module, CONV_TYPES) and module.groups != 1)
+        return not (is_conv_module(module) and module.groups != 1)
 
     def _transparent(self, node: fx.Node) -> bool:
         """A single-input op that maps a zero channel to a zero channel in place."""
@@ -175,7 +185,7 @@ class _DeadChannelRun:
     def _collect(self, start: fx.Node) -> _Group:
         group = _Group()
         group.producers.append(start)
-        group.channels_first = isinstance(module_of(start, self.modules), CONV_TYPES)
+        group.channels_first = is_conv_module(module_of(start, self.modules))
         seen = {start}
         forward = [start]
         while forward and group.blocker is None:
@@ -190,14 +200,14 @@ class _DeadChannelRun:
 
     def _classify_user(self, user: fx.Node, source: fx.Node, group: _Group, seen: set, forward: list) -> None:
         module = module_of(user, self.modules)
-        if isinstance(module, CONV_TYPES + LINEAR_TYPES):
+        if is_layer_module(module):
             shape = shape_of(source)
-            same_axis = isinstance(module, CONV_TYPES) == group.channels_first or (shape is not None and len(shape) == 2)
+            same_axis = is_conv_module(module) == group.channels_first or (shape is not None and len(shape) == 2)
             if not same_axis:
                 group.blocker = f"'{user.name}' reads a different axis than the channel axis"
             elif call_sites(self.gm, str(user.target)) > 1:
                 group.blocker = f"consumer '{user.target}' is shared by several call sites"
-            elif isinstance(module, CONV_TYPES) and module.groups != 1:
+            elif is_conv_module(module) and module.groups != 1:
                 group.blocker = f"consumer '{user.name}' is a grouped convolution"
             else:
                 seen.add(user)
@@ -205,7 +215,7 @@ class _DeadChannelRun:
             return
         block = self._flatten_block(user) if group.channels_first else None
         if block is not None:
-            linears = [u for u in user.users if isinstance(module_of(u, self.modules), LINEAR_TYPES)]
+            linears = [u for u in user.users if is_linear_module(module_of(u, self.modules))]
             if len(linears) != len(user.users) or any(call_sites(self.gm, str(u.target)) > 1 for u in linears):
                 group.blocker = f"flatten '{user.name}' feeds something other than unshared linear layers"
                 return
@@ -222,7 +232,7 @@ class _DeadChannelRun:
         """An operand of a residual add joins the group: it must come from producers through transparent ops."""
         seen.add(node)
         if self._is_free_layer(node):
-            if isinstance(module_of(node, self.modules), CONV_TYPES) != group.channels_first:
+            if is_conv_module(module_of(node, self.modules)) != group.channels_first:
                 group.blocker = f"residual operand '{node.name}' has a different channel layout"
                 return
             group.producers.append(node)
@@ -282,7 +292,7 @@ def _is_consumer(node: fx.Node, group: _Group) -> bool:
 
 
 def _set_width(module: nn.Module, *, out: int | None = None, inp: int | None = None) -> None:
-    if isinstance(module, LINEAR_TYPES):
+    if is_linear_module(module):
         if out is not None:
             module.out_features = out
         if inp is not None:

@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from egp_export.algebra.affine import fold_into_producer, producer_refusal
 from egp_export.analysis.fx import insert_module_call, shape_of
-from egp_export.analysis.ops import BATCHNORM_TYPES, module_of
+from egp_export.analysis.ops import is_batchnorm_module, module_of
 from egp_export.passes.modules import ChannelAffine
 from egp_export.passes.rules import Applied, Match, Op, Rule, RuleSetPass
 from egp_export.records import Reason, RefusalCode, RewriteKind
@@ -35,7 +35,7 @@ def batchnorm_affine(module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _is_batchnorm_module(node: fx.Node, modules) -> bool:
-    return isinstance(module_of(node, modules), BATCHNORM_TYPES) and bool(node.args) and isinstance(node.args[0], fx.Node)
+    return is_batchnorm_module(module_of(node, modules)) and bool(node.args) and isinstance(node.args[0], fx.Node)
 
 
 def _has_running_stats(match: Match) -> Reason | None:

@@ -20,14 +20,14 @@ import torch.fx as fx
 
 from egp_export.algebra.convchain import explicit_padding
 from egp_export.analysis.fx import shape_of, sharing_refusal
-from egp_export.analysis.ops import CONV_TYPES, module_of
+from egp_export.analysis.ops import is_conv_module, module_of
 from egp_export.passes.modules import ConstantAdd
 from egp_export.passes.rules import Add, Applied, Chain, Either, Match, Op, Rule, RuleSetPass
 from egp_export.records import Reason, RefusalCode, RewriteKind
 
 
 def _is_conv_module(node: fx.Node, modules) -> bool:
-    return isinstance(module_of(node, modules), CONV_TYPES)
+    return is_conv_module(module_of(node, modules))
 
 
 def _is_bias_map(node: fx.Node, modules) -> bool:

@@ -32,7 +32,7 @@ import torch.fx as fx
 from egp_export.algebra.convchain import ChainClass, ConvLayer, explicit_padding, merge_chain
 from egp_export.algebra.costmodel import AnalyticCost
 from egp_export.analysis.fx import insert_module_call, shape_of
-from egp_export.analysis.ops import CONV_TYPES, follow_identities, module_of, named_modules
+from egp_export.analysis.ops import follow_identities, is_conv_module, module_of, named_modules
 from egp_export.passes.base import GraphPass, Recorder
 from egp_export.passes.modules import ConstantAdd
 from egp_export.records import Reason, RefusalCode, RewriteKind
@@ -94,7 +94,7 @@ class _ChainRun:
 
     def _mergeable_conv(self, node: fx.Node) -> bool:
         module = module_of(node, self.modules)
-        if not isinstance(module, CONV_TYPES) or self.sites[str(node.target)] != 1 or shape_of(node.args[0]) is None:
+        if not is_conv_module(module) or self.sites[str(node.target)] != 1 or shape_of(node.args[0]) is None:
             return False
         try:
             explicit_padding(module)
@@ -222,7 +222,7 @@ def conv_seconds(gm: fx.GraphModule, cost=None) -> float:
             total += cost.add_seconds(module.value.numel())
             continue
         shape = shape_of(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
-        if isinstance(module, CONV_TYPES) and shape is not None:
+        if is_conv_module(module) and shape is not None:
             try:
                 layer = ConvLayer.shape_of_module(module)
             except ValueError:

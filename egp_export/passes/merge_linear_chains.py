@@ -22,11 +22,11 @@ import torch.nn as nn
 
 from egp_export.algebra.affine import layer_refusal
 from egp_export.analysis.ops import (
-    CONV_TYPES,
-    LINEAR_TYPES,
+    is_conv_module,
     is_flatten_from_channels,
     is_global_average_pool,
     is_identity,
+    is_linear_module,
     module_of,
 )
 from egp_export.passes.rules import Applied, Chain, Match, Op, Rule, RuleSetPass, Skip
@@ -34,11 +34,11 @@ from egp_export.records import Reason, RefusalCode, RewriteKind
 
 
 def _is_linear_module(node: fx.Node, modules) -> bool:
-    return isinstance(module_of(node, modules), LINEAR_TYPES) and bool(node.args) and isinstance(node.args[0], fx.Node)
+    return is_linear_module(module_of(node, modules)) and bool(node.args) and isinstance(node.args[0], fx.Node)
 
 
 def _is_conv_module(node: fx.Node, modules) -> bool:
-    return isinstance(module_of(node, modules), CONV_TYPES)
+    return is_conv_module(module_of(node, modules))
 
 
 def _bias(module: nn.Module) -> torch.Tensor:

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 import torch.fx as fx
 import torch.nn as nn
 
-from egp_export.analysis.ops import is_add, is_batch_norm, is_identity, is_module_layer, is_pool, named_modules
+from egp_export.analysis.ops import is_add, is_any_layer_module, is_batch_norm, is_identity, is_pool, module_of, named_modules
 from egp_export.analysis.stats import SiteStats
 
 
@@ -71,7 +71,7 @@ def _without_shortcuts(operand_layers: list[list[fx.Node]]) -> list[list[fx.Node
 
 def _producers(node: fx.Node, modules: Mapping[str, nn.Module], include_shortcuts: bool) -> list[fx.Node]:
     """The layer nodes whose output reaches ``node`` (see the module docstring)."""
-    if is_module_layer(node, modules):
+    if is_any_layer_module(module_of(node, modules)):  # a mask prunes a subclass with its own forward too
         return [node]
     if _passes_channels_through(node, modules):
         return _producers(node.args[0], modules, include_shortcuts)

@@ -109,6 +109,10 @@ REASONS: dict[RefusalCode, Callable[[Mapping[str, Any]], str]] = {
         f"cannot fold backwards ({describe_reason(d['backward'])}) or forwards ({describe_reason(d['forward'])})"
     ),
     RefusalCode.NOT_A_LAYER: lambda d: f"'{d['node']}' is not a conv/linear layer",
+    RefusalCode.OPAQUE_MODULE: lambda d: (
+        f"'{d['node']}' is a {d['module_type']}, a {d['base']} subclass that {d['why']}: "
+        "its attributes do not describe what it computes"
+    ),
     RefusalCode.SHARED_WEIGHT: lambda d: f"weights of '{d['layer']}' are shared by {d['sites']} call sites",
     RefusalCode.SAME_MODULE: lambda d: f"'{d['layer']}' is the same module as '{d['other']}'",
     RefusalCode.TIED_WEIGHT: lambda d: f"'{d['parameter']}' is the same tensor as '{d['other']}' (tied weights)",

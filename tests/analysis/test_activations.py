@@ -10,7 +10,14 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from egp_export.analysis.activations import ActivationSpec, activation_spec, binary_entropy, categorical_entropy, fit_affine
+from egp_export.analysis.activations import (
+    ActivationSpec,
+    activation_spec,
+    binary_entropy,
+    categorical_entropy,
+    fit_affine,
+    hidden_activation_count,
+)
 from egp_export.analysis.ops import named_modules
 from egp_export.analysis.trace import trace
 from tests.conftest import FORM_IDS, FORMS, Form, Slot
@@ -191,3 +198,15 @@ def test_fit_affine_degenerate_range():
 
     assert float(error[0]) <= 1e-12
     torch.testing.assert_close(slope * 2.0 + intercept, F.silu(torch.tensor([2.0], dtype=torch.float64)))
+
+
+def test_an_activation_subclass_with_its_own_forward_is_no_site_but_counts_as_hidden_in_a_leaf():
+    class ScaledReLU(nn.ReLU):
+        def forward(self, x):
+            return 2 * torch.relu(x)
+
+    graph = fx.Graph()
+    node = graph.call_module("act", (graph.placeholder("x"),))
+    assert activation_spec(node, {"act": ScaledReLU()}) is None
+    assert activation_spec(node, {"act": nn.ReLU()}) is not None
+    assert hidden_activation_count(nn.Sequential(nn.Linear(2, 2), ScaledReLU())) == 1

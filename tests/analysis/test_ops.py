@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import inspect
 import operator
+import warnings
 
 import pytest
+import timm
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.ops import stochastic_depth
 
-from egp_export.analysis import ops
+import egp_export
+from egp_export.analysis import activations, ops
+from egp_export.analysis.fx import propagate_shapes
 from egp_export.analysis.trace import trace
+from egp_export.passes import BindFunctionalLayers, FoldBatchNorm, finalize
+from egp_export.records import RefusalCode, RewriteKind
+from egp_export.report.messages import describe_refusal
+from tests.conftest import apply, assert_same_function, prepare, randomize_batchnorm
 
 
 class Spelled(nn.Module):
@@ -142,3 +152,454 @@ def test_follow_identities_walks_to_the_next_op():
     first = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "0")
     between, after = ops.follow_identities(first, modules)
     assert [n.target for n in between] == ["1", "2"] and after.target == "3"
+
+
+# Every table entry, in every spelling it lists ---------------------------------
+#
+# The calls below are built from each callable's *real* signature (inspect, or
+# the ATen schema a builtin dispatches to), never from the vocabulary's own
+# table, so a table that lists a wrong operand order fails here.
+
+
+# stochastic_depth is fx.wrap'ed only where torchvision calls it; wrap it here too so that it is traced as a call.
+fx.wrap("stochastic_depth")
+
+
+def real_signature(fn) -> tuple[str, ...]:
+    """The operand names of ``fn`` in order: Python signature, or the ATen schema (builtins, ATen ops)."""
+    if isinstance(fn, torch._ops.OpOverload):
+        return tuple(a.name for a in fn._schema.arguments)
+    if isinstance(fn, torch._ops.OpOverloadPacket):  # the overload a plain call resolves to first
+        return real_signature(getattr(fn, "default" if "default" in fn.overloads() else fn.overloads()[0]))
+    try:
+        return tuple(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # a C builtin: torch.batch_norm, F.conv2d, F.relu_ ...
+        return real_signature(getattr(torch.ops.aten, fn.__name__))
+
+
+def _name(fn) -> str:
+    if isinstance(fn, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return f"aten.{fn.__name__}"
+    return f"{getattr(fn, '__module__', None) or ''}.{getattr(fn, '__name__', fn)}"
+
+
+class Operands(nn.Module):
+    """Parameters of every shape a table entry needs, each under its own name (so a swapped binding shows)."""
+
+    def __init__(self, call) -> None:
+        super().__init__()
+        self.call = call
+        self.conv1d = nn.Parameter(torch.randn(4, 4, 3))
+        self.conv2d = nn.Parameter(torch.randn(4, 4, 3, 3))
+        self.conv3d = nn.Parameter(torch.randn(4, 4, 3, 3, 3))
+        self.linear = nn.Parameter(torch.randn(4, 4))
+        self.bias = nn.Parameter(torch.randn(4))
+        self.gamma = nn.Parameter(torch.rand(4) + 0.5)
+        self.beta = nn.Parameter(torch.randn(4) - 3.0)  # negative: a variance bound to it gives NaN
+        self.register_buffer("mean", torch.randn(4))
+        self.register_buffer("var", torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        return self.call(self, x)
+
+
+def _layer_rank(fn) -> int:
+    kind, _ = ops.FUNCTIONAL_LAYERS[fn]
+    if kind is ops.LayerKind.CONV:
+        return next(r for r in (1, 2, 3) if f"conv{r}d" in _name(fn))
+    return 0 if kind is ops.LayerKind.LINEAR else 2
+
+
+def _layer_values(m: Operands, fn) -> dict:
+    kind, _ = ops.FUNCTIONAL_LAYERS[fn]
+    rank = _layer_rank(fn)
+    if kind is ops.LayerKind.CONV:
+        padding = "valid" if _name(fn).endswith(".padding") else [1] * rank
+        weight = getattr(m, f"conv{rank}d")
+        return {"weight": weight, "bias": m.bias, "stride": [1] * rank, "padding": padding, "dilation": [1] * rank, "groups": 1}
+    if kind is ops.LayerKind.LINEAR:
+        return {"weight": m.linear, "bias": m.bias}
+    return {
+        "weight": m.gamma, "bias": m.beta, "running_mean": m.mean, "running_var": m.var,
+        "training": False, "momentum": 0.1, "eps": 1e-5, "cudnn_enabled": False,
+    }
+
+
+# Where each parameter operand must come from (the attribute of Operands).
+_EXPECTED_SOURCE = {
+    ops.LayerKind.CONV: {"weight": "conv{rank}d", "bias": "bias"},
+    ops.LayerKind.LINEAR: {"weight": "linear", "bias": "bias"},
+    ops.LayerKind.BATCH_NORM: {"weight": "gamma", "bias": "beta", "running_mean": "mean", "running_var": "var"},
+}
+
+
+def _call(fn, names: tuple[str, ...], values: dict, style: str):
+    """``fn(x, ...)`` with every operand after the input, positional or by keyword."""
+    rest = names[1:]
+    if style == "positional":
+        return lambda m, x: fn(x, *[values(m)[n] for n in rest])
+    return lambda m, x: fn(x, **{n: values(m)[n] for n in rest})
+
+
+LAYER_CASES = [(fn, style) for fn in ops.FUNCTIONAL_LAYERS for style in ("positional", "keyword")]
+
+
+@pytest.mark.parametrize("fn, style", LAYER_CASES, ids=[f"{_name(f)}-{s}" for f, s in LAYER_CASES])
+def test_every_functional_layer_binds_its_operands_by_its_own_signature(fn, style):
+    kind, signature = ops.FUNCTIONAL_LAYERS[fn]
+    assert signature[1:] == real_signature(fn)[1:], f"the table's operand order for {_name(fn)} is not its signature"
+    model = Operands(_call(fn, real_signature(fn), lambda m: _layer_values(m, fn), style)).eval()
+    rank = _layer_rank(fn)
+    example = torch.randn(2, 4, *([5] * rank))
+    node, modules = _node(model)
+    assert node.target is fn and ops.layer_kind(node, modules) is kind
+
+    bound = {name: value.target for name, value in ops.functional_layer_args(node).items()}
+    expected = {name: source.format(rank=rank) for name, source in _EXPECTED_SOURCE[kind].items()}
+    assert bound == expected
+
+    gm = prepare(model, example)
+    result = apply(BindFunctionalLayers(), gm, example)
+    assert [r.kind for r in result.rewrites] == [RewriteKind.FUNCTIONAL_LAYER_BOUND]
+    assert_same_function(model, gm, torch.randn(3, 4, *([5] * rank)))
+
+
+def test_a_batch_norm_spelt_torch_batch_norm_folds_and_verifies_on_fresh_inputs():
+    """torch.batch_norm(input, weight, bias, running_mean, running_var, ...): compiled with the BN folded."""
+
+    class TorchBatchNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.head = nn.Conv2d(8, 4, 1)
+            randomize_batchnorm(self.bn)
+
+        def forward(self, x):
+            bn = self.bn
+            x = torch.batch_norm(self.conv(x), bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0.1, 1e-5, False)
+            return self.head(x)  # no activation: nothing statistical, the compile is exact
+
+    model = TorchBatchNorm().eval()
+    result = egp_export.compile(model, torch.randn(64, 3, 8, 8))
+    assert RewriteKind.BN_FOLDED.value in [r["kind"] for r in result.report["rewrites"]]
+    assert not any(ops.is_batch_norm(n, ops.named_modules(result.module)) for n in result.module.graph.nodes)
+    assert_same_function(model, result.module, torch.randn(16, 3, 8, 8))
+
+
+def _activation_values(fn) -> dict:
+    return {"min_val": -0.5, "max_val": 0.7, "negative_slope": 0.2, "approximate": "tanh"}
+
+
+ACTIVATION_CASES = [(fn, style) for fn in activations.ACTIVATION_FUNCTIONS for style in ("positional", "keyword")]
+
+
+@pytest.mark.parametrize("fn, style", ACTIVATION_CASES, ids=[f"{_name(f)}-{s}" for f, s in ACTIVATION_CASES])
+def test_every_functional_activation_reads_its_operands_and_in_place_flag(fn, style):
+    signature, _, always_inplace = activations.ACTIVATION_FUNCTIONS[fn]
+    names = real_signature(fn)
+    assert signature[1:] == names[1:], f"the table's operand order for {_name(fn)} is not its signature"
+    inplace = style == "positional"  # positional calls ask for in place, keyword calls do not
+    values = {**_activation_values(fn), "inplace": inplace}
+    rest = [n for n in names[1:] if n in values]
+    if style == "positional" and "approximate" not in rest:
+        call = lambda m, x: fn(x * 1, *[values[n] for n in rest])  # noqa: E731 - x * 1: never write the input
+    else:
+        call = lambda m, x: fn(x * 1, **{n: values[n] for n in rest})  # noqa: E731
+    model = Operands(call).eval()
+    node, modules = _node(model)
+    spec = activations.activation_spec(node, modules)
+    assert spec is not None
+    assert spec.inplace == (always_inplace or ("inplace" in rest and inplace))
+    x = torch.randn(64, 4) * 4
+    with torch.no_grad():
+        torch.testing.assert_close(spec.fn(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "base, build", activations.ACTIVATION_MODULES, ids=[b.__name__ for b, _ in activations.ACTIVATION_MODULES]
+)
+def test_every_activation_module_is_known_and_a_subclass_with_its_own_forward_is_not(base, build):
+    module = base()
+    own = type(f"Scaled{base.__name__}", (base,), {"forward": lambda self, x: 2 * base.forward(self, x)})()
+    same = type(f"Plain{base.__name__}", (base,), {})()
+    modules = {"act": module, "own": own, "same": same}
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    nodes = {name: graph.call_module(name, (x,)) for name in modules}
+    z = torch.randn(64, 4) * 4
+    spec = activations.activation_spec(nodes["act"], modules)
+    with torch.no_grad():
+        torch.testing.assert_close(spec.fn(z), module(z))
+    assert activations.activation_spec(nodes["same"], modules) is not None
+    assert activations.activation_spec(nodes["own"], modules) is None
+
+
+IDENTITY_CASES = [(fn, style) for fn in ops.EVAL_IDENTITY_FUNCTIONS for style in ("positional", "keyword")]
+
+
+@pytest.mark.parametrize("fn, style", IDENTITY_CASES, ids=[f"{_name(f)}-{s}" for f, s in IDENTITY_CASES])
+def test_every_eval_identity_function_reads_its_training_operand(fn, style):
+    signature, training, default = ops.EVAL_IDENTITY_FUNCTIONS[fn]
+    names = real_signature(fn)
+    if fn is stochastic_depth:  # through the module's global name, which fx.wrap patches while tracing
+        fn = lambda *args, **kwargs: stochastic_depth(*args, **kwargs)  # noqa: E731
+    assert signature[1:] == names[1:], f"the table's operand order for {_name(fn)} is not its signature"
+    for value, identity in ((False, True), (True, False)):
+        values = {"p": 0.5, "mode": "row", training: value, "inplace": False}
+        rest = [n for n in names[1:] if n in values]
+        if style == "positional":
+            model = Operands(lambda m, x, values=values, rest=rest: fn(x, *[values[n] for n in rest]))
+        else:
+            model = Operands(lambda m, x, values=values, rest=rest: fn(x, **{n: values[n] for n in rest}))
+        node, modules = _node(model)
+        assert ops.is_identity(node, modules) is identity, (value, identity)
+    if default is not None:  # training left out: its default decides
+        node, modules = _node(Operands(lambda m, x: fn(x, 0.5) if "mode" not in names else fn(x, 0.5, "row")))
+        assert ops.is_identity(node, modules) is (default is False)
+
+
+@pytest.mark.parametrize("fn", list(ops.FLATTEN_FUNCTIONS), ids=_name)
+def test_every_flatten_function_reads_its_dims(fn):
+    assert ops.FLATTEN_FUNCTIONS[fn][1:] == real_signature(fn)[1:]
+    for call, dims in (
+        (lambda m, x: fn(x, 1, -1), (1, -1)),
+        (lambda m, x: fn(x, start_dim=2, end_dim=3), (2, 3)),
+        (lambda m, x: fn(x), (0, -1)),
+    ):
+        node, modules = _node(Operands(call))
+        assert ops.flatten_dims(node, modules) == dims
+
+
+@pytest.mark.parametrize("fn", list(ops.GLOBAL_POOL_FUNCTIONS), ids=_name)
+def test_every_global_pool_function_reads_its_output_size(fn):
+    assert ops.GLOBAL_POOL_FUNCTIONS[fn][1:] == real_signature(fn)[1:]
+    rank = 1 if "1d" in _name(fn) else 3 if "3d" in _name(fn) else 2
+    for size, pooled in ((1, True), ([1] * rank, True), (2, False)):
+        for call in (lambda m, x, size=size: fn(x, size), lambda m, x, size=size: fn(x, output_size=size)):
+            node, modules = _node(Operands(call))
+            assert ops.is_global_average_pool(node, modules) is pooled and ops.is_pool(node, modules)
+
+
+POOL_CALLS = {
+    F.adaptive_max_pool1d: lambda x: F.adaptive_max_pool1d(x, 1),
+    F.adaptive_max_pool2d: lambda x: F.adaptive_max_pool2d(x, 1),
+    F.adaptive_max_pool3d: lambda x: F.adaptive_max_pool3d(x, 1),
+    F.max_pool1d: lambda x: F.max_pool1d(x, 2),
+    F.max_pool2d: lambda x: F.max_pool2d(x, 2),
+    F.max_pool3d: lambda x: F.max_pool3d(x, 2),
+    F.avg_pool1d: lambda x: F.avg_pool1d(x, 2),
+    F.avg_pool2d: lambda x: F.avg_pool2d(x, 2),
+    F.avg_pool3d: lambda x: F.avg_pool3d(x, 2),
+    **{fn: (lambda x, fn=fn: fn(x, [2, 2])) for fn in ops.aten_ops("max_pool2d.default", "avg_pool2d.default")},
+}
+PAD_CALLS = {
+    F.pad: lambda x: F.pad(x, (1, 1)),
+    torch.constant_pad_nd: lambda x: torch.constant_pad_nd(x, [1, 1]),
+    **{fn: (lambda x, fn=fn: fn(x, [1, 1])) for fn in ops.aten_ops("pad.default", "constant_pad_nd.default")},
+}
+
+
+def test_every_pool_and_pad_function_is_recognised():
+    assert set(POOL_CALLS) == ops.POOL_FUNCTIONS - set(ops.GLOBAL_POOL_FUNCTIONS)
+    assert set(PAD_CALLS) == ops.PAD_FUNCTIONS
+    for fn, call in [*POOL_CALLS.items(), *PAD_CALLS.items()]:
+        node, modules = _node(Operands(lambda m, x, call=call: call(x)))
+        assert node.target is fn
+        assert ops.is_pool(node, modules) is (fn in POOL_CALLS) and ops.is_pad(node, modules) is (fn in PAD_CALLS)
+
+
+@pytest.mark.parametrize("fn", sorted(ops.ADD_FUNCTIONS, key=_name), ids=_name)
+def test_every_add_function_is_an_add_without_alpha(fn):
+    graph = fx.Graph()  # by hand: symbolic tracing records operator.iadd on a Proxy as operator.add
+    a, b = graph.placeholder("a"), graph.placeholder("b")
+    assert ops.is_add(graph.call_function(fn, (a, b)))
+    assert ops.is_add(graph.call_function(fn, (a, b), {"alpha": 1}))
+    assert not ops.is_add(graph.call_function(fn, (a, b), {"alpha": 2}))
+    assert not ops.is_add(graph.call_function(fn, (a,)))
+
+
+# Subclasses that compute something else are opaque ------------------------------
+
+
+class StandardisedConv(nn.Conv2d):
+    """A Conv2d subclass with its own forward (weight standardisation): its attributes do not describe it."""
+
+    def forward(self, x):
+        weight = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / self.weight.std((1, 2, 3), keepdim=True)
+        return self._conv_forward(x, weight, self.bias)
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class BatchNormThenRelu(nn.BatchNorm2d):
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+class PlainConv(nn.Conv2d):
+    """A subclass that only adds a name: it computes what Conv2d computes."""
+
+
+def _orthogonal_conv() -> nn.Conv2d:
+    conv = nn.Conv2d(4, 4, 1)
+    nn.utils.parametrize.register_parametrization(conv, "weight", nn.Identity())
+    return conv
+
+
+def _hooked_conv() -> nn.Conv2d:
+    conv = nn.Conv2d(4, 4, 1)
+    conv.register_forward_hook(lambda module, inputs, output: output * 2)
+    return conv
+
+
+@pytest.mark.parametrize(
+    "module, why",
+    [
+        (StandardisedConv(4, 4, 1), "overrides forward"),
+        (ScaledLinear(4, 4), "overrides forward"),
+        (BatchNormThenRelu(4), "overrides forward"),
+        (_orthogonal_conv(), "parametrized"),
+        (_hooked_conv(), "forward hooks"),
+    ],
+    ids=["conv-forward", "linear-forward", "batchnorm-forward", "parametrized", "hooked"],
+)
+def test_a_layer_subclass_that_computes_something_else_is_opaque_with_a_reason(module, why):
+    graph = fx.Graph()
+    node = graph.call_module("layer", (graph.placeholder("x"),))
+    modules = {"layer": module}
+    assert ops.layer_kind(node, modules) is None and not ops.is_module_layer(node, modules)
+    reason = ops.layer_opaque_reason(module)
+    assert reason.code is RefusalCode.OPAQUE_MODULE and reason.detail["why"] == why
+
+
+@pytest.mark.parametrize("module, kind", [(PlainConv(4, 4, 1), ops.LayerKind.CONV), (nn.Conv2d(4, 4, 1), ops.LayerKind.CONV)])
+def test_a_subclass_that_computes_what_its_base_does_is_that_layer(module, kind):
+    graph = fx.Graph()
+    node = graph.call_module("layer", (graph.placeholder("x"),))
+    assert ops.layer_kind(node, {"layer": module}) is kind and ops.layer_opaque_reason(module) is None
+
+
+class ConvSubclassBn(nn.Module):
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+        self.bn = nn.BatchNorm2d(8)
+        randomize_batchnorm(self.bn)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def test_a_conv_subclass_with_its_own_forward_is_not_folded_into():
+    model = ConvSubclassBn(StandardisedConv(3, 8, 3, padding=1)).eval()
+    example = torch.randn(4, 3, 8, 8)
+    gm = trace(model, leaf_modules=[StandardisedConv])
+    propagate_shapes(gm, example[:1])
+    result = FoldBatchNorm()(gm)
+    finalize(gm)
+    assert [r.kind for r in result.rewrites] == [RewriteKind.BN_TO_AFFINE]
+    [kept] = result.refusals
+    because = kept.reason.detail["because"]
+    assert because.code is RefusalCode.OPAQUE_MODULE and because.detail["module_type"] == "StandardisedConv"
+    assert "StandardisedConv, a Conv2d subclass that overrides forward" in describe_refusal(kept)
+    assert_same_function(model, gm, torch.randn(6, 3, 8, 8))
+
+
+class TimmSameBlock(nn.Module):
+    """A BatchNorm on the input (it folds forwards into the conv if the conv is taken for unpadded), then
+    timm's Conv2dSame (stride 2: padding computed from the input size at run time) + BN + ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(3)
+        self.conv = timm.layers.create_conv2d(3, 8, 3, stride=2, padding="same")
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU()
+        randomize_batchnorm(self.norm)
+        randomize_batchnorm(self.bn)
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(self.norm(x))))
+
+
+@pytest.mark.parametrize("size", [9, 10], ids=["odd", "even"])
+def test_a_timm_conv2d_same_model_compiles_and_matches_on_fresh_inputs(size):
+    model = TimmSameBlock().eval()
+    assert type(model.conv) is timm.layers.Conv2dSame
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Conv2dSame is untraceable: made a leaf, with a warning
+        result = egp_export.compile(model, torch.randn(64, 3, size, size))
+    assert_same_function(model, result.module, torch.randn(32, 3, size, size))
+    kept = [r for r in result.report["refusals"] if r["code"] == RefusalCode.BN_NOT_FOLDED_BACKWARDS.value]
+    assert any(r["detail"]["because"]["code"] == RefusalCode.OPAQUE_MODULE.value for r in kept)
+
+
+@pytest.mark.parametrize(
+    "call, writes",
+    [
+        (lambda m, x: F.relu(x * 1, True), True),
+        (lambda m, x: F.relu(x * 1, inplace=True), True),
+        (lambda m, x: F.relu(x * 1, False), False),
+        (lambda m, x: F.relu(x * 1), False),
+        (lambda m, x: torch.ops.aten.relu_.default(x * 1), True),
+        (lambda m, x: torch.ops.aten.relu.default(x * 1), False),
+        (lambda m, x: torch.ops.aten.hardtanh_(x * 1, 0.0, 6.0), True),
+        (lambda m, x: (x * 1).relu_(), True),
+    ],
+    ids=["positional", "keyword", "positional-false", "default", "aten-overload", "aten-pure", "aten-packet", "method"],
+)
+def test_writes_in_place_reads_every_spelling_of_in_place(call, writes):
+    node, modules = _node(Operands(call))
+    assert ops.writes_in_place(node, modules) is writes
+
+
+MODULE_RULES = [
+    ("identity", nn.Identity, (), ops.is_identity),
+    ("dropout", nn.Dropout, (0.5,), ops.is_identity),
+    ("flatten", nn.Flatten, (), ops.is_flatten_from_channels),
+    ("global_pool", nn.AdaptiveAvgPool2d, (1,), ops.is_global_average_pool),
+    ("pool", nn.MaxPool2d, (2,), ops.is_pool),
+    ("pad", nn.ZeroPad2d, (1,), ops.is_pad),
+]
+
+
+@pytest.mark.parametrize("name, base, args, predicate", MODULE_RULES, ids=[r[0] for r in MODULE_RULES])
+def test_each_module_rule_fires_for_its_class_and_not_for_a_subclass_with_its_own_forward(name, base, args, predicate):
+    own = type(f"Own{base.__name__}", (base,), {"forward": lambda self, x: 2 * base.forward(self, x)})
+    modules = {"plain": base(*args), "own": own(*args)}
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    assert predicate(graph.call_module("plain", (x,)), modules)
+    assert not predicate(graph.call_module("own", (x,)), modules)
+
+
+def test_an_opaque_conv_is_still_a_layer_for_depth_and_pruning_but_not_for_the_algebra():
+    graph = fx.Graph()
+    node = graph.call_module("layer", (graph.placeholder("x"),))
+    modules = {"layer": StandardisedConv(4, 4, 1)}
+    assert ops.is_layer(node, modules) and ops.is_any_layer_module(modules["layer"])
+    assert not ops.is_module_layer(node, modules) and not ops.is_conv(node, modules)
+    assert not ops.is_layer(graph.call_module("norm", (node,)), {"norm": nn.BatchNorm2d(4)})
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        timm.layers.BatchNormAct2d(4),
+        timm.layers.Conv2dSame(4, 4, 3, stride=2),
+        timm.layers.StdConv2dSame(4, 4, 3, stride=2, padding="SAME"),
+        timm.layers.ScaledStdConv2d(4, 4, 3),
+    ],
+    ids=lambda m: type(m).__name__,
+)
+def test_timm_layers_with_their_own_forward_are_opaque_when_called_as_one_module(module):
+    """As leaves (requested, or untraceable like Conv2dSame) they are no BatchNorm/conv: BatchNormAct2d's
+    activation and Conv2dSame's run-time padding are not in their attributes."""
+    graph = fx.Graph()
+    node = graph.call_module("layer", (graph.placeholder("x"),))
+    assert ops.layer_kind(node, {"layer": module}) is None
+    assert ops.layer_opaque_reason(module).detail["why"] == "overrides forward"

@@ -133,3 +133,31 @@ def test_the_default_pipeline_compiles_a_functional_network_to_plain_convs():
     modules = named_modules(gm)
     assert not any(is_batch_norm(n, modules) for n in gm.graph.nodes)
     assert_same_function(model, gm, torch.randn(4, 3, 8, 8))
+
+
+def test_torch_batch_norm_binds_by_its_own_operand_order_and_folds():
+    """torch.batch_norm(input, weight, bias, running_mean, running_var, ...): not F.batch_norm's order."""
+
+    class TorchSpelling(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.gamma = nn.Parameter(torch.rand(8) + 0.5)
+            self.beta = nn.Parameter(torch.randn(8) - 3.0)  # negative: taken for the variance it gives NaN
+            self.register_buffer("mean", torch.randn(8))
+            self.register_buffer("var", torch.rand(8) + 0.5)
+
+        def forward(self, x):
+            x = torch.batch_norm(self.conv(x), self.gamma, self.beta, self.mean, self.var, False, 0.1, 1e-5, False)
+            return torch.ops.aten.batch_norm.default(
+                x, weight=self.gamma, bias=None, running_mean=self.mean, running_var=self.var,
+                training=False, momentum=0.1, eps=1e-3, cudnn_enabled=False,
+            )
+
+    model = TorchSpelling().eval()
+    example = torch.randn(2, 3, 8, 8)
+    gm = prepare(model, example)
+    PassManager([BindFunctionalLayers(), FoldBatchNorm()], example_input=example[:1]).run(gm)
+    modules = named_modules(gm)
+    assert not any(is_batch_norm(n, modules) for n in gm.graph.nodes)
+    assert_same_function(model, gm, torch.randn(4, 3, 8, 8))
