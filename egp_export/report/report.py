@@ -294,10 +294,10 @@ def _guarantee(report: dict) -> list[str]:
         "",
     ]
     if evidence:
-        lines += ["| site | samples | observations per neuron | min margin | crossing rate < (95%) |", "|---|---|---|---|---|"]
+        lines += ["| site | distinct samples | observations per neuron | min margin | crossing rate < (95%) |", "|---|---|---|---|---|"]
         for row in evidence:
             lines.append(
-                f"| `{row['site']}` | {_count(row.get('samples'))} | {_count(row.get('observations_per_neuron'))} | "
+                f"| `{row['site']}` | {_count(row.get('distinct_samples', row.get('samples')))} | {_count(row.get('observations_per_neuron'))} | "
                 f"{_number(row.get('min_margin'))} | {_number(row.get('crossing_rate_bound_95'))} |"
             )
         lines.append("")
