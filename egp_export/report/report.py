@@ -121,6 +121,11 @@ def _header(report: dict) -> list[str]:
         text = f"calibration: {calibration['samples']} samples"
         if held:
             text += f" (+{held} held out for verification)"
+        if "split_seed" in calibration:
+            text += f", split by a permutation seeded with {calibration['split_seed']}"
+        distinct = calibration.get("distinct_decide_samples")
+        if distinct is not None and distinct < calibration.get("decide_samples", distinct):
+            text += f", {distinct} distinct of {calibration['decide_samples']} samples decided on"
         if shape:
             text += f", sample shape {shape}"
         facts.append(text)
