@@ -660,8 +660,7 @@ def _distinct_samples(split: CalibrationSplit) -> dict:
     if split.decide_samples - decide > DUPLICATE_WARNING_FRACTION * split.decide_samples:
         problems.append(
             f"only {decide} of the {split.decide_samples} samples decided on are distinct; duplicates add no "
-            "evidence (observations per neuron = distinct samples x positions), so thinly supported rewrites were "
-            "not made"
+            "evidence (observations per neuron = distinct samples x positions)"
         )
     if split.holdout is not split.calibrate and split.holdout_samples - unseen > DUPLICATE_WARNING_FRACTION * split.holdout_samples:
         problems.append(
