@@ -1,9 +1,10 @@
 """``compile``: trace → calibrate → rewrite → verify on held-out data → report.
 
 The calibration samples are split three ways by a seeded permutation
-(analysis/batches.py, ``split_seed``): rewrites are *decided* on the first part, *validated* on the second (which can only
-withdraw them), and the compiled module is *verified* against the original on
-the last, which decides nothing. Without ``strict``, a compile backs off
+(analysis/batches.py, ``split_seed``): rewrites are *decided* on the first
+part, *validated* on the second (which can only withdraw them), and the
+compiled module is *verified* against the original on the last, which
+decides nothing; a sample repeated counts once as evidence. Without ``strict``, a compile backs off
 instead of giving up: neurons that leave their region on validation data lose
 their rewrite (the activation stays, or they leave the dead mask), and if the
 final check still fails, every rewrite that rests on calibration statistics is
@@ -158,8 +159,10 @@ class _Shards:
     One process: all of them, nothing to merge. Under torchrun (``runtime``
     with ``world_size`` > 1, e.g. ``prune.distributed.runtime_from_env()``):
     each rank calibrates, validates and verifies on a contiguous share of each
-    part, and the statistics and errors are all-reduced, so every rank decides
-    the same rewrites and sees the same error as one process on all samples.
+    part (every rank draws the same seeded permutation, so the parts agree),
+    and the statistics, errors and sample digests are all-reduced, so every
+    rank decides the same rewrites and sees the same error as one process on
+    all samples.
     """
 
     def __init__(self, runtime) -> None:
@@ -655,14 +658,15 @@ def _distinct_samples(split: CalibrationSplit) -> dict:
     """How many decide and held-out samples differ (by their digests), how many held-out ones are not among the
     decide samples (only those verify something the decisions did not see), and a note when many repeat."""
     decide = split.distinct_decide_samples()
-    held, unseen = split.distinct_holdout_samples() if split.holdout is not split.calibrate else (0, 0)
+    held_out = split.holdout is not split.calibrate
+    held, unseen = split.distinct_holdout_samples() if held_out else (0, 0)
     problems = []
     if split.decide_samples - decide > DUPLICATE_WARNING_FRACTION * split.decide_samples:
         problems.append(
             f"only {decide} of the {split.decide_samples} samples decided on are distinct; duplicates add no "
             "evidence (observations per neuron = distinct samples x positions)"
         )
-    if split.holdout is not split.calibrate and split.holdout_samples - unseen > DUPLICATE_WARNING_FRACTION * split.holdout_samples:
+    if held_out and split.holdout_samples - unseen > DUPLICATE_WARNING_FRACTION * split.holdout_samples:
         problems.append(
             f"only {unseen} of the {split.holdout_samples} held-out samples are distinct and not among the samples "
             "decided on; the others verify nothing the decisions did not see"

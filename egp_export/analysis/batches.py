@@ -54,16 +54,20 @@ class Batches(Sequence[torch.Tensor]):
     def _indices(self, start: int, stop: int) -> torch.Tensor:
         return torch.arange(start, stop) if self.order is None else self.order[start:stop]
 
-    def __len__(self) -> int:
-        return -(-self.samples // self.size)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def batch_indices(self, index: int) -> torch.Tensor:
+        """The source's sample indices batch ``index`` holds."""
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} of {len(self)}")
         first = self.start + index * self.size
-        indices = self._indices(first, min(first + self.size, self.stop))
+        return self._indices(first, min(first + self.size, self.stop))
+
+    def __len__(self) -> int:
+        return -(-self.samples // self.size)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        indices = self.batch_indices(index)
         batch = self.source.take(indices)
         if self.digests is not None:
             self.digests.record(indices, batch)
@@ -215,8 +219,7 @@ class SampleDigests:
     def of(self, part: Batches) -> torch.Tensor:
         """The digests of ``part``'s samples (a ``Batches`` recording into these), reading any batch not read yet."""
         for index in range(len(part)):
-            first = part.start + index * part.size
-            if bool((self.values[part._indices(first, min(first + part.size, part.stop))] == 0).any()):
+            if bool((self.values[part.batch_indices(index)] == 0).any()):
                 part[index]
         return self.values[part.indices]
 
@@ -310,7 +313,7 @@ def as_batches(calibration, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Batches:
     """Checked batches ``[B, ...]`` from a tensor, a map-style Dataset, an iterable of tensors / (x, y), or a DataLoader.
 
     Samples keep their dtype (integer token ids stay integers). A tensor is
-    cut into ``batch_size`` views and a map-style Dataset (or a DataLoader over
+    gathered ``batch_size`` rows at a time and a map-style Dataset (or a DataLoader over
     one that gives every sample once with the default collate function: a
     sequential or shuffling sampler, no drop_last; it is read in index order)
     is read a batch at a time, so neither is copied or held whole; any other

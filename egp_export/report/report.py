@@ -293,16 +293,23 @@ def _guarantee(report: dict) -> list[str]:
     lines = [
         "## Guarantee",
         "",
-        f"Verified on {guarantee['verified_samples']} {guarantee['verified_on']}: max_rel {_error(guarantee['max_rel'])} "
+        f"Verified on {guarantee['verified_samples']} {guarantee['verified_on']}"
+        + (f" ({guarantee['verified_new_samples']} distinct, not copies of decide samples)" if "verified_new_samples" in guarantee
+           else "")
+        + f": max_rel {_error(guarantee['max_rel'])} "
         f"<= allowed {guarantee['allowed']:g} ({guarantee['dtype']}, tolerance {guarantee['tolerance']:g}). "
         f"{guarantee['site_bound']}.",
         "",
     ]
     if evidence:
-        lines += ["| site | distinct samples | observations per neuron | min margin | crossing rate < (95%) |", "|---|---|---|---|---|"]
+        lines += [
+            "| site | distinct samples | observations per neuron | min margin | crossing rate < (95%) |",
+            "|---|---|---|---|---|",
+        ]
         for row in evidence:
+            samples = row.get("distinct_samples", row.get("samples"))
             lines.append(
-                f"| `{row['site']}` | {_count(row.get('distinct_samples', row.get('samples')))} | {_count(row.get('observations_per_neuron'))} | "
+                f"| `{row['site']}` | {_count(samples)} | {_count(row.get('observations_per_neuron'))} | "
                 f"{_number(row.get('min_margin'))} | {_number(row.get('crossing_rate_bound_95'))} |"
             )
         lines.append("")
