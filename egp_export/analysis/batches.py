@@ -197,10 +197,12 @@ def count_nonfinite(tensor: torch.Tensor) -> tuple[int, int]:
 class SampleDigests:
     """One digest per sample of a source, filled in as batches are read: duplicated samples told apart cheaply.
 
-    A digest is 62 bits of the blake2b hash of the sample's bytes (never 0,
+    A digest is 62 bits of the SHA-1 hash of the sample's bytes (never 0,
     which marks a sample not read yet); each sample is hashed once, when its
     batch is first read, before any model sees it. One int64 per sample is
-    held, never the samples.
+    held, never the samples. SHA-1 only tells samples apart here, it protects
+    nothing: it is hashlib's fastest digest on CPUs with SHA extensions
+    (about twice blake2b's speed).
     """
 
     def __init__(self, samples: int) -> None:
@@ -213,7 +215,7 @@ class SampleDigests:
         rows = batch.detach().cpu().contiguous()
         rows = rows.reshape(len(rows), -1).view(torch.uint8).numpy()
         for row in missing:
-            digest = int.from_bytes(hashlib.blake2b(rows[row], digest_size=8).digest(), "little")
+            digest = int.from_bytes(hashlib.sha1(rows[row], usedforsecurity=False).digest()[:8], "little")
             self.values[indices[row]] = (digest >> 2) + 1
 
     def of(self, part: Batches) -> torch.Tensor:

@@ -144,3 +144,18 @@ def test_a_loader_that_picks_its_samples_is_read_as_it_iterates():
     assert torch.equal(torch.cat(list(as_batches(subset))), dataset.samples[[3, 1, 7]])
     dropping = torch.utils.data.DataLoader(dataset, batch_size=8, drop_last=True)
     assert as_batches(dropping).samples == 16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int16, torch.bool])
+def test_repeated_samples_share_a_digest_and_unread_ones_are_read_when_asked(dtype):
+    distinct = (10 * torch.randn(6, 2, 3, generator=torch.Generator().manual_seed(0))).to(dtype)
+    samples = torch.cat([distinct, distinct[:2]]) if dtype is not torch.bool else torch.cat([distinct, distinct])
+    dataset = _CountingDataset(samples)
+    split = split_holdout(as_batches(dataset, batch_size=3), holdout=0.25)
+    dataset.reads.clear()
+    digests = split.digests.of(split.calibrate)  # nothing read yet: every batch of the part is read now, once
+    assert sorted(dataset.reads) == split.calibrate.indices.tolist() and bool((digests != 0).all())
+    split.digests.of(split.calibrate)
+    assert sorted(dataset.reads) == split.calibrate.indices.tolist()  # hashed once
+    unique = {tuple(samples[i].flatten().float().tolist()) for i in split.calibrate.indices.tolist()}
+    assert split.distinct_decide_samples() == len(unique)
