@@ -1,9 +1,10 @@
 """``compile``: trace → calibrate → rewrite → verify on held-out data → report.
 
-The calibration samples are split three ways (analysis/batches.py): rewrites
-are *decided* on the first part, *validated* on the second (which can only
-withdraw them), and the compiled module is *verified* against the original on
-the last, which decides nothing. Without ``strict``, a compile backs off
+The calibration samples are split three ways by a seeded permutation
+(analysis/batches.py, ``split_seed``): rewrites are *decided* on the first
+part, *validated* on the second (which can only withdraw them), and the
+compiled module is *verified* against the original on the last, which
+decides nothing; a sample repeated counts once as evidence. Without ``strict``, a compile backs off
 instead of giving up: neurons that leave their region on validation data lose
 their rewrite (the activation stays, or they leave the dead mask), and if the
 final check still fails, every rewrite that rests on calibration statistics is
@@ -32,7 +33,15 @@ import torch.nn as nn
 
 from egp_export import __version__
 from egp_export.algebra.costmodel import AnalyticCost, MeasuredCost
-from egp_export.analysis.batches import DEFAULT_BATCH_SIZE, Batches, CalibrationSplit, as_batches, split_holdout
+from egp_export.analysis.batches import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_SPLIT_SEED,
+    Batches,
+    CalibrationSplit,
+    SplitIndices,
+    as_batches,
+    split_holdout,
+)
 from egp_export.analysis.fx import propagate_shapes
 from egp_export.analysis.numerics import FP32_RTOL, NOISE_CAP, NOISE_FACTOR, ErrorAccumulator, ErrorStats, compare, fp32_noise
 from egp_export.analysis.stats import SiteStats, calibrate, summarize_sites
@@ -85,11 +94,13 @@ class _Stages:
 
 @dataclass
 class CompileResult:
-    """The compiled module (same call signature, fewer layers) and the JSON-serialisable report."""
+    """The compiled module (same call signature, fewer layers), the JSON-serialisable report, and which samples
+    each part of the split held (``split.holdout``: what the final check ran on, for checks that follow)."""
 
     module: fx.GraphModule
     report: dict
     sites: list[SiteStats]
+    split: SplitIndices
 
 
 # Samples the fp32-vs-fp64 noise of the original model is measured on (fp64
@@ -103,6 +114,8 @@ DEFAULT_VALIDATION = 0.2
 # squeeze-excitation site sees one observation per sample, so it needs 500
 # samples where a conv site on 8x8 maps needs 8.
 DEFAULT_MIN_OBSERVATIONS = 500
+# More duplicates than this fraction of a part (decide or held-out) are warned about and noted in the report.
+DUPLICATE_WARNING_FRACTION = 0.1
 # Models in these dtypes are compiled and verified in float32 (half-precision
 # rounding would hide wrong rewrites: 5e-2 relative error "verified" in bf16).
 _WIDENED_DTYPES = (torch.float16, torch.bfloat16)
@@ -137,7 +150,7 @@ def noise_floor(noise: float) -> float:
 
 def _outputs(module: nn.Module, batches: list[torch.Tensor]) -> list:
     with torch.no_grad():
-        return [module(batch) for batch in batches]
+        return [module(batch.clone()) for batch in batches]  # a model may write into its input
 
 
 class _Shards:
@@ -146,8 +159,10 @@ class _Shards:
     One process: all of them, nothing to merge. Under torchrun (``runtime``
     with ``world_size`` > 1, e.g. ``prune.distributed.runtime_from_env()``):
     each rank calibrates, validates and verifies on a contiguous share of each
-    part, and the statistics and errors are all-reduced, so every rank decides
-    the same rewrites and sees the same error as one process on all samples.
+    part (every rank draws the same seeded permutation, so the parts agree),
+    and the statistics, errors and sample digests are all-reduced, so every
+    rank decides the same rewrites and sees the same error as one process on
+    all samples.
     """
 
     def __init__(self, runtime) -> None:
@@ -179,6 +194,11 @@ class _Shards:
                 "process?); give every process the same weights (--checkpoint) so their statistics can be merged."
             )
 
+    def merge_digests(self, split: CalibrationSplit, part: Batches) -> None:
+        """Every rank hashed its share of ``part``: make each rank hold all of its digests."""
+        if self.world > 1:
+            split.digests.merge(self.runtime, part)
+
     def of(self, batches: Batches) -> Batches:
         return batches if self.world == 1 else batches.shard(self.rank, self.world)
 
@@ -193,7 +213,7 @@ class _Shards:
         errors, share = ErrorAccumulator(), self.of(batches)
         with torch.no_grad():
             for batch in share:
-                errors.add(reference(batch), candidate(batch))
+                errors.add(reference(batch.clone()), candidate(batch))  # a model may write into its input
         if self.world > 1:
             errors.all_reduce(self.runtime, share.start - batches.start)
         return errors.result()
@@ -238,16 +258,23 @@ def _check_deterministic(reference: nn.Module, batch: torch.Tensor) -> None:
         )
 
 
-def _withdraw_thin_evidence(sites: list[SiteStats], tolerance: float, min_observations: int) -> None:
-    """Sites whose rewrite would rest on fewer than ``min_observations`` observations per neuron stay as they are."""
+def _withdraw_thin_evidence(
+    sites: list[SiteStats], tolerance: float, min_observations: int, distinct: int, total: int
+) -> None:
+    """Sites whose rewrite would rest on fewer than ``min_observations`` observations per neuron stay as they are;
+    only distinct samples count (``distinct`` of the ``total`` decide samples differ)."""
     for site in sites:
-        if site.observations >= min_observations or site.observations == 0:
+        observations = site.distinct_observations(distinct, total)
+        if observations >= min_observations or site.observations == 0:
             continue
         if site.linear_map(tolerance).ok or site.dead_neurons().any():
+            evidence = site.evidence(distinct, total)
             detail = {
-                "observations": site.observations, "samples": site.samples, "positions": site.positions,
+                "observations": observations, "samples": evidence["distinct_samples"], "positions": site.positions,
                 "min_observations": min_observations,
             }
+            if site.samples > evidence["distinct_samples"]:
+                detail["duplicates"] = site.samples - evidence["distinct_samples"]
             site.withdraw(torch.ones(site.num_neurons, dtype=torch.bool), Reason(RefusalCode.THIN_EVIDENCE, detail))
 
 
@@ -405,7 +432,7 @@ def _verification_error(
     error: ErrorStats, rtol: float, split: CalibrationSplit, hint: str
 ) -> VerificationError:
     if error.nonfinite_mismatches:
-        sample = split.decide_samples + split.validation_samples + (error.first_bad_sample or 0)
+        sample = int(split.holdout.indices[error.first_bad_sample or 0])
         return VerificationError(
             f"{error.nonfinite_mismatches} output values are inf/NaN in the original or the compiled model but not "
             f"the same in both, first on verification sample {error.first_bad_sample} (calibration sample {sample}); "
@@ -433,6 +460,7 @@ def compile(  # noqa: A001 - the issue's public name
     merge_plan: str = "cost",
     channel_alignment: int = CHANNEL_ALIGNMENT,
     steps: list[Step] | None = None,
+    split_seed: int = DEFAULT_SPLIT_SEED,
     debug: bool = False,
     progress: bool = False,
     leaf_modules=(),
@@ -442,11 +470,17 @@ def compile(  # noqa: A001 - the issue's public name
     """Compile ``model`` into a shallower torch.fx GraphModule that computes the same function.
 
     ``calibration``: a tensor batch, an iterable of tensors or (input, target)
-    tuples, or a DataLoader. The last ``holdout`` fraction of samples is not
+    tuples, or a DataLoader. The samples are split by a permutation seeded
+    with ``split_seed`` (the same split every run; ``result.split`` lists
+    each part's sample indices). The ``holdout`` fraction of them is not
     used to decide anything: the compiled module is checked against the
     original on it (see ``verification_rtol`` for what is allowed; inf/NaN
-    never is). The ``validation`` fraction before it only withdraws rewrites
-    whose neurons leave their region there. Without ``strict`` a failed final
+    never is). The ``validation`` fraction only withdraws rewrites whose
+    neurons leave their region there. Duplicated samples count once as
+    evidence (each sample is hashed as it is read; a warning says when many
+    repeat), and the report says how many held-out samples are new. Every
+    batch is a copy: a model that writes into its input never changes
+    ``calibration``. Without ``strict`` a failed final
     check withdraws every rewrite that rests on statistics and compiles the
     rest; with ``strict=True`` (and ``validation`` unused) it raises
     VerificationError as soon as the check fails. A site is only rewritten if
@@ -481,7 +515,7 @@ def compile(  # noqa: A001 - the issue's public name
         raise CalibrationError(f"min_observations must be >= 0, got {min_observations}.")
     working, dtype = _working_copy(model)
     batches = as_batches(calibration, batch_size=batch_size).map(_widened)
-    split = split_holdout(batches, holdout, 0.0 if strict else validation)
+    split = split_holdout(batches, holdout, 0.0 if strict else validation, seed=split_seed)
     shards = _Shards(runtime)
     shards.check(split)
     shards.check_same_model(working)
@@ -510,7 +544,7 @@ def compile(  # noqa: A001 - the issue's public name
             for site in sites:
                 site.withdraw(torch.ones(site.num_neurons, dtype=torch.bool), withdraw_everything)
         else:
-            _withdraw_thin_evidence(sites, tolerance, min_observations)
+            _withdraw_thin_evidence(sites, tolerance, min_observations, distinct, split.decide_samples)
             withdrawals = _withdraw_on_validation(reference, sites, split.validate, tolerance, leaf_modules, shards)
         manager = PassManager(
             steps if steps is not None else default_steps(
@@ -534,6 +568,8 @@ def compile(  # noqa: A001 - the issue's public name
 
     stages.start("calibrate")
     sites = shards.calibrate(gm, split.calibrate, progress=progress)  # first: data the model rejects: CalibrationError
+    shards.merge_digests(split, split.calibrate)
+    distinct = split.distinct_decide_samples()
     stages.done(samples=split.decide_samples, sites=len(sites))
     calibrated = time.perf_counter()
     before = summarize(gm)
@@ -573,14 +609,19 @@ def compile(  # noqa: A001 - the issue's public name
         raise _verification_error(error, rtol, split, hint)
     if isinstance(cost, MeasuredCost):
         cost.save()
+    shards.merge_digests(split, split.holdout)
+    samples = _distinct_samples(split)
+    if samples["note"]:
+        warnings.warn(f"egp-export: {samples['note']}", UserWarning, stacklevel=2)
     return CompileResult(
         module=attempt.gm,
         report=_report(
-            attempt, split, tolerance, before, predicted_before, cost, error, rtol, noise, dtype, withdrawals,
+            attempt, split, tolerance, before, predicted_before, cost, error, rtol, noise, dtype, withdrawals, samples,
             min_observations=min_observations, strict=strict, traced=traced.to_dict(),
             seconds={"start": started, "calibrated": calibrated, "rewritten": rewritten},
         ),
         sites=attempt.sites,
+        split=split.indices(),
     )
 
 
@@ -613,9 +654,30 @@ def _failure_hint(
     return hint or " Lower the tolerance if smooth activations were approximated."
 
 
+def _distinct_samples(split: CalibrationSplit) -> dict:
+    """How many decide and held-out samples differ (by their digests), how many held-out ones are not among the
+    decide samples (only those verify something the decisions did not see), and a note when many repeat."""
+    decide = split.distinct_decide_samples()
+    held_out = split.holdout is not split.calibrate
+    held, unseen = split.distinct_holdout_samples() if held_out else (0, 0)
+    problems = []
+    if split.decide_samples - decide > DUPLICATE_WARNING_FRACTION * split.decide_samples:
+        problems.append(
+            f"only {decide} of the {split.decide_samples} samples decided on are distinct; duplicates add no "
+            "evidence (observations per neuron = distinct samples x positions)"
+        )
+    if held_out and split.holdout_samples - unseen > DUPLICATE_WARNING_FRACTION * split.holdout_samples:
+        problems.append(
+            f"only {unseen} of the {split.holdout_samples} held-out samples are distinct and not among the samples "
+            "decided on; the others verify nothing the decisions did not see"
+        )
+    note = "; ".join(problems) + ": calibrate on more distinct samples" if problems else None
+    return {"decide": decide, "holdout": held, "unseen_holdout": unseen, "note": note}
+
+
 def _report(
     attempt: _Attempt, split: CalibrationSplit, tolerance: float, before: dict, predicted_before: float, cost,
-    error: ErrorStats, rtol: float, noise: float | None, dtype: dict, withdrawals: list[Refusal], *,
+    error: ErrorStats, rtol: float, noise: float | None, dtype: dict, withdrawals: list[Refusal], samples: dict, *,
     min_observations: int, strict: bool, seconds: dict, traced: dict,
 ) -> dict:
     gm, pipeline, sites = attempt.gm, attempt.pipeline, attempt.sites
@@ -624,7 +686,7 @@ def _report(
     for row in analysis["sites"]:
         row["linearized"] = outcomes[row["name"]]["linearized"]
         row["action"] = outcomes[row["name"]]["action"]
-    notes = [dtype["note"]] if dtype["note"] else []
+    notes = [note for note in (dtype["note"], samples["note"]) if note]
     if noise is not None and noise_floor(noise) > FP32_RTOL:
         notes.append(
             f"the original model's own fp32 noise ({noise:.3g} vs fp64) raised the floor for exact rewrites to "
@@ -632,7 +694,7 @@ def _report(
         )
     verified = split.holdout_samples if split.holdout is not split.calibrate else 0
     evidence = [
-        {"site": site.name, "action": outcomes[site.name]["action"], **site.evidence()}
+        {"site": site.name, "action": outcomes[site.name]["action"], **site.evidence(samples["decide"], split.decide_samples)}
         for site in sites if outcomes[site.name]["rewritten"]
     ]
     finished = time.perf_counter()
@@ -644,6 +706,9 @@ def _report(
             "decide_samples": split.decide_samples,
             "validation_samples": split.validation_samples,
             "holdout_samples": verified,
+            "distinct_decide_samples": samples["decide"],
+            "distinct_holdout_samples": samples["holdout"],
+            "split_seed": split.seed,
             "sample_shape": list(split.calibrate[0].shape[1:]),
         },
         "trace": traced,
@@ -672,14 +737,19 @@ def _report(
         "guarantee": {
             "verified_samples": verified or split.calibration_samples,
             "verified_on": "held-out samples never used to decide" if verified else "the calibration samples (holdout=0)",
+            # Held-out samples that repeat a decide sample verify nothing new: these are the ones that count.
+            "verified_new_samples": samples["unseen_holdout"],
+            "decided_on_distinct_samples": samples["decide"],
+            "split": f"a permutation of the sample indices seeded with {split.seed} (split_seed)",
             "max_rel": error.max_rel,
             "allowed": rtol,
             "dtype": dtype["compiled_dtype"],
             "tolerance": tolerance,
             "min_observations": min_observations,
             "strict": strict,
-            "site_bound": "each rewritten neuron stayed in its region on all n observations of the decide split; "
-            "its rate of leaving it is below 3/n with 95% confidence (rule of three), see 'evidence'",
+            "site_bound": "each rewritten neuron stayed in its region on all n observations of the decide split "
+            "(n counts distinct samples only); its rate of leaving it is below 3/n with 95% confidence (rule of "
+            "three), see 'evidence'",
         },
         "compile_seconds": round(finished - seconds["start"], 3),
         "seconds": {

@@ -32,7 +32,9 @@ def _model() -> nn.Module:
 
 
 def _data() -> torch.Tensor:
-    return torch.randn(SAMPLES, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    data = torch.randn(SAMPLES, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    data[60:75] = data[:15]  # duplicates, read by different ranks: counted once all the same
+    return data
 
 
 def _summary(result) -> dict:
@@ -50,6 +52,8 @@ def _summary(result) -> dict:
         "withdrawals": [w["code"] for w in report["withdrawals"]],
         "max_rel": report["verification"]["pytorch"]["max_rel"],
         "calibration": report["calibration"],
+        "evidence": report["evidence"],
+        "guarantee": {k: report["guarantee"][k] for k in ("verified_new_samples", "decided_on_distinct_samples")},
         "outputs": outputs,
     }
 
@@ -74,6 +78,7 @@ def test_two_ranks_compile_what_one_process_compiles(tmp_path):
     mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     single = _summary(egp_export.compile(_model(), _data(), min_observations=1))
     assert single["rewrites"] and any("dead" in action for action in single["rewrites"])
+    assert single["calibration"]["distinct_decide_samples"] < single["calibration"]["decide_samples"]
     for rank in range(WORLD):
         merged = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert torch.equal(merged.pop("outputs"), single["outputs"])

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import egp_export
+from egp_export.analysis.batches import as_batches, split_holdout
 from egp_export.analysis.numerics import NOISE_CAP, compare
 from egp_export.cli import main as cli
 from egp_export.compiler import verification_rtol
@@ -33,6 +34,11 @@ from egp_export.records import RefusalCode, RewriteKind
 FINAL_CHECK_FAILED = RefusalCode.FINAL_CHECK_FAILED.value
 LEFT_REGION_ON_VALIDATION = RefusalCode.LEFT_REGION_ON_VALIDATION.value
 SURROGATE_OFF_ON_VALIDATION = RefusalCode.SURROGATE_OFF_ON_VALIDATION.value
+
+
+def _parts(total: int, holdout: float = 0.2, validation: float = 0.2):
+    """The sample indices compile's default (seeded) split puts in each part: .decide, .validate, .holdout."""
+    return split_holdout(as_batches(torch.zeros(total, 1)), holdout, validation).indices()
 
 
 def _fresh_like(data: torch.Tensor, n: int = 64, seed: int = 99) -> torch.Tensor:
@@ -70,17 +76,23 @@ class _RareOverflow(nn.Module):
         return torch.cat([y, y - y], 1)
 
 
+# Held-out sample 15 of 100 under the default split (the same with or without validation).
+_OVERFLOW_SAMPLE = int(_parts(100).holdout[15])
+
+
 def _overflow_data() -> torch.Tensor:
-    # Every sample has x[0] < 0 except verification sample 15 (calibration sample 95) where x[0] = 10.
+    # Every sample has x[0] < 0 except verification sample 15 (calibration sample _OVERFLOW_SAMPLE) where x[0] = 10.
     x = torch.randn(100, 4, generator=torch.Generator().manual_seed(3))
     x[:, 0] = -x[:, 0].abs() - 0.1
-    x[95, 0] = 10.0
+    x[_OVERFLOW_SAMPLE, 0] = 10.0
     return x
 
 
 def test_inf_and_nan_in_the_reference_are_an_error_naming_the_sample_in_strict_mode():
     # Old code: compare() mapped inf to 1.8e308 and divided by an infinite scale: max_rel 0, "verified".
-    with pytest.raises(VerificationError, match=r"inf/NaN .*verification sample 15 \(calibration sample 95\)"):
+    assert _parts(100, validation=0.0).holdout[15] == _OVERFLOW_SAMPLE
+    message = rf"inf/NaN .*verification sample 15 \(calibration sample {_OVERFLOW_SAMPLE}\)"
+    with pytest.raises(VerificationError, match=message):
         egp_export.compile(_RareOverflow().eval(), _overflow_data(), strict=True, min_observations=1)
 
 
@@ -94,7 +106,7 @@ def test_inf_in_the_reference_backs_off_to_a_model_with_the_same_inf_and_nan():
     assert [e.stage for e in events if e.done] == ["trace", "calibrate", "rewrite", "verify", "back-off", "verify"]
     assert events[-1].facts["max_rel"] == result.report["verification"]["pytorch"]["max_rel"]
     assert result.report["activations_linearized"] == 0
-    inputs = _overflow_data()[90:]
+    inputs = _overflow_data()[_parts(100).holdout]
     with torch.no_grad():
         reference, compiled = model(inputs), result.module(inputs)
     assert not torch.isfinite(reference).all()
@@ -266,8 +278,9 @@ def _rare_data(bright: list[int]) -> torch.Tensor:
 
 def test_a_rarely_firing_neuron_seen_on_validation_is_kept_and_the_withdrawal_reported():
     model = _RarelyFiring().eval()
-    # Samples 60-79 validate, 80-99 verify: channel 0 fires at 70 and 90, never on the decide samples.
-    result = egp_export.compile(model, _rare_data([70, 90]))
+    # Channel 0 fires on one validation and one verification sample, never on the decide samples.
+    parts = _parts(100)
+    result = egp_export.compile(model, _rare_data([int(parts.validate[10]), int(parts.holdout[10])]))
 
     (withdrawal,) = result.report["withdrawals"]
     assert withdrawal["code"] == LEFT_REGION_ON_VALIDATION and withdrawal["node"] == "relu1"
@@ -284,7 +297,7 @@ def test_a_rarely_firing_neuron_seen_on_validation_is_kept_and_the_withdrawal_re
 
 def test_strict_fails_where_the_compile_backs_off():
     model = _RarelyFiring().eval()
-    data = _rare_data([90])  # fires only on a verification sample
+    data = _rare_data([int(_parts(100).holdout[10])])  # fires only on a verification sample
 
     with pytest.raises(VerificationError, match="left their region on held-out data at: relu1"):
         egp_export.compile(model, data, strict=True)
@@ -403,9 +416,11 @@ def test_identity_sites_the_model_lacks_and_a_missing_arch_are_errors(tmp_path):
 
 
 def test_the_cli_backs_off_where_strict_fails(tmp_path):
-    # 160 zero images then 40 of ones: every neuron is constant on the decide and validation samples and moves on
-    # the verification ones. --strict exits 3 (tests/cli); the default withdraws the statistical rewrites.
-    data = torch.cat([torch.zeros(160, 1, 8, 8), torch.ones(40, 1, 8, 8)])
+    # Near-zero images (distinct: repeated ones are no evidence) but for 40 near one, the verification samples:
+    # every neuron is constant on the decide and validation samples and moves on the verification ones. --strict
+    # exits 3 (tests/cli); the default withdraws the statistical rewrites.
+    data = 1e-3 * torch.randn(200, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    data[_parts(200).holdout] += 1.0
     code, report = _cli_compile(tmp_path, "--arch", "tests.test_verification:easier_net", data=data)
 
     assert code == 0
@@ -441,7 +456,7 @@ def test_a_surrogate_off_on_the_validation_range_is_withdrawn():
         model[0].bias.zero_()
     # GELU inputs in [5, 10] on the decide samples (GELU ~ identity there), in [0, 1] on the validation ones.
     data = 5.0 + 5.0 * torch.rand(100, 1, generator=torch.Generator().manual_seed(0))
-    data[60:80] -= 5.0
+    data[_parts(100).validate] -= 5.0
 
     result = egp_export.compile(model, data, min_observations=1)
 

@@ -51,7 +51,7 @@ def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
     EfficientNetV2-S at 32x32: 0.04 s vs 0.67 s).
     """
     with torch.no_grad():
-        ShapeProp(gm).propagate(example)
+        ShapeProp(gm).propagate(example.clone())  # a model may write into its input; the caller's example stays
 
 
 def shape_of(node: fx.Node) -> tuple[int, ...] | None:

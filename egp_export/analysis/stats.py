@@ -220,18 +220,29 @@ class SiteStats:
             kept &= self.neuron_region >= 0
         return self.margin[kept]
 
-    def evidence(self) -> dict:
-        """What a rewrite of this site rests on: counts, the smallest margin, and the rule-of-three bounds."""
+    def distinct_observations(self, distinct: int | None = None, total: int | None = None) -> int:
+        """Observations per neuron with each distinct sample counted once: ``distinct`` of the ``total`` samples
+        calibrated on differ (a repeated sample adds no evidence); None: every sample taken as distinct."""
+        if distinct is None or not total:
+            return self.observations
+        return self.observations * min(distinct, total) // total
+
+    def evidence(self, distinct: int | None = None, total: int | None = None) -> dict:
+        """What a rewrite of this site rests on: counts of distinct samples (``distinct`` of ``total`` differ, as in
+        :meth:`distinct_observations`), the smallest margin, and the rule-of-three bounds on those counts."""
         finite = self.one_region_margins()
+        observations = self.distinct_observations(distinct, total)
+        samples = self.samples if distinct is None or not total else self.samples * min(distinct, total) // total
         return {
             "samples": self.samples,
-            "observations_per_neuron": self.observations,
+            "distinct_samples": samples,
+            "observations_per_neuron": observations,
             "positions_per_sample": self.positions,
             "min_margin": float(finite.min()) if finite.numel() else None,
             # With n observations and no crossing, P(crossing) < 3/n at 95% confidence (rule of three).
-            "crossing_rate_bound_95": 3.0 / self.observations if self.observations else None,
-            "crossing_rate_per_sample_bound_95": 3.0 / self.samples if self.samples else None,
-            "bound": "rule of three: no crossing in n observations => rate < 3/n (95%)",
+            "crossing_rate_bound_95": 3.0 / observations if observations else None,
+            "crossing_rate_per_sample_bound_95": 3.0 / samples if samples else None,
+            "bound": "rule of three over distinct samples: no crossing in n observations => rate < 3/n (95%)",
         }
 
     @property
@@ -436,7 +447,7 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[torch.Tensor], *, progress: 
     try:
         # A plain forward first: ShapeProp prints a traceback of its own before re-raising.
         with torch.no_grad():
-            gm(first[:1])
+            gm(first[:1].clone())  # a model may write into its input: sample 0 is calibrated on below
     except Exception as error:  # any failure here is the model rejecting the data
         raise CalibrationError(
             f"the model rejects calibration samples of shape {tuple(first.shape[1:])} and dtype "

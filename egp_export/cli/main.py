@@ -147,7 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_HOLDOUT,
         metavar="F",
-        help=f"fraction of the calibration samples (the last ones) kept out for verification (default {DEFAULT_HOLDOUT})",
+        help=f"fraction of the calibration samples kept out for verification (default {DEFAULT_HOLDOUT}); the samples "
+        "are split by a seeded permutation, see --split-seed",
+    )
+    # No literal default: egp_export.analysis.batches.DEFAULT_SPLIT_SEED is read at run time (importing it loads torch).
+    compile_.add_argument(
+        "--split-seed",
+        type=int,
+        metavar="N",
+        help="seed of the permutation that splits the calibration samples into decide, validation and held-out "
+        "parts (default egp_export.analysis.batches.DEFAULT_SPLIT_SEED, 0); the report states it",
     )
     compile_.add_argument(
         "--strict",
@@ -323,7 +332,7 @@ def _runs_on(model, sample) -> bool:
 
     try:
         with torch.no_grad():
-            model(sample)
+            model(sample.clone())  # a model may write into its input: ``sample`` is a view of the calibration data
     except Exception:  # noqa: BLE001 - any failure means "not this input"; compile reports the real error
         return False
     return True
@@ -469,11 +478,13 @@ def _compile_on_a_rank(args: argparse.Namespace, runtime, names) -> None:
 
 
 def _compile_options(args: argparse.Namespace) -> dict:
+    from egp_export.analysis.batches import DEFAULT_SPLIT_SEED
     from egp_export.compiler import DEFAULT_MIN_OBSERVATIONS
     from egp_export.passes import CHANNEL_ALIGNMENT
 
     return {
         "holdout": args.holdout,
+        "split_seed": DEFAULT_SPLIT_SEED if args.split_seed is None else args.split_seed,
         "strict": args.strict,
         "min_observations": DEFAULT_MIN_OBSERVATIONS if args.min_observations is None else args.min_observations,
         "approximate": args.approximate,
@@ -493,6 +504,7 @@ def _compile_into(
     Returns (the report, the number of held-out samples, the padding plan or None).
     """
     from egp_export.algebra.padding import padding_plan, save_plan
+    from egp_export.analysis.batches import as_batches
     from egp_export.compiler import compile as compile_model
     from egp_export.io.fileio import write_text_atomic
     from egp_export.report.plots import plot_depth, plot_entropy
@@ -515,11 +527,12 @@ def _compile_into(
         from egp_export.prune.distributed import shutdown
 
         shutdown()  # the other ranks are done; the export and reports are rank 0's alone
-    # compile() held out the last samples; ONNX Runtime is checked on the same unseen inputs.
+    # ONNX Runtime is checked on the samples compile() held out (gathered: its split is a permutation), and the
+    # padding plan is decided on the samples compile() decided on (read a batch at a time).
     held = result.report["calibration"]["holdout_samples"]
-    verify = calibration[len(calibration) - held :] if held else calibration
-    # The plan is decided on what compile decided on.
-    moves = padding_plan(model, calibration[: len(calibration) - held], tolerance=args.tolerance) if args.padding_plan else None
+    verify = calibration.index_select(0, result.split.holdout) if held else calibration
+    decided = as_batches(calibration).select(result.split.decide)
+    moves = padding_plan(model, decided, tolerance=args.tolerance) if args.padding_plan else None
     rtol = _ort_rtol(result.report["verification"]["pytorch"]["rtol"], result.module, verify)
     exported = _export(args, result.module, calibration, verify, paths[ONNX_MODEL], rtol)
     for note in exported.notes:
@@ -556,7 +569,7 @@ def _export(args: argparse.Namespace, module, calibration, verify, path: Path, r
     with stage(args, "export", f"{args.exporter} exporter, {path.name}") as line:
         exported = export_onnx(
             module,
-            calibration[:1],
+            calibration[:1].clone(),  # a model may write into its input
             path,
             verify_inputs=list(verify.split(DEFAULT_BATCH_SIZE)),
             rtol=rtol,

@@ -245,7 +245,7 @@ def run_egp_demo(
 
             model = make_permanent(pruned.model).eval()
             accuracy_pruned_pytorch = evaluate(model, as_dataset((x_test, y_test), "digits test"))
-            say("compiling with the train split as calibration data (validation part held out) ...")
+            say("compiling with the train split as calibration data (as many samples as the validation part held out) ...")
             result = compile_model(model, x_train, holdout=len(x_val) / len(x_train))
             clock = lap("compile", clock)
 

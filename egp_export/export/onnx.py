@@ -399,7 +399,9 @@ class _Job:
         seconds: dict[str, float] = {}
         start = time.perf_counter()
         traced_output = self.outputs.of(traced, "the traced example")
-        exported = _export(self.module, traced, traced_output, self.output_names, exporter, self.opset, dynamic)
+        # The exporters run the module on the example (TorchScript traces it for real): on a copy, so a module that
+        # writes into its input leaves the caller's tensor as it was.
+        exported = _export(self.module, traced.clone(), traced_output, self.output_names, exporter, self.opset, dynamic)
         seconds["export"] = time.perf_counter() - start
         if dynamic:
             _check_batch_is_dynamic(exported, exporter)
@@ -563,7 +565,7 @@ def _check_tensor(value, what: str) -> None:
 def _run_module(module: nn.Module, x: torch.Tensor, what: str):
     try:
         with torch.no_grad():
-            return module(x)
+            return module(x.clone())  # a model may write into its input; ONNX Runtime runs on the same x
     except Exception as error:
         raise ExportError(f"the module raised on {what}: {_first_line(error)}; check the input's shape and dtype.") from error
 

@@ -128,7 +128,8 @@ def unit_features(
     outputs = []
     try:
         for start in range(0, len(inputs), batch_size):
-            outputs.append(_flat(model(inputs[start : start + batch_size])))
+            # A copy of each batch: a model may write into its input, and ``inputs`` are the caller's.
+            outputs.append(_flat(model(inputs[start : start + batch_size].clone())))
     finally:
         for handle in handles:
             handle.remove()

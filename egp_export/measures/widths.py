@@ -100,7 +100,7 @@ def _layer_calls(model: nn.Module, example: torch.Tensor) -> list[tuple[nn.Modul
     was_training = model.training
     model.eval()
     try:
-        model(example[:1])
+        model(example[:1].clone())  # a model may write into its input
     finally:
         for handle in handles:
             handle.remove()

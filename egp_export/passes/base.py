@@ -130,7 +130,8 @@ class PassManager:
             propagate_shapes(gm, self.example_input)
         if before is not None and self.debug_inputs is not None:
             with torch.no_grad():
-                error = compare(before(self.debug_inputs), gm(self.debug_inputs))
+                # Each run on its own copy: a model may write into its input.
+                error = compare(before(self.debug_inputs.clone()), gm(self.debug_inputs.clone()))
             if not error.within(self.debug_rtol):
                 raise VerificationError(
                     f"pass '{pass_name}' changed the model's output by max_rel={error.max_rel:.3g} "

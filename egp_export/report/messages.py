@@ -86,6 +86,7 @@ REASONS: dict[RefusalCode, Callable[[Mapping[str, Any]], str]] = {
         f"evidence too thin: {d['observations']} observations per neuron ({d['samples']} samples x "
         f"{d['positions']} positions) < min_observations {d['min_observations']}; the 95% bound on how often a "
         f"neuron leaves its region would be 3/{d['observations']} = {3 / d['observations']:.2g}"
+        + (f" ({d['duplicates']} duplicated samples not counted)" if d.get("duplicates") else "")
     ),
     RefusalCode.LEFT_REGION_ON_VALIDATION: lambda d: (
         f"{d['neurons']} neurons left their region on {d['validation_samples']} validation samples ({d['rewrite']} withdrawn)"

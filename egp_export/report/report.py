@@ -121,6 +121,11 @@ def _header(report: dict) -> list[str]:
         text = f"calibration: {calibration['samples']} samples"
         if held:
             text += f" (+{held} held out for verification)"
+        if "split_seed" in calibration:
+            text += f", split by a permutation seeded with {calibration['split_seed']}"
+        distinct = calibration.get("distinct_decide_samples")
+        if distinct is not None and distinct < calibration.get("decide_samples", distinct):
+            text += f", {distinct} distinct of {calibration['decide_samples']} samples decided on"
         if shape:
             text += f", sample shape {shape}"
         facts.append(text)
@@ -288,16 +293,23 @@ def _guarantee(report: dict) -> list[str]:
     lines = [
         "## Guarantee",
         "",
-        f"Verified on {guarantee['verified_samples']} {guarantee['verified_on']}: max_rel {_error(guarantee['max_rel'])} "
+        f"Verified on {guarantee['verified_samples']} {guarantee['verified_on']}"
+        + (f" ({guarantee['verified_new_samples']} distinct, not copies of decide samples)" if "verified_new_samples" in guarantee
+           else "")
+        + f": max_rel {_error(guarantee['max_rel'])} "
         f"<= allowed {guarantee['allowed']:g} ({guarantee['dtype']}, tolerance {guarantee['tolerance']:g}). "
         f"{guarantee['site_bound']}.",
         "",
     ]
     if evidence:
-        lines += ["| site | samples | observations per neuron | min margin | crossing rate < (95%) |", "|---|---|---|---|---|"]
+        lines += [
+            "| site | distinct samples | observations per neuron | min margin | crossing rate < (95%) |",
+            "|---|---|---|---|---|",
+        ]
         for row in evidence:
+            samples = row.get("distinct_samples", row.get("samples"))
             lines.append(
-                f"| `{row['site']}` | {_count(row.get('samples'))} | {_count(row.get('observations_per_neuron'))} | "
+                f"| `{row['site']}` | {_count(samples)} | {_count(row.get('observations_per_neuron'))} | "
                 f"{_number(row.get('min_margin'))} | {_number(row.get('crossing_rate_bound_95'))} |"
             )
         lines.append("")
