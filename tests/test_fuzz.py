@@ -289,7 +289,8 @@ def test_pruning_stops_on_divergence_or_returns_finite_weights(plan, tmp_path_fa
         pruned = sorted(out.rglob("pruned.pt"))
         assert not pruned, f"a stopped pruning run left {pruned} (plan {plan})"
         return
-    bad = [name for name, tensor in result.model.state_dict().items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    state = result.model.state_dict()
+    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     assert not bad, f"pruning returned non-finite tensors {bad} without an error (plan {plan})"
     for path in out.rglob("*.pt"):
         saved = torch.load(path, map_location="cpu", weights_only=True)
