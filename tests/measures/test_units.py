@@ -65,3 +65,22 @@ def test_models_without_units_and_unknown_names_are_refused():
         remove_units(digits_resnet(), ["block9"])
     with pytest.raises(ValueError, match="has no blocks block9"):
         digits_resnet(removed_blocks=("block9",))
+
+
+def test_unit_features_of_a_model_writing_into_its_input_leave_the_inputs_as_they_were():
+    class NormalisesInPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = digits_resnet(width=4).eval()  # its residual units are found by type, anywhere inside
+
+        def forward(self, x):
+            return self.net(x.sub_(0.5))
+
+    torch.manual_seed(0)
+    model = NormalisesInPlace().eval()
+    inputs = torch.rand(10, 1, 8, 8)
+    kept = inputs.clone()
+    _, outputs = unit_features(model, inputs, batch_size=4)
+    assert torch.equal(inputs, kept)  # old code: each batch of the caller's inputs shifted by -0.5
+    with torch.no_grad():
+        assert torch.allclose(outputs, model.net(kept - 0.5).double())
