@@ -531,6 +531,7 @@ def compile(  # noqa: A001 - the issue's public name
             example_input=example,
             debug_inputs=split.calibrate[0] if debug else None,
             debug_rtol=verification_rtol(tolerance, noise or 0.0, approximated=True),
+            float64=True,
         )
         pipeline = manager.run(gm)
         propagate_shapes(gm, example)
