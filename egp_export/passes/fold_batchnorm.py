@@ -55,7 +55,8 @@ def _fold(match: Match) -> Applied:
         # W' = a W, b' = a b + c
         fold_into_producer(modules[str(source.target)], scale, shift)
         return Applied(RewriteKind.BN_FOLDED, {"batchnorm": str(bn.target), "layer": str(source.target)}, source)
-    affine = insert_module_call(gm, bn, f"{bn.target}_affine", ChannelAffine(scale, shift, 1, weight_dtype(gm)), (source,), like=bn)
+    as_affine = ChannelAffine(scale, shift, 1, weight_dtype(gm))
+    affine = insert_module_call(gm, bn, f"{bn.target}_affine", as_affine, (source,), like=bn)
     return Applied(
         RewriteKind.BN_TO_AFFINE,
         {"batchnorm": str(bn.target)},
