@@ -7,10 +7,14 @@ compiled module is *verified* against the original on the last, which
 decides nothing; a sample repeated counts once as evidence. Without ``strict``, a compile backs off
 instead of giving up: neurons that leave their region on validation data lose
 their rewrite (the activation stays, or they leave the dead mask), and if the
-final check still fails, every rewrite that rests on calibration statistics is
-withdrawn and the data-independent rest (BatchNorm folding, merges of chains
-that were already linear) is compiled and checked again. Every withdrawal is
-reported with its reason and numbers.
+final check still fails, the statistically rewritten sites are withdrawn in
+steps, most marginal first, each step re-validated on the validation part
+(compiler_backoff.py; at most HELD_OUT_CHECKS more held-out checks, counted in
+report["verification"]["held_out_checks"]). Only when no step passes is every
+rewrite that rests on calibration statistics withdrawn and the
+data-independent rest (BatchNorm folding, merges of chains that were already
+linear) compiled and checked again. Every withdrawal is reported with its
+reason and numbers.
 
 What the final check allows (``verification_rtol``): exact rewrites are held
 to fp32 rounding, max(1e-5, 8x the original model's own fp32-vs-fp64 noise)
@@ -47,6 +51,7 @@ from egp_export.analysis.numerics import FP32_RTOL, NOISE_CAP, NOISE_FACTOR, Err
 from egp_export.analysis.stats import SiteStats, calibrate, summarize_sites
 from egp_export.analysis.summary import summarize
 from egp_export.analysis.trace import owned_copy, trace, trace_facts
+from egp_export.compiler_backoff import attach_sites, back_off_in_steps
 from egp_export.errors import CalibrationError, EgpExportError, VerificationError
 from egp_export.passes import (
     CHANNEL_ALIGNMENT,
@@ -65,9 +70,10 @@ from egp_export.report.messages import describe_refusal, describe_rewrite, with_
 class StageEvent:
     """A compile stage starting (``done`` False) or finished (``done`` True, with its seconds and facts).
 
-    Stages in order: "trace", "calibrate", "rewrite", "verify"; a back-off
-    adds "back-off" (re-calibrate and rewrite without the withdrawn rewrites) and
-    a second "verify". ``facts`` are numbers (sites, rewrites, max_rel, ...).
+    Stages in order: "trace", "calibrate", "rewrite", "verify"; a failed check
+    adds "back-off" (the stepwise back-off, its held-out checks included) and,
+    when that does not pass, a second "back-off" (re-calibrate and rewrite
+    without any statistical rewrite) and a second "verify". ``facts`` are numbers (sites, rewrites, max_rel, ...).
     """
 
     stage: str
@@ -480,9 +486,12 @@ def compile(  # noqa: A001 - the issue's public name
     evidence (each sample is hashed as it is read; a warning says when many
     repeat), and the report says how many held-out samples are new. Every
     batch is a copy: a model that writes into its input never changes
-    ``calibration``. Without ``strict`` a failed final
-    check withdraws every rewrite that rests on statistics and compiles the
-    rest; with ``strict=True`` (and ``validation`` unused) it raises
+    ``calibration``. Without ``strict`` a failed final check withdraws the
+    statistically rewritten sites in steps, most marginal (on the decide
+    split) first, each step re-validated on the validation part, with at most
+    ``compiler_backoff.HELD_OUT_CHECKS`` more held-out checks; if none passes,
+    every rewrite that rests on statistics is withdrawn and the rest
+    compiled; with ``strict=True`` (and ``validation`` unused) it raises
     VerificationError as soon as the check fails. A site is only rewritten if
     each neuron was observed ``min_observations`` times (samples x positions).
     ``tolerance`` bounds what smooth-activation surrogates and
@@ -546,6 +555,9 @@ def compile(  # noqa: A001 - the issue's public name
         else:
             _withdraw_thin_evidence(sites, tolerance, min_observations, distinct, split.decide_samples)
             withdrawals = _withdraw_on_validation(reference, sites, split.validate, tolerance, leaf_modules, shards)
+        return run_passes(gm, sites, withdrawals)
+
+    def run_passes(gm: fx.GraphModule, sites: list[SiteStats], withdrawals: list[Refusal]) -> _Attempt:
         manager = PassManager(
             steps if steps is not None else default_steps(
                 tolerance, approximate=approximate, cost=cost, plan=merge_plan, channel_alignment=channel_alignment
@@ -553,10 +565,24 @@ def compile(  # noqa: A001 - the issue's public name
             example_input=example,
             debug_inputs=split.calibrate[0] if debug else None,
             debug_rtol=verification_rtol(tolerance, noise or 0.0, approximated=True),
+            float64=True,
         )
         pipeline = manager.run(gm)
         propagate_shapes(gm, example)
         return _Attempt(gm, sites, pipeline, withdrawals)
+
+    def rebuild(sites: list[SiteStats]) -> _Attempt:
+        """A fresh trace rewritten with ``sites`` (decide-split statistics, withdrawals marked): no re-calibration."""
+        fresh = trace(working, leaf_modules=leaf_modules)
+        attach_sites(fresh, sites)
+        propagate_shapes(fresh, example)
+        return run_passes(fresh, sites, [])
+
+    def validates(candidate: _Attempt) -> bool:
+        """The candidate against the original on the validation part (the decide part when there is none)."""
+        allowed = verification_rtol(tolerance, noise or 0.0, approximated=bool(candidate.approximations))
+        part = split.validate if split.validate.samples else split.calibrate
+        return shards.error(reference, candidate.gm, part).within(allowed)
 
     def check(attempt: _Attempt) -> tuple[ErrorStats, float]:
         nonlocal noise
@@ -588,11 +614,21 @@ def compile(  # noqa: A001 - the issue's public name
     stages.done(samples=split.holdout_samples, max_rel=error.max_rel, allowed=rtol)
     # Back off when statistics may be at fault; a failure with border-approximate merges (the user's
     # explicit approximate=True) is reported instead: their tolerance, not the data, decides those.
+    held_out_checks = 1
     if not error.within(rtol) and not strict and attempt.statistical and not attempt.border_approximate:
         failed = Reason(
             RefusalCode.FINAL_CHECK_FAILED,
             {"max_rel": error.max_rel, "allowed": rtol, "verification_samples": split.holdout_samples},
         )
+        if len({r.nodes[0] for r in attempt.statistical}) > 1:  # one site: the stepwise back-off is the last resort
+            stages.start("back-off")
+            stepped = back_off_in_steps(attempt, failed, rebuild, validates, check, WITHDRAWAL)
+            held_out_checks += stepped.held_out_checks
+            stages.done(withdrawn=len(stepped.withdrawals), held_out_checks=stepped.held_out_checks, passed=stepped.passed)
+            if stepped.passed:
+                attempt, error, rtol = stepped.attempt, stepped.error, stepped.rtol
+                withdrawals += stepped.withdrawals
+    if not error.within(rtol) and not strict and attempt.statistical and not attempt.border_approximate:
         withdrawals += [
             Refusal(WITHDRAWAL, r.nodes[0], Reason(failed.code, {**failed.detail, "rewrite": r.kind}))
             for r in attempt.statistical
@@ -603,6 +639,7 @@ def compile(  # noqa: A001 - the issue's public name
         stages.done(withdrawn=len(withdrawals), rewrites=len(attempt.pipeline.rewrites))
         stages.start("verify")
         error, rtol = check(attempt)
+        held_out_checks += 1
         stages.done(samples=split.holdout_samples, max_rel=error.max_rel, allowed=rtol)
     if not error.within(rtol):
         hint = _failure_hint(attempt, reference, split, tolerance, strict, leaf_modules, shards)
@@ -613,16 +650,13 @@ def compile(  # noqa: A001 - the issue's public name
     samples = _distinct_samples(split)
     if samples["note"]:
         warnings.warn(f"egp-export: {samples['note']}", UserWarning, stacklevel=2)
-    return CompileResult(
-        module=attempt.gm,
-        report=_report(
-            attempt, split, tolerance, before, predicted_before, cost, error, rtol, noise, dtype, withdrawals, samples,
-            min_observations=min_observations, strict=strict, traced=traced.to_dict(),
-            seconds={"start": started, "calibrated": calibrated, "rewritten": rewritten},
-        ),
-        sites=attempt.sites,
-        split=split.indices(),
+    report = _report(
+        attempt, split, tolerance, before, predicted_before, cost, error, rtol, noise, dtype, withdrawals, samples,
+        min_observations=min_observations, strict=strict, traced=traced.to_dict(),
+        seconds={"start": started, "calibrated": calibrated, "rewritten": rewritten},
     )
+    report["verification"]["held_out_checks"] = held_out_checks
+    return CompileResult(module=attempt.gm, report=report, sites=attempt.sites, split=split.indices())
 
 
 def _failure_hint(

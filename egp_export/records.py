@@ -54,6 +54,7 @@ class RefusalCode(enum.Enum):
     LEFT_REGION_ON_VALIDATION = "left_region_on_validation"
     SURROGATE_OFF_ON_VALIDATION = "surrogate_off_on_validation"
     FINAL_CHECK_FAILED = "final_check_failed"
+    MARGINAL_SITE_WITHDRAWN = "marginal_site_withdrawn"  # stepwise back-off, most marginal site first
     WITHDRAWN = "withdrawn"  # several of the above at one site
     # Folding
     NO_RUNNING_STATS = "no_running_stats"

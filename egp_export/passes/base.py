@@ -108,6 +108,31 @@ def finalize(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _as_float64(x: torch.Tensor | None) -> torch.Tensor | None:
+    return x.double() if x is not None and x.is_floating_point() else x
+
+
+def _widen(gm: fx.GraphModule, example: torch.Tensor | None) -> bool:
+    """Cast a float32 ``gm`` to float64 in place if it then runs on ``example`` in float64; whether it did.
+
+    A module with other floating dtypes, or whose forward casts to float32 itself (``x.float()``), stays as it is.
+    """
+    tensors = [*gm.parameters(), *gm.buffers()]
+    if example is None or any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors):
+        return False
+    gm.double()
+    try:
+        with torch.no_grad():
+            output = gm(_as_float64(example))
+        leaves = [t for t in torch.utils._pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
+        if any(t.is_floating_point() and t.dtype != torch.float64 for t in leaves):
+            raise TypeError("float32 output")
+    except Exception:  # any failure: the module does not run in float64 as is
+        gm.float()
+        return False
+    return True
+
+
 class PassManager:
     """Runs steps in order; with ``debug_inputs`` checks numerics after each modifying pass."""
 
@@ -118,7 +143,9 @@ class PassManager:
         example_input: torch.Tensor | None = None,
         debug_inputs: torch.Tensor | None = None,
         debug_rtol: float = FP32_RTOL,
+        float64: bool = False,
     ) -> None:
+        self.float64 = float64
         self.steps = list(steps)
         self.example_input = example_input
         self.debug_inputs = debug_inputs
@@ -139,10 +166,25 @@ class PassManager:
                 )
 
     def run(self, gm: fx.GraphModule) -> PipelineResult:
-        """Run the steps in list order; a ``FixedPoint`` group repeats until nothing changes (capped)."""
+        """Run the steps in list order; a ``FixedPoint`` group repeats until nothing changes (capped).
+
+        With ``float64`` (and a float32 module that runs in float64), the
+        steps fold and merge on a float64 copy of every weight and the result
+        is rounded to float32 once at the end: k folds into one layer round
+        once, not k times.
+        """
         rewrites: list[Rewrite] = []
         steps_run: list[tuple[str, int]] = []
-        _, refusals = self._run_sequence(self.steps, gm, rewrites, steps_run)
+        widened = self.float64 and _widen(gm, self.example_input)
+        example, debug = self.example_input, self.debug_inputs
+        if widened:
+            self.example_input, self.debug_inputs = _as_float64(example), _as_float64(debug)
+        try:
+            _, refusals = self._run_sequence(self.steps, gm, rewrites, steps_run)
+        finally:
+            self.example_input, self.debug_inputs = example, debug
+            if widened:
+                gm.float()
         return PipelineResult(gm, rewrites, refusals, steps_run)
 
     def _run_sequence(self, steps, gm, rewrites, steps_run) -> tuple[bool, list[Refusal]]:

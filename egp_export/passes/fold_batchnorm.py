@@ -19,7 +19,7 @@ import torch.fx as fx
 from egp_export.algebra.affine import fold_into_producer, producer_refusal
 from egp_export.analysis.fx import insert_module_call, shape_of
 from egp_export.analysis.ops import is_batchnorm_module, module_of
-from egp_export.passes.modules import ChannelAffine
+from egp_export.passes.modules import ChannelAffine, weight_dtype
 from egp_export.passes.rules import Applied, Match, Op, Rule, RuleSetPass
 from egp_export.records import Reason, RefusalCode, RewriteKind
 
@@ -55,7 +55,8 @@ def _fold(match: Match) -> Applied:
         # W' = a W, b' = a b + c
         fold_into_producer(modules[str(source.target)], scale, shift)
         return Applied(RewriteKind.BN_FOLDED, {"batchnorm": str(bn.target), "layer": str(source.target)}, source)
-    affine = insert_module_call(gm, bn, f"{bn.target}_affine", ChannelAffine(scale, shift, 1), (source,), like=bn)
+    as_affine = ChannelAffine(scale, shift, 1, weight_dtype(gm))
+    affine = insert_module_call(gm, bn, f"{bn.target}_affine", as_affine, (source,), like=bn)
     return Applied(
         RewriteKind.BN_TO_AFFINE,
         {"batchnorm": str(bn.target)},

@@ -28,7 +28,7 @@ from egp_export.analysis.fx import insert_module_call, shape_of
 from egp_export.analysis.ops import named_modules
 from egp_export.analysis.stats import site_stats
 from egp_export.passes.base import GraphPass, Recorder
-from egp_export.passes.modules import ChannelAffine
+from egp_export.passes.modules import ChannelAffine, weight_dtype
 from egp_export.records import Reason, RefusalCode, RewriteKind
 
 
@@ -57,7 +57,7 @@ class LinearizeActivations(GraphPass):
                 continue
             linear = stats.linear_map(self.tolerance)
             if linear.ok:
-                affine = ChannelAffine(linear.scale, linear.shift, stats.dim)
+                affine = ChannelAffine(linear.scale, linear.shift, stats.dim, weight_dtype(gm))
                 replacement = insert_module_call(gm, node, f"{node.name}_linear", affine, (source,), like=node)
                 node.replace_all_uses_with(replacement)
                 gm.graph.erase_node(node)
@@ -76,7 +76,7 @@ class LinearizeActivations(GraphPass):
                 record.refuse(node, Reason(RefusalCode.DEAD_NEURONS_KEPT, {"dead": int(dead.sum()), "because": blocked}))
             else:
                 mask = (~dead).to(torch.float64)
-                masker = ChannelAffine(mask, torch.zeros_like(mask), stats.dim)
+                masker = ChannelAffine(mask, torch.zeros_like(mask), stats.dim, weight_dtype(gm))
                 masked = insert_module_call(gm, node, f"{node.name}_dead_mask", masker, (source,), like=source)
                 node.replace_input_with(source, masked)
                 record.rewrote(RewriteKind.DEAD_MASKED, [node.name], dead=int(dead.sum()), activation=stats.spec.kind)

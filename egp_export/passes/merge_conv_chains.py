@@ -34,7 +34,7 @@ from egp_export.algebra.costmodel import AnalyticCost
 from egp_export.analysis.fx import insert_module_call, shape_of
 from egp_export.analysis.ops import follow_identities, is_conv_module, module_of, named_modules
 from egp_export.passes.base import GraphPass, Recorder
-from egp_export.passes.modules import ConstantAdd
+from egp_export.passes.modules import ConstantAdd, weight_dtype
 from egp_export.records import Reason, RefusalCode, RewriteKind
 
 _MERGE_KINDS = {
@@ -191,7 +191,7 @@ class _ChainRun:
         output = first
         if merged.bias_map is not None:
             output = insert_module_call(
-                self.gm, last, f"{first.name}_bias_map", ConstantAdd(merged.bias_map), (first,), like=last
+                self.gm, last, f"{first.name}_bias_map", ConstantAdd(merged.bias_map, weight_dtype(self.gm)), (first,), like=last
             )
         last.replace_all_uses_with(output)
         for node in reversed([n for pair in zip(nodes[1:], gaps) for n in (*pair[1], pair[0])]):

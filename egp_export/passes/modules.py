@@ -6,6 +6,13 @@ import torch
 import torch.nn as nn
 
 
+def weight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a graph's weights are in (float64 while the pass manager folds in float64): inserted maps store theirs
+    in it, so nothing is rounded to float32 before the end of the pipeline."""
+    floating = (t.dtype for t in [*module.parameters(), *module.buffers()] if t.is_floating_point())
+    return next(floating, torch.float32)
+
+
 class ChannelAffine(nn.Module):
     """``y = scale * x + shift`` per neuron along ``dim`` (1 for NC..., -1 for ...C).
 
@@ -15,13 +22,13 @@ class ChannelAffine(nn.Module):
     left exports as one Mul and one Add.
     """
 
-    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, dim: int) -> None:
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         if scale.shape != shift.shape or scale.dim() != 1:
             raise ValueError("scale and shift must be vectors of the same length")
         self.dim = dim
-        self.register_buffer("scale", scale.detach().to(torch.float32).clone())
-        self.register_buffer("shift", shift.detach().to(torch.float32).clone())
+        self.register_buffer("scale", scale.detach().to(dtype).clone())
+        self.register_buffer("shift", shift.detach().to(dtype).clone())
 
     def _view(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.dim == -1 or self.dim == x.dim() - 1:
@@ -49,9 +56,9 @@ class ConstantAdd(nn.Module):
     spatial size the chain was merged for.
     """
 
-    def __init__(self, value: torch.Tensor) -> None:
+    def __init__(self, value: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.register_buffer("value", value.detach().to(torch.float32).clone())
+        self.register_buffer("value", value.detach().to(dtype).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.value.to(x.dtype)

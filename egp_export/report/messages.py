@@ -98,6 +98,11 @@ REASONS: dict[RefusalCode, Callable[[Mapping[str, Any]], str]] = {
         f"withdrawn: the final check failed with every rewrite in place (max_rel={d['max_rel']:.3g} > allowed "
         f"{d['allowed']:g} on {d['verification_samples']} verification samples)"
     ),
+    RefusalCode.MARGINAL_SITE_WITHDRAWN: lambda d: (
+        f"withdrawn in back-off step {d['step']}: the final check failed (max_rel={d['max_rel']:.3g} > allowed "
+        f"{d['allowed']:g}) and this site was the #{d['rank']} most marginal of {d['sites']} statistically rewritten "
+        f"sites (margin {d['marginality']:.3g} x its neurons' spread on the decide split)"
+    ),
     RefusalCode.WITHDRAWN: lambda d: "; ".join(describe_reason(r) for r in d["reasons"]),
     RefusalCode.NO_SUCH_SITE: lambda d: "the model has no activation call site of that name",
     RefusalCode.NOT_AN_ACTIVATION: lambda d: f"{d['node']} is not an activation call site",
