@@ -32,7 +32,14 @@ import torch.nn as nn
 
 from egp_export import __version__
 from egp_export.algebra.costmodel import AnalyticCost, MeasuredCost
-from egp_export.analysis.batches import DEFAULT_BATCH_SIZE, Batches, CalibrationSplit, as_batches, split_holdout
+from egp_export.analysis.batches import (
+    DEFAULT_BATCH_SIZE,
+    Batches,
+    CalibrationSplit,
+    as_batches,
+    fitted_to,
+    split_holdout,
+)
 from egp_export.analysis.fx import propagate_shapes
 from egp_export.analysis.numerics import FP32_RTOL, NOISE_CAP, NOISE_FACTOR, ErrorAccumulator, ErrorStats, compare, fp32_noise
 from egp_export.analysis.stats import SiteStats, calibrate, summarize_sites
@@ -480,7 +487,7 @@ def compile(  # noqa: A001 - the issue's public name
     if min_observations < 0:
         raise CalibrationError(f"min_observations must be >= 0, got {min_observations}.")
     working, dtype = _working_copy(model)
-    batches = as_batches(calibration, batch_size=batch_size).map(_widened)
+    batches = fitted_to(working, as_batches(calibration, batch_size=batch_size).map(_widened))
     split = split_holdout(batches, holdout, 0.0 if strict else validation)
     shards = _Shards(runtime)
     shards.check(split)
