@@ -22,7 +22,7 @@ _CHECK_CHUNK = 256
 # of preference.
 INPUT_KEYS = ("inputs", "input", "x", "data", "images")
 # Python and NumPy scalars: a list of them is one sample (a tokenizer's ids), never (input, target).
-_NUMBER = (numbers.Number, np.generic)
+_NUMBER = (numbers.Number, np.number, np.bool_)
 
 
 class Batches(Sequence[torch.Tensor]):
@@ -252,7 +252,7 @@ def _numbers_only(item) -> bool:
     """Whether ``item`` is a number or a (nested) list/tuple of numbers only."""
     if isinstance(item, (tuple, list)):
         return all(_numbers_only(element) for element in item)
-    return isinstance(item, _NUMBER) and not isinstance(item, np.ndarray)
+    return isinstance(item, _NUMBER)
 
 
 def pick_input(mapping: Mapping, what: str) -> object:
