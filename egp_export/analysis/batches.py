@@ -313,7 +313,9 @@ def as_batches(calibration, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Batches:
     ragged lists) is refused with a message saying how to wrap it. A
     DataLoader with the default collate function over a Dataset of number
     lists is refused unless it is read through its Dataset (the collate
-    function turns each sample's ids into one tensor per position).
+    function turns each sample's ids into one tensor per position); over an
+    IterableDataset this cannot be seen without reading it: give such a
+    loader ``collate_fn=torch.tensor``.
     """
     if isinstance(calibration, (str, bytes)):
         raise CalibrationError("calibration must be tensors, not a path; load the file first (egp_export.io.datasets).")
