@@ -44,6 +44,7 @@ from egp_export.analysis.batches import (
     CalibrationSplit,
     SplitIndices,
     as_batches,
+    fitted_to,
     split_holdout,
 )
 from egp_export.analysis.fx import propagate_shapes
@@ -523,7 +524,7 @@ def compile(  # noqa: A001 - the issue's public name
     if min_observations < 0:
         raise CalibrationError(f"min_observations must be >= 0, got {min_observations}.")
     working, dtype = _working_copy(model)
-    batches = as_batches(calibration, batch_size=batch_size).map(_widened)
+    batches = fitted_to(working, as_batches(calibration, batch_size=batch_size).map(_widened))
     split = split_holdout(batches, holdout, 0.0 if strict else validation, seed=split_seed)
     shards = _Shards(runtime)
     shards.check(split)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+import numbers
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from egp_export.errors import CalibrationError
 
@@ -17,6 +20,11 @@ DEFAULT_BATCH_SIZE = 64
 DEFAULT_SPLIT_SEED = 0
 # Samples per chunk of the NaN/Inf check of a tensor source.
 _CHECK_CHUNK = 256
+# Names under which a dict item, a dict saved to a file or a .npz archive commonly stores the model inputs, in order
+# of preference.
+INPUT_KEYS = ("inputs", "input", "x", "data", "images")
+# Python and NumPy scalars: a list of them is one sample (a tokenizer's ids), never (input, target).
+_NUMBER = (numbers.Number, np.number, np.bool_)
 
 
 class Batches(Sequence[torch.Tensor]):
@@ -146,7 +154,7 @@ class _DatasetSource(_Source):
         self.sample_shape, self.dtype = tuple(first.shape), first.dtype
 
     def _item(self, index: int) -> torch.Tensor:
-        item = _input_of(self.dataset[index], index)
+        item, _ = _input_of(self.dataset[index], index)
         if item.dim() == 0:
             item = item.reshape(1)
         return item
@@ -289,26 +297,86 @@ class CalibrationSplit:
         return int(held.numel()), int(unseen.sum())
 
 
-def _input_of(item, index: int) -> torch.Tensor:
-    # (input, target) tuples from datasets/DataLoaders: the input is first.
+def _input_of(item, index: int, *, where: str = "item") -> tuple[torch.Tensor, bool]:
+    """The model input in one calibration item, and whether it was written as Python numbers (then it is one sample).
+
+    The item contract, in one place (documented in :func:`as_batches`):
+
+    * a tensor or array is the input;
+    * a dict is read by key: the first of ``INPUT_KEYS`` it holds, else its only entry;
+    * a tuple/list whose first element is a tensor, an array or a dict is ``(input, target, ...)``: the input is first;
+    * a tuple/list of Python numbers (or of such lists, nested) is one sample, e.g. a tokenizer's token ids;
+    * anything else (numbers mixed with tensors or lists, an empty tuple) is refused, saying how to wrap it.
+    """
+    what = f"calibration {where} {index}"
+    if isinstance(item, Mapping):
+        return _input_of(pick_input(item, what), index, where=where)
     if isinstance(item, (tuple, list)):
         if not item:
-            raise CalibrationError(f"calibration item {index} is an empty tuple; expected a tensor or (input, target).")
-        item = item[0]
-    if isinstance(item, dict):
-        raise CalibrationError(
-            f"calibration item {index} is a dict; pass tensors or (input, target) tuples "
-            "(e.g. a generator yielding batch['input'])."
-        )
-    if not isinstance(item, torch.Tensor):
-        try:
-            item = torch.as_tensor(item)
-        except Exception:
+            raise CalibrationError(f"{what} is an empty {type(item).__name__}; expected a tensor or (input, target).")
+        if len(item) > 1 and all(isinstance(element, torch.Tensor) and element.dim() == 0 for element in item):
             raise CalibrationError(
-                f"calibration item {index} is a {type(item).__name__}, not a tensor; "
-                "pass a tensor batch, an iterable of tensors or (input, target) tuples, or a DataLoader."
+                f"{what} is a {type(item).__name__} of {len(item)} one-number tensors: one sample or (input, target)? "
+                "Give one sample as one tensor (torch.stack(item)), or (input, target) with the input of shape [1]."
+            )
+        if isinstance(item[0], (torch.Tensor, np.ndarray, Mapping)):
+            return _input_of(item[0], index, where=where)[0], False
+        if not _numbers_only(item):
+            raise CalibrationError(
+                f"{what} is a {type(item).__name__} that mixes numbers, lists and other values, so neither one sample "
+                "nor (input, target) can be read from it; give each sample as a tensor (torch.tensor(ids)), "
+                "or (input, target) with the input as a tensor."
+            )
+        try:
+            return torch.tensor(item), True
+        except (TypeError, ValueError) as error:
+            raise CalibrationError(
+                f"{what} is a nested list of numbers that is not rectangular ({error}); pad its rows to one length."
             ) from None
-    return item
+    if isinstance(item, np.ndarray):
+        return tensor_from_array(item, what), False
+    if isinstance(item, torch.Tensor):
+        return item, False
+    if isinstance(item, _NUMBER):
+        return torch.tensor(item), True
+    raise CalibrationError(
+        f"{what} is a {type(item).__name__}, not a tensor; "
+        "pass a tensor batch, an iterable of tensors or (input, target) tuples, or a DataLoader."
+    )
+
+
+def _numbers_only(item) -> bool:
+    """Whether ``item`` is a number or a (nested) list/tuple of numbers only."""
+    if isinstance(item, (tuple, list)):
+        return all(_numbers_only(element) for element in item)
+    return isinstance(item, _NUMBER)
+
+
+def pick_input(mapping: Mapping, what: str) -> object:
+    """The entry of ``mapping`` under the first of INPUT_KEYS, else its only entry, else a CalibrationError naming
+    the keys (several tensors under other names, e.g. a tokenizer's input_ids and attention_mask, are ambiguous)."""
+    for key in INPUT_KEYS:
+        if key in mapping:
+            return mapping[key]
+    if len(mapping) == 1:
+        return next(iter(mapping.values()))
+    keys = ", ".join(repr(str(key)) for key in mapping) or "none"
+    raise CalibrationError(
+        f"{what} has the keys {keys} and none of them is one of {', '.join(INPUT_KEYS)}; store the model input under "
+        "'inputs', or pass the input alone (e.g. [item['input_ids'] for item in data])."
+    )
+
+
+def tensor_from_array(array: np.ndarray, what: str) -> torch.Tensor:
+    """``array`` as a tensor (sharing its memory where torch can), in native byte order: a big-endian array (saved on
+    another machine) is converted, which copies it."""
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    # order="C" copies only arrays torch cannot view (negative strides); unlike ascontiguousarray it keeps 0-d.
+    try:
+        return torch.from_numpy(np.asarray(array, order="C"))
+    except TypeError as error:
+        raise CalibrationError(f"{what} has dtype {array.dtype}, which torch cannot hold ({error}).") from None
 
 
 def as_batches(calibration, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Batches:
@@ -322,6 +390,29 @@ def as_batches(calibration, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Batches:
     iterable (a loader with its own sampler or collate function, a generator)
     is read once and held. Tensors and iterables are
     checked up front (shape, NaN/Inf), a Dataset's batches as they are read.
+
+    What an item (of a Dataset, or a batch of a DataLoader or iterable) may be:
+
+    * a tensor or NumPy array: the input (one sample of a Dataset; a batch
+      ``[B, ...]`` of an iterable);
+    * a tuple/list whose first element is a tensor, an array or a dict:
+      ``(input, target, ...)``, the input is the first;
+    * a dict: the entry under the first of :data:`INPUT_KEYS` (``inputs``,
+      ``input``, ``x``, ``data``, ``images``), else its only entry; several
+      entries under other names (a tokenizer's ``input_ids`` and
+      ``attention_mask``) are refused: pass the input alone;
+    * a list/tuple of Python numbers (or nested lists of them): **one
+      sample**, e.g. a tokenizer's token ids, in a Dataset and in an
+      iterable alike (an iterable's tensors are batches, its lists of
+      numbers single samples).
+
+    Anything else (numbers mixed with tensors, several one-number tensors,
+    ragged lists) is refused with a message saying how to wrap it. A
+    DataLoader with the default collate function over a Dataset of number
+    lists is refused unless it is read through its Dataset (the collate
+    function turns each sample's ids into one tensor per position); over an
+    IterableDataset this cannot be seen without reading it: give such a
+    loader ``collate_fn=torch.tensor``.
     """
     if isinstance(calibration, (str, bytes)):
         raise CalibrationError("calibration must be tensors, not a path; load the file first (egp_export.io.datasets).")
@@ -330,6 +421,8 @@ def as_batches(calibration, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Batches:
     if isinstance(calibration, torch.Tensor):
         return _nonempty(Batches(_TensorSource(_checked(calibration, "calibration item 0")), size=batch_size))
     dataset = _map_style_dataset(calibration)
+    if dataset is None:
+        _refuse_transposing_collate(calibration)
     if dataset is not None:
         if not len(dataset):
             raise CalibrationError("calibration data is empty; pass at least a few representative samples.")
@@ -344,7 +437,9 @@ def as_batches(calibration, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Batches:
     batches: list[torch.Tensor] = []
     sample_shape: tuple[int, ...] | None = None
     for index, item in enumerate(items):
-        tensor = _checked(_input_of(item, index), f"calibration item {index}")
+        tensor, one_sample = _input_of(item, index)
+        # An iterable yields batches, except that Python numbers (a list of token ids) are one sample.
+        tensor = _checked(tensor.unsqueeze(0) if one_sample else tensor, f"calibration item {index}")
         if sample_shape is None:
             sample_shape = tuple(tensor.shape[1:])
         elif tuple(tensor.shape[1:]) != sample_shape:
@@ -365,10 +460,27 @@ def _nonempty(batches: Batches) -> Batches:
     return batches
 
 
+def _refuse_transposing_collate(calibration) -> None:
+    """A CalibrationError when ``calibration`` is a DataLoader whose default collate function would turn each item's
+    list of numbers (one sample by the item contract) into one tensor per position, read as (input, target, ...)."""
+    if not isinstance(calibration, DataLoader) or calibration.collate_fn is not default_collate:
+        return
+    dataset = calibration.dataset
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__") or not len(dataset):
+        return
+    item = dataset[0]
+    if isinstance(item, (tuple, list)) and len(item) > 1 and _numbers_only(item):
+        raise CalibrationError(
+            f"the DataLoader's items are lists of {len(item)} numbers (one sample each), which its default collate "
+            "function turns into one tensor per position; pass the Dataset itself, or give the loader "
+            "collate_fn=torch.tensor (one batch [B, ...] of the lists)."
+        )
+
+
 def _map_style_dataset(calibration) -> Dataset | None:
     """The map-style Dataset to read by index: the object itself, or a plain DataLoader's dataset."""
     if isinstance(calibration, DataLoader):
-        from torch.utils.data import RandomSampler, SequentialSampler, default_collate
+        from torch.utils.data import RandomSampler, SequentialSampler
 
         dataset, sampler = calibration.dataset, calibration.sampler
         # Read in index order only when the loader would give every sample once, collated the default way.
@@ -427,3 +539,73 @@ def split_holdout(
         seed=seed,
         digests=digests,
     )
+
+
+@dataclass(frozen=True)
+class InputConversion:
+    """How calibration samples are converted before the model sees them, and what states it ("<data> " + note)."""
+
+    dtype: torch.dtype
+    scale: float
+    note: str
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        converted = batch.to(self.dtype)
+        return converted / self.scale if self.scale != 1.0 else converted
+
+
+# Integer dtypes an nn.Embedding (and most index ops) refuse; ids in them widen to int64 without changing a value.
+_NARROW_INTEGERS = frozenset({torch.uint8, torch.int8, torch.int16, torch.uint16, torch.uint32})
+# uint8 data a model takes as floats are images: scaled to [0, 1], the scale of an image folder.
+_UINT8_IMAGE_SCALE = 255.0
+
+
+def fitting_conversion(model, sample: torch.Tensor, *, images: bool = False) -> InputConversion | None:
+    """None when ``model`` accepts ``sample`` (one sample ``[1, ...]``) as it is; else the first of these it accepts:
+
+    1. narrow integers (uint8, int8, int16, uint16, uint32) as int64: token ids, values unchanged;
+    2. bool as float32 (0 and 1), tried only after the model refused bool;
+    3. with ``images`` (data from a file, the command line): uint8 as float32 scaled to [0, 1] (divided by 255,
+       the scale of an image folder) and other integers as float32, values as stored.
+
+    None too when nothing is accepted: the compile then names the dtype the model rejects. The model runs on a
+    copy of the sample (a model that writes into its input changes nothing).
+    """
+    dtype = sample.dtype
+    if dtype.is_floating_point or _accepts(model, sample):
+        return None
+    name = str(dtype).removeprefix("torch.")
+    candidates = []
+    if dtype in _NARROW_INTEGERS:
+        candidates.append(InputConversion(torch.int64, 1.0, f"holds {name} integers, which the model rejects: "
+                                                             "widened to int64 (token ids: values unchanged)"))
+    if dtype == torch.bool:
+        candidates.append(InputConversion(torch.float32, 1.0, "holds bool data, which the model rejects: "
+                                                              "converted to float32 (0 and 1)"))
+    elif images and dtype == torch.uint8:
+        candidates.append(InputConversion(torch.float32, _UINT8_IMAGE_SCALE, "holds uint8 data and the model takes floats: "
+                                          "converted to float32 and scaled to [0, 1] (divided by 255, as an image "
+                                          "folder is)"))
+    elif images:
+        candidates.append(InputConversion(torch.float32, 1.0, f"holds {name} data and the model takes floats: converted to "
+                                                              "float32 (values as stored, not rescaled)"))
+    return next((conversion for conversion in candidates if _accepts(model, conversion(sample))), None)
+
+
+def _accepts(model, sample: torch.Tensor) -> bool:
+    try:
+        with torch.no_grad():
+            model(sample.clone())
+    except Exception:  # noqa: BLE001 - any failure means "not this input"; the compile reports the real error
+        return False
+    return True
+
+
+def fitted_to(model, batches: Batches) -> Batches:
+    """``batches`` converted by :func:`fitting_conversion` (narrow integer ids to int64, bool to float32) where
+    ``model`` rejects them as they are, with a UserWarning stating it; ``batches`` themselves otherwise."""
+    conversion = fitting_conversion(model, batches[0][:1])
+    if conversion is None:
+        return batches
+    warnings.warn(f"egp-export: the calibration data {conversion.note}", UserWarning, stacklevel=3)
+    return batches.map(conversion)

@@ -43,6 +43,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from egp_export.analysis.batches import Batches
 from egp_export.analysis.activations import ActivationSpec, activation_spec, binary_entropy, categorical_entropy, fit_affine
 from egp_export.analysis.fx import propagate_shapes, site_neuron_dim
 from egp_export.analysis.ops import named_modules
@@ -452,7 +453,7 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[torch.Tensor], *, progress: 
         raise CalibrationError(
             f"the model rejects calibration samples of shape {tuple(first.shape[1:])} and dtype "
             f"{str(first.dtype).removeprefix('torch.')}: "
-            f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}. "
+            f"{_first_line(error)}. "
             "Check the input size, channel count and dtype the model expects (token ids: integers; images: floats)."
         ) from None
     propagate_shapes(gm, first[:1])
@@ -465,11 +466,46 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[torch.Tensor], *, progress: 
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc="calibrating", unit="batch", leave=False)
+    read = 0
     with torch.no_grad():
-        for batch in iterator:
-            interpreter.run(batch)
+        for number, batch in enumerate(iterator):
+            try:
+                interpreter.run(batch)
+            except (CalibrationError, MemoryError):
+                raise  # already says what is wrong, or is not the data's fault
+            except Exception as error:  # the first sample ran, so this is a bad sample (or batch) further on
+                raise _rejected_sample(gm, batches, number, batch, read, error) from None
+            read += len(batch)
     interpreter.store()
     return list(interpreter.sites.values())
+
+
+def _rejected_sample(gm: fx.GraphModule, batches, number: int, batch: torch.Tensor, read: int,
+                     error: Exception) -> CalibrationError:
+    """A CalibrationError naming the sample of ``batch`` (batch ``number``, read after ``read`` samples) the model
+    rejects: each sample of the batch is run alone to find the first one that fails."""
+    # A Batches names the source's own sample indices (its part of the data); a plain iterable, positions read.
+    names = batches.indices[read : read + len(batch)] if isinstance(batches, Batches) else range(read, read + len(batch))
+    with torch.no_grad():
+        for offset in range(len(batch)):
+            try:
+                gm(batch[offset : offset + 1].clone())
+            except Exception as sample_error:  # noqa: BLE001 - this sample's own failure is the one to report
+                return CalibrationError(
+                    f"the model rejects calibration sample {int(names[offset])} (sample {offset} of calibration "
+                    f"batch {number}), although earlier samples ran: {_first_line(sample_error)}. Fix or drop that "
+                    "sample (e.g. token ids must be below the embedding's vocabulary size)."
+                )
+    return CalibrationError(
+        f"the model rejects calibration batch {number} ({len(batch)} samples from sample {int(names[0])}) although it "
+        f"accepts each of its samples alone: {_first_line(error)}. Check that the model works at batch size "
+        f"{len(batch)}, or pass a smaller batch_size."
+    )
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def site_stats(node: fx.Node) -> SiteStats | None:
@@ -491,9 +527,9 @@ def summarize_sites(sites: list[SiteStats], tolerance: float) -> dict:
 def analyze(model: nn.Module, calibration, *, tolerance: float = 1e-5, progress: bool = False, leaf_modules=()) -> dict:
     """Per-site activation analysis of ``model`` on all of ``calibration`` (no rewriting); ``leaf_modules`` as in
     ``trace``."""
-    from egp_export.analysis.batches import as_batches
+    from egp_export.analysis.batches import as_batches, fitted_to
     from egp_export.analysis.trace import trace
 
     gm = trace(model, leaf_modules=tuple(leaf_modules))
-    sites = calibrate(gm, as_batches(calibration), progress=progress)
+    sites = calibrate(gm, fitted_to(gm, as_batches(calibration)), progress=progress)
     return summarize_sites(sites, tolerance)

@@ -310,32 +310,20 @@ def _load_model(args: argparse.Namespace):
 
 
 def _load_calibration(args: argparse.Namespace, model):
-    """The calibration inputs; integer data stay integers (token ids) unless the model only takes floats."""
-    import torch
-
+    """The calibration inputs, converted for the model where it rejects them as stored (each conversion stated)."""
+    from egp_export.analysis.batches import fitting_conversion
     from egp_export.io.datasets import load_calibration
 
     input_size = tuple(args.input_size) if args.input_size else None
-    data = load_calibration(args.calibration, input_size=input_size, limit=args.calibration_limit)
-    if data.is_floating_point() or _runs_on(model, data[:1]):
-        return data
-    if _runs_on(model, data[:1].to(torch.float32)):
-        say(args, f"note: {args.calibration} holds {str(data.dtype).removeprefix('torch.')} data and the model takes "
-                  "floats: converted to float32 (values as stored, not rescaled)")
-        return data.to(torch.float32)
-    return data  # compile/analyze name the dtype the model rejects
-
-
-def _runs_on(model, sample) -> bool:
-    """Whether ``model`` (built by this command, in eval mode) accepts ``sample``."""
-    import torch
-
-    try:
-        with torch.no_grad():
-            model(sample.clone())  # a model may write into its input: ``sample`` is a view of the calibration data
-    except Exception:  # noqa: BLE001 - any failure means "not this input"; compile reports the real error
-        return False
-    return True
+    notes: list[str] = []
+    data = load_calibration(args.calibration, input_size=input_size, limit=args.calibration_limit, notes=notes)
+    for note in notes:
+        say(args, f"note: {note}")
+    conversion = fitting_conversion(model, data[:1], images=True)
+    if conversion is None:
+        return data  # as stored; compile/analyze name the dtype the model rejects
+    say(args, f"note: {args.calibration} {conversion.note}")
+    return conversion(data)
 
 
 def _wrote(out: Path, names) -> str:

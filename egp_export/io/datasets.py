@@ -3,19 +3,27 @@
 Accepted ``--calib`` specifications:
 
 * ``builtin:digits`` - scikit-learn's 8x8 handwritten digits, ``[N, 1, 8, 8]`` in [0, 1];
-* a ``.pt``/``.pth`` file holding a tensor, a tuple/list ``(inputs, ...)`` or a dict;
-* a ``.npy`` file, or a ``.npz`` archive;
+* a ``.pt``/``.pth`` file holding a tensor, a dict, ``(inputs, targets, ...)``
+  (tensors of one length whose sample shapes or dtypes differ from the
+  inputs': the inputs are used) or a list of batches (tensors of one sample
+  shape and dtype, three or more, or of different lengths: concatenated);
+  two tensors of one shape are refused (batches or (inputs, targets)?);
+* a ``.npy`` file, or a ``.npz`` archive (big-endian arrays are converted to
+  native byte order);
 * a folder of images (searched recursively), read as RGB ``[N, 3, H, W]`` in [0, 1].
 
 Dicts and ``.npz`` archives are searched for the first of :data:`INPUT_KEYS`.
-Every result is checked: at least one sample, and only finite values.
+Every result is checked: at least one sample, and only finite values. Every
+conversion a loader makes is stated in ``notes`` when a list is given.
 
 Integer and boolean data keep their dtype (token ids for an ``nn.Embedding``);
-the command line converts them to float32 when the model rejects integers
-(``uint8`` images). A ``.npy`` file is memory-mapped (copy-on-write: the file
-is never written): float32 and integer arrays are used in place and read from
-disk as the batches are used, so the data need not fit in memory; other float
-dtypes are converted, which copies them.
+the command line converts them for the model
+(:func:`egp_export.analysis.batches.fitting_conversion`: narrow integer ids to
+int64, bool and integers to float32, uint8 scaled to [0, 1] like an image
+folder). A ``.npy`` file is memory-mapped (copy-on-write: the file is never
+written): float32 and integer arrays are used in place and read from disk as
+the batches are used, so the data need not fit in memory; other float dtypes
+and big-endian arrays are converted, which copies them.
 """
 
 from __future__ import annotations
@@ -28,18 +36,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from egp_export.analysis.batches import count_nonfinite
+from egp_export.analysis.batches import INPUT_KEYS, count_nonfinite, pick_input, tensor_from_array
 from egp_export.errors import CalibrationError
 
-# Names under which a dict or .npz archive commonly stores the model inputs (and, for pruning, the
-# labels), in order of preference.
-INPUT_KEYS = ("inputs", "input", "x", "data", "images")
+# INPUT_KEYS (imported above) names where a dict or .npz archive stores the model inputs; these the labels (pruning).
 TARGET_KEYS = ("targets", "target", "labels", "label", "y")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 TORCH_SUFFIXES = frozenset({".pt", ".pth"})
 BUILTIN_DIGITS = "builtin:digits"
 _ACCEPTED = (
-    f"{BUILTIN_DIGITS}, a .pt/.pth file (tensor, (inputs, ...) tuple, or dict with one of the keys "
+    f"{BUILTIN_DIGITS}, a .pt/.pth file (tensor, (inputs, ...) tuple, list of batches, or dict with one of the keys "
     f"{', '.join(INPUT_KEYS)}), a .npy file, a .npz archive, or a folder of images "
     f"({', '.join(sorted(IMAGE_SUFFIXES))})"
 )
@@ -47,14 +53,17 @@ _ACCEPTED = (
 _DIGITS_MAX = 16.0
 
 
-def load_calibration(spec: str, *, input_size: tuple[int, int] | None = None, limit: int | None = None) -> torch.Tensor:
-    """Load the calibration inputs named by ``spec`` as a tensor ``[N, ...]``: float32, or integers as stored.
+def load_calibration(spec: str, *, input_size: tuple[int, int] | None = None, limit: int | None = None,
+                     notes: list[str] | None = None) -> torch.Tensor:
+    """Load the calibration inputs named by ``spec`` as a tensor ``[N, ...]``: float32, or integers and bools as stored.
 
     ``input_size`` (H, W) resizes images of an image folder and is needed when
     they differ in size; other sources are returned as stored. ``limit`` keeps
-    the first ``limit`` samples. Raises CalibrationError for unreadable, empty
-    or non-finite data.
+    the first ``limit`` samples. Each conversion made (byte order, batches
+    concatenated, inputs taken from a pair) is appended to ``notes`` as a
+    sentence. Raises CalibrationError for unreadable, empty or non-finite data.
     """
+    notes = [] if notes is None else notes
     if limit is not None and limit < 1:
         raise CalibrationError(f"calibration limit must be at least 1, got {limit}.")
     if input_size is not None:
@@ -69,14 +78,15 @@ def load_calibration(spec: str, *, input_size: tuple[int, int] | None = None, li
         source = str(path)
         if path.is_dir():
             data = _load_image_folder(path, input_size=input_size, limit=limit)
+            notes.append(f"{path}: images read as RGB float32 in [0, 1] (pixel values / 255, as uint8 arrays are)")
         elif not path.exists():
             raise CalibrationError(f"calibration data {path} does not exist; give {_ACCEPTED}.")
         elif path.suffix.lower() in TORCH_SUFFIXES:
-            data = _load_torch_file(path)
+            data = _load_torch_file(path, notes)
         elif path.suffix.lower() == ".npy":
-            data = _load_npy(path)
+            data = _load_npy(path, notes)
         elif path.suffix.lower() == ".npz":
-            data = _load_npz(path)
+            data = _load_npz(path, notes)
         else:
             raise CalibrationError(f"calibration data {path} has an unsupported type; give {_ACCEPTED}.")
     if limit is not None:
@@ -113,7 +123,7 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
-def _load_torch_file(path: Path) -> torch.Tensor:
+def _load_torch_file(path: Path, notes: list[str]) -> torch.Tensor:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -124,20 +134,44 @@ def _load_torch_file(path: Path) -> torch.Tensor:
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
         raise CalibrationError(f"cannot read calibration file {path} ({error}); re-save it with torch.save.") from None
     if isinstance(loaded, (tuple, list)):
-        if not loaded:
-            raise CalibrationError(f"calibration file {path} holds an empty {type(loaded).__name__}.")
-        # (inputs, labels) pairs are common; the inputs come first.
-        loaded = loaded[0]
+        loaded = _inputs_of_sequence(loaded, path, notes)
     elif isinstance(loaded, Mapping):
-        loaded = _pick_input(loaded, path)
+        loaded = pick_input(loaded, f"calibration data {path}")
     if isinstance(loaded, np.ndarray):
-        return _from_numpy(loaded, path)
+        return _from_numpy(loaded, path, notes)
     if not isinstance(loaded, torch.Tensor):
         raise CalibrationError(f"calibration file {path} holds a {type(loaded).__name__}, not a tensor; give {_ACCEPTED}.")
     return loaded
 
 
-def _load_npy(path: Path) -> torch.Tensor:
+def _inputs_of_sequence(loaded: tuple | list, path: Path, notes: list[str]) -> object:
+    """The inputs in a saved tuple/list: a list of batches concatenated, or the first of (inputs, targets, ...)."""
+    kind = type(loaded).__name__
+    if not loaded:
+        raise CalibrationError(f"calibration file {path} holds an empty {kind}.")
+    first = loaded[0]
+    if len(loaded) == 1 or not isinstance(first, torch.Tensor) or first.dim() == 0:
+        return first
+    tensors = all(isinstance(item, torch.Tensor) and item.dim() > 0 for item in loaded)
+    alike = tensors and all(item.shape[1:] == first.shape[1:] and item.dtype == first.dtype for item in loaded)
+    lengths = {len(item) for item in loaded if isinstance(item, torch.Tensor) and item.dim() > 0}
+    if alike and (len(loaded) > 2 or len(lengths) > 1):
+        # Batches of one sample shape: a pair (inputs, targets) has one length, so 3+ tensors or unequal lengths are
+        # batches.
+        notes.append(f"{path} holds a {kind} of {len(loaded)} batches of samples {tuple(first.shape[1:])}: "
+                     f"concatenated ({sum(map(len, loaded))} samples)")
+        return torch.cat(loaded)
+    if not alike and lengths == {len(first)}:
+        notes.append(f"{path} holds a {kind} (inputs, targets, ...) of {len(loaded)} entries: the first is the inputs")
+        return first
+    raise CalibrationError(
+        f"calibration file {path} holds a {kind} of {len(loaded)} tensors that could be batches or (inputs, targets) "
+        f"(sample shapes {', '.join(str(tuple(item.shape[1:])) for item in loaded if isinstance(item, torch.Tensor))}); "
+        "save the inputs alone (torch.save(torch.cat(batches), path)) or a dict {'inputs': x, 'targets': y}."
+    )
+
+
+def _load_npy(path: Path, notes: list[str]) -> torch.Tensor:
     try:
         # allow_pickle=False: object arrays would execute code from the file. mmap_mode="c": pages are read as
         # they are used and writes (an inplace first layer) stay private, so the file is never changed.
@@ -146,10 +180,10 @@ def _load_npy(path: Path) -> torch.Tensor:
         raise CalibrationError(
             f"cannot read {path} as a numeric .npy array ({error}); save it with numpy.save(path, array)."
         ) from None
-    return _from_numpy(array, path)
+    return _from_numpy(array, path, notes)
 
 
-def _load_npz(path: Path) -> torch.Tensor:
+def _load_npz(path: Path, notes: list[str]) -> torch.Tensor:
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
@@ -157,24 +191,10 @@ def _load_npz(path: Path) -> torch.Tensor:
         raise CalibrationError(
             f"cannot read {path} as a numeric .npz archive ({error}); save it with numpy.savez(path, inputs=array)."
         ) from None
-    return _from_numpy(_pick_input(arrays, path), path)
+    return _from_numpy(pick_input(arrays, f"calibration data {path}"), path, notes)
 
 
-def _pick_input(mapping: Mapping, path: Path) -> object:
-    """The entry under the first of INPUT_KEYS, else the only entry, else a CalibrationError."""
-    for key in INPUT_KEYS:
-        if key in mapping:
-            return mapping[key]
-    if len(mapping) == 1:
-        return next(iter(mapping.values()))
-    keys = ", ".join(repr(str(key)) for key in mapping) or "none"
-    raise CalibrationError(
-        f"calibration data {path} has the keys {keys} and none of them is one of {', '.join(INPUT_KEYS)}; "
-        "store the inputs under 'inputs'."
-    )
-
-
-def _from_numpy(array: object, path: Path) -> torch.Tensor:
+def _from_numpy(array: object, path: Path, notes: list[str]) -> torch.Tensor:
     if not isinstance(array, np.ndarray):
         raise CalibrationError(f"calibration data {path} holds a {type(array).__name__}, not an array.")
     if array.dtype.kind not in "biuf":
@@ -183,8 +203,10 @@ def _from_numpy(array: object, path: Path) -> torch.Tensor:
         )
     if isinstance(array, np.memmap) and (array.ndim == 0 or not array.flags.c_contiguous):
         array = np.array(array)  # a 0-d or Fortran-ordered file: read it (torch needs C order)
-    # order="C" copies only arrays torch cannot view (negative strides); unlike ascontiguousarray it keeps 0-d.
-    return torch.from_numpy(np.asarray(array, order="C"))
+    if not array.dtype.isnative:
+        notes.append(f"{path} holds {'big' if array.dtype.byteorder == '>' else 'little'}-endian {array.dtype.name} "
+                     "data: converted to this machine's byte order (a copy in memory)")
+    return tensor_from_array(array, f"calibration data {path}")
 
 
 def _load_image_folder(folder: Path, *, input_size: tuple[int, int] | None, limit: int | None) -> torch.Tensor:
@@ -243,8 +265,6 @@ def _validated(data: torch.Tensor, source: str) -> torch.Tensor:
         )
     if data.is_complex():
         raise CalibrationError(f"calibration data {source} is complex ({data.dtype}); give real-valued inputs.")
-    if data.dtype == torch.bool:
-        data = data.to(torch.float32)
     if not data.is_floating_point():
         return data.contiguous()
     data = data.to(torch.float32)
@@ -304,7 +324,8 @@ def load_labelled(spec: str) -> tuple[torch.Tensor, torch.Tensor]:
             f"labelled data {path} has an unsupported type; give {BUILTIN_DIGITS}, a .pt/.pth file or a .npz archive."
         )
     try:
-        return torch.as_tensor(np.asarray(inputs)), torch.as_tensor(np.asarray(targets))
+        return (tensor_from_array(np.asarray(inputs), f"{path} inputs"),
+                tensor_from_array(np.asarray(targets), f"{path} targets"))
     except (TypeError, ValueError) as error:
         raise CalibrationError(f"{path}: inputs and targets must be numeric arrays ({error}).") from None
 

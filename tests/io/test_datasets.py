@@ -292,3 +292,69 @@ def test_missing_path(tmp_path):
 def test_bad_options(kwargs, expected):
     with pytest.raises(CalibrationError, match=expected):
         load_calibration("builtin:digits", **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f8", ">i2", ">u2", ">i8", "<f4"])
+def test_arrays_in_either_byte_order_load_in_native_order_said_so(tmp_path, dtype):
+    """Regression: a big-endian .npy raised torch's byte-order TypeError (a traceback from the CLI)."""
+    array = np.arange(24).reshape(4, 6).astype(dtype)
+    native = torch.from_numpy(array.astype(array.dtype.newbyteorder("="))).dtype
+    np.save(tmp_path / "x.npy", array)
+    np.savez(tmp_path / "x.npz", inputs=array)
+    for path in (tmp_path / "x.npy", tmp_path / "x.npz"):
+        notes: list[str] = []
+        data = load_calibration(str(path), notes=notes)
+        assert data.tolist() == array.tolist()
+        assert data.dtype == (torch.float32 if array.dtype.kind == "f" else native)
+        stated = f"{path} holds big-endian {array.dtype.name} data: converted to this machine's byte order (a copy in memory)"
+        assert notes == ([stated] if dtype.startswith(">") else [])
+
+
+def test_a_pt_list_of_batches_is_concatenated_said_so(tmp_path):
+    """Regression: only the first batch of a saved list of batches was used, silently."""
+    batches = list(torch.randn(10, 3).split(4))  # 4, 4, 2 samples
+    for saved in (batches, tuple(batches), batches[:2] + [batches[2]], [batches[0], batches[2]]):
+        path = tmp_path / "batches.pt"
+        torch.save(saved, path)
+        notes: list[str] = []
+        data = load_calibration(str(path), notes=notes)
+        assert torch.equal(data, torch.cat(saved))
+        assert notes == [f"{path} holds a {type(saved).__name__} of {len(saved)} batches of samples (3,): "
+                         f"concatenated ({len(data)} samples)"]
+
+
+def test_a_pt_pair_of_inputs_and_labels_gives_the_inputs_said_so(tmp_path):
+    inputs, labels = torch.randn(6, 3), torch.arange(6)
+    path = tmp_path / "pair.pt"
+    for saved in ((inputs, labels), [inputs, labels], (inputs, labels, labels.float()), (inputs, inputs.double())):
+        torch.save(saved, path)
+        notes: list[str] = []
+        assert torch.equal(load_calibration(str(path), notes=notes), inputs)
+        assert notes == [f"{path} holds a {type(saved).__name__} (inputs, targets, ...) of {len(saved)} entries: "
+                         "the first is the inputs"]
+
+
+@pytest.mark.parametrize("saved", [(torch.randn(6, 3), torch.randn(6, 3)), [torch.randn(6, 3), torch.randn(4, 2)]])
+def test_a_pt_pair_that_could_be_batches_or_inputs_and_targets_is_refused(tmp_path, saved):
+    path = tmp_path / "pair.pt"
+    torch.save(saved, path)
+    with pytest.raises(CalibrationError, match=r"could be batches or \(inputs, targets\).*torch.save\(torch.cat"):
+        load_calibration(str(path))
+
+
+def test_bool_data_keep_their_dtype(tmp_path):
+    """Regression: bool data became float32 before the model was tried (the command line converts only if refused)."""
+    path = tmp_path / "mask.npy"
+    np.save(path, np.array([[True, False], [False, True]]))
+    data = load_calibration(str(path))
+    assert data.dtype == torch.bool and data.tolist() == [[True, False], [False, True]]
+
+
+def test_an_image_folder_states_its_scale(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.full((4, 5, 3), 255, dtype=np.uint8)).save(tmp_path / "white.png")
+    notes: list[str] = []
+    data = load_calibration(str(tmp_path), notes=notes)
+    assert data.shape == (1, 3, 4, 5) and float(data.max()) == 1.0
+    assert notes == [f"{tmp_path}: images read as RGB float32 in [0, 1] (pixel values / 255, as uint8 arrays are)"]
