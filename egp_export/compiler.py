@@ -49,7 +49,7 @@ from egp_export.analysis.batches import (
 )
 from egp_export.analysis.fx import propagate_shapes
 from egp_export.analysis.numerics import FP32_RTOL, NOISE_CAP, NOISE_FACTOR, ErrorAccumulator, ErrorStats, compare, fp32_noise
-from egp_export.analysis.stats import SiteStats, calibrate, summarize_sites
+from egp_export.analysis.stats import SiteStats, calibrate, rejected_sample, summarize_sites
 from egp_export.analysis.summary import summarize
 from egp_export.analysis.trace import owned_copy, trace, trace_facts
 from egp_export.compiler_backoff import attach_sites, back_off_in_steps
@@ -219,8 +219,10 @@ class _Shards:
         """The candidate's error against the reference over ``batches``, a batch at a time (no outputs are kept)."""
         errors, share = ErrorAccumulator(), self.of(batches)
         with torch.no_grad():
-            for batch in share:
-                errors.add(reference(batch.clone()), candidate(batch))  # a model may write into its input
+            read = 0
+            for number, batch in enumerate(share):
+                errors.add(_reference_output(reference, share, number, batch, read), candidate(batch))
+                read += len(batch)
         if self.world > 1:
             errors.all_reduce(self.runtime, share.start - batches.start)
         return errors.result()
@@ -253,9 +255,25 @@ def _working_copy(model: nn.Module) -> tuple[nn.Module, dict]:
     return working, facts
 
 
-def _check_deterministic(reference: nn.Module, batch: torch.Tensor) -> None:
+def _reference_output(reference: nn.Module, part: Batches, number: int, batch: torch.Tensor, read: int):
+    """The original model's output on ``batch`` (batch ``number`` of ``part``, after ``read`` samples of it).
+
+    The held-out part is first run here, not in calibration: a sample the model rejects (a token id beyond the
+    vocabulary) is named in a CalibrationError, as calibration names one.
+    """
+    try:
+        with torch.no_grad():
+            return reference(batch.clone())  # a model may write into its input
+    except (CalibrationError, MemoryError):
+        raise
+    except Exception as error:  # the model ran on the decide part, so this is the data
+        raise rejected_sample(reference, part, number, batch, read, error) from None
+
+
+def _check_deterministic(reference: nn.Module, part: Batches) -> None:
     """Refuse a model that gives different outputs for the same input twice: nothing could be verified against it."""
-    first, second = _outputs(reference, [batch, batch])
+    batch = part[0]
+    first, (second,) = _reference_output(reference, part, 0, batch, 0), _outputs(reference, [batch])
     drift = compare(first, second)
     if not drift.within(DETERMINISM_RTOL):
         raise VerificationError(
@@ -607,7 +625,7 @@ def compile(  # noqa: A001 - the issue's public name
         rewrites=len(attempt.pipeline.rewrites), refusals=len(attempt.pipeline.refusals),
         withdrawals=len(attempt.withdrawals),
     )
-    _check_deterministic(reference, split.holdout[0])
+    _check_deterministic(reference, split.holdout)
     withdrawals = list(attempt.withdrawals)
     rewritten = time.perf_counter()
     stages.start("verify")

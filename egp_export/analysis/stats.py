@@ -43,8 +43,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from egp_export.analysis.batches import Batches
 from egp_export.analysis.activations import ActivationSpec, activation_spec, binary_entropy, categorical_entropy, fit_affine
+from egp_export.analysis.batches import Batches
 from egp_export.analysis.fx import propagate_shapes, site_neuron_dim
 from egp_export.analysis.ops import named_modules
 from egp_export.errors import CalibrationError
@@ -450,6 +450,8 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[torch.Tensor], *, progress: 
         with torch.no_grad():
             gm(first[:1].clone())  # a model may write into its input: sample 0 is calibrated on below
     except Exception as error:  # any failure here is the model rejecting the data
+        if any(_runs(gm, first[index : index + 1]) for index in range(1, len(first))):
+            raise rejected_sample(gm, batches, 0, first, 0, error) from None  # one bad sample, not the input form
         raise CalibrationError(
             f"the model rejects calibration samples of shape {tuple(first.shape[1:])} and dtype "
             f"{str(first.dtype).removeprefix('torch.')}: "
@@ -474,13 +476,13 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[torch.Tensor], *, progress: 
             except (CalibrationError, MemoryError):
                 raise  # already says what is wrong, or is not the data's fault
             except Exception as error:  # the first sample ran, so this is a bad sample (or batch) further on
-                raise _rejected_sample(gm, batches, number, batch, read, error) from None
+                raise rejected_sample(gm, batches, number, batch, read, error) from None
             read += len(batch)
     interpreter.store()
     return list(interpreter.sites.values())
 
 
-def _rejected_sample(gm: fx.GraphModule, batches, number: int, batch: torch.Tensor, read: int,
+def rejected_sample(gm: nn.Module, batches, number: int, batch: torch.Tensor, read: int,
                      error: Exception) -> CalibrationError:
     """A CalibrationError naming the sample of ``batch`` (batch ``number``, read after ``read`` samples) the model
     rejects: each sample of the batch is run alone to find the first one that fails."""
@@ -493,7 +495,7 @@ def _rejected_sample(gm: fx.GraphModule, batches, number: int, batch: torch.Tens
             except Exception as sample_error:  # noqa: BLE001 - this sample's own failure is the one to report
                 return CalibrationError(
                     f"the model rejects calibration sample {int(names[offset])} (sample {offset} of calibration "
-                    f"batch {number}), although earlier samples ran: {_first_line(sample_error)}. Fix or drop that "
+                    f"batch {number}), although other samples ran: {_first_line(sample_error)}. Fix or drop that "
                     "sample (e.g. token ids must be below the embedding's vocabulary size)."
                 )
     return CalibrationError(
@@ -501,6 +503,15 @@ def _rejected_sample(gm: fx.GraphModule, batches, number: int, batch: torch.Tens
         f"accepts each of its samples alone: {_first_line(error)}. Check that the model works at batch size "
         f"{len(batch)}, or pass a smaller batch_size."
     )
+
+
+def _runs(model: nn.Module, sample: torch.Tensor) -> bool:
+    try:
+        with torch.no_grad():
+            model(sample.clone())
+    except Exception:  # noqa: BLE001 - any failure means "not this sample"
+        return False
+    return True
 
 
 def _first_line(error: Exception) -> str:

@@ -153,3 +153,20 @@ def test_a_rejected_sample_after_the_first_is_named(bad):
         egp_export.analyze(TokenModel().eval(), ids)
     with pytest.raises(CalibrationError, match=rf"rejects calibration sample {bad} "):
         egp_export.compile(TokenModel().eval(), _TokenLists(ids), min_observations=100)
+
+
+@pytest.mark.parametrize("part", ["holdout", "validate"])
+def test_a_rejected_sample_in_the_held_out_or_validation_part_is_named(part):
+    """Regression: a bad sample that lands in the held-out part (first run by the determinism check and the final
+    comparison, not by calibration) raised a bare IndexError from compile."""
+    from egp_export.analysis.batches import as_batches, split_holdout
+    from egp_export.compiler import DEFAULT_VALIDATION
+
+    ids = _ids(200, 5)
+    split = split_holdout(as_batches(ids), 0.2, DEFAULT_VALIDATION)
+    for position in (0, -1):  # the first held-out batch (determinism check) and the last (final comparison)
+        bad = int(getattr(split, part).indices[position])
+        broken = ids.clone()
+        broken[bad, 3] = 50  # the embedding has 50 rows
+        with pytest.raises(CalibrationError, match=rf"rejects calibration sample {bad} .*index out of range"):
+            egp_export.compile(TokenModel().eval(), broken, min_observations=100)
