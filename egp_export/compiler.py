@@ -2,7 +2,8 @@
 
 The calibration samples are split three ways (analysis/batches.py): rewrites
 are *decided* on the first part, *validated* on the second (which can only
-withdraw them), and the compiled module is *verified* against the original on
+withdraw them; a gradient search near its samples, analysis/crossings.py,
+withdraws neurons it can move out of their region too), and the compiled module is *verified* against the original on
 the last, which decides nothing. Without ``strict``, a compile backs off
 instead of giving up: neurons that leave their region on validation data lose
 their rewrite (the activation stays, or they leave the dead mask), and if the
