@@ -2,9 +2,11 @@
 
 The calibration samples are split three ways by a seeded permutation
 (analysis/batches.py, ``split_seed``): rewrites are *decided* on the first
-part, *validated* on the second (which can only withdraw them), and the
-compiled module is *verified* against the original on the last, which
-decides nothing; a sample repeated counts once as evidence. Without ``strict``, a compile backs off
+part, *validated* on the second (which can only withdraw them; a gradient
+search near its samples, analysis/crossings.py, withdraws neurons it can move
+out of their region too), and the compiled module is *verified* against the
+original on the last, which decides nothing; a sample repeated counts once as
+evidence. Without ``strict``, a compile backs off
 instead of giving up: neurons that leave their region on validation data lose
 their rewrite (the activation stays, or they leave the dead mask), and if the
 final check still fails, the statistically rewritten sites are withdrawn in
@@ -47,6 +49,7 @@ from egp_export.analysis.batches import (
     fitted_to,
     split_holdout,
 )
+from egp_export.analysis.crossings import DEFAULT_CROSSING_RADIUS, CrossingSearch, search_crossings
 from egp_export.analysis.fx import propagate_shapes
 from egp_export.analysis.numerics import FP32_RTOL, NOISE_CAP, NOISE_FACTOR, ErrorAccumulator, ErrorStats, compare, fp32_noise
 from egp_export.analysis.stats import SiteStats, calibrate, rejected_sample, summarize_sites
@@ -433,6 +436,7 @@ class _Attempt:
     sites: list[SiteStats]
     pipeline: PipelineResult
     withdrawals: list[Refusal]
+    crossings: CrossingSearch | None = None  # None after a full back-off: no statistical rewrite left to search
 
     @property
     def approximations(self) -> list[Rewrite]:
@@ -479,6 +483,7 @@ def compile(  # noqa: A001 - the issue's public name
     validation: float = DEFAULT_VALIDATION,
     strict: bool = False,
     min_observations: int = DEFAULT_MIN_OBSERVATIONS,
+    crossing_radius: float = DEFAULT_CROSSING_RADIUS,
     batch_size: int = DEFAULT_BATCH_SIZE,
     approximate: bool = False,
     cost_model=None,
@@ -513,6 +518,10 @@ def compile(  # noqa: A001 - the issue's public name
     compiled; with ``strict=True`` (and ``validation`` unused) it raises
     VerificationError as soon as the check fails. A site is only rewritten if
     each neuron was observed ``min_observations`` times (samples x positions).
+    ``crossing_radius`` (0 disables) bounds a gradient search from the
+    validation samples (analysis/crossings.py) for inputs within that fraction
+    of each input feature's std that move a rewritten neuron out of its
+    region; such neurons are withdrawn.
     ``tolerance`` bounds what smooth-activation surrogates and
     border-approximate merges may add to the error. ``approximate`` allows
     conv merges that are exact only away from the border; ``cost_model``
@@ -541,6 +550,10 @@ def compile(  # noqa: A001 - the issue's public name
     stages = _Stages(on_stage)
     if min_observations < 0:
         raise CalibrationError(f"min_observations must be >= 0, got {min_observations}.")
+    if not crossing_radius >= 0 or crossing_radius == float("inf"):
+        raise CalibrationError(
+            f"crossing_radius must be a finite number >= 0 (0 disables the search), got {crossing_radius}."
+        )
     working, dtype = _working_copy(model)
     batches = fitted_to(working, as_batches(calibration, batch_size=batch_size).map(_widened))
     split = split_holdout(batches, holdout, 0.0 if strict else validation, seed=split_seed)
@@ -568,15 +581,23 @@ def compile(  # noqa: A001 - the issue's public name
 
     def rewrite(gm: fx.GraphModule, sites: list[SiteStats], withdraw_everything: Reason | None = None) -> _Attempt:
         withdrawals: list[Refusal] = []
+        crossings = None
         if withdraw_everything:
             for site in sites:
                 site.withdraw(torch.ones(site.num_neurons, dtype=torch.bool), withdraw_everything)
         else:
             _withdraw_thin_evidence(sites, tolerance, min_observations, distinct, split.decide_samples)
             withdrawals = _withdraw_on_validation(reference, sites, split.validate, tolerance, leaf_modules, shards)
-        return run_passes(gm, sites, withdrawals)
+            start = split.validate if split.validate.samples else split.calibrate
+            crossings = search_crossings(
+                reference, sites, start, split.calibrate, tolerance, radius=crossing_radius, leaf_modules=leaf_modules
+            )
+            withdrawals += [Refusal(WITHDRAWAL, name, reason) for name, reason in crossings.reasons]
+        return run_passes(gm, sites, withdrawals, crossings)
 
-    def run_passes(gm: fx.GraphModule, sites: list[SiteStats], withdrawals: list[Refusal]) -> _Attempt:
+    def run_passes(
+        gm: fx.GraphModule, sites: list[SiteStats], withdrawals: list[Refusal], crossings: CrossingSearch | None
+    ) -> _Attempt:
         manager = PassManager(
             steps if steps is not None else default_steps(
                 tolerance, approximate=approximate, cost=cost, plan=merge_plan, channel_alignment=channel_alignment
@@ -588,14 +609,14 @@ def compile(  # noqa: A001 - the issue's public name
         )
         pipeline = manager.run(gm)
         propagate_shapes(gm, example)
-        return _Attempt(gm, sites, pipeline, withdrawals)
+        return _Attempt(gm, sites, pipeline, withdrawals, crossings)
 
     def rebuild(sites: list[SiteStats]) -> _Attempt:
         """A fresh trace rewritten with ``sites`` (decide-split statistics, withdrawals marked): no re-calibration."""
         fresh = trace(working, leaf_modules=leaf_modules)
         attach_sites(fresh, sites)
         propagate_shapes(fresh, example)
-        return run_passes(fresh, sites, [])
+        return run_passes(fresh, sites, [], attempt.crossings)  # the first attempt's search still stands
 
     def validates(candidate: _Attempt) -> bool:
         """The candidate against the original on the validation part (the decide part when there is none)."""
@@ -803,6 +824,8 @@ def _report(
             "site_bound": "each rewritten neuron stayed in its region on all n observations of the decide split "
             "(n counts distinct samples only); its rate of leaving it is below 3/n with 95% confidence (rule of "
             "three), see 'evidence'",
+            "perturbation_search": attempt.crossings.to_dict() if attempt.crossings else
+            {"skipped": "every statistical rewrite was withdrawn", "radius": None},
         },
         "compile_seconds": round(finished - seconds["start"], 3),
         "seconds": {

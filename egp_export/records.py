@@ -53,6 +53,7 @@ class RefusalCode(enum.Enum):
     THIN_EVIDENCE = "thin_evidence"
     LEFT_REGION_ON_VALIDATION = "left_region_on_validation"
     SURROGATE_OFF_ON_VALIDATION = "surrogate_off_on_validation"
+    CROSSED_UNDER_PERTURBATION = "crossed_under_perturbation"  # analysis/crossings.py found an input that moves it
     FINAL_CHECK_FAILED = "final_check_failed"
     MARGINAL_SITE_WITHDRAWN = "marginal_site_withdrawn"  # stepwise back-off, most marginal site first
     WITHDRAWN = "withdrawn"  # several of the above at one site

@@ -172,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
         "decisions are made on; with n observations and no crossing the 95%% bound on the crossing rate is 3/n "
         "(default egp_export.compiler.DEFAULT_MIN_OBSERVATIONS, 500)",
     )
+    compile_.add_argument(
+        "--crossing-radius",
+        type=non_negative_float,
+        metavar="F",
+        help="search (a few gradient steps from up to 32 validation samples) for inputs within F x each input "
+        "feature's standard deviation that move a rewritten neuron out of its region, and withdraw those neurons; "
+        "0 disables (default egp_export.analysis.crossings.DEFAULT_CROSSING_RADIUS, 0.1)",
+    )
     merging = compile_.add_argument_group("merging")
     merging.add_argument(
         "--approximate",
@@ -467,6 +475,7 @@ def _compile_on_a_rank(args: argparse.Namespace, runtime, names) -> None:
 
 def _compile_options(args: argparse.Namespace) -> dict:
     from egp_export.analysis.batches import DEFAULT_SPLIT_SEED
+    from egp_export.analysis.crossings import DEFAULT_CROSSING_RADIUS
     from egp_export.compiler import DEFAULT_MIN_OBSERVATIONS
     from egp_export.passes import CHANNEL_ALIGNMENT
 
@@ -475,6 +484,7 @@ def _compile_options(args: argparse.Namespace) -> dict:
         "split_seed": DEFAULT_SPLIT_SEED if args.split_seed is None else args.split_seed,
         "strict": args.strict,
         "min_observations": DEFAULT_MIN_OBSERVATIONS if args.min_observations is None else args.min_observations,
+        "crossing_radius": DEFAULT_CROSSING_RADIUS if args.crossing_radius is None else args.crossing_radius,
         "approximate": args.approximate,
         "leaf_modules": args.leaf_module,
         "cost_model": args.cost_model,

@@ -91,6 +91,10 @@ REASONS: dict[RefusalCode, Callable[[Mapping[str, Any]], str]] = {
     RefusalCode.LEFT_REGION_ON_VALIDATION: lambda d: (
         f"{d['neurons']} neurons left their region on {d['validation_samples']} validation samples ({d['rewrite']} withdrawn)"
     ),
+    RefusalCode.CROSSED_UNDER_PERTURBATION: lambda d: (
+        f"{d['neurons']} neurons left their region under input perturbations within {d['radius']:g} x the data's "
+        f"per-feature std ({d['steps']} gradient steps from {d['samples']} validation samples)"
+    ),
     RefusalCode.SURROGATE_OFF_ON_VALIDATION: lambda d: (
         f"surrogate withdrawn: off by {d['error']:.3g} on the validation range (> {d['allowed']:.3g})"
     ),

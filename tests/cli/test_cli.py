@@ -870,3 +870,18 @@ def test_integer_files_keep_their_dtype_or_become_floats_when_the_model_takes_fl
     pixels = cli_main("compile", "--arch", "cli_models:SmallCNN", "--calibration", images, "--out", workspace.root / "u8")
     assert pixels.returncode == 0, pixels.stderr
     assert "holds uint8 data and the model takes floats: converted to float32" in pixels.stdout
+
+
+def test_crossing_radius_reaches_the_guarantee_and_bad_values_are_one_error_line(cli_main, workspace):
+    out = workspace.root / "crossing-radius"
+    run = cli_main(*_compile_args("cli_models:LinearPair", out, "--crossing-radius", "0.05"))
+    assert run.returncode == 0, run.stderr
+    searched = json.loads((out / "report.json").read_text())["guarantee"]["perturbation_search"]
+    assert searched["radius"] == 0.05
+    for bad in ("-1", "nan"):
+        with pytest.raises(SystemExit) as refused:  # argparse's own refusal
+            cli_main(*_compile_args("cli_models:LinearPair", workspace.root / f"radius{bad}", "--crossing-radius", bad))
+        assert refused.value.code == 2
+    infinite = cli_main(*_compile_args("cli_models:LinearPair", workspace.root / "radius-inf", "--crossing-radius", "inf"))
+    assert infinite.returncode == 2 and "egp-export: error: crossing_radius must be a finite number" in infinite.stderr
+    assert "Traceback" not in infinite.stderr
