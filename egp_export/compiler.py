@@ -21,6 +21,7 @@ floor, so the noise never covers them.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -34,7 +35,16 @@ from egp_export import __version__
 from egp_export.algebra.costmodel import AnalyticCost, MeasuredCost
 from egp_export.analysis.batches import DEFAULT_BATCH_SIZE, Batches, CalibrationSplit, as_batches, split_holdout
 from egp_export.analysis.fx import propagate_shapes
-from egp_export.analysis.numerics import FP32_RTOL, NOISE_CAP, NOISE_FACTOR, ErrorAccumulator, ErrorStats, compare, fp32_noise
+from egp_export.analysis.numerics import (
+    FP32_RTOL,
+    NOISE_CAP,
+    NOISE_FACTOR,
+    SAMPLE_SCALE_FLOOR,
+    ErrorAccumulator,
+    ErrorStats,
+    compare,
+    fp32_noise,
+)
 from egp_export.analysis.stats import SiteStats, calibrate, summarize_sites
 from egp_export.analysis.summary import summarize
 from egp_export.analysis.trace import owned_copy, trace, trace_facts
@@ -112,6 +122,14 @@ _WIDENED_DTYPES = (torch.float16, torch.bfloat16)
 # verification allows; dropout left on differs by O(1).
 DETERMINISM_RTOL = 1e-6
 
+# What "max_rel <= allowed" means, stated in the report's guarantee and verification sections.
+OUTPUT_RULE = (
+    "every output tensor (each tuple/list/dict leaf) on its own scale: max|compiled - original| / max|original| per "
+    f"output, and per sample on max(the sample's own max|original|, {SAMPLE_SCALE_FLOOR:g} x the output's); "
+    "both within the allowance; an all-zero output fails on any difference; inf/NaN only where the original has "
+    "the same"
+)
+
 # Withdrawals are refusals recorded by this stage (report["withdrawals"], codes in records.RefusalCode).
 WITHDRAWAL = "verification"
 
@@ -127,6 +145,16 @@ def verification_rtol(tolerance: float, noise: float = 0.0, *, approximated: boo
     """
     floor = noise_floor(noise)
     return floor + tolerance if approximated else max(floor, tolerance)
+
+
+def check_tolerance(tolerance: float) -> None:
+    """Refuse a tolerance no check can use: negative, inf or NaN (inf would make every check fail, "8.5e-08 >
+    allowed inf", and NaN compares false with everything)."""
+    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not math.isfinite(tolerance) or tolerance < 0:
+        raise CalibrationError(
+            f"tolerance must be a finite number >= 0, got {tolerance!r}; give the relative error smooth-activation "
+            "surrogates and border-approximate merges may add (e.g. 1e-5, the default)."
+        )
 
 
 def noise_floor(noise: float) -> float:
@@ -413,8 +441,8 @@ def _verification_error(
             "division by zero) or drop such samples from the calibration data."
         )
     return VerificationError(
-        f"the compiled model differs from the original on held-out data: max_rel={error.max_rel:.3g} "
-        f"(max_abs={error.max_abs:.3g}) > allowed {rtol:g}.{hint}"
+        f"the compiled model differs from the original on held-out data: {error.describe()} > allowed {rtol:g} "
+        f"(each output on its own scale).{hint}"
     )
 
 
@@ -451,8 +479,10 @@ def compile(  # noqa: A001 - the issue's public name
     rest; with ``strict=True`` (and ``validation`` unused) it raises
     VerificationError as soon as the check fails. A site is only rewritten if
     each neuron was observed ``min_observations`` times (samples x positions).
-    ``tolerance`` bounds what smooth-activation surrogates and
-    border-approximate merges may add to the error. ``approximate`` allows
+    ``tolerance`` (finite, >= 0, else CalibrationError) bounds what
+    smooth-activation surrogates and border-approximate merges may add to the
+    error. Every output tensor is checked on its own scale and every sample on
+    its own (``OUTPUT_RULE``; the report's ``guarantee`` names the worst output). ``approximate`` allows
     conv merges that are exact only away from the border; ``cost_model``
     ("analytic", "measured", or a cost object from costmodel.py) decides which
     merges pay; ``merge_plan="all"`` merges every conv chain whole.
@@ -479,6 +509,7 @@ def compile(  # noqa: A001 - the issue's public name
     stages = _Stages(on_stage)
     if min_observations < 0:
         raise CalibrationError(f"min_observations must be >= 0, got {min_observations}.")
+    check_tolerance(tolerance)
     working, dtype = _working_copy(model)
     batches = as_batches(calibration, batch_size=batch_size).map(_widened)
     split = split_holdout(batches, holdout, 0.0 if strict else validation)
@@ -668,11 +699,16 @@ def _report(
             "approximations": len(attempt.approximations),
             "notes": notes,
             "pytorch": {**error.to_dict(), "rtol": rtol, "passed": True},
+            "rule": OUTPUT_RULE,
         },
         "guarantee": {
             "verified_samples": verified or split.calibration_samples,
             "verified_on": "held-out samples never used to decide" if verified else "the calibration samples (holdout=0)",
             "max_rel": error.max_rel,
+            "max_sample_rel": error.sample_rel,
+            "worst_output": error.worst_output,
+            "outputs": {output.output: output.max_rel for output in error.outputs},
+            "checked": OUTPUT_RULE,
             "allowed": rtol,
             "dtype": dtype["compiled_dtype"],
             "tolerance": tolerance,
