@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TOLERANCE,
         metavar="T",
         help="largest error allowed for smooth-activation surrogates, relative to the output scale "
-        f"(default {DEFAULT_TOLERANCE:g}; verification allows at least max(T, {DEFAULT_TOLERANCE:g}))",
+        f"(default {DEFAULT_TOLERANCE:g}; verification allows at least max(T, {DEFAULT_TOLERANCE:g}); the ONNX "
+        "Runtime check stays at fp32 noise whatever T)",
     )
     output = common.add_argument_group("output")
     output.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the outputs")

@@ -19,8 +19,17 @@ example of batch 1 is repeated to batch 2 before tracing, because torch.export
 specializes a size-1 dimension (torchvision ConvNeXt, Swin and ViT, timm
 convnext/edgenext/levit, channels-last and circular-padding models fail with
 "Invalid ranges [2:1]" or a batch fixed to 1 from a batch-1 example, and
-export from a batch-2 one; torch 2.14.1). The file is then verified at batch 1
-and at a batch of two or more other than the traced one.
+export from a batch-2 one; torch 2.14.1). The file is then verified on every
+verify sample alone (batch 1) and batched, at a batch of two or more other
+than the traced one (``_plan``), each output on its own scale
+(numerics.compare). A branch traced per batch (``if x.mean() > 0:``) differs
+only on the samples that take the other branch alone.
+
+Warnings of traced control flow (torch.jit ``TracerWarning``, TRACE_WARNINGS)
+fail an attempt verified on the example alone (no ``verify_inputs``): nothing
+else could show the branch it baked in. With verify inputs the file passed on
+all of them; the warnings are kept in ``ExportResult.warnings`` for the caller
+to show.
 
 Torch's internal loggers, warnings and prints are kept off the console during
 the export (dynamo prints ~150 lines of guard tracebacks before failing on
@@ -265,10 +274,11 @@ def export_onnx(
 
     ``verify_inputs`` is one tensor or several (batches); it defaults to the
     example input. With ``dynamic_batch`` their batch size may differ from the
-    example's; the file is also verified at batch 1 and at a batch of two or
-    more other than the traced one when no verify input has those sizes (both
-    exporters can bake the example's batch size into the graph, see the module
-    docstring). ``static_batch`` allows a fallback to a batch fixed to the
+    example's; every sample is also verified alone (batch 1), and at a batch
+    of two or more other than the traced one (both exporters can bake the
+    example's batch size or branch into the graph, see the module docstring);
+    a static-batch file is verified on all of them in batches of its size.
+    ``static_batch`` allows a fallback to a batch fixed to the
     example's when no exporter gives a verified dynamic-batch file.
     ``exporter``: "auto" (default: dynamo, then TorchScript), "dynamo" or
     "torchscript". ``opset=None`` takes the exporter's default. ``rtol=None``
