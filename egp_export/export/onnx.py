@@ -169,7 +169,7 @@ class ExportResult:
     # Exporter warnings that the trace may hold only the example's branch (TRACE_WARNINGS); the file passed the
     # check on every verify sample alone and batched all the same. Callers should show them.
     warnings: list[str] = field(default_factory=list)
-    verified_samples: int = 0  # distinct verify samples (example included when no verify inputs were given)
+    verified_samples: int = 0  # verify samples, each run alone and batched (the example when none were given)
     verified_batch_sizes: list[int] = field(default_factory=list)  # the batch sizes ORT ran them at
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
 
