@@ -28,6 +28,7 @@ floor, so the noise never covers them.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -51,7 +52,16 @@ from egp_export.analysis.batches import (
 )
 from egp_export.analysis.crossings import DEFAULT_CROSSING_RADIUS, CrossingSearch, search_crossings
 from egp_export.analysis.fx import propagate_shapes
-from egp_export.analysis.numerics import FP32_RTOL, NOISE_CAP, NOISE_FACTOR, ErrorAccumulator, ErrorStats, compare, fp32_noise
+from egp_export.analysis.numerics import (
+    FP32_RTOL,
+    NOISE_CAP,
+    NOISE_FACTOR,
+    SAMPLE_SCALE_FLOOR,
+    ErrorAccumulator,
+    ErrorStats,
+    compare,
+    fp32_noise,
+)
 from egp_export.analysis.stats import SiteStats, calibrate, rejected_sample, summarize_sites
 from egp_export.analysis.summary import summarize
 from egp_export.analysis.trace import owned_copy, trace, trace_facts
@@ -135,6 +145,14 @@ _WIDENED_DTYPES = (torch.float16, torch.bfloat16)
 # verification allows; dropout left on differs by O(1).
 DETERMINISM_RTOL = 1e-6
 
+# What "max_rel <= allowed" means, stated in the report's guarantee and verification sections.
+OUTPUT_RULE = (
+    "every output tensor (each tuple/list/dict leaf) on its own scale: max|compiled - original| / max|original| per "
+    f"output, and per sample on max(the sample's own max|original|, {SAMPLE_SCALE_FLOOR:g} x the output's); "
+    "both within the allowance; an all-zero output fails on any difference; inf/NaN only where the original has "
+    "the same"
+)
+
 # Withdrawals are refusals recorded by this stage (report["withdrawals"], codes in records.RefusalCode).
 WITHDRAWAL = "verification"
 
@@ -150,6 +168,16 @@ def verification_rtol(tolerance: float, noise: float = 0.0, *, approximated: boo
     """
     floor = noise_floor(noise)
     return floor + tolerance if approximated else max(floor, tolerance)
+
+
+def check_tolerance(tolerance: float) -> None:
+    """Refuse a tolerance no check can use: negative, inf or NaN (inf would make every check fail, "8.5e-08 >
+    allowed inf", and NaN compares false with everything)."""
+    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not math.isfinite(tolerance) or tolerance < 0:
+        raise CalibrationError(
+            f"tolerance must be a finite number >= 0, got {tolerance!r}; give the relative error smooth-activation "
+            "surrogates and border-approximate merges may add (e.g. 1e-5, the default)."
+        )
 
 
 def noise_floor(noise: float) -> float:
@@ -469,8 +497,8 @@ def _verification_error(
             "division by zero) or drop such samples from the calibration data."
         )
     return VerificationError(
-        f"the compiled model differs from the original on held-out data: max_rel={error.max_rel:.3g} "
-        f"(max_abs={error.max_abs:.3g}) > allowed {rtol:g}.{hint}"
+        f"the compiled model differs from the original on held-out data: {error.describe()} > allowed {rtol:g} "
+        f"(each output on its own scale).{hint}"
     )
 
 
@@ -522,8 +550,10 @@ def compile(  # noqa: A001 - the issue's public name
     validation samples (analysis/crossings.py) for inputs within that fraction
     of each input feature's std that move a rewritten neuron out of its
     region; such neurons are withdrawn.
-    ``tolerance`` bounds what smooth-activation surrogates and
-    border-approximate merges may add to the error. ``approximate`` allows
+    ``tolerance`` (finite, >= 0, else CalibrationError) bounds what
+    smooth-activation surrogates and border-approximate merges may add to the
+    error. Every output tensor is checked on its own scale and every sample on
+    its own (``OUTPUT_RULE``; the report's ``guarantee`` names the worst output). ``approximate`` allows
     conv merges that are exact only away from the border; ``cost_model``
     ("analytic", "measured", or a cost object from costmodel.py) decides which
     merges pay; ``merge_plan="all"`` merges every conv chain whole.
@@ -550,6 +580,7 @@ def compile(  # noqa: A001 - the issue's public name
     stages = _Stages(on_stage)
     if min_observations < 0:
         raise CalibrationError(f"min_observations must be >= 0, got {min_observations}.")
+    check_tolerance(tolerance)
     if not crossing_radius >= 0 or crossing_radius == float("inf"):
         raise CalibrationError(
             f"crossing_radius must be a finite number >= 0 (0 disables the search), got {crossing_radius}."
@@ -807,6 +838,7 @@ def _report(
             "approximations": len(attempt.approximations),
             "notes": notes,
             "pytorch": {**error.to_dict(), "rtol": rtol, "passed": True},
+            "rule": OUTPUT_RULE,
         },
         "guarantee": {
             "verified_samples": verified or split.calibration_samples,
@@ -816,6 +848,10 @@ def _report(
             "decided_on_distinct_samples": samples["decide"],
             "split": f"a permutation of the sample indices seeded with {split.seed} (split_seed)",
             "max_rel": error.max_rel,
+            "max_sample_rel": error.sample_rel,
+            "worst_output": error.worst_output,
+            "outputs": {output.output: output.max_rel for output in error.outputs},
+            "checked": OUTPUT_RULE,
             "allowed": rtol,
             "dtype": dtype["compiled_dtype"],
             "tolerance": tolerance,

@@ -19,8 +19,17 @@ example of batch 1 is repeated to batch 2 before tracing, because torch.export
 specializes a size-1 dimension (torchvision ConvNeXt, Swin and ViT, timm
 convnext/edgenext/levit, channels-last and circular-padding models fail with
 "Invalid ranges [2:1]" or a batch fixed to 1 from a batch-1 example, and
-export from a batch-2 one; torch 2.14.1). The file is then verified at batch 1
-and at a batch of two or more other than the traced one.
+export from a batch-2 one; torch 2.14.1). The file is then verified on every
+verify sample alone (batch 1) and batched, at a batch of two or more other
+than the traced one (``_plan``), each output on its own scale
+(numerics.compare). A branch traced per batch (``if x.mean() > 0:``) differs
+only on the samples that take the other branch alone.
+
+Warnings of traced control flow (torch.jit ``TracerWarning``, TRACE_WARNINGS)
+fail an attempt verified on the example alone (no ``verify_inputs``): nothing
+else could show the branch it baked in. With verify inputs the file passed on
+all of them; the warnings are kept in ``ExportResult.warnings`` for the caller
+to show.
 
 Torch's internal loggers, warnings and prints are kept off the console during
 the export (dynamo prints ~150 lines of guard tracebacks before failing on
@@ -87,7 +96,14 @@ import onnxruntime
 import torch
 from torch import nn
 
-from egp_export.analysis.numerics import NOISE_FACTOR, ORT_CPU_RTOL, ErrorStats, compare, flatten_outputs, fp32_noise
+from egp_export.analysis.numerics import (
+    NOISE_FACTOR,
+    ORT_CPU_RTOL,
+    ErrorAccumulator,
+    ErrorStats,
+    flatten_outputs,
+    fp32_noise,
+)
 from egp_export.errors import EgpExportError, ExportError, OutputError, VerificationError
 from egp_export.io.fileio import atomic_path, check_writable, write_text_atomic
 
@@ -109,9 +125,12 @@ ONNXSIM_CHECK_ATOL = 1e-5
 # fp32 noise); a difference above 1e-4 is a wrong export, whatever the noise.
 ORT_NOISE_CAP = 1e-4
 NOISE_SAMPLES = 4  # fp64 runs are slow on CPU; a few samples show the conditioning
-# A static-batch fallback runs the verify samples in batches of the example's
-# size (often 1): at most this many samples, as batch-1 runs are slow.
-STATIC_VERIFY_SAMPLES = 64
+# Verify samples given one at a time are also checked together, in batches of this size.
+VERIFY_BATCH = 64
+# Warnings of these categories say the exporter traced Python control flow or values from the example
+# (torch.jit's TracerWarning: "Converting a tensor to a Python boolean might cause the trace to be
+# incorrect"): the file may hold only the branch the example took.
+TRACE_WARNINGS = (torch.jit.TracerWarning,)
 # Loggers whose records are captured during the export (their children included).
 _CAPTURED_LOGGERS = ("torch", "onnxscript", "onnx_ir", "onnx", "onnxruntime", "onnxsim")
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
@@ -147,6 +166,11 @@ class ExportResult:
     rtol_measured: bool = False  # rtol came from the module's own fp32 noise, not from the caller
     failed_attempts: list[ExportAttempt] = field(default_factory=list)  # tried first, in order
     notes: list[str] = field(default_factory=list)  # why simplification was skipped, exporter warnings
+    # Exporter warnings that the trace may hold only the example's branch (TRACE_WARNINGS); the file passed the
+    # check on every verify sample alone and batched all the same. Callers should show them.
+    warnings: list[str] = field(default_factory=list)
+    verified_samples: int = 0  # verify samples, each run alone and batched (the example when none were given)
+    verified_batch_sizes: list[int] = field(default_factory=list)  # the batch sizes ORT ran them at
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
 
     def why(self) -> str:
@@ -175,6 +199,9 @@ class ExportResult:
             "rtol": self.rtol,
             "rtol_measured": self.rtol_measured,
             "notes": list(self.notes),
+            "warnings": list(self.warnings),
+            "verified_samples": self.verified_samples,
+            "verified_batch_sizes": list(self.verified_batch_sizes),
             "seconds": dict(self.seconds),
         }
 
@@ -247,10 +274,11 @@ def export_onnx(
 
     ``verify_inputs`` is one tensor or several (batches); it defaults to the
     example input. With ``dynamic_batch`` their batch size may differ from the
-    example's; the file is also verified at batch 1 and at a batch of two or
-    more other than the traced one when no verify input has those sizes (both
-    exporters can bake the example's batch size into the graph, see the module
-    docstring). ``static_batch`` allows a fallback to a batch fixed to the
+    example's; every sample is also verified alone (batch 1), and at a batch
+    of two or more other than the traced one (both exporters can bake the
+    example's batch size or branch into the graph, see the module docstring);
+    a static-batch file is verified on all of them in batches of its size.
+    ``static_batch`` allows a fallback to a batch fixed to the
     example's when no exporter gives a verified dynamic-batch file.
     ``exporter``: "auto" (default: dynamo, then TorchScript), "dynamo" or
     "torchscript". ``opset=None`` takes the exporter's default. ``rtol=None``
@@ -291,7 +319,7 @@ def export_onnx(
 
     exporters = EXPORTERS if requested == AUTO else (requested,)
     batch_modes = (True, False) if dynamic_batch and static_batch else (dynamic_batch,)
-    job = _Job(module, outputs, output_names, opset, simplify, rtol, notes)
+    job = _Job(module, outputs, output_names, opset, simplify, rtol, notes, verified_beyond_example=verify_inputs is not None)
     failures: list[tuple[ExportAttempt, EgpExportError]] = []
     log = io.StringIO()
     with _captured(log, notes, show=show_logs):
@@ -324,6 +352,9 @@ def export_onnx(
                     rtol_measured=rtol_measured,
                     failed_attempts=[attempt for attempt, _ in failures],
                     notes=notes,
+                    warnings=done.trace_warnings,
+                    verified_samples=sum(int(batch.shape[0]) for _, batch in given),
+                    verified_batch_sizes=sorted({int(batch.shape[0]) for _, batch in batches}),
                     seconds={**seconds, **done.seconds},
                 )
     raise _all_failed(failures, log.getvalue(), log_path, requested=requested, dynamic_batch=dynamic_batch,
@@ -380,6 +411,17 @@ class _Exported:
     op_counts: dict[str, int]
     error: ErrorStats
     seconds: dict[str, float]
+    trace_warnings: list[str]
+
+
+def _trace_warnings(caught) -> list[str]:
+    """The warnings that say the exporter traced Python control flow or values (TRACE_WARNINGS), one line each."""
+    found = []
+    for warning in caught:
+        if issubclass(warning.category, TRACE_WARNINGS):
+            line = f"{warning.category.__name__}: {str(warning.message).strip().splitlines()[0][:300]}"
+            found += [line] if line not in found else []
+    return found
 
 
 @dataclass
@@ -393,6 +435,7 @@ class _Job:
     simplify: bool
     rtol: float
     notes: list[str]
+    verified_beyond_example: bool  # the caller gave samples to verify on, not only the traced example
 
     def attempt(self, exporter: str, traced: torch.Tensor, batches, *, dynamic: bool) -> _Exported:
         """Export, simplify, check and verify with one exporter; raises ExportError or VerificationError."""
@@ -401,7 +444,14 @@ class _Job:
         traced_output = self.outputs.of(traced, "the traced example")
         # The exporters run the module on the example (TorchScript traces it for real): on a copy, so a module that
         # writes into its input leaves the caller's tensor as it was.
-        exported = _export(self.module, traced.clone(), traced_output, self.output_names, exporter, self.opset, dynamic)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                exported = _export(self.module, traced.clone(), traced_output, self.output_names, exporter, self.opset, dynamic)
+        finally:
+            for warning in caught:  # on to _captured, which notes and logs them all
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        baked = _trace_warnings(caught)
         seconds["export"] = time.perf_counter() - start
         if dynamic:
             _check_batch_is_dynamic(exported, exporter)
@@ -431,7 +481,15 @@ class _Job:
         references = [self.outputs.of(batch, label) for label, batch in batches]
         error_stats = _verify(data, batches, references, self.rtol, exporter)
         seconds["verify"] = time.perf_counter() - start
-        return _Exported(data, opset_version, simplified, count_ops(exported), count_ops(final), error_stats, seconds)
+        if baked and not self.verified_beyond_example:
+            raise VerificationError(
+                f"the {exporter} exporter warned that the file may hold only what the example did "
+                f"({baked[0]}), and it was verified on the example alone; give the held-out samples to verify on "
+                "(verify_inputs=), or use another --exporter"
+            )
+        return _Exported(
+            data, opset_version, simplified, count_ops(exported), count_ops(final), error_stats, seconds, baked
+        )
 
 
 def _given_batches(example: torch.Tensor, verify_inputs, *, dynamic_batch: bool) -> list[tuple[str, torch.Tensor]]:
@@ -456,23 +514,30 @@ def _given_batches(example: torch.Tensor, verify_inputs, *, dynamic_batch: bool)
 
 
 def _plan(example: torch.Tensor, given, *, dynamic: bool) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
-    """(the example to trace, the (label, batch) pairs to verify on) for a dynamic or a static batch."""
+    """(the example to trace, the (label, batch) pairs to verify on) for a dynamic or a static batch.
+
+    Every given sample is checked alone (batch 1) and in a batch of two or more (dynamic), or in batches of the
+    example's size (static, the last one filled up with the first samples): a traced branch taken per batch
+    (``if x.mean() > 0``) differs only on the samples that take the other one alone.
+    """
+    samples = torch.cat([batch for _, batch in given])
     if not dynamic:
         batch_size = example.shape[0]
-        samples = torch.cat([batch for _, batch in given])[:STATIC_VERIFY_SAMPLES]
-        chunks = [chunk for chunk in samples.split(batch_size) if chunk.shape[0] == batch_size]
+        padded = torch.cat([samples, samples[: (-len(samples)) % batch_size]]) if len(samples) >= batch_size else samples
+        chunks = [chunk for chunk in padded.split(batch_size) if chunk.shape[0] == batch_size]
         if not chunks:
             return example, [("the example input", example)]
         return example, [(f"verify samples {i * batch_size}-{(i + 1) * batch_size - 1}", c) for i, c in enumerate(chunks)]
     # torch.export specializes a size-1 dimension: trace at batch 2 at least.
     traced = example if example.shape[0] >= 2 else example.repeat(2, *([1] * (example.dim() - 1)))
-    batches = list(given)
-    sizes = {batch.shape[0] for _, batch in given}
-    if not any(size >= 2 and size != traced.shape[0] for size in sizes):
+    batches = [(label, batch) for label, batch in given if batch.shape[0] >= 2]
+    if not batches and len(samples) >= 2:
+        chunks = samples.split(VERIFY_BATCH)
+        batches = [(f"verify samples {i * VERIFY_BATCH}-{i * VERIFY_BATCH + len(c) - 1}", c) for i, c in enumerate(chunks)]
+    if not any(batch.shape[0] >= 2 and batch.shape[0] != traced.shape[0] for _, batch in batches):
         grown = torch.cat([traced, example[:1]])
         batches.append((f"the example grown to batch {grown.shape[0]} (checks the dynamic batch)", grown))
-    if 1 not in sizes:
-        batches.append(("the example's first sample (batch 1, checks the dynamic batch)", example[:1]))
+    batches += [(f"verify sample {i} (batch 1)", samples[i : i + 1]) for i in range(len(samples))]
     return traced, batches
 
 
@@ -670,12 +735,13 @@ def _simplify(model: onnx.ModelProto, example_input: torch.Tensor, notes: list[s
 
 
 def _verify(data: bytes, batches: list[tuple[str, torch.Tensor]], references: list, rtol: float, exporter: str) -> ErrorStats:
+    """ONNX Runtime against the module on every (label, batch), each output on its own scale (numerics.compare)."""
     session = ort_session(data)
-    candidates = []
+    errors = ErrorAccumulator()
     for (label, batch), reference in zip(batches, references):
         try:
             candidate = run_onnx(session, batch)
-            compare(reference=flatten_outputs(reference), candidate=candidate)  # raises on count/shape mismatch
+            errors.add(reference, candidate)  # raises on count/shape mismatch
         except Exception as error:
             raise VerificationError(
                 f"ONNX Runtime cannot reproduce the module on {label} {tuple(batch.shape)}: {_first_line(error)} "
@@ -689,12 +755,13 @@ def _verify(data: bytes, batches: list[tuple[str, torch.Tensor]], references: li
                 + ("; so does the PyTorch module, so the file cannot be verified on these inputs"
                    if not all(torch.isfinite(r).all() for r in flatten_outputs(reference)) else "")
             )
-        candidates.append(candidate)
-    error_stats = compare(reference=[flatten_outputs(r) for r in references], candidate=candidates)
+    error_stats = errors.result()
     if not error_stats.within(rtol):
+        sizes = sorted({int(batch.shape[0]) for _, batch in batches})
         raise VerificationError(
-            f"ONNX Runtime differs from the PyTorch module ({exporter} exporter): max_abs={error_stats.max_abs:.3g}, "
-            f"max_rel={error_stats.max_rel:.3g} > rtol={rtol:.3g}"
+            f"ONNX Runtime differs from the PyTorch module ({exporter} exporter): {error_stats.describe()} > "
+            f"rtol={rtol:.3g} (each output on its own scale; verify samples run at batch sizes "
+            f"{', '.join(map(str, sizes))})"
         )
     return error_stats
 

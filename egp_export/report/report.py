@@ -43,7 +43,14 @@ def with_export(report: dict, export: ExportResult, *, path: str | os.PathLike |
     """
     verification = dict(report.get("verification") or {})
     if export.error is not None:
-        verification["onnxruntime"] = {**export.error.to_dict(), "rtol": export.rtol, "passed": True}
+        verification["onnxruntime"] = {
+            **export.error.to_dict(),
+            "rtol": export.rtol,
+            "passed": True,
+            "verified_samples": export.verified_samples,
+            "batch_sizes": list(export.verified_batch_sizes),  # every sample alone (1) and batched
+            "warnings": list(export.warnings),
+        }
     onnx = export.to_dict()
     if path is not None:
         onnx["path"] = str(path)
@@ -188,7 +195,8 @@ def _verification(verification: dict) -> list[str]:
         )
     lines.append("")
     lines.append(
-        "Relative error = max |candidate − reference| / max |reference| (relative to the output's scale)."
+        "Relative error = max |candidate − reference| / max |reference|, each output tensor on its own scale (the "
+        "worst output is shown), and each sample on its own scale (floored at a tenth of the output's)."
         + (
             f" The original model's own fp32 rounding noise (vs fp64) was {_error(verification['fp32_noise'])}."
             if verification.get("fp32_noise") is not None

@@ -6,8 +6,9 @@ confidence interval of the speedup (baseline / candidate median latency)
 reaches ``min_speedup``: a noisy runner widens the interval and fails the
 gate rather than letting a lucky run through. With ``max_rel_error`` the
 candidate's outputs on the same seeded random inputs must also be within that
-relative error of the baseline's (numerics.compare: max |Δ| / max |baseline|);
-an inf or NaN in either that the other does not have at the same place fails it.
+relative error of the baseline's (numerics.compare: max |Δ| / max |baseline|,
+each output on its own scale, and each sample on its own, floored, scale); an
+inf or NaN in either that the other does not have at the same place fails it.
 
 Writers: JUnit XML (one test case per check, for CI test reports) and a
 Markdown summary (for ``$GITHUB_STEP_SUMMARY`` and pull-request comments);
@@ -108,7 +109,7 @@ class GateResult:
                 parts.append(f"outputs not comparable: {n.problem}")
             else:
                 relation = "≤" if n.passed else ">"
-                parts.append(f"max rel error {n.error.max_rel:.2e} {relation} {n.max_rel_error:.0e}")
+                parts.append(f"max rel error {max(n.error.max_rel, n.error.sample_rel):.2e} {relation} {n.max_rel_error:.0e}")
         parts += self.notes
         setup = f"{c.backend.get('backend')}, batch {c.batch_size}, {c.baseline_rounds.shape[0]} rounds"
         return f"egp-export gate: {'PASS' if self.passed else 'FAIL'}: " + "; ".join(parts) + f" [{setup}]"
@@ -149,8 +150,8 @@ def evaluate(
             )
         else:
             result.reasons.append(
-                f"the candidate's outputs differ from the baseline's by max_rel={numeric.error.max_rel:.3g} "
-                f"(max_abs={numeric.error.max_abs:.3g}) > {numeric.max_rel_error:g}"
+                f"the candidate's outputs differ from the baseline's by {numeric.error.describe()} "
+                f"> {numeric.max_rel_error:g} (each output on its own scale)"
             )
     return result
 

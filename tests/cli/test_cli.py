@@ -848,9 +848,10 @@ def test_the_ort_check_allows_the_compiled_modules_own_noise_floor_but_no_more()
     from egp_export.cli.main import _ort_rtol
 
     x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
-    assert _ort_rtol(1e-5, _Cancelling(), x) == pytest.approx(1e-4)  # raised to the (capped) floor
-    assert _ort_rtol(1e-5, torch.nn.Identity(), x) == 1e-5  # a clean module keeps the compile's floor
-    assert _ort_rtol(3e-3, _Cancelling(), x) == 3e-3  # a user's tolerance the compile used is kept
+    assert _ort_rtol(None, _Cancelling(), x) == pytest.approx(1e-4)  # raised to the (capped) floor
+    assert _ort_rtol(None, torch.nn.Identity(), x) == 1e-5  # a clean module: fp32's 1e-5
+    assert _ort_rtol(5e-6, torch.nn.Identity(), x) == pytest.approx(4e-5)  # the original's noise floor, 8x its noise
+    assert _ort_rtol(1.0, _Cancelling(), x) == pytest.approx(1e-4)  # never above the cap; --tolerance plays no part
 
 
 def test_integer_files_keep_their_dtype_or_become_floats_when_the_model_takes_floats(cli_main, workspace):

@@ -94,7 +94,8 @@ def test_verification_covers_batch_one_and_another_batch():
     assert sorted(batch.shape[0] for _, batch in batches) == [1, 3]
     given = [("verify input 0", torch.randn(5, 3, 4, 4))]
     traced, batches = onnx_export._plan(torch.randn(2, 3, 4, 4), given, dynamic=True)
-    assert sorted(batch.shape[0] for _, batch in batches) == [1, 5]  # 5 is another batch than the traced 2
+    # 5 is another batch than the traced 2; each of the 5 samples is also checked alone.
+    assert sorted(batch.shape[0] for _, batch in batches) == [1, 1, 1, 1, 1, 5]
 
 
 def test_static_plan_verifies_in_batches_of_the_examples_size():
@@ -102,7 +103,9 @@ def test_static_plan_verifies_in_batches_of_the_examples_size():
     given = [("verify input 0", torch.randn(5, 3, 4, 4)), ("verify input 1", torch.randn(2, 3, 4, 4))]
     traced, batches = onnx_export._plan(example, given, dynamic=False)
     assert traced is example
-    assert [batch.shape[0] for _, batch in batches] == [2, 2, 2]  # 7 samples, the incomplete last batch dropped
+    # 7 samples: the last batch is filled up with the first sample, so every sample is checked.
+    assert [batch.shape[0] for _, batch in batches] == [2, 2, 2, 2]
+    assert torch.equal(torch.cat([batch for _, batch in batches])[:7], torch.cat([batch for _, batch in given]))
 
 
 def test_static_plan_without_a_full_batch_verifies_on_the_example():

@@ -139,7 +139,16 @@ def test_result_to_dict_is_json(default_export):
     _, _, result = default_export
     as_dict = json.loads(json.dumps(result.to_dict()))
     assert as_dict["path"] == str(result.path)
-    assert as_dict["error"] == {"max_abs": result.error.max_abs, "max_rel": result.error.max_rel}
+    assert as_dict["error"] == {
+        "max_abs": result.error.max_abs,
+        "max_rel": result.error.max_rel,
+        "max_sample_rel": result.error.max_sample_rel,
+        "worst_output": "output",
+        "outputs": [
+            {"output": "output", "max_abs": result.error.max_abs, "max_rel": result.error.max_rel,
+             "max_sample_rel": result.error.max_sample_rel, "scale": result.error.outputs[0].scale}
+        ],
+    }
     assert as_dict["op_counts"] == result.op_counts and as_dict["exporter"] == result.exporter
 
 
