@@ -407,6 +407,7 @@ def _run_compile(args: argparse.Namespace) -> None:
     # an error or Ctrl-C on the way leaves --out as it was (but for export.log, see below).
     try:
         with run_transaction(args.out, names, force=args.force) as staging:
+            _check_export_options(args)
             report, held, moves = _compile_into(args, staging, {name: staging / name for name in names}, runtime)
     finally:
         shutdown()
@@ -462,6 +463,7 @@ def _compile_on_a_rank(args: argparse.Namespace, runtime, names) -> None:
     args.quiet = True
     for name in names:
         check_writable(args.out / name, force=args.force)
+    _check_export_options(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # rank 0 shows them
         model = _load_model(args)
@@ -536,6 +538,18 @@ def _compile_into(
     return report, held, moves
 
 
+def _check_export_options(args: argparse.Namespace) -> None:
+    """Refuse, before any work, an --opset no exporter can write and an existing export.log without --force (the log
+    of a failed export is written into --out itself, outside the staging folder, so the transaction does not
+    check it)."""
+    from egp_export.export.onnx import check_opset
+    from egp_export.io.fileio import check_writable
+
+    if args.opset is not None:
+        check_opset(args.opset)
+    check_writable(args.out / EXPORT_LOG, force=args.force)
+
+
 def _ort_rtol(compile_rtol: float, module, verify) -> float:
     """What ONNX Runtime may differ from the compiled module by: what the compile was verified at, raised to the
     compiled module's own measured fp32 noise floor (capped at 1e-4) when that is higher.
@@ -566,6 +580,7 @@ def _export(args: argparse.Namespace, module, calibration, verify, path: Path, r
             simplify=not args.no_simplify,
             # --out itself, not the staging folder: the log of a failed export must outlive the run.
             log_path=args.out / EXPORT_LOG,
+            force=args.force,  # the log's; `path` is in the staging folder
             show_logs=args.verbose,
         )
         line.detail = exported.why()
