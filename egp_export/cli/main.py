@@ -354,6 +354,7 @@ def _run_analyze(args: argparse.Namespace) -> None:
 
     measures = list(dict.fromkeys(args.measure))
     with run_transaction(args.out, ANALYZE_OUTPUTS, force=args.force) as staging:
+        _check_input_size_applies(args)
         model = _load_model(args)
         calibration = _load_calibration(args, model)
         with stage(args, "analyze", f"measuring activations on {len(calibration)} samples") as line:
@@ -539,15 +540,25 @@ def _compile_into(
 
 
 def _check_export_options(args: argparse.Namespace) -> None:
-    """Refuse, before any work, an --opset no exporter can write and an existing export.log without --force (the log
-    of a failed export is written into --out itself, outside the staging folder, so the transaction does not
-    check it)."""
+    """Refuse, before any work, an --input-size that would be ignored, an --opset no exporter can write and an
+    existing export.log without --force (a failed export's log goes into --out itself, outside the staging folder,
+    so the transaction does not check it)."""
     from egp_export.export.onnx import check_opset
     from egp_export.io.fileio import check_writable
 
+    _check_input_size_applies(args)
     if args.opset is not None:
         check_opset(args.opset)
     check_writable(args.out / EXPORT_LOG, force=args.force)
+
+
+def _check_input_size_applies(args: argparse.Namespace) -> None:
+    """--input-size resizes the images of a folder; for any other source it would be ignored, so it is refused."""
+    if args.input_size and not Path(args.calibration).is_dir():
+        raise CalibrationError(
+            f"--input-size resizes the images of a folder, and {args.calibration} is not a folder, so it would be "
+            "ignored; drop --input-size, or store the data at the size the model takes."
+        )
 
 
 def _ort_rtol(compile_rtol: float, module, verify) -> float:

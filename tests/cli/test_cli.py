@@ -775,6 +775,17 @@ def test_an_opset_is_honoured_or_refused(cli_main, workspace):
         assert not (workspace.root / "opset-range").exists()
 
 
+def test_input_size_for_a_source_other_than_a_folder_is_refused_not_ignored(cli_main, workspace):
+    """Regression: --input-size was accepted and silently ignored for builtin:digits, .npy and .pt calibration."""
+    for command in ("compile", "analyze"):
+        for source in ("builtin:digits", workspace.files["rgb.npy"]):
+            out = workspace.root / f"input-size-{command}"
+            run = cli_main(command, *_model_args(workspace, calibration=str(source)), "--input-size", "4", "4",
+                           "--out", out)  # fmt: skip
+            _assert_clean_failure(run, "--input-size resizes the images of a folder", f"{source} is not a folder")
+            assert not out.exists()
+
+
 def test_export_options_reach_the_exporter(cli_main, workspace):
     out = workspace.root / "export-options"
     run = cli_main(*_compile_args("cli_models:SmallCNN", out, "--exporter", "torchscript", "--opset", "17",
