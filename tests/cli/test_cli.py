@@ -776,7 +776,7 @@ def test_an_opset_is_honoured_or_refused(cli_main, workspace):
 
 
 def test_input_size_for_a_source_other_than_a_folder_is_refused_not_ignored(cli_main, workspace):
-    """Regression: --input-size was accepted and silently ignored for builtin:digits, .npy and .pt calibration."""
+    """Regression: --input-size was accepted and silently ignored for builtin:digits and .npy calibration (.pt too)."""
     for command in ("compile", "analyze"):
         for source in ("builtin:digits", workspace.files["rgb.npy"]):
             out = workspace.root / f"input-size-{command}"

@@ -341,3 +341,12 @@ def test_inputs_that_cannot_be_fed_are_named_with_their_type(models, tmp_path, c
             assert captured.err.startswith("egp-export: error:") and "'input'" in captured.err, captured.err
             assert expected[kind] in captured.err and "Traceback" not in captured.err, captured.err
             assert len(captured.err.strip().splitlines()) == 1, captured.err
+
+
+def test_profile_html_without_out_is_refused_not_ignored(models, capsys):
+    """Regression: --html without --out was accepted and wrote nothing."""
+    code = main(["profile", str(models["shallow"]), "--html", "--iterations", "2", "--warmup", "0"])
+    captured = capsys.readouterr()
+    assert code == OutputError.exit_code == 2
+    assert captured.err.startswith("egp-export: error: --html writes profile.html into the --out folder")
+    assert captured.out == "" and "Traceback" not in captured.err
