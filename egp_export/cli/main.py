@@ -105,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     output = common.add_argument_group("output")
     output.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the outputs")
     output.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    output.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
-    output.add_argument(
+    loudness = output.add_mutually_exclusive_group()  # --quiet would silence --verbose's notes
+    loudness.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
+    loudness.add_argument(
         "--verbose",
         action="store_true",
         help="print notes (mode switches, exporter notes) and torch's own logs during the ONNX export",

@@ -14,6 +14,16 @@ example's when no dynamic-batch export verifies. Every attempt is verified the
 same way; the result names the exporter used and why the earlier attempts
 failed (``ExportResult.failed_attempts``, shown in the report).
 
+A requested ``opset`` is the default-domain opset of the file written, or
+the attempt fails: dynamo writes 18 (its oldest) when asked for 7-17 unless
+torch's own conversion succeeds (``opset=13`` on a Conv+ReLU model: 18), so
+an attempt whose model imports another opset is converted with
+``onnx.version_converter`` (route in ``opset_converted_from`` and ``why()``)
+and fails when that cannot convert (no adapter from Relu-14 to 13); with
+"auto" TorchScript is next, which wrote 7, 13, 17 and 21 itself (torch
+2.14.1, probe: ``export_onnx(..., opset=N, exporter=...)`` on a
+Conv+ReLU+Linear model; it refuses 26).
+
 The batch dimension of a dynamic export does not depend on the example: an
 example of batch 1 is repeated to batch 2 before tracing, because torch.export
 specializes a size-1 dimension (torchvision ConvNeXt, Swin and ViT, timm

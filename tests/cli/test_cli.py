@@ -917,3 +917,13 @@ def test_integer_files_keep_their_dtype_or_become_floats_when_the_model_takes_fl
     pixels = cli_main("compile", "--arch", "cli_models:SmallCNN", "--calibration", images, "--out", workspace.root / "u8")
     assert pixels.returncode == 0, pixels.stderr
     assert "holds uint8 data and the model takes floats: converted to float32" in pixels.stdout
+
+
+def test_quiet_and_verbose_exclude_each_other(capsys):
+    """Regression: --quiet --verbose was accepted, and --quiet silently dropped --verbose's notes."""
+    for command in ("compile", "analyze"):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([command, "--calibration", "builtin:digits", "--out", "unused", "--quiet", "--verbose"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "argument --verbose: not allowed with argument --quiet" in err and "Traceback" not in err
