@@ -106,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     output = common.add_argument_group("output")
     output.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the outputs")
     output.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    output.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
-    output.add_argument(
+    loudness = output.add_mutually_exclusive_group()  # --quiet would silence --verbose's notes
+    loudness.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
+    loudness.add_argument(
         "--verbose",
         action="store_true",
         help="print notes (mode switches, exporter notes) and torch's own logs during the ONNX export",
@@ -360,6 +361,7 @@ def _run_analyze(args: argparse.Namespace) -> None:
 
     measures = list(dict.fromkeys(args.measure))
     with run_transaction(args.out, ANALYZE_OUTPUTS, force=args.force) as staging:
+        _check_input_size_applies(args)
         model = _load_model(args)
         calibration = _load_calibration(args, model)
         with stage(args, "analyze", f"measuring activations on {len(calibration)} samples") as line:
@@ -413,6 +415,7 @@ def _run_compile(args: argparse.Namespace) -> None:
     # an error or Ctrl-C on the way leaves --out as it was (but for export.log, see below).
     try:
         with run_transaction(args.out, names, force=args.force) as staging:
+            _check_export_options(args)
             report, held, moves = _compile_into(args, staging, {name: staging / name for name in names}, runtime)
     finally:
         shutdown()
@@ -468,6 +471,7 @@ def _compile_on_a_rank(args: argparse.Namespace, runtime, names) -> None:
     args.quiet = True
     for name in names:
         check_writable(args.out / name, force=args.force)
+    _check_export_options(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # rank 0 shows them
         model = _load_model(args)
@@ -548,6 +552,28 @@ def _compile_into(
     return report, held, moves
 
 
+def _check_export_options(args: argparse.Namespace) -> None:
+    """Refuse, before any work, an --input-size that would be ignored, an --opset no exporter can write and an
+    existing export.log without --force (a failed export's log goes into --out itself, outside the staging folder,
+    so the transaction does not check it)."""
+    from egp_export.export.onnx import check_opset
+    from egp_export.io.fileio import check_writable
+
+    _check_input_size_applies(args)
+    if args.opset is not None:
+        check_opset(args.opset)
+    check_writable(args.out / EXPORT_LOG, force=args.force)
+
+
+def _check_input_size_applies(args: argparse.Namespace) -> None:
+    """--input-size resizes the images of a folder; for any other source it would be ignored, so it is refused."""
+    if args.input_size and not Path(args.calibration).is_dir():
+        raise CalibrationError(
+            f"--input-size resizes the images of a folder, and {args.calibration} is not a folder, so it would be "
+            "ignored; drop --input-size, or store the data at the size the model takes."
+        )
+
+
 def _ort_rtol(original_noise: float | None, module, verify) -> float:
     """What ONNX Runtime may differ from the compiled module by: fp32 noise, never the user's --tolerance.
 
@@ -581,6 +607,7 @@ def _export(args: argparse.Namespace, module, calibration, verify, path: Path, r
             simplify=not args.no_simplify,
             # --out itself, not the staging folder: the log of a failed export must outlive the run.
             log_path=args.out / EXPORT_LOG,
+            force=args.force,  # the log's; `path` is in the staging folder
             show_logs=args.verbose,
         )
         line.detail = exported.why()

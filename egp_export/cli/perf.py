@@ -26,6 +26,7 @@ from egp_export.cli.common import (
     run_command,
     say,
 )
+from egp_export.errors import OutputError
 
 PROFILE_JSON = "profile.json"
 PROFILE_MARKDOWN = "profile.md"
@@ -171,6 +172,8 @@ def _run_profile(args: argparse.Namespace) -> int:
     from egp_export.runtime.profiler import profile
 
     outputs = {}
+    if args.html and args.out is None:  # it would write nothing: refused, not ignored
+        raise OutputError(f"--html writes {PROFILE_HTML} into the --out folder; give --out DIR as well, or leave out --html.")
     if args.out is not None:
         names = (PROFILE_JSON, PROFILE_MARKDOWN, PROFILE_PLOT) + ((PROFILE_HTML,) if args.html else ())
         outputs = {name: check_writable(args.out / name, force=args.force) for name in names}

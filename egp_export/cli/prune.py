@@ -36,6 +36,24 @@ from egp_export.errors import EgpExportError
 DEFAULT_EVAL_FRACTION = 0.2
 ENTROPY_METHODS = ("egp", "nepenthe", "easier")
 OTHER_METHODS = ("sap", "energy", "itpruner")
+# The methods that read each method-specific option (the rest read every option): any other method would ignore it,
+# so a value other than the default is refused there.
+OPTION_METHODS = {
+    "prune_shortcuts": ENTROPY_METHODS,
+    "rate": ENTROPY_METHODS,
+    "target_sparsity": ENTROPY_METHODS,
+    "target_linear_sites": ENTROPY_METHODS,
+    "entropy_samples": ENTROPY_METHODS,
+    "momentum": ENTROPY_METHODS,
+    "resume": ENTROPY_METHODS,
+    "iterations": (*ENTROPY_METHODS, "sap"),
+    "max_accuracy_drop": (*ENTROPY_METHODS, "sap"),
+    "rewind": ("sap",),
+    "stages": ("energy",),
+    "score": ("energy",),
+    "flops_ratio": ("itpruner",),
+    "beta": ("itpruner",),
+}
 
 
 def add_prune_command(subparsers) -> argparse.ArgumentParser:
@@ -150,6 +168,7 @@ def run_prune(args: argparse.Namespace) -> None:
     from egp_export.io.checkpoint import apply_state_dict, load_state_dict
     from egp_export.io.datasets import load_labelled_splits
 
+    _refuse_ignored_options(args)
     if args.entropy == "reference" and args.method != "egp":
         raise EgpExportError(
             f"--entropy reference is EGP's reference layer entropy; --method {args.method} uses the pooled one: "
@@ -164,6 +183,21 @@ def run_prune(args: argparse.Namespace) -> None:
         _run_other_method(args, model.eval(), train, held_out, lambda **widths: build_model(args.arch, {**arch_kwargs, **widths}))
     else:
         _run_entropy_method(args, model.eval(), train, held_out)
+
+
+def _refuse_ignored_options(args: argparse.Namespace) -> None:
+    """Refuse options the chosen method does not read, when given a value other than their default."""
+    defaults = build_parser().parse_args(["prune", "--arch", "-", "--data", "-", "--out", "-"])
+    ignored = [
+        f"--{dest.replace('_', '-')} ({', '.join(methods)})"
+        for dest, methods in OPTION_METHODS.items()
+        if args.method not in methods and getattr(args, dest) != getattr(defaults, dest)
+    ]
+    if ignored:
+        raise EgpExportError(
+            f"--method {args.method} does not use {', '.join(ignored)}: it would be ignored; drop it, or choose a "
+            "method that uses it (in parentheses)."
+        )
 
 
 def _run_other_method(args: argparse.Namespace, model, train, held_out, rebuild) -> None:

@@ -14,6 +14,16 @@ example's when no dynamic-batch export verifies. Every attempt is verified the
 same way; the result names the exporter used and why the earlier attempts
 failed (``ExportResult.failed_attempts``, shown in the report).
 
+A requested ``opset`` is the default-domain opset of the file written, or
+the attempt fails: dynamo writes 18 (its oldest) when asked for 7-17 unless
+torch's own conversion succeeds (``opset=13`` on a Conv+ReLU model: 18), so
+an attempt whose model imports another opset is converted with
+``onnx.version_converter`` (route in ``opset_converted_from`` and ``why()``)
+and fails when that cannot convert (no adapter from Relu-14 to 13); with
+"auto" TorchScript is next, which wrote 7, 13, 17 and 21 itself (torch
+2.14.1, probe: ``export_onnx(..., opset=N, exporter=...)`` on a
+Conv+ReLU+Linear model; it refuses 26).
+
 The batch dimension of a dynamic export does not depend on the example: an
 example of batch 1 is repeated to batch 2 before tracing, because torch.export
 specializes a size-1 dimension (torchvision ConvNeXt, Swin and ViT, timm
@@ -81,7 +91,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
+import tempfile
 import time
 import traceback
 import warnings
@@ -92,6 +104,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnxruntime
 import torch
 from torch import nn
@@ -105,13 +118,16 @@ from egp_export.analysis.numerics import (
     fp32_noise,
 )
 from egp_export.errors import EgpExportError, ExportError, OutputError, VerificationError
-from egp_export.io.fileio import atomic_path, check_writable, write_text_atomic
+from egp_export.io.fileio import atomic_path, check_writable, new_file_mode, write_text_atomic
 
 EXPORTERS = ("dynamo", "torchscript")
 AUTO = "auto"
 EXPORTER_CHOICES = (AUTO, *EXPORTERS)
 DEFAULT_EXPORTER = AUTO
 INPUT_NAME = "input"
+# The default-domain opsets an export may ask for: ONNX Runtime runs opset 7 and newer (so does the TorchScript
+# exporter's oldest), and no file can import an opset newer than the installed onnx defines.
+MIN_OPSET = 7
 BATCH_DIM_NAME = "batch"
 EXPORT_LOG = "export.log"
 # onnx-simplifier's own check compares the simplified against the unsimplified
@@ -161,6 +177,8 @@ class ExportResult:
     error: ErrorStats | None  # ONNX Runtime vs the PyTorch module on the verify inputs
     rtol: float
     exporter_requested: str = DEFAULT_EXPORTER  # "auto", or the exporter the caller named
+    opset_requested: int | None = None  # None: the exporter's default
+    opset_converted_from: int | None = None  # the exporter wrote this opset; onnx.version_converter gave `opset`
     dynamic_batch: bool = True  # whether the file's batch dimension is dynamic
     traced_batch: int = 0  # batch size of the example torch.onnx traced
     rtol_measured: bool = False  # rtol came from the module's own fp32 noise, not from the caller
@@ -176,11 +194,15 @@ class ExportResult:
     def why(self) -> str:
         """One line: which exporter wrote the file and why that one."""
         batch = "dynamic batch" if self.dynamic_batch else f"static batch {self.traced_batch}"
+        if self.opset_converted_from is not None:
+            opset = f"; opset {self.opset} converted from the exporter's {self.opset_converted_from} by onnx.version_converter"
+        else:
+            opset = f"; opset {self.opset} as requested" if self.opset_requested is not None else ""
         if not self.failed_attempts:
             reason = "requested" if self.exporter_requested != AUTO else "first choice of exporter=auto"
-            return f"{self.exporter} exporter, {batch} ({reason})"
+            return f"{self.exporter} exporter, {batch} ({reason}){opset}"
         failed = "; ".join(attempt.describe() for attempt in self.failed_attempts)
-        return f"{self.exporter} exporter, {batch}, after: {failed}"
+        return f"{self.exporter} exporter, {batch}, after: {failed}{opset}"
 
     def to_dict(self) -> dict:
         return {
@@ -192,6 +214,8 @@ class ExportResult:
             "traced_batch": self.traced_batch,
             "failed_attempts": [asdict(attempt) for attempt in self.failed_attempts],
             "opset": self.opset,
+            "opset_requested": self.opset_requested,
+            "opset_converted_from": self.opset_converted_from,
             "simplified": self.simplified,
             "op_counts_exported": dict(self.op_counts_exported),
             "op_counts": dict(self.op_counts),
@@ -281,11 +305,17 @@ def export_onnx(
     ``static_batch`` allows a fallback to a batch fixed to the
     example's when no exporter gives a verified dynamic-batch file.
     ``exporter``: "auto" (default: dynamo, then TorchScript), "dynamo" or
-    "torchscript". ``opset=None`` takes the exporter's default. ``rtol=None``
+    "torchscript". ``opset=None`` takes the exporter's default; a given opset
+    (:func:`check_opset`) is what the file imports: an exporter that writes
+    another (dynamo writes 18 when asked for less) has its model converted by
+    onnx.version_converter, and where that fails the attempt fails (with
+    "auto", TorchScript is tried next). ``rtol=None``
     measures it (:func:`measured_rtol`; ``rtol_measured`` and a note say so
     when it exceeds 1e-5). When every attempt fails, torch's captured logs are
-    written to ``log_path`` (if given) and the error names it. The module is
-    never modified.
+    written to ``log_path`` (if given; checked like ``path`` before any work
+    and replaced only with ``force``: when a file appears there meanwhile, the
+    log goes beside it) and the error names the file. The module is never
+    modified.
 
     Raises OutputError (``path`` exists and not ``force``), ExportError (bad
     arguments, module in training mode, export or checker failure) and
@@ -294,9 +324,13 @@ def export_onnx(
     file is written.
     """
     target = check_writable(path, force=force)
+    if log_path is not None:
+        check_writable(log_path, force=force)
     requested = DEFAULT_EXPORTER if exporter is None else exporter
     if requested not in EXPORTER_CHOICES:
         raise ExportError(f"unknown exporter {requested!r}; choose one of {', '.join(EXPORTER_CHOICES)}.")
+    if opset is not None:
+        check_opset(opset)
     module = _check_module(module_or_model)
     _check_tensor(example_input, "example_input")
     given = _given_batches(example_input, verify_inputs, dynamic_batch=dynamic_batch)
@@ -341,6 +375,8 @@ def export_onnx(
                     path=target,
                     exporter=name,
                     opset=done.opset,
+                    opset_requested=opset,
+                    opset_converted_from=done.opset_converted_from,
                     simplified=done.simplified,
                     op_counts_exported=done.op_counts_exported,
                     op_counts=done.op_counts,
@@ -358,10 +394,12 @@ def export_onnx(
                     seconds={**seconds, **done.seconds},
                 )
     raise _all_failed(failures, log.getvalue(), log_path, requested=requested, dynamic_batch=dynamic_batch,
-                      static_batch=static_batch)
+                      static_batch=static_batch, force=force)
 
 
-def _all_failed(failures, log: str, log_path, *, requested: str, dynamic_batch: bool, static_batch: bool) -> EgpExportError:
+def _all_failed(
+    failures, log: str, log_path, *, requested: str, dynamic_batch: bool, static_batch: bool, force: bool
+) -> EgpExportError:
     """One error for every failed attempt: what each said, what to try, where the full log is."""
     hints = []
     if requested != AUTO:
@@ -378,15 +416,33 @@ def _all_failed(failures, log: str, log_path, *, requested: str, dynamic_batch: 
         summary = "no export attempt succeeded: " + "; ".join(attempt.describe().rstrip(".") for attempt, _ in failures)
     message = f"{summary}; no file was written. Try {', '.join(hints)}."
     if log_path is not None:
-        try:
-            write_text_atomic(log_path, log, force=True)  # a log, not an output: the latest failure replaces it
-            message += f" Torch's log of the export: {log_path}"
-        except (OutputError, OSError):
-            pass  # the export's own error matters more than a log that could not be written
+        written = _write_log(Path(log_path), log, force=force)
+        if written is not None:
+            message += f" Torch's log of the export: {written}"
     kind = VerificationError if any(isinstance(error, VerificationError) for _, error in failures) else ExportError
     failure = kind(message)
     failure.__cause__ = failures[-1][1]
     return failure
+
+
+def _write_log(path: Path, log: str, *, force: bool) -> Path | None:
+    """Write the failed export's log to ``path``, or beside it when a file appeared there meanwhile (no ``force``).
+
+    Returns where it went; None when it could not be written (the export's own error matters more)."""
+    try:
+        return write_text_atomic(path, log, force=force)
+    except OutputError:
+        pass
+    except OSError:
+        return None
+    try:
+        fd, name = tempfile.mkstemp(prefix=f"{path.stem}.", suffix=path.suffix, dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(log)
+        os.chmod(name, new_file_mode())
+    except OSError:
+        return None
+    return Path(name)
 
 
 class _Outputs:
@@ -412,6 +468,7 @@ class _Exported:
     error: ErrorStats
     seconds: dict[str, float]
     trace_warnings: list[str]
+    opset_converted_from: int | None
 
 
 def _trace_warnings(caught) -> list[str]:
@@ -455,6 +512,10 @@ class _Job:
         seconds["export"] = time.perf_counter() - start
         if dynamic:
             _check_batch_is_dynamic(exported, exporter)
+        converted_from = None
+        if self.opset is not None and _default_opset(exported) != self.opset:
+            converted_from = _default_opset(exported)
+            exported = _convert_opset(exported, self.opset, exporter)
 
         final, simplified = exported, False
         if self.simplify:
@@ -488,7 +549,8 @@ class _Job:
                 "(verify_inputs=), or use another --exporter"
             )
         return _Exported(
-            data, opset_version, simplified, count_ops(exported), count_ops(final), error_stats, seconds, baked
+            data, opset_version, simplified, count_ops(exported), count_ops(final), error_stats, seconds, baked,
+            converted_from,
         )
 
 
@@ -764,6 +826,36 @@ def _verify(data: bytes, batches: list[tuple[str, torch.Tensor]], references: li
             f"{', '.join(map(str, sizes))})"
         )
     return error_stats
+
+
+def check_opset(opset: int) -> None:
+    """Refuse an opset no exporter here can write and ONNX Runtime run (before any work)."""
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise ExportError(
+            f"opset {opset} cannot be written here: choose --opset (opset=) from {MIN_OPSET} to {newest} "
+            f"(ONNX Runtime runs opset {MIN_OPSET} and newer; the installed onnx {onnx.__version__} defines up to "
+            f"{newest}). The dynamo exporter writes 18 and newer; older opsets come from the TorchScript exporter "
+            "or, where it can, onnx's version converter."
+        )
+
+
+def _convert_opset(model: onnx.ModelProto, opset: int, exporter: str) -> onnx.ModelProto:
+    """``model`` converted to default-domain ``opset`` by onnx.version_converter; ExportError when it cannot be."""
+    written = _default_opset(model)
+    try:
+        converted = onnx.version_converter.convert_version(model, opset)
+    except Exception as error:  # the converter raises RuntimeError / ConvertError with the C++ assertion text
+        raise ExportError(
+            f"the {exporter} exporter wrote opset {written}, not the requested {opset}, and onnx's version converter "
+            f"cannot convert it ({_first_line(error)})"
+        ) from error
+    if _default_opset(converted) != opset:
+        raise ExportError(
+            f"the {exporter} exporter wrote opset {written}, not the requested {opset}, and onnx's version converter "
+            f"gave opset {_default_opset(converted)}"
+        )
+    return converted
 
 
 def _default_opset(model: onnx.ModelProto) -> int:

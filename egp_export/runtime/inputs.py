@@ -16,6 +16,8 @@ from egp_export.errors import EgpExportError
 
 # A serialised TensorRT engine instead of an ONNX file (trtexec's and Polygraphy's usual names).
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+# numpy dtype kinds that hold no numbers (ONNX string tensors load as object arrays): random_batch cannot draw them.
+TEXT_KINDS = "OSU"
 
 
 class BackendError(EgpExportError):
@@ -106,7 +108,46 @@ def onnx_input_spec(model, input_shape: Sequence[int] | None = None) -> InputSpe
             f"{where} has {len(inputs)} inputs ({', '.join(v.name for v in inputs)}); egp-export profiles single-input models."
         )
     value = inputs[0]
-    tensor_type = value.type.tensor_type
-    dims = [d.dim_value if d.WhichOneof("value") == "dim_value" else None for d in tensor_type.shape.dim]
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+    dtype = _numeric_dtype(value.type)
+    if dtype is None:
+        raise BackendError(
+            f"{where}: the input {value.name!r} has type {_type_name(value.type)}; egp-export feeds one numeric "
+            "tensor (float, integer or bool) to a model, so export it with such an input."
+        )
+    dims = [d.dim_value if d.WhichOneof("value") == "dim_value" else None for d in value.type.tensor_type.shape.dim]
     return spec_from_dims(value.name, dims, dtype, input_shape, where)
+
+
+def _numeric_dtype(type_proto) -> np.dtype | None:
+    """The numpy dtype of a numeric tensor type; None for anything else (sequence, map, optional, sparse,
+    string, or an undeclared element type)."""
+    import onnx
+
+    if type_proto.WhichOneof("value") != "tensor_type":
+        return None
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(type_proto.tensor_type.elem_type))
+    except KeyError:  # element type 0, UNDEFINED
+        return None
+    return None if dtype.kind in TEXT_KINDS else dtype
+
+
+def _type_name(type_proto) -> str:
+    """An ONNX value type as ONNX writes it: tensor(float), sequence of tensor(float), map(int64, tensor(float))."""
+    import onnx
+
+    def element(elem_type: int) -> str:
+        return onnx.TensorProto.DataType.Name(elem_type).lower() if elem_type else "undefined"
+
+    kind = type_proto.WhichOneof("value")
+    if kind == "tensor_type":
+        return f"tensor({element(type_proto.tensor_type.elem_type)})"
+    if kind == "sparse_tensor_type":
+        return f"sparse tensor({element(type_proto.sparse_tensor_type.elem_type)})"
+    if kind == "sequence_type":
+        return f"sequence of {_type_name(type_proto.sequence_type.elem_type)}"
+    if kind == "optional_type":
+        return f"optional {_type_name(type_proto.optional_type.elem_type)}"
+    if kind == "map_type":
+        return f"map({element(type_proto.map_type.key_type)}, {_type_name(type_proto.map_type.value_type)})"
+    return kind or "no declared type"

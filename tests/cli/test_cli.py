@@ -734,9 +734,56 @@ def test_failed_export_prints_one_line_and_keeps_the_log(workspace):
     log = (out / "export.log").read_text()
     assert "Error while creating guard" in log and "printed by the exporter" in log
 
-    verbose = workspace.run(*_compile_args("cli_models:ExportHostile", out, "--verbose"))
+    verbose = workspace.run(*_compile_args("cli_models:ExportHostile", out, "--verbose", "--force"))
     assert verbose.returncode == 2
     assert "Error while creating guard" in verbose.stderr  # --verbose shows torch's logs
+
+
+def test_a_failed_export_never_replaces_an_existing_log_without_force(cli_main, workspace):
+    """Regression: a failed export overwrote --out/export.log without --force. It is checked with the other outputs,
+    before any work; with --force the new log replaces it."""
+    out = workspace.root / "old-log"
+    out.mkdir()
+    (out / "export.log").write_text("the log of an earlier run\n")
+    refused = cli_main(*_compile_args("cli_models:ExportHostile", out))
+    _assert_clean_failure(refused, f"{out / 'export.log'} already exists", "--force")
+    assert "stage" not in refused.stderr and "calibrat" not in refused.stderr.lower()  # refused before any work
+    assert _snapshot(out) == {"export.log": b"the log of an earlier run\n"}
+
+    forced = cli_main(*_compile_args("cli_models:ExportHostile", out, "--force"))
+    _assert_clean_failure(forced, "no export attempt succeeded", str(out / "export.log"))
+    assert "Error while creating guard" in (out / "export.log").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["export.log"]
+
+
+def test_an_opset_is_honoured_or_refused(cli_main, workspace):
+    """Regression: --opset 13 (also 7, 99) with the dynamo exporter wrote opset 18 and said nothing."""
+    out = workspace.root / "opset"
+    run = cli_main(*_compile_args("cli_models:SmallCNN", out, "--opset", "13", "--checkpoint", workspace.checkpoint))
+    assert run.returncode == 0, run.stderr
+    assert onnx.load(out / "model.onnx").opset_import[0].version == 13
+    onnx_report = json.loads((out / "report.json").read_text())["onnx"]
+    assert onnx_report["opset"] == onnx_report["opset_requested"] == 13
+    assert "opset 13 as requested" in run.stdout and "not the requested 13" in run.stdout  # the route: dynamo could not
+
+    dynamo = cli_main(*_compile_args("cli_models:SmallCNN", workspace.root / "opset-dynamo", "--opset", "13",
+                                     "--exporter", "dynamo", "--checkpoint", workspace.checkpoint))  # fmt: skip
+    _assert_clean_failure(dynamo, "dynamo exporter wrote opset 18, not the requested 13", "--exporter torchscript")
+    for opset in ("6", "99"):
+        refused = cli_main(*_compile_args("cli_models:SmallCNN", workspace.root / "opset-range", "--opset", opset))
+        _assert_clean_failure(refused, f"opset {opset} cannot be written here", "from 7 to")
+        assert not (workspace.root / "opset-range").exists()
+
+
+def test_input_size_for_a_source_other_than_a_folder_is_refused_not_ignored(cli_main, workspace):
+    """Regression: --input-size was accepted and silently ignored for builtin:digits and .npy calibration (.pt too)."""
+    for command in ("compile", "analyze"):
+        for source in ("builtin:digits", workspace.files["rgb.npy"]):
+            out = workspace.root / f"input-size-{command}"
+            run = cli_main(command, *_model_args(workspace, calibration=str(source)), "--input-size", "4", "4",
+                           "--out", out)  # fmt: skip
+            _assert_clean_failure(run, "--input-size resizes the images of a folder", f"{source} is not a folder")
+            assert not out.exists()
 
 
 def test_export_options_reach_the_exporter(cli_main, workspace):
@@ -749,7 +796,7 @@ def test_export_options_reach_the_exporter(cli_main, workspace):
     assert onnx_report["exporter"] == "torchscript" and onnx_report["exporter_requested"] == "torchscript"
     assert onnx_report["opset"] == 17 and not onnx_report["simplified"]
     assert onnx_report["path"] == str(out / "model.onnx")  # where it is, not where it was staged
-    assert "ONNX export: torchscript exporter, dynamic batch (requested)" in run.stdout
+    assert "ONNX export: torchscript exporter, dynamic batch (requested); opset 17 as requested" in run.stdout
     assert "why this exporter: torchscript exporter" in (out / "report.md").read_text()
 
 
@@ -886,3 +933,13 @@ def test_crossing_radius_reaches_the_guarantee_and_bad_values_are_one_error_line
     infinite = cli_main(*_compile_args("cli_models:LinearPair", workspace.root / "radius-inf", "--crossing-radius", "inf"))
     assert infinite.returncode == 2 and "egp-export: error: crossing_radius must be a finite number" in infinite.stderr
     assert "Traceback" not in infinite.stderr
+
+
+def test_quiet_and_verbose_exclude_each_other(capsys):
+    """Regression: --quiet --verbose was accepted, and --quiet silently dropped --verbose's notes."""
+    for command in ("compile", "analyze"):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([command, "--calibration", "builtin:digits", "--out", "unused", "--quiet", "--verbose"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "argument --verbose: not allowed with argument --quiet" in err and "Traceback" not in err

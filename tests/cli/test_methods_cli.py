@@ -83,3 +83,25 @@ def test_leaf_module_hides_a_block_from_the_analysis_and_the_compile(tmp_path):
                  "--out", str(tmp_path / "compiled")]) == 0
     report = json.loads((tmp_path / "compiled" / "report.json").read_text())
     assert [leaf["name"] for leaf in report["trace"]["leaf_modules"]] == ["block1_1"]
+
+
+@pytest.mark.parametrize(
+    ("method", "option", "value", "users"),
+    [
+        ("sap", "--beta", "2", "itpruner"),
+        ("egp", "--stages", "3", "energy"),
+        ("energy", "--iterations", "3", "egp, nepenthe, easier, sap"),
+        ("itpruner", "--rate", "0.25", "egp, nepenthe, easier"),
+        ("nepenthe", "--rewind", "pre_prune", "sap"),
+        ("sap", "--resume", None, "egp, nepenthe, easier"),
+    ],
+)
+def test_an_option_the_method_does_not_use_is_refused_not_ignored(tmp_path, capsys, method, option, value, users):
+    """Regression: every method-specific prune option was accepted with every method and silently ignored."""
+    out = tmp_path / "out"
+    code = main(["prune", *ARCH, "--data", "builtin:digits", "--method", method, option, *([value] if value else []),
+                 "--out", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith(f"egp-export: error: --method {method} does not use {option} ({users})"), err
+    assert not out.exists()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from egp_export.analysis.numerics import NOISE_FACTOR, ORT_CPU_RTOL, compare, fp32_noise
-from egp_export.errors import ExportError, VerificationError
+from egp_export.errors import ExportError, OutputError, VerificationError
 from egp_export.export import onnx as onnx_export
 from egp_export.export.onnx import ORT_NOISE_CAP, export_onnx, measured_rtol, ort_session, run_onnx
 from egp_export.report.report import to_markdown, with_export
@@ -248,9 +248,51 @@ def test_a_failed_export_keeps_torchs_logs_off_the_console_and_in_the_log(tmp_pa
 
 def test_a_log_that_cannot_be_written_does_not_hide_the_export_error(tmp_path, monkeypatch):
     _chatty_failing_export(monkeypatch)
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError("the log's folder became read-only during the export")
+
+    monkeypatch.setattr(onnx_export, "write_text_atomic", unwritable)
+    log = tmp_path / "export.log"
     with pytest.raises(ExportError, match="cannot export this") as failure:
-        export_onnx(CircularConv().eval(), torch.randn(2, 3, 8, 8), tmp_path / "m.onnx", log_path=tmp_path, rtol=1e-5)
-    assert "log of the export" not in str(failure.value)  # tmp_path is a folder: no log, and none named
+        export_onnx(CircularConv().eval(), torch.randn(2, 3, 8, 8), tmp_path / "m.onnx", log_path=log, rtol=1e-5)
+    assert "log of the export" not in str(failure.value) and not any(tmp_path.iterdir())  # no log, and none named
+
+
+class Untouchable(nn.Module):
+    def forward(self, x):
+        raise AssertionError("the module ran before the outputs were checked")
+
+
+def test_an_unwritable_log_path_is_refused_before_any_work(tmp_path):
+    """The log follows the rule of every output: checked first, never replaced without force."""
+    with pytest.raises(OutputError, match="is a directory"):
+        export_onnx(Untouchable().eval(), torch.randn(2, 3), tmp_path / "m.onnx", log_path=tmp_path)
+    log = tmp_path / "export.log"
+    log.write_text("an earlier log")
+    with pytest.raises(OutputError, match=f"{log} already exists; pass --force"):
+        export_onnx(Untouchable().eval(), torch.randn(2, 3), tmp_path / "m.onnx", log_path=log)
+    assert log.read_text() == "an earlier log" and sorted(p.name for p in tmp_path.iterdir()) == ["export.log"]
+
+
+def test_a_log_that_appears_during_the_export_is_kept_and_the_new_one_written_beside_it(tmp_path, monkeypatch):
+    """Regression: a failed export replaced an existing log without force."""
+    _chatty_failing_export(monkeypatch)
+    log = tmp_path / "export.log"
+
+    class WritesTheLog(CircularConv):
+        def forward(self, x):
+            if not log.exists():
+                log.write_text("another run's log")  # appears after the up-front check
+            return super().forward(x)
+
+    with pytest.raises(ExportError, match="cannot export this") as failure:
+        export_onnx(WritesTheLog().eval(), torch.randn(2, 3, 8, 8), tmp_path / "m.onnx", log_path=log, rtol=1e-5)
+    assert log.read_text() == "another run's log"
+    (beside,) = [p for p in tmp_path.iterdir() if p != log]
+    assert beside.name.startswith("export.") and beside.suffix == ".log"
+    assert f"Torch's log of the export: {beside}" in str(failure.value)
+    assert "RuntimeError: cannot export this" in beside.read_text()
 
 
 def test_show_logs_leaves_them_on_the_console(tmp_path, monkeypatch, capfd):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -288,3 +289,64 @@ def test_a_baseline_with_inf_outputs_fails_the_numeric_check(tmp_path):
     assert not result.passed and "inf/NaN in the baseline or the candidate" in result.reasons[0]
     # The same inf at the same places in both is equal output, not an error.
     assert check_numerics(baseline, baseline, max_rel_error=1e-5).passed
+
+
+# Inputs the runtimes cannot feed --------------------------------------------------------------------
+
+
+def _unfeedable_models(folder):
+    """One-input ONNX models whose input is not a numeric tensor: (input type as the error names it, path)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    float_tensor = helper.make_tensor_type_proto(TensorProto.FLOAT, ["batch", 4])
+    types = {
+        "sequence": helper.make_sequence_type_proto(float_tensor),
+        "optional": helper.make_optional_type_proto(float_tensor),
+        "map": helper.make_map_type_proto(TensorProto.INT64, float_tensor),
+        "sparse": helper.make_sparse_tensor_type_proto(TensorProto.FLOAT, ["batch", 4]),
+        "string": helper.make_tensor_type_proto(TensorProto.STRING, ["batch", 4]),
+    }
+    paths = {}
+    for kind, type_proto in types.items():
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["input"], ["output"])],
+            kind,
+            [helper.make_value_info("input", type_proto)],
+            [helper.make_value_info("output", type_proto)],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        paths[kind] = folder / f"{kind}.onnx"
+        onnx.save(model, str(paths[kind]))
+    return paths
+
+
+def test_inputs_that_cannot_be_fed_are_named_with_their_type(models, tmp_path, capsys):
+    """Regression: a tensor-sequence input raised AttributeError/TypeError from inside the gate (a traceback)."""
+    from egp_export.runtime.inputs import onnx_input_spec
+
+    expected = {"sequence": "sequence of tensor(float)", "optional": "optional tensor(float)",
+                "map": "map(int64, tensor(float))", "sparse": "sparse tensor(float)", "string": "tensor(string)"}
+    for kind, path in _unfeedable_models(tmp_path).items():
+        with pytest.raises(BackendError, match=rf"input 'input' has type {re.escape(expected[kind])}; .*numeric tensor"):
+            onnx_input_spec(path)
+        for argv in (
+            ["gate", str(models["deep"]), str(path), "--min-speedup", "1", *FAST],
+            ["gate", str(path), str(models["deep"]), "--min-speedup", "1", "--max-rel-error", "1e-5", *FAST],
+            ["profile", str(path), "--iterations", "2", "--warmup", "0", "--quiet"],
+        ):
+            code = main(argv)
+            captured = capsys.readouterr()
+            assert code == 2, (kind, argv, captured.err)
+            assert captured.err.startswith("egp-export: error:") and "'input'" in captured.err, captured.err
+            assert expected[kind] in captured.err and "Traceback" not in captured.err, captured.err
+            assert len(captured.err.strip().splitlines()) == 1, captured.err
+
+
+def test_profile_html_without_out_is_refused_not_ignored(models, capsys):
+    """Regression: --html without --out was accepted and wrote nothing."""
+    code = main(["profile", str(models["shallow"]), "--html", "--iterations", "2", "--warmup", "0"])
+    captured = capsys.readouterr()
+    assert code == OutputError.exit_code == 2
+    assert captured.err.startswith("egp-export: error: --html writes profile.html into the --out folder")
+    assert captured.out == "" and "Traceback" not in captured.err
