@@ -83,3 +83,19 @@ def test_leaf_module_hides_a_block_from_the_analysis_and_the_compile(tmp_path):
                  "--out", str(tmp_path / "compiled")]) == 0
     report = json.loads((tmp_path / "compiled" / "report.json").read_text())
     assert [leaf["name"] for leaf in report["trace"]["leaf_modules"]] == ["block1_1"]
+
+
+@pytest.mark.parametrize("measure", ["nhsic", "energy", "dcor"])
+@pytest.mark.parametrize("arch", ["torchvision:mobilenet_v2", "tests.measures.subjects:plain_cnn"])
+def test_a_unit_measure_on_a_model_without_residual_units_is_one_error_line(tmp_path, capsys, measure, arch):
+    # MobileNetV2's InvertedResidual is a residual unit of no registered type; the plain CNN has none at all.
+    calibration, labelled = tmp_path / "x.pt", tmp_path / "labelled.pt"
+    torch.save(torch.rand(8, 3, 32, 32), calibration)
+    torch.save({"inputs": torch.rand(16, 3, 32, 32), "targets": torch.arange(16) % 2}, labelled)
+    code = main(["analyze", "--arch", arch, "--calibration", str(calibration), "--labels-from", str(labelled),
+                 "--measure", measure, "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"egp-export: error: the {measure} measure scores residual units" in err
+    assert "the measures that work on any model are entropy (analyze's default) and pqi" in err
+    assert not (tmp_path / "o").exists()
