@@ -21,8 +21,11 @@ from egp_export.errors import (
     CheckpointError,
     EgpExportError,
     ExportError,
+    OptionError,
     OutputError,
     TraceError,
+    TrainingError,
+    UnsupportedModelError,
     VerificationError,
 )
 
@@ -57,8 +60,11 @@ __all__ = [
     "EgpExportError",
     "ExportError",
     "ExportResult",
+    "OptionError",
     "OutputError",
     "TraceError",
+    "TrainingError",
+    "UnsupportedModelError",
     "VerificationError",
     "__version__",
     "analyze",

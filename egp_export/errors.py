@@ -21,6 +21,18 @@ class ArchitectureError(EgpExportError):
     """An ``--arch`` specification cannot be resolved to a model factory."""
 
 
+class OptionError(EgpExportError, ValueError):
+    """An option or argument is out of its range or not finite (a ValueError too, like Python's own checks)."""
+
+
+class UnsupportedModelError(EgpExportError, ValueError):
+    """The model lacks what a measure or method needs (residual units of a known type)."""
+
+
+class TrainingError(EgpExportError):
+    """Fine-tuning diverged: a loss, weight, buffer or output became NaN or infinite."""
+
+
 class CalibrationError(EgpExportError):
     """Calibration data is empty, non-finite, or shaped wrongly for the model."""
 

@@ -134,6 +134,12 @@ class SiteStats:
         # Reductions run where z lives (GPU too); the accumulators stay on the CPU. Every full pass over z
         # costs about as much as the activation itself, so passes that low/high already decide are skipped.
         low, high = z.amin(dims), z.amax(dims)
+        if not bool(low.isfinite().all() and high.isfinite().all()):  # amin/amax propagate NaN
+            raise CalibrationError(
+                f"activation '{self.name}' ({self.form} {self.target}) got {int((~z.isfinite()).sum())} NaN/Inf "
+                "inputs: NaN is in no region, so nothing can be decided there. The model computes non-finite values "
+                "on this data (overflowing or diverged weights, or NaN/Inf in the data): check the checkpoint."
+            )
         positive = _count_greater(z, dims, 0.0, count, scratch)
         self.on_counts += positive.cpu()
         self.low = torch.minimum(self.low, low.cpu().to(torch.float64))
@@ -412,6 +418,8 @@ class ActivationStatsInterpreter(fx.Interpreter):
 
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
+        # fx would append "While executing %node ..." to our CalibrationErrors: they already name the site.
+        self.extra_traceback = False
         modules = named_modules(gm)
         self.sites: dict[fx.Node, SiteStats] = {}
         self.scratch = Scratch()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 import time
 import warnings
@@ -19,9 +20,20 @@ EXIT_INTERRUPTED = 130
 
 
 def _number(parse: Callable[[str], float], accept: Callable[[float], bool], what: str):
+    """An argparse type: ``parse`` the text, refuse NaN and infinities, then refuse what ``accept`` rejects.
+
+    Every numeric option is one of these, so no command ever receives inf or nan
+    (``float("inf")`` parses, and ``inf > 0`` holds).
+    """
+
     def convert(text: str):
-        value = parse(text)
-        if not accept(value):  # written so that NaN is refused too
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number ({what}), got {text}")
+        if not accept(value):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
 
@@ -35,6 +47,7 @@ positive_float = _number(float, lambda v: v > 0.0, "a positive number")
 non_negative_float = _number(float, lambda v: v >= 0.0, "a non-negative number")
 fraction = _number(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
 confidence = _number(float, lambda v: 0.0 < v < 1.0, "between 0 and 1")
+holdout_fraction = _number(float, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
 
 
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 from egp_export import __version__
 from egp_export.cli.common import (
     PROG,
+    holdout_fraction,
     non_negative_float,
     positive_int,
     progress,
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compile_.add_argument(
         "--holdout",
-        type=float,
+        type=holdout_fraction,
         default=DEFAULT_HOLDOUT,
         metavar="F",
         help=f"fraction of the calibration samples kept out for verification (default {DEFAULT_HOLDOUT}); the samples "

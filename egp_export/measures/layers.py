@@ -33,6 +33,12 @@ from egp_export.measures.units import require_units, unit_features
 
 MEASURES = ("pqi", "energy", "dcor", "nhsic")
 UNIT_SCORES = ("energy", "dcor")
+# What each measure that runs the model reads; said when a model lacks it.
+UNIT_MEASURE_NEEDS = {
+    "energy": "scores residual units by the energy distance between classes (labelled data) of their branch outputs",
+    "dcor": "scores residual units by the distance correlation of their branch outputs with the model's output",
+    "nhsic": "scores residual units by the CKA similarity of their outputs",
+}
 DEFAULT_ROUNDS = 5
 DEFAULT_SAMPLES = 512
 DEFAULT_BETA = 1.0
@@ -171,7 +177,8 @@ def layer_measures(
         return pqi_rows(model)
     if data is None:
         raise CalibrationError(f"the {measure} measure runs the model: give data ((inputs, labels) or a Dataset).")
-    require_units(model)
+    require_units(model, f"the {measure} measure {UNIT_MEASURE_NEEDS[measure]}",
+                  "the measures that work on any model are entropy (analyze's default) and pqi")
     if measure == "nhsic":
         inputs = data if isinstance(data, torch.Tensor) else inputs_and_labels(data)[0]
         count = min(samples, len(inputs))

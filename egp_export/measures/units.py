@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from egp_export.errors import UnsupportedModelError
+
 
 @dataclass(frozen=True)
 class UnitKind:
@@ -70,14 +72,17 @@ def residual_units(model: nn.Module) -> list[ResidualUnit]:
     return [ResidualUnit(name, module, kind) for name, module in model.named_modules() if (kind := kind_of(module))]
 
 
-def require_units(model: nn.Module) -> list[ResidualUnit]:
-    """``residual_units``, or ValueError naming the known types when the model has none."""
+def require_units(
+    model: nn.Module, needed_by: str = "this method needs residual units", instead: str = ""
+) -> list[ResidualUnit]:
+    """``residual_units``, or UnsupportedModelError (a ValueError) saying what ``needed_by`` needs and ``instead``."""
     units = residual_units(model)
     if not units:
         known = ", ".join(UNIT_KINDS)
-        raise ValueError(
-            f"{type(model).__name__} has no residual unit of a known type ({known}); "
-            "add its type to egp_export.measures.units.UNIT_KINDS"
+        raise UnsupportedModelError(
+            f"{needed_by}, and {type(model).__name__} has no residual unit of a known type "
+            f"({known}); {instead + ', or ' if instead else ''}add its unit type to "
+            "egp_export.measures.units.UNIT_KINDS"
         )
     return units
 

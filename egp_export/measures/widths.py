@@ -115,7 +115,7 @@ def model_macs(model: nn.Module, example: torch.Tensor) -> float:
 
 def width_cost(model: nn.Module, example: torch.Tensor) -> tuple[WidthCost, list[str], list[int]]:
     """(F, unit names, full hidden widths) of ``model``'s residual units, from its layers' MACs on one sample."""
-    units = require_units(model)
+    units = require_units(model, "ITPruner chooses the hidden widths of residual units")
     sides: dict[int, list] = {}
     for index, unit in enumerate(units):
         for attribute in unit.kind.width_out:

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from egp_export.errors import OutputError
+from egp_export.errors import OutputError, TrainingError
 from egp_export.io.checkpoint import apply_state_dict, load_state_dict
 from egp_export.io.fileio import check_writable
 from egp_export.prune.easier import replace_with_identity
@@ -70,6 +70,7 @@ from egp_export.prune.training import (
     OptimConfig,
     Runtime,
     as_dataset,
+    require_finite,
 )
 
 METHODS = ("egp", "nepenthe", "easier")
@@ -178,7 +179,9 @@ def prune(
     ``iterations/iteration_NN.pt`` and ``metrics.jsonl``; the end writes
     ``pruned.pt`` and three plots. Existing outputs need ``force``; ``resume``
     continues from ``state.pt`` with the same settings (``iterations`` may
-    grow) and repeats the uninterrupted run exactly. ``runtime`` runs the work
+    grow) and repeats the uninterrupted run exactly. A run that diverges
+    (NaN/Inf loss, weights, outputs or pre-activations) raises TrainingError
+    and leaves no outputs. ``runtime`` runs the work
     under DDP (egp_export.prune.distributed). ``model`` is never modified.
     """
     if method not in METHODS:
@@ -191,6 +194,10 @@ def prune(
             f"entropy='reference' is EGP's reference code's layer entropy; {method.upper()} uses the pooled "
             "per-neuron entropy: pass entropy='pooled' or leave it unset"
         )
+    require_finite(
+        rate=rate, target_sparsity=target_sparsity, max_accuracy_drop=max_accuracy_drop, lr=lr, momentum=momentum,
+        weight_decay=weight_decay,
+    )
     if not 0.0 < rate <= 1.0:
         raise ValueError(f"rate must be in (0, 1], got {rate}")
     if iterations < 0:
@@ -231,12 +238,16 @@ def prune(
         copy_model(model).eval(), as_dataset(train_data, "train_data"), as_dataset(eval_data, "eval_data"),
         settings, optim, runtime, out_dir, show,
     )
-    if state is None:
-        run.start()
-    else:
-        run.resume(state, iterations)
-    run.run(iterations)
-    model, measurement = run.finish()
+    try:
+        if state is None:
+            run.start()
+        else:
+            run.resume(state, iterations)
+        run.run(iterations)
+        model, measurement = run.finish()
+    except TrainingError:
+        run.remove_outputs()
+        raise
     return PruneResult(
         model=make_permanent(model).cpu().eval(),
         masks={name: mask.cpu() for name, mask in masks_of(model).items()},

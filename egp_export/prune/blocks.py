@@ -36,7 +36,7 @@ from egp_export.measures.ckmeans import ckmeans
 from egp_export.measures.layers import DEFAULT_ROUNDS, DEFAULT_SAMPLES, UNIT_SCORES, unit_scores
 from egp_export.measures.units import remove_units, require_units, residual_units
 from egp_export.prune.outcome import PruneOutcome, check_outputs, train_keep_best, write_outcome
-from egp_export.prune.training import DEFAULT_BATCH_SIZE, OptimConfig, as_dataset, evaluate
+from egp_export.prune.training import DEFAULT_BATCH_SIZE, OptimConfig, as_dataset, evaluate, require_finite
 
 DEFAULT_EPOCHS = 10
 DEFAULT_LR = 0.05
@@ -71,6 +71,7 @@ def prune_energy(
     force: bool = False,
 ) -> PruneOutcome:
     """Remove residual units of the trained ``model`` by energy statistics over ``stages`` stages (``model`` untouched)."""
+    require_finite(lr=lr, weight_decay=weight_decay)
     if score not in UNIT_SCORES:
         raise ValueError(f"score must be one of {', '.join(UNIT_SCORES)}, got {score!r}")
     if stages < 1:
@@ -80,7 +81,7 @@ def prune_energy(
         raise ValueError(f"groups gives K for {len(per_stage)} stages, but stages is {stages}")
     if any(k is not None and k < 1 for k in per_stage):
         raise ValueError(f"every K in groups must be at least 1, got {per_stage}")
-    require_units(model)
+    require_units(model, "energy block removal removes residual units")
     if out_dir is not None:
         check_outputs(out_dir, force=force)
     train_set, eval_set = as_dataset(train_data, "train_data"), as_dataset(eval_data, "eval_data")
@@ -100,7 +101,8 @@ def prune_energy(
             break
         remove_units(working, going)
         removed += going
-        accuracy, best_epoch = train_keep_best(working, train_set, eval_set, config, seed=seed + stage)
+        accuracy, best_epoch = train_keep_best(working, train_set, eval_set, config, seed=seed + stage,
+                                                     desc=f"stage {stage}'s retraining")
         history.append({"stage": stage, "groups": k, "scores": scores, "removed": going, "accuracy": accuracy,
                         "best_epoch": best_epoch, "units": [unit.name for unit in residual_units(working)]})
     outcome = PruneOutcome(

@@ -31,7 +31,7 @@ from torch import nn
 from egp_export.measures.layers import inputs_and_labels, nhsic_importance
 from egp_export.measures.widths import DEFAULT_MULTIPLE, DEFAULT_STARTS, itpruner_widths, model_macs, width_cost
 from egp_export.prune.outcome import PruneOutcome, check_outputs, train_keep_best, write_outcome
-from egp_export.prune.training import DEFAULT_BATCH_SIZE, DEFAULT_LR, OptimConfig, as_dataset, evaluate
+from egp_export.prune.training import DEFAULT_BATCH_SIZE, DEFAULT_LR, OptimConfig, as_dataset, evaluate, require_finite
 
 DEFAULT_EPOCHS = 20
 DEFAULT_SAMPLES = 256
@@ -65,6 +65,7 @@ def prune_itpruner(
     force: bool = False,
 ) -> PruneOutcome:
     """Choose hidden widths of the trained ``model``'s units for ``flops_ratio`` of its MACs, rebuild, train from scratch."""
+    require_finite(flops_ratio=flops_ratio, beta=beta, x_min=x_min, lr=lr, weight_decay=weight_decay)
     if not 0.0 < flops_ratio <= 1.0:
         raise ValueError(f"flops_ratio must be in (0, 1], got {flops_ratio}")
     if samples < 2:
@@ -93,7 +94,8 @@ def prune_itpruner(
         )
     config = OptimConfig(epochs=epochs, optimizer=optimizer, lr=lr, scheduler=scheduler, weight_decay=weight_decay,
                          batch_size=batch_size)
-    accuracy, best_epoch = train_keep_best(pruned, train_set, eval_set, config, seed=seed)
+    accuracy, best_epoch = train_keep_best(pruned, train_set, eval_set, config, seed=seed,
+                                           desc="training the pruned widths")
     history = [
         {"stage": "dense", "accuracy": dense_accuracy, "macs": full, "widths": dict(zip(names, full_widths, strict=True))},
         {"stage": "pruned", "accuracy": accuracy, "best_epoch": best_epoch, "macs": measured, "widths": widths,

@@ -32,7 +32,11 @@ the identity (EASIER), fine-tunes and records. Choices this loop makes:
   ``state.pt``, ``iterations/iteration_NN.pt`` and ``metrics.jsonl``; at
   the end ``pruned.pt`` and the plots. Checkpoints keep
   ``weight_orig``/``weight_mask`` (``egp-export compile --checkpoint`` reads
-  them) and EASIER's identity sites under ``METADATA_KEY``.
+  them) and EASIER's identity sites under ``METADATA_KEY``. A run that
+  diverges (NaN/Inf in a loss, weight, output or pre-activation: a
+  ``TrainingError``) writes nothing of the diverged iteration and removes
+  the files it wrote before: a failed run leaves no outputs (resuming it
+  would diverge again, its settings being the same).
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from torch.utils.data import Dataset
 from egp_export.analysis.ops import CONV_TYPES, LINEAR_TYPES
 from egp_export.analysis.stats import SiteStats, calibrate
 from egp_export.analysis.trace import trace
-from egp_export.errors import CheckpointError
+from egp_export.errors import CalibrationError, CheckpointError, TrainingError
 from egp_export.io.checkpoint import PRUNE_METADATA_KEY
 from egp_export.io.fileio import save_torch_atomic
 from egp_export.prune.easier import lowest_positive_entropy_site, replace_with_identity
@@ -74,6 +78,7 @@ from egp_export.prune.masks import (
 )
 from egp_export.prune.sites import layers_of, site_layers
 from egp_export.prune.training import (
+    DIVERGENCE_ADVICE,
     METRICS_LOG,
     OptimConfig,
     Runtime,
@@ -305,6 +310,7 @@ class Pruning:
         self.history: list[dict] = []
         self.identity_sites: list[str] = []
         self.stop: str | None = None
+        self.written: set[Path] = set()
 
     # Starting ----------------------------------------------------------------
 
@@ -353,7 +359,12 @@ class Pruning:
             runtime=self.runtime, progress=self.show, desc=f"iteration {iteration}",
         )
         accuracy = evaluate(self.working, self.eval_set, runtime=self.runtime)
-        self.measurement = self._measure(self.working)
+        try:
+            self.measurement = self._measure(self.working)
+        except CalibrationError as error:  # iteration 0 measured this data: only the fine-tuned weights changed
+            raise TrainingError(
+                f"fine-tuning diverged in iteration {iteration}: {error} {DIVERGENCE_ADVICE}."
+            ) from None
         record = self._record(iteration, rows, accuracy, loss, started)
         record["recovery"] = recovering
         if self.method == "easier" and not recovering:
@@ -433,6 +444,7 @@ class Pruning:
         iteration_file.parent.mkdir(parents=True, exist_ok=True)
         save_torch_atomic(_checkpoint(working, record, self.method), iteration_file)
         write_metrics(self.history, paths[METRICS_LOG])
+        self.written |= {iteration_file, paths[METRICS_LOG]}
 
     def _save_state(self, paths: dict[str, Path]) -> dict:
         working = _snapshot(self.working, self.identity_sites)
@@ -441,7 +453,17 @@ class Pruning:
             "working": working, "accepted": self.accepted,
         }
         save_torch_atomic(state, paths[STATE_FILE])
+        self.written.add(paths[STATE_FILE])
         return working
+
+    def remove_outputs(self) -> None:
+        """Delete every file this run wrote (after a TrainingError: a failed run leaves no outputs)."""
+        for path in self.written:
+            path.unlink(missing_ok=True)
+        folder = self.paths().get(ITERATIONS_DIR)
+        if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        self.written.clear()
 
     def _measure(self, model: nn.Module) -> Measurement:
         return measure(model, self.calibration, self.runtime, include_shortcuts=self.settings["prune_shortcuts"])

@@ -31,7 +31,15 @@ from torch.utils.data import Dataset
 
 from egp_export.io.checkpoint import PRUNE_METADATA_KEY
 from egp_export.io.fileio import check_writable, save_torch_atomic, write_text_atomic
-from egp_export.prune.training import OptimConfig, build_optimizer, build_scheduler, evaluate, iterate
+from egp_export.prune.training import (
+    OptimConfig,
+    build_optimizer,
+    build_scheduler,
+    checked_loss,
+    evaluate,
+    iterate,
+    require_finite_state,
+)
 
 PRUNED_CHECKPOINT = "pruned.pt"
 HISTORY = "history.json"
@@ -82,9 +90,13 @@ def rebuild(factory: Callable[..., nn.Module], path: str | os.PathLike, **kwargs
 
 
 def train_keep_best(
-    model: nn.Module, train_set: Dataset, eval_set: Dataset, config: OptimConfig, *, seed: int
+    model: nn.Module, train_set: Dataset, eval_set: Dataset, config: OptimConfig, *, seed: int, desc: str = "retraining"
 ) -> tuple[float, int]:
-    """Train ``model`` in place, keep the weights of its best validation epoch; return (accuracy, epoch; 0 = as given)."""
+    """Train ``model`` in place, keep the weights of its best validation epoch; return (accuracy, epoch; 0 = as given).
+
+    A NaN/Inf loss, weight or output raises TrainingError naming ``desc`` and
+    the epoch: a diverged run is an error, never hidden by keeping an earlier epoch.
+    """
     best_accuracy, best_epoch = evaluate(model, eval_set), 0
     best_state = copy.deepcopy(model.state_dict())
     torch.manual_seed(seed)
@@ -93,12 +105,15 @@ def train_keep_best(
     scheduler = build_scheduler(optimizer, config)
     for epoch in range(1, config.epochs + 1):
         model.train()
+        where = f"in {desc}, epoch {epoch} of {config.epochs}"
         for inputs, targets in iterate(train_set, torch.randperm(len(train_set), generator=generator), config.batch_size):
             loss = torch.nn.functional.cross_entropy(model(inputs), targets)
+            checked_loss(loss, where, config.lr)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         scheduler.step()
+        require_finite_state(model, where, config.lr)
         accuracy = evaluate(model, eval_set)
         if accuracy > best_accuracy:
             best_accuracy, best_epoch = accuracy, epoch

@@ -51,7 +51,7 @@ from egp_export.measures.pqi import (
     sap_prune_count,
 )
 from egp_export.prune.outcome import PruneOutcome, check_outputs, train_keep_best, write_outcome
-from egp_export.prune.training import DEFAULT_BATCH_SIZE, DEFAULT_LR, OptimConfig, as_dataset
+from egp_export.prune.training import DEFAULT_BATCH_SIZE, DEFAULT_LR, OptimConfig, as_dataset, require_finite
 
 REWINDS = ("init", "pre_prune")
 DEFAULT_ITERATIONS = 3
@@ -207,6 +207,8 @@ def prune_sap(
     """SAP: train ``model`` (``dense_epochs``, default ``epochs``), then ``iterations`` times prune by the PQ Index,
     rewind and retrain ``epochs``. ``model`` is not modified; its weights are the rewind point for ``rewind="init"``.
     """
+    require_finite(p=p, q=q, eta_r=eta_r, gamma=gamma, beta=beta, max_accuracy_drop=max_accuracy_drop, lr=lr,
+                   weight_decay=weight_decay)
     if rewind not in REWINDS:
         raise ValueError(f"rewind must be one of {', '.join(REWINDS)}, got {rewind!r}")
     if scope not in SCOPES:
@@ -223,7 +225,7 @@ def prune_sap(
     working = copy.deepcopy(model)
     initial = {key: value.detach().clone() for key, value in working.named_parameters()}
     first = dataclasses.replace(config, epochs=epochs if dense_epochs is None else dense_epochs)
-    accuracy, best_epoch = train_keep_best(working, train_set, eval_set, first, seed=seed)
+    accuracy, best_epoch = train_keep_best(working, train_set, eval_set, first, seed=seed, desc="dense training")
     dense_accuracy = accuracy
     history = [{"iteration": 0, "accuracy": accuracy, "best_epoch": best_epoch, "sparsity": sparsity(working), "layers": []}]
     chosen = folded(working)
@@ -235,7 +237,8 @@ def prune_sap(
             break
         if rewind == "init":
             _rewind(working, initial)
-        accuracy, best_epoch = train_keep_best(working, train_set, eval_set, config, seed=seed + iteration)
+        accuracy, best_epoch = train_keep_best(working, train_set, eval_set, config, seed=seed + iteration,
+                                                     desc=f"iteration {iteration}'s retraining")
         record = {"iteration": iteration, "accuracy": accuracy, "best_epoch": best_epoch, "sparsity": sparsity(working),
                   "layers": rows}
         history.append(record)

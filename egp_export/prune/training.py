@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from egp_export.errors import CalibrationError
+from egp_export.errors import CalibrationError, OptionError, TrainingError
 from egp_export.io.fileio import write_text_atomic
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -47,6 +47,41 @@ MILESTONE_GAMMA = 0.1
 EVAL_BATCH_SIZE = 512
 
 METRICS_LOG = "metrics.jsonl"
+# What to try when fine-tuning produces NaN/Inf: the usual causes, gentlest first.
+DIVERGENCE_ADVICE = "lower the learning rate (--lr, or lr= in Python)"
+
+
+def require_finite(**values: float | None) -> None:
+    """Refuse NaN and infinite numeric arguments (None: not given) with an OptionError naming the first one.
+
+    ``inf > 0`` holds and NaN fails every comparison silently, so range checks
+    alone let ``lr=inf`` through and word NaN's refusal wrongly.
+    """
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise OptionError(f"{name} must be a finite number, got {value}")
+
+
+def require_finite_state(model: nn.Module, where: str, lr: float) -> None:
+    """Raise TrainingError when a parameter or buffer of ``model`` holds NaN/Inf (counting the tensors affected)."""
+    bad = [name for name, value in model.state_dict().items() if value.is_floating_point() and not bool(value.isfinite().all())]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise TrainingError(
+            f"fine-tuning diverged {where}: {len(bad)} weight/buffer tensor(s) hold NaN/Inf ({shown}) at lr {lr:g}; "
+            f"{DIVERGENCE_ADVICE}. Nothing of the diverged state was written."
+        )
+
+
+def checked_loss(loss: torch.Tensor, where: str, lr: float) -> float:
+    """``loss`` as a float, or TrainingError when it is NaN/Inf (one diverged step poisons every later one)."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise TrainingError(
+            f"fine-tuning diverged {where}: the loss is {value} at lr {lr:g}; {DIVERGENCE_ADVICE}. "
+            "Nothing of the diverged state was written."
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -70,6 +105,7 @@ class OptimConfig:
             raise ValueError(f"epochs must be non-negative, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        require_finite(lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         if not self.lr > 0.0:
             raise ValueError(f"lr must be positive, got {self.lr}")
 
@@ -191,7 +227,8 @@ def train(
     Each rank trains on its shard of one seeded permutation per epoch with
     ``batch_size // world_size`` samples per step, so the global batch is
     ``batch_size`` whatever the number of processes. The model is left in
-    eval mode.
+    eval mode. A NaN/Inf loss, or weights or buffers holding NaN/Inf after
+    an epoch, raise TrainingError (``desc`` and the epoch say where).
     """
     runtime = runtime or Runtime()
     torch.manual_seed(seed)
@@ -206,10 +243,11 @@ def train(
 
         epochs = tqdm(epochs, desc=desc, unit="epoch", leave=False)
     last_loss = float("nan")
-    for _ in epochs:
+    for epoch in epochs:
         trained.train()
         order = runtime.shard(torch.randperm(len(dataset), generator=generator))
         total = torch.zeros(2, dtype=torch.float64)
+        where = f"in {desc}, epoch {epoch + 1} of {config.epochs}"
         for inputs, targets in iterate(dataset, order, per_rank):
             inputs, targets = inputs.to(runtime.device), targets.to(runtime.device)
             loss = F.cross_entropy(trained(inputs), targets)
@@ -218,8 +256,11 @@ def train(
             optimizer.step()
             total += torch.tensor([loss.item() * len(targets), len(targets)], dtype=torch.float64)
         scheduler.step()
+        # Checked on the loss summed over ranks and on the (all-reduced) weights: every rank stops together.
         total = runtime.sum(total)
-        last_loss = float(total[0] / total[1]) if total[1] else float("nan")
+        if total[1]:
+            last_loss = checked_loss(total[0] / total[1], where, config.lr)
+        require_finite_state(model, where, config.lr)
         if progress and runtime.is_main:
             epochs.set_postfix(loss=f"{last_loss:.4f}")
     model.eval()
@@ -228,15 +269,28 @@ def train(
 
 
 def evaluate(model: nn.Module, dataset: Dataset, *, runtime: Runtime | None = None, batch_size: int = EVAL_BATCH_SIZE) -> float:
-    """Top-1 accuracy of ``model`` (eval mode) on all of ``dataset``, counted over every rank's shard."""
+    """Top-1 accuracy of ``model`` (eval mode) on all of ``dataset``, counted over every rank's shard.
+
+    Outputs holding NaN/Inf raise TrainingError: argmax would still name a
+    class, and an accuracy from such outputs means nothing.
+    """
     runtime = runtime or Runtime()
     model.eval()
-    counts = torch.zeros(2, dtype=torch.float64)
+    counts = torch.zeros(3, dtype=torch.float64)  # correct, samples, non-finite output values
     with torch.no_grad():
         for inputs, targets in iterate(dataset, runtime.shard(torch.arange(len(dataset))), batch_size):
-            predictions = model(inputs.to(runtime.device)).argmax(dim=1).cpu()
-            counts += torch.tensor([float((predictions == targets).sum()), float(len(targets))], dtype=torch.float64)
+            outputs = model(inputs.to(runtime.device))
+            predictions = outputs.argmax(dim=1).cpu()
+            counts += torch.tensor(
+                [float((predictions == targets).sum()), float(len(targets)), float((~outputs.isfinite()).sum())],
+                dtype=torch.float64,
+            )
     counts = runtime.sum(counts)
+    if counts[2]:
+        raise TrainingError(
+            f"the model's outputs hold {int(counts[2])} NaN/Inf values on the eval data: its weights overflow on "
+            f"this data; if it was fine-tuned, {DIVERGENCE_ADVICE}. Nothing of this state was written."
+        )
     return float(counts[0] / counts[1])
 
 

@@ -105,3 +105,21 @@ def test_an_option_the_method_does_not_use_is_refused_not_ignored(tmp_path, caps
     assert code == 2 and "Traceback" not in err
     assert err.startswith(f"egp-export: error: --method {method} does not use {option} ({users})"), err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("arch", "measure"), [
+    ("torchvision:mobilenet_v2", "nhsic"),  # one MobileNetV2 row: its analysis takes seconds
+    *(("tests.measures.subjects:plain_cnn", measure) for measure in ("nhsic", "energy", "dcor")),
+])
+def test_a_unit_measure_on_a_model_without_residual_units_is_one_error_line(tmp_path, capsys, measure, arch):
+    # MobileNetV2's InvertedResidual is a residual unit of no registered type; the plain CNN has none at all.
+    calibration, labelled = tmp_path / "x.pt", tmp_path / "labelled.pt"
+    torch.save(torch.rand(8, 3, 32, 32), calibration)
+    torch.save({"inputs": torch.rand(16, 3, 32, 32), "targets": torch.arange(16) % 2}, labelled)
+    code = main(["analyze", "--arch", arch, "--calibration", str(calibration), "--labels-from", str(labelled),
+                 "--measure", measure, "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"egp-export: error: the {measure} measure scores residual units" in err
+    assert "the measures that work on any model are entropy (analyze's default) and pqi" in err
+    assert not (tmp_path / "o").exists()

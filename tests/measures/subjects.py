@@ -45,3 +45,11 @@ def _trained() -> torch.nn.Module:
 def trained_digits() -> torch.nn.Module:
     """A fresh copy of the digits ResNet trained 4 epochs (about 97 % validation accuracy)."""
     return copy.deepcopy(_trained())
+
+
+def plain_cnn() -> torch.nn.Module:
+    """conv-ReLU-pool-linear on 3-channel images: no residual unit at all."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(8, 2),
+    )

@@ -7,10 +7,10 @@ import torch
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 
-from egp_export.errors import CalibrationError
+from egp_export.errors import CalibrationError, UnsupportedModelError
 from egp_export.measures import MEASURES, layer_measures, pq_index, unit_scores
 from egp_export.measures.layers import nhsic_importance
-from tests.measures.subjects import digits_data, one_thread, trained_digits
+from tests.measures.subjects import digits_data, one_thread, plain_cnn, trained_digits
 
 
 def test_pqi_rows_cover_every_weight_with_dim_above_one_and_read_masks():
@@ -75,3 +75,11 @@ def test_errors_a_user_can_cause():
     with pytest.raises(ValueError, match="samples must be in"):
         unit_scores(model, (inputs, labels), samples=1)
     assert set(MEASURES) == {"pqi", "energy", "dcor", "nhsic"}
+
+
+@pytest.mark.parametrize("measure", ["nhsic", "energy", "dcor"])
+def test_a_unit_measure_on_a_model_without_units_is_a_project_error_saying_what_works(measure):
+    model, (inputs, labels) = plain_cnn(), (torch.rand(8, 3, 8, 8), torch.arange(8) % 2)
+    with pytest.raises(UnsupportedModelError, match=f"the {measure} measure scores residual units.*entropy .* and pqi"):
+        layer_measures(model, (inputs, labels), measure)
+    assert layer_measures(model, None, "pqi")  # a measure that works on any model
