@@ -65,7 +65,7 @@ from egp_export.analysis.numerics import (
 from egp_export.analysis.stats import SiteStats, calibrate, rejected_sample, summarize_sites
 from egp_export.analysis.summary import summarize
 from egp_export.analysis.trace import owned_copy, trace, trace_facts
-from egp_export.compiler_backoff import attach_sites, back_off_in_steps
+from egp_export.compiler_backoff import EVERY_NODE, attach_sites, back_off_in_steps, withdraw_exact_rewrites
 from egp_export.errors import CalibrationError, EgpExportError, VerificationError
 from egp_export.passes import (
     CHANNEL_ALIGNMENT,
@@ -627,7 +627,8 @@ def compile(  # noqa: A001 - the issue's public name
         return run_passes(gm, sites, withdrawals, crossings)
 
     def run_passes(
-        gm: fx.GraphModule, sites: list[SiteStats], withdrawals: list[Refusal], crossings: CrossingSearch | None
+        gm: fx.GraphModule, sites: list[SiteStats], withdrawals: list[Refusal], crossings: CrossingSearch | None,
+        withheld: frozenset[str] = frozenset(), on_pass=None,
     ) -> _Attempt:
         manager = PassManager(
             steps if steps is not None else default_steps(
@@ -637,23 +638,29 @@ def compile(  # noqa: A001 - the issue's public name
             debug_inputs=split.calibrate[0] if debug else None,
             debug_rtol=verification_rtol(tolerance, noise or 0.0, approximated=True),
             float64=True,
+            withheld=withheld,
+            on_pass=on_pass,
         )
         pipeline = manager.run(gm)
         propagate_shapes(gm, example)
         return _Attempt(gm, sites, pipeline, withdrawals, crossings)
 
-    def rebuild(sites: list[SiteStats]) -> _Attempt:
-        """A fresh trace rewritten with ``sites`` (decide-split statistics, withdrawals marked): no re-calibration."""
+    def rebuild(sites: list[SiteStats], withheld: frozenset[str] = frozenset(), on_pass=None) -> _Attempt:
+        """A fresh trace rewritten with ``sites`` (decide-split statistics, withdrawals marked): no re-calibration.
+        The folding and merging passes leave the nodes ``withheld`` alone (``EVERY_NODE``: every one)."""
         fresh = trace(working, leaf_modules=leaf_modules)
         attach_sites(fresh, sites)
         propagate_shapes(fresh, example)
-        return run_passes(fresh, sites, [], attempt.crossings)  # the first attempt's search still stands
+        if withheld is EVERY_NODE:
+            withheld = frozenset(node.name for node in fresh.graph.nodes)
+        return run_passes(fresh, sites, [], attempt.crossings, withheld, on_pass)  # the first search still stands
+
+    validation_part = split.validate if split.validate.samples else split.calibrate
 
     def validates(candidate: _Attempt) -> bool:
         """The candidate against the original on the validation part (the decide part when there is none)."""
         allowed = verification_rtol(tolerance, noise or 0.0, approximated=bool(candidate.approximations))
-        part = split.validate if split.validate.samples else split.calibrate
-        return shards.error(reference, candidate.gm, part).within(allowed)
+        return shards.error(reference, candidate.gm, validation_part).within(allowed)
 
     def check(attempt: _Attempt) -> tuple[ErrorStats, float]:
         nonlocal noise
@@ -712,8 +719,25 @@ def compile(  # noqa: A001 - the issue's public name
         error, rtol = check(attempt)
         held_out_checks += 1
         stages.done(samples=split.holdout_samples, max_rel=error.max_rel, allowed=rtol)
+    exact_withdrawn = False
+    if not error.within(rtol) and not strict and not attempt.statistical and not attempt.approximations:
+        # Only exact rewrites are left: withhold those that move the float32 output, decided on the validation part.
+        failed = Reason(
+            RefusalCode.FINAL_CHECK_FAILED,
+            {"max_rel": error.max_rel, "allowed": rtol, "verification_samples": split.holdout_samples},
+        )
+        stages.start("back-off")
+        exact = withdraw_exact_rewrites(
+            failed, attempt.pipeline.rewrites, lambda withheld, observe: rebuild(attempt.sites, withheld, observe),
+            lambda gm: shards.error(reference, gm, validation_part), check, rtol,
+            ("validation" if split.validate.samples else "decide", validation_part.samples), WITHDRAWAL,
+        )
+        held_out_checks += exact.held_out_checks
+        stages.done(withdrawn=len(exact.withdrawals), held_out_checks=exact.held_out_checks, passed=exact.passed)
+        attempt, error, rtol, exact_withdrawn = exact.attempt, exact.error, exact.rtol, True
+        withdrawals += exact.withdrawals
     if not error.within(rtol):
-        hint = _failure_hint(attempt, reference, split, tolerance, strict, leaf_modules, shards)
+        hint = _failure_hint(attempt, reference, split, tolerance, strict, leaf_modules, shards, exact_withdrawn)
         raise _verification_error(error, rtol, split, hint)
     if isinstance(cost, MeasuredCost):
         cost.save()
@@ -732,8 +756,14 @@ def compile(  # noqa: A001 - the issue's public name
 
 def _failure_hint(
     attempt: _Attempt, reference: nn.Module, split: CalibrationSplit, tolerance: float, strict: bool, leaf_modules: tuple,
-    shards: _Shards,
+    shards: _Shards, exact_withdrawn: bool = False,
 ) -> str:
+    if exact_withdrawn:
+        return (
+            " Even with every fold and merge withheld the compiled graph differs from the original: this is the "
+            "model's own numerics (its float32 output varies beyond the allowance between two runs of the same "
+            "computation), not a rewrite."
+        )
     hint = ""
     statistical = bool(attempt.statistical)
     moved = (
