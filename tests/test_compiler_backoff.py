@@ -203,7 +203,7 @@ class _TracesDifferently(nn.Module):
     """Eager: x. Traced: (x + 1e4) - 1e4, ~5e-4 off: no rewrite is at fault, the graph itself is."""
 
     def forward(self, x):
-        if torch.fx._symbolic_trace.is_fx_tracing_symbolic_tracing():
+        if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
             return (x + 1e4) - 1e4
         return x
 
