@@ -15,8 +15,12 @@ steps, most marginal first, each step re-validated on the validation part
 report["verification"]["held_out_checks"]). Only when no step passes is every
 rewrite that rests on calibration statistics withdrawn and the
 data-independent rest (BatchNorm folding, merges of chains that were already
-linear) compiled and checked again. Every withdrawal is reported with its
-reason and numbers.
+linear) compiled and checked again. If that fails too, or no rewrite ever
+rested on statistics, the exact rewrites that move the float32 output beyond
+the allowance (ill-conditioned layers) are located pass by pass on the
+validation part and withheld, the rest compiled (compiler_backoff.py,
+``withdraw_exact_rewrites``). Every withdrawal is reported with its reason
+and numbers.
 
 What the final check allows (``verification_rtol``): exact rewrites are held
 to fp32 rounding, max(1e-5, 8x the original model's own fp32-vs-fp64 noise)
@@ -543,7 +547,10 @@ def compile(  # noqa: A001 - the issue's public name
     split) first, each step re-validated on the validation part, with at most
     ``compiler_backoff.HELD_OUT_CHECKS`` more held-out checks; if none passes,
     every rewrite that rests on statistics is withdrawn and the rest
-    compiled; with ``strict=True`` (and ``validation`` unused) it raises
+    compiled; then the exact folds and merges that move the float32 output
+    beyond the allowance are found pass by pass on the validation part and
+    withheld (``RefusalCode.EXACT_REWRITE_WITHDRAWN``), VerificationError only
+    when the graph fails with every one withheld; with ``strict=True`` (and ``validation`` unused) it raises
     VerificationError as soon as the check fails. A site is only rewritten if
     each neuron was observed ``min_observations`` times (samples x positions).
     ``crossing_radius`` (0 disables) bounds a gradient search from the
