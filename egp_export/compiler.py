@@ -91,7 +91,8 @@ class StageEvent:
     Stages in order: "trace", "calibrate", "rewrite", "verify"; a failed check
     adds "back-off" (the stepwise back-off, its held-out checks included) and,
     when that does not pass, a second "back-off" (re-calibrate and rewrite
-    without any statistical rewrite) and a second "verify". ``facts`` are numbers (sites, rewrites, max_rel, ...).
+    without any statistical rewrite) and a second "verify"; a failure with only exact rewrites left adds a
+    "back-off" that withholds the responsible folds and merges. ``facts`` are numbers (sites, rewrites, max_rel, ...).
     """
 
     stage: str

@@ -222,7 +222,10 @@ def test_the_observer_sees_each_modifying_pass_as_it_would_be_compiled():
     model = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 3)).eval()
     example = torch.randn(3, 4)
     seen = []
-    observe = lambda name, gm, rewrites: seen.append((name, gm.get_submodule("0").weight.dtype, len(rewrites)))
+
+    def observe(name, gm, rewrites):
+        seen.append((name, gm.get_submodule("0").weight.dtype, len(rewrites)))
+
     PassManager([FoldBatchNorm(), MergeLinearChains()], example_input=example[:1], float64=True, on_pass=observe).run(
         prepare(model, example)
     )
