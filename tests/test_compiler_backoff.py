@@ -9,6 +9,7 @@ fresh inputs drawn like the calibration data.
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import pytest
@@ -17,11 +18,11 @@ import torch.nn as nn
 
 import egp_export
 from egp_export.analysis.batches import as_batches, split_holdout
-from egp_export.analysis.numerics import compare
+from egp_export.analysis.numerics import ErrorStats, compare
 from egp_export.compiler import DEFAULT_VALIDATION
-from egp_export.compiler_backoff import HELD_OUT_CHECKS, marginality
+from egp_export.compiler_backoff import EVERY_NODE, HELD_OUT_CHECKS, marginality, withdraw_exact_rewrites
 from egp_export.errors import VerificationError
-from egp_export.records import RefusalCode, RewriteKind
+from egp_export.records import Reason, RefusalCode, Rewrite, RewriteKind
 
 SAMPLES = 300
 MARGINAL_SITE_WITHDRAWN = RefusalCode.MARGINAL_SITE_WITHDRAWN.value
@@ -212,3 +213,37 @@ def test_a_graph_that_fails_with_every_rewrite_withheld_is_refused_as_the_models
     with pytest.raises(VerificationError, match="model's own numerics") as raised:
         _compile(_TracesDifferently(), _exact_data())
     assert "Even with every fold and merge withheld" in str(raised.value)
+
+
+class _Candidate:
+    def __init__(self, rewrites) -> None:
+        self.pipeline = types.SimpleNamespace(rewrites=rewrites)
+
+
+def test_a_rewrite_its_pass_cannot_withhold_ends_in_the_last_resort():
+    """The culprit's pass makes it again although its nodes are withheld: no progress, so every rewrite is withheld."""
+    stubborn = Rewrite("stubborn_pass", RewriteKind.LINEAR_MERGED, ("a", "b"))
+    fine = Rewrite("fine_pass", RewriteKind.BN_FOLDED, ("bn",))
+    builds = []
+
+    def build(withheld, observe):
+        builds.append(withheld)
+        if withheld is EVERY_NODE:
+            return _Candidate([stubborn])
+        if observe is not None:
+            observe("fine_pass", None, [fine])
+            observe("stubborn_pass", "merged", [stubborn])  # ignores ``withheld``
+        return _Candidate([fine, stubborn])
+
+    def measure(gm):
+        return ErrorStats(0.0, 1.0 if gm == "merged" else 0.0)
+
+    failed = Reason(RefusalCode.FINAL_CHECK_FAILED, {"max_rel": 1.0, "allowed": 1e-4, "verification_samples": 8})
+    result = withdraw_exact_rewrites(
+        failed, [fine, stubborn], build, measure, lambda c: (ErrorStats(0.0, 0.0), 1e-4), 1e-4, ("validation", 8),
+        "verification",
+    )
+    assert builds == [frozenset(), frozenset({"a", "b"}), EVERY_NODE]
+    assert result.passed and result.held_out_checks == 1
+    # The stubborn rewrite is made even there, so it is not reported as withdrawn; the BN fold is.
+    assert [(w.node, w.code) for w in result.withdrawals] == [("bn", RefusalCode.FINAL_CHECK_FAILED)]
