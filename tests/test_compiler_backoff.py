@@ -247,3 +247,29 @@ def test_a_rewrite_its_pass_cannot_withhold_ends_in_the_last_resort():
     assert result.passed and result.held_out_checks == 1
     # The stubborn rewrite is made even there, so it is not reported as withdrawn; the BN fold is.
     assert [(w.node, w.code) for w in result.withdrawals] == [("bn", RefusalCode.FINAL_CHECK_FAILED)]
+
+
+def test_a_held_out_failure_the_validation_part_hides_is_searched_with_a_tighter_limit():
+    """Validation errors just under the allowance are suspect once the held-out check failed: the limit is halved."""
+    merge = Rewrite("merge_linear_chains", RewriteKind.LINEAR_MERGED, ("a", "b"))
+    builds = []
+
+    def build(withheld, observe):
+        builds.append(withheld)
+        made = [] if "a" in withheld or withheld is EVERY_NODE else [merge]
+        if observe is not None and made:
+            observe("merge_linear_chains", "merged", made)
+        return _Candidate(made)
+
+    def measure(gm):
+        return ErrorStats(0.0, 0.6e-4 if gm == "merged" else 0.0)  # under the 1e-4 allowance, over half of it
+
+    failed = Reason(RefusalCode.FINAL_CHECK_FAILED, {"max_rel": 2e-4, "allowed": 1e-4, "verification_samples": 8})
+    result = withdraw_exact_rewrites(
+        failed, [merge], build, measure, lambda c: (ErrorStats(0.0, 0.0), 1e-4), 1e-4, ("validation", 8), "verification",
+    )
+    assert builds == [frozenset(), frozenset(), frozenset({"a", "b"})]
+    assert result.passed and result.held_out_checks == 1
+    assert [(w.node, w.code, w.reason.detail["limit"]) for w in result.withdrawals] == [
+        ("b", RefusalCode.EXACT_REWRITE_WITHDRAWN, 0.5e-4),
+    ]
