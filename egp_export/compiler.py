@@ -768,9 +768,9 @@ def _failure_hint(
 ) -> str:
     if exact_withdrawn:
         return (
-            " Even with every fold and merge withheld the compiled graph differs from the original: this is the "
-            "model's own numerics (its float32 output varies beyond the allowance between two runs of the same "
-            "computation), not a rewrite."
+            " Even with every fold and merge withheld the compiled graph differs from the original, so no rewrite is "
+            "at fault: this is the model's own numerics (float32 rounding above the allowance) or a forward that "
+            "computes differently when traced; state the error you accept with tolerance (--tolerance)."
         )
     hint = ""
     statistical = bool(attempt.statistical)
