@@ -15,8 +15,12 @@ steps, most marginal first, each step re-validated on the validation part
 report["verification"]["held_out_checks"]). Only when no step passes is every
 rewrite that rests on calibration statistics withdrawn and the
 data-independent rest (BatchNorm folding, merges of chains that were already
-linear) compiled and checked again. Every withdrawal is reported with its
-reason and numbers.
+linear) compiled and checked again. If that fails too, or no rewrite ever
+rested on statistics, the exact rewrites that move the float32 output beyond
+the allowance (ill-conditioned layers) are located pass by pass on the
+validation part and withheld, the rest compiled (compiler_backoff.py,
+``withdraw_exact_rewrites``). Every withdrawal is reported with its reason
+and numbers.
 
 What the final check allows (``verification_rtol``): exact rewrites are held
 to fp32 rounding, max(1e-5, 8x the original model's own fp32-vs-fp64 noise)
@@ -65,7 +69,7 @@ from egp_export.analysis.numerics import (
 from egp_export.analysis.stats import SiteStats, calibrate, rejected_sample, summarize_sites
 from egp_export.analysis.summary import summarize
 from egp_export.analysis.trace import owned_copy, trace, trace_facts
-from egp_export.compiler_backoff import attach_sites, back_off_in_steps
+from egp_export.compiler_backoff import EVERY_NODE, attach_sites, back_off_in_steps, withdraw_exact_rewrites
 from egp_export.errors import CalibrationError, EgpExportError, VerificationError
 from egp_export.passes import (
     CHANNEL_ALIGNMENT,
@@ -87,7 +91,8 @@ class StageEvent:
     Stages in order: "trace", "calibrate", "rewrite", "verify"; a failed check
     adds "back-off" (the stepwise back-off, its held-out checks included) and,
     when that does not pass, a second "back-off" (re-calibrate and rewrite
-    without any statistical rewrite) and a second "verify". ``facts`` are numbers (sites, rewrites, max_rel, ...).
+    without any statistical rewrite) and a second "verify"; a failure with only exact rewrites left adds a
+    "back-off" that withholds the responsible folds and merges. ``facts`` are numbers (sites, rewrites, max_rel, ...).
     """
 
     stage: str
@@ -543,7 +548,10 @@ def compile(  # noqa: A001 - the issue's public name
     split) first, each step re-validated on the validation part, with at most
     ``compiler_backoff.HELD_OUT_CHECKS`` more held-out checks; if none passes,
     every rewrite that rests on statistics is withdrawn and the rest
-    compiled; with ``strict=True`` (and ``validation`` unused) it raises
+    compiled; then the exact folds and merges that move the float32 output
+    beyond the allowance are found pass by pass on the validation part and
+    withheld (``RefusalCode.EXACT_REWRITE_WITHDRAWN``), VerificationError only
+    when the graph fails with every one withheld; with ``strict=True`` (and ``validation`` unused) it raises
     VerificationError as soon as the check fails. A site is only rewritten if
     each neuron was observed ``min_observations`` times (samples x positions).
     ``crossing_radius`` (0 disables) bounds a gradient search from the
@@ -627,7 +635,8 @@ def compile(  # noqa: A001 - the issue's public name
         return run_passes(gm, sites, withdrawals, crossings)
 
     def run_passes(
-        gm: fx.GraphModule, sites: list[SiteStats], withdrawals: list[Refusal], crossings: CrossingSearch | None
+        gm: fx.GraphModule, sites: list[SiteStats], withdrawals: list[Refusal], crossings: CrossingSearch | None,
+        withheld: frozenset[str] = frozenset(), on_pass=None,
     ) -> _Attempt:
         manager = PassManager(
             steps if steps is not None else default_steps(
@@ -637,23 +646,29 @@ def compile(  # noqa: A001 - the issue's public name
             debug_inputs=split.calibrate[0] if debug else None,
             debug_rtol=verification_rtol(tolerance, noise or 0.0, approximated=True),
             float64=True,
+            withheld=withheld,
+            on_pass=on_pass,
         )
         pipeline = manager.run(gm)
         propagate_shapes(gm, example)
         return _Attempt(gm, sites, pipeline, withdrawals, crossings)
 
-    def rebuild(sites: list[SiteStats]) -> _Attempt:
-        """A fresh trace rewritten with ``sites`` (decide-split statistics, withdrawals marked): no re-calibration."""
+    def rebuild(sites: list[SiteStats], withheld: frozenset[str] = frozenset(), on_pass=None) -> _Attempt:
+        """A fresh trace rewritten with ``sites`` (decide-split statistics, withdrawals marked): no re-calibration.
+        The folding and merging passes leave the nodes ``withheld`` alone (``EVERY_NODE``: every one)."""
         fresh = trace(working, leaf_modules=leaf_modules)
         attach_sites(fresh, sites)
         propagate_shapes(fresh, example)
-        return run_passes(fresh, sites, [], attempt.crossings)  # the first attempt's search still stands
+        if withheld is EVERY_NODE:
+            withheld = frozenset(node.name for node in fresh.graph.nodes)
+        return run_passes(fresh, sites, [], attempt.crossings, withheld, on_pass)  # the first search still stands
+
+    validation_part = split.validate if split.validate.samples else split.calibrate
 
     def validates(candidate: _Attempt) -> bool:
         """The candidate against the original on the validation part (the decide part when there is none)."""
         allowed = verification_rtol(tolerance, noise or 0.0, approximated=bool(candidate.approximations))
-        part = split.validate if split.validate.samples else split.calibrate
-        return shards.error(reference, candidate.gm, part).within(allowed)
+        return shards.error(reference, candidate.gm, validation_part).within(allowed)
 
     def check(attempt: _Attempt) -> tuple[ErrorStats, float]:
         nonlocal noise
@@ -712,8 +727,25 @@ def compile(  # noqa: A001 - the issue's public name
         error, rtol = check(attempt)
         held_out_checks += 1
         stages.done(samples=split.holdout_samples, max_rel=error.max_rel, allowed=rtol)
+    exact_withdrawn = False
+    if not error.within(rtol) and not strict and not attempt.statistical and not attempt.approximations:
+        # Only exact rewrites are left: withhold those that move the float32 output, decided on the validation part.
+        failed = Reason(
+            RefusalCode.FINAL_CHECK_FAILED,
+            {"max_rel": error.max_rel, "allowed": rtol, "verification_samples": split.holdout_samples},
+        )
+        stages.start("back-off")
+        exact = withdraw_exact_rewrites(
+            failed, attempt.pipeline.rewrites, lambda withheld, observe: rebuild(attempt.sites, withheld, observe),
+            lambda gm: shards.error(reference, gm, validation_part), check, rtol,
+            ("validation" if split.validate.samples else "decide", validation_part.samples), WITHDRAWAL,
+        )
+        held_out_checks += exact.held_out_checks
+        stages.done(withdrawn=len(exact.withdrawals), held_out_checks=exact.held_out_checks, passed=exact.passed)
+        attempt, error, rtol, exact_withdrawn = exact.attempt, exact.error, exact.rtol, True
+        withdrawals += exact.withdrawals
     if not error.within(rtol):
-        hint = _failure_hint(attempt, reference, split, tolerance, strict, leaf_modules, shards)
+        hint = _failure_hint(attempt, reference, split, tolerance, strict, leaf_modules, shards, exact_withdrawn)
         raise _verification_error(error, rtol, split, hint)
     if isinstance(cost, MeasuredCost):
         cost.save()
@@ -732,8 +764,14 @@ def compile(  # noqa: A001 - the issue's public name
 
 def _failure_hint(
     attempt: _Attempt, reference: nn.Module, split: CalibrationSplit, tolerance: float, strict: bool, leaf_modules: tuple,
-    shards: _Shards,
+    shards: _Shards, exact_withdrawn: bool = False,
 ) -> str:
+    if exact_withdrawn:
+        return (
+            " Even with every fold and merge withheld the compiled graph differs from the original, so no rewrite is "
+            "at fault: this is the model's own numerics (float32 rounding above the allowance) or a forward that "
+            "computes differently when traced; state the error you accept with tolerance (--tolerance)."
+        )
     hint = ""
     statistical = bool(attempt.statistical)
     moved = (

@@ -56,6 +56,7 @@ class RefusalCode(enum.Enum):
     CROSSED_UNDER_PERTURBATION = "crossed_under_perturbation"  # analysis/crossings.py found an input that moves it
     FINAL_CHECK_FAILED = "final_check_failed"
     MARGINAL_SITE_WITHDRAWN = "marginal_site_withdrawn"  # stepwise back-off, most marginal site first
+    EXACT_REWRITE_WITHDRAWN = "exact_rewrite_withdrawn"  # an exact fold/merge that moved the fp32 output too far
     WITHDRAWN = "withdrawn"  # several of the above at one site
     # Folding
     NO_RUNNING_STATS = "no_running_stats"

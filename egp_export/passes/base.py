@@ -10,12 +10,15 @@ The manager runs a list of steps in order; a step is a pass (run once) or a
 ``FixedPoint`` group of steps repeated until nothing changes (capped). After every modifying pass it removes dead code, lints
 the graph, recompiles, refreshes shapes and, in debug mode, checks numerics
 against the module as it was before the pass, naming the pass that broke it.
+A manager can withhold rewrites (``withheld``: node names no folding or
+merging rewrite may touch) and report every modifying pass to ``on_pass``
+with the module as it would be compiled at that point.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -39,9 +42,14 @@ class PassResult:
 class Recorder:
     """What one run of a pass did: handed to ``run`` so that per-run state stays out of the pass object."""
 
-    def __init__(self, pass_name: str, result: PassResult) -> None:
+    def __init__(self, pass_name: str, result: PassResult, withheld: frozenset[str] = frozenset()) -> None:
         self.pass_name = pass_name
         self.result = result
+        self.withheld = withheld
+
+    def is_withheld(self, nodes: Sequence[fx.Node]) -> bool:
+        """Whether a rewrite of ``nodes`` touches a node the manager withholds (a rewrite withdrawn by the compiler)."""
+        return any(node.name in self.withheld for node in nodes)
 
     def rewrote(self, kind: RewriteKind, nodes: Sequence[fx.Node | str], **detail) -> None:
         self.result.modified = True
@@ -63,9 +71,9 @@ class GraphPass:
 
     name: ClassVar[str] = "pass"
 
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
+    def __call__(self, gm: fx.GraphModule, withheld: frozenset[str] = frozenset()) -> PassResult:
         result = PassResult(gm, False)
-        self.run(gm, Recorder(self.name, result))
+        self.run(gm, Recorder(self.name, result, withheld))
         return result
 
     def run(self, gm: fx.GraphModule, record: Recorder) -> None:
@@ -133,8 +141,19 @@ def _widen(gm: fx.GraphModule, example: torch.Tensor | None) -> bool:
     return True
 
 
+# What ``PassManager(on_pass=...)`` is called with after each modifying pass: the pass's name, the module as it would
+# be compiled at that point (rounded to float32 when the manager works in float64; a copy then) and its rewrites.
+PassObserver = Callable[[str, fx.GraphModule, list[Rewrite]], None]
+
+
 class PassManager:
-    """Runs steps in order; with ``debug_inputs`` checks numerics after each modifying pass."""
+    """Runs steps in order; with ``debug_inputs`` checks numerics after each modifying pass.
+
+    ``withheld``: node names that the folding and merging passes (the rule
+    sets, conv-chain merging) leave alone, so a rewrite the compiler withdrew
+    is not made again on a fresh trace. ``on_pass`` is told about every
+    modifying pass (``PassObserver``); it may raise to stop the run.
+    """
 
     def __init__(
         self,
@@ -144,8 +163,13 @@ class PassManager:
         debug_inputs: torch.Tensor | None = None,
         debug_rtol: float = FP32_RTOL,
         float64: bool = False,
+        withheld: frozenset[str] = frozenset(),
+        on_pass: PassObserver | None = None,
     ) -> None:
         self.float64 = float64
+        self.withheld = frozenset(withheld)
+        self.on_pass = on_pass
+        self._widened = False
         self.steps = list(steps)
         self.example_input = example_input
         self.debug_inputs = debug_inputs
@@ -175,14 +199,14 @@ class PassManager:
         """
         rewrites: list[Rewrite] = []
         steps_run: list[tuple[str, int]] = []
-        widened = self.float64 and _widen(gm, self.example_input)
+        widened = self._widened = self.float64 and _widen(gm, self.example_input)
         example, debug = self.example_input, self.debug_inputs
         if widened:
             self.example_input, self.debug_inputs = _as_float64(example), _as_float64(debug)
         try:
             _, refusals = self._run_sequence(self.steps, gm, rewrites, steps_run)
         finally:
-            self.example_input, self.debug_inputs = example, debug
+            self.example_input, self.debug_inputs, self._widened = example, debug, False
             if widened:
                 gm.float()
         return PipelineResult(gm, rewrites, refusals, steps_run)
@@ -219,10 +243,13 @@ class PassManager:
 
     def _run_pass(self, graph_pass: GraphPass, gm: fx.GraphModule, rewrites: list[Rewrite]) -> PassResult:
         before = copy.deepcopy(gm) if self.debug_inputs is not None else None
-        result = graph_pass(gm)
+        # A pass that knows nothing of withholding keeps the plain contract, pass_(gm).
+        result = graph_pass(gm, self.withheld) if self.withheld else graph_pass(gm)
         if result.module is not gm:
             raise RuntimeError(f"pass '{graph_pass.name}' returned a different module; passes rewrite in place")
         if result.modified:
             self._after(graph_pass.name, before, gm)
         rewrites.extend(result.rewrites)
+        if result.modified and self.on_pass is not None:
+            self.on_pass(graph_pass.name, copy.deepcopy(gm).float() if self._widened else gm, result.rewrites)
         return result

@@ -129,6 +129,8 @@ class BindFunctionalLayers(GraphPass):
             operands = functional_layer_args(node)
             if kind is None or operands is None or not node.args or not isinstance(node.args[0], fx.Node):
                 continue
+            if record.is_withheld([node]):
+                continue  # the compiler withdrew the rewrites around it
             try:
                 tensors = {name: _tensor(_constant(value, gm, cache)) for name, value in operands.items()}
                 if kind is LayerKind.CONV:

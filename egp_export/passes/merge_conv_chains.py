@@ -108,6 +108,8 @@ class _ChainRun:
             return None
         gap, user = follow_identities(node, self.modules)
         current = gap[-1] if gap else node
+        if self.record is not None and self.record.is_withheld([node, *gap, *([user] if user else [])]):
+            return None  # a merge the compiler withdrew
         if user is not None and self._mergeable_conv(user) and user.args[0] is current:
             same_rank = type(self.modules[str(user.target)]) is type(self.modules[str(node.target)])
             return (gap, user) if same_rank else None

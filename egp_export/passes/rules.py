@@ -206,7 +206,7 @@ class RuleSetPass(GraphPass):
             refusals: list[tuple[Rule, Reason, Match]] = []
             for rule in self.active_rules():
                 match = match_pattern(rule.pattern, anchor, gm, modules)
-                if match is None:
+                if match is None or record.is_withheld(match.nodes):
                     continue
                 reason = _single_user_refusal(match) or rule.check(match)
                 if reason is not None:

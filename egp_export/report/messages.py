@@ -107,6 +107,14 @@ REASONS: dict[RefusalCode, Callable[[Mapping[str, Any]], str]] = {
         f"{d['allowed']:g}) and this site was the #{d['rank']} most marginal of {d['sites']} statistically rewritten "
         f"sites (margin {d['marginality']:.3g} x its neurons' spread on the decide split)"
     ),
+    RefusalCode.EXACT_REWRITE_WITHDRAWN: lambda d: (
+        f"exact rewrite withdrawn ({d['rewrite']} by {d['pass']} over {_names(d['nodes'])}): the final check failed "
+        f"with no statistical rewrite left (max_rel={d['max_rel']:.3g} > allowed {d['allowed']:g}); checked pass by "
+        f"pass on {d['samples']} {d['part']} samples, this rewrite raised the float32 output's error against the "
+        f"original (worst output and sample) from {d['error_before']:.3g} to {d['error_after']:.3g} (limit "
+        f"{d['limit']:.3g}): its own float32 "
+        "rounding is at that scale, so an exact fold or merge that rounds differently cannot be told from a wrong one"
+    ),
     RefusalCode.WITHDRAWN: lambda d: "; ".join(describe_reason(r) for r in d["reasons"]),
     RefusalCode.NO_SUCH_SITE: lambda d: "the model has no activation call site of that name",
     RefusalCode.NOT_AN_ACTIVATION: lambda d: f"{d['node']} is not an activation call site",

@@ -161,3 +161,16 @@ def test_torch_batch_norm_binds_by_its_own_operand_order_and_folds():
     modules = named_modules(gm)
     assert not any(is_batch_norm(n, modules) for n in gm.graph.nodes)
     assert_same_function(model, gm, torch.randn(4, 3, 8, 8))
+
+
+def test_a_withheld_functional_layer_stays_functional():
+    """The compiler's exact back-off withholds every node as its last resort: the functional batch norm stays too."""
+    model = StdConvBnAct().eval()
+    example = torch.randn(2, 3, 8, 8)
+    gm = prepare(model, example)
+    batch_norms = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target is F.batch_norm]
+    bn = batch_norms[-1]  # the one on the activations (the first standardises the weight)
+    result = PassManager([BindFunctionalLayers()], example_input=example[:1], withheld=frozenset({bn})).run(gm)
+    assert [r.nodes for r in result.rewrites if r.nodes == (bn,)] == [] and len(result.rewrites) == 1  # the conv bound
+    assert count_calls(gm, nn.BatchNorm2d) == 0 and count_calls(gm, nn.Conv2d) == 2
+    assert_same_function(model, gm, torch.randn(4, 3, 8, 8))

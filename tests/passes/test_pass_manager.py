@@ -12,7 +12,17 @@ import torch.nn as nn
 from egp_export.analysis.summary import depth, summarize
 from egp_export.compiler import compile as egp_compile
 from egp_export.errors import VerificationError
-from egp_export.passes import FixedPoint, GraphPass, MergeLinearChains, PassManager, Recorder, default_steps, folding_loop
+from egp_export.passes import (
+    FixedPoint,
+    FoldBatchNorm,
+    GraphPass,
+    MergeConvChains,
+    MergeLinearChains,
+    PassManager,
+    Recorder,
+    default_steps,
+    folding_loop,
+)
 from egp_export.records import Reason, RefusalCode, RewriteKind
 from tests.conftest import (
     activation_count,
@@ -186,6 +196,40 @@ def test_merging_a_chain_of_three_reaches_its_fixed_point():
     # nothing left; a second round confirms the fixed point.
     assert result.steps_run == [("merge_linear_chains", 2), ("merge_linear_chains", 1)]
     assert_same_function(model, gm, torch.randn(5, 4))
+
+
+def test_withheld_nodes_are_left_alone_by_folds_and_merges():
+    """What the compiler's exact back-off relies on: a withdrawn rewrite is not made again on a fresh trace."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 2, 1),
+        nn.Flatten(), nn.Linear(2 * 6 * 6, 16), nn.Linear(16, 3),
+    ).eval()
+    example = torch.randn(2, 3, 6, 6)
+    steps = [FoldBatchNorm(), MergeConvChains(), MergeLinearChains()]
+    everything = PassManager(steps, example_input=example[:1]).run(prepare(model, example))
+    assert {r.kind for r in everything.rewrites} == {
+        RewriteKind.BN_FOLDED, RewriteKind.MERGED_EXACT, RewriteKind.LINEAR_MERGED,
+    }, everything.rewrites
+
+    gm = prepare(model, example)
+    withheld = PassManager(steps, example_input=example[:1], withheld=frozenset({"_1", "_3", "_6"})).run(gm)
+    assert withheld.rewrites == []
+    assert count_calls(gm, nn.BatchNorm2d) == 1 and count_calls(gm, nn.Conv2d) == 3 and count_calls(gm, nn.Linear) == 2
+    assert_same_function(model, gm, torch.randn(5, 3, 6, 6))
+
+
+def test_the_observer_sees_each_modifying_pass_as_it_would_be_compiled():
+    model = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 3)).eval()
+    example = torch.randn(3, 4)
+    seen = []
+
+    def observe(name, gm, rewrites):
+        seen.append((name, gm.get_submodule("0").weight.dtype, len(rewrites)))
+
+    PassManager([FoldBatchNorm(), MergeLinearChains()], example_input=example[:1], float64=True, on_pass=observe).run(
+        prepare(model, example)
+    )
+    assert seen == [(MergeLinearChains.name, torch.float32, 1)]  # rounded to float32; a pass with no change is not seen
 
 
 # The default pipeline on an engineered pruned network -----------------------------------------
