@@ -100,8 +100,11 @@ class _Target:
 
     def see(self, z: torch.Tensor) -> None:
         """Per sample, the normalized signed margin of each neuron (minimum over positions); flag crossings."""
-        dim = self.site.dim if self.site.dim >= 0 else z.dim() + self.site.dim
-        values = z.movedim(dim, 1).reshape(z.shape[0], z.shape[dim], -1)
+        if z.dim() < 2:  # a statistic over the batch (rank 1): one neuron, seen by every sample alike
+            values = z.reshape(1, 1, -1)
+        else:
+            dim = self.site.dim if self.site.dim >= 0 else z.dim() + self.site.dim
+            values = z.movedim(dim, 1).reshape(z.shape[0], z.shape[dim], -1)
         values = values.index_select(1, self.index.to(z.device))
         lower, upper = self.lower.to(z.device)[None, :, None], self.upper.to(z.device)[None, :, None]
         # Region r holds lower < z <= upper (stats.py): on the lower boundary a neuron has already left it.
@@ -185,7 +188,7 @@ def search_crossings(
             interpreter.run(inputs + delta)
             if step == steps:
                 break
-            margins = torch.cat([t.margins for t in targets.values()], dim=1)
+            margins = torch.cat([t.margins.expand(len(inputs), -1) for t in targets.values()], dim=1)
             # Soft minimum over neurons, per sample: the nearest boundaries get the step.
             objective = -_SOFTMIN_TEMPERATURE * torch.logsumexp(-margins / _SOFTMIN_TEMPERATURE, dim=1)
             (gradient,) = torch.autograd.grad(objective.sum(), delta)

@@ -81,7 +81,11 @@ def test_two_gloo_ranks_prune_identically(tmp_path):
         for site, (name, observations, samples, on, regions, low, high, margin) in zip(single, merged):
             assert (site.name, site.observations, site.samples) == (name, observations, samples)
             assert torch.equal(site.on_counts, on) and torch.equal(site.region_counts, regions)
-            assert torch.equal(site.low, low) and torch.equal(site.high, high) and torch.equal(site.margin, margin)
+            # Extremes are exact maxima/minima, but of values each rank computed at its own batch size: CPU conv
+            # kernels chosen per batch size round differently (last fp32 bits; seen on this 2-core runner), so the
+            # pre-activations themselves may differ by fp32 rounding. Counts above are exact.
+            for mine, theirs in ((site.low, low), (site.high, high), (site.margin, margin)):
+                torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
 
     zero, one = ranks
     assert zero["masks"] and zero["masks"].keys() == one["masks"].keys()
