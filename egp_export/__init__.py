@@ -28,8 +28,7 @@ from egp_export.errors import (
     UnsupportedModelError,
     VerificationError,
 )
-
-__version__ = "0.1.0"
+from egp_export.version import __version__
 
 # Public name -> the submodule that defines it, imported on first access.
 _LAZY = {

@@ -42,8 +42,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from egp_export import __version__
-from egp_export.algebra.costmodel import AnalyticCost, MeasuredCost
+from egp_export.algebra.costmodel import AnalyticCost
 from egp_export.analysis.batches import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_SPLIT_SEED,
@@ -71,6 +70,7 @@ from egp_export.analysis.summary import summarize
 from egp_export.analysis.trace import owned_copy, trace, trace_facts
 from egp_export.compiler_backoff import EVERY_NODE, attach_sites, back_off_in_steps, withdraw_exact_rewrites
 from egp_export.errors import CalibrationError, EgpExportError, VerificationError
+from egp_export.measured_cost import MeasuredCost
 from egp_export.passes import (
     CHANNEL_ALIGNMENT,
     LinearizeActivations,
@@ -82,6 +82,7 @@ from egp_export.passes import (
 )
 from egp_export.records import Reason, Refusal, RefusalCode, Rewrite, RewriteKind
 from egp_export.report.messages import describe_refusal, describe_rewrite, with_text
+from egp_export.version import __version__
 
 
 @dataclass(frozen=True)

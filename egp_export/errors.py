@@ -49,6 +49,13 @@ class ExportError(EgpExportError):
     """ONNX export, simplification or checking failed."""
 
 
+class PassError(EgpExportError):
+    """A rewrite pass cannot run: a fact it reads (shapes, calibrated sites) was never computed, or it failed.
+
+    The message names the pass; a failure inside the pass chains the original exception.
+    """
+
+
 class VerificationError(EgpExportError):
     """A compiled or exported model does not match the original within tolerance."""
 

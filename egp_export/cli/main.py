@@ -17,7 +17,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from egp_export import __version__
 from egp_export.cli.common import (
     PROG,
     holdout_fraction,
@@ -31,6 +30,7 @@ from egp_export.cli.common import (
 )
 from egp_export.errors import CalibrationError
 from egp_export.report.report import COMPILE_OUTPUTS  # report.py imports neither torch nor numpy: --help stays fast
+from egp_export.version import __version__
 
 DEFAULT_TOLERANCE = 1e-5
 DEFAULT_HOLDOUT = 0.2
@@ -400,8 +400,8 @@ def _run_analyze(args: argparse.Namespace) -> None:
 
 
 def _run_compile(args: argparse.Namespace) -> None:
+    from egp_export.distributed import runtime_from_env, shutdown
     from egp_export.io.fileio import run_transaction
-    from egp_export.prune.distributed import runtime_from_env, shutdown
 
     names = COMPILE_FILES + ((PADDING_PLAN,) if args.padding_plan else ()) + ((ORIGINAL_MODEL,) if args.measure_latency else ())
     # Under torchrun every rank calibrates and verifies its share; rank 0 alone exports and writes.
@@ -528,7 +528,7 @@ def _compile_into(
         )
         line.detail = f"{result.report['activations_linearized']} activations linearized"
     if runtime is not None and runtime.world_size > 1:
-        from egp_export.prune.distributed import shutdown
+        from egp_export.distributed import shutdown
 
         shutdown()  # the other ranks are done; the export and reports are rank 0's alone
     # ONNX Runtime is checked on the samples compile() held out (gathered: its split is a permutation), and the

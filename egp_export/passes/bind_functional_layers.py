@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from egp_export.analysis.fx import insert_module_call, shape_of
 from egp_export.analysis.ops import LayerKind, functional_layer_args, layer_kind, named_modules, operand
-from egp_export.passes.base import GraphPass, Recorder
+from egp_export.passes.base import Fact, GraphPass, Recorder
 from egp_export.records import RewriteKind
 
 _CONV_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -120,6 +120,7 @@ def _batchnorm_module(node: fx.Node, tensors: dict) -> nn.Module | None:
 
 class BindFunctionalLayers(GraphPass):
     name = "bind_functional_layers"
+    requires = frozenset({Fact.SHAPES})
 
     def run(self, gm: fx.GraphModule, record: Recorder) -> None:
         modules = named_modules(gm)

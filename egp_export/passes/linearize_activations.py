@@ -27,7 +27,7 @@ from egp_export.algebra.affine import producer_refusal
 from egp_export.analysis.fx import insert_module_call, shape_of
 from egp_export.analysis.ops import named_modules
 from egp_export.analysis.stats import site_stats
-from egp_export.passes.base import GraphPass, Recorder
+from egp_export.passes.base import Fact, GraphPass, Recorder
 from egp_export.passes.modules import ChannelAffine, weight_dtype
 from egp_export.records import Reason, RefusalCode, RewriteKind
 
@@ -40,6 +40,7 @@ def _counts(scale: torch.Tensor, shift: torch.Tensor) -> dict[str, int]:
 
 class LinearizeActivations(GraphPass):
     name = "linearize_activations"
+    requires = frozenset({Fact.CALIBRATED_SITES, Fact.SHAPES})
 
     def __init__(self, tolerance: float = 1e-5) -> None:
         self.tolerance = tolerance

@@ -33,7 +33,7 @@ from egp_export.algebra.convchain import ChainClass, ConvLayer, explicit_padding
 from egp_export.algebra.costmodel import AnalyticCost
 from egp_export.analysis.fx import insert_module_call, shape_of
 from egp_export.analysis.ops import follow_identities, is_conv_module, module_of, named_modules
-from egp_export.passes.base import GraphPass, Recorder
+from egp_export.passes.base import Fact, GraphPass, Recorder
 from egp_export.passes.modules import ConstantAdd, weight_dtype
 from egp_export.records import Reason, RefusalCode, RewriteKind
 
@@ -46,6 +46,7 @@ _MERGE_KINDS = {
 
 class MergeConvChains(GraphPass):
     name = "merge_conv_chains"
+    requires = frozenset({Fact.SHAPES})
 
     def __init__(self, *, approximate: bool = False, cost=None, plan: str = "cost") -> None:
         if plan not in ("cost", "all"):
