@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_prune_command(commands)
     add_perf_commands(commands)
-    add_recheck_command(commands)
+    add_recheck_command(commands, load_model=_load_model, load_inputs=_load_calibration, check_inputs=_check_input_size_applies)
     return parser
 
 

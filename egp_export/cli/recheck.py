@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 from egp_export.cli.common import positive_int, say
@@ -17,7 +18,9 @@ from egp_export.cli.common import positive_int, say
 JSON_STDOUT = "-"
 
 
-def add_recheck_command(subparsers) -> None:
+def add_recheck_command(subparsers, *, load_model, load_inputs, check_inputs) -> None:
+    """The ``recheck`` subcommand. The model and data are loaded as ``compile`` loads them: ``load_model(args)``,
+    ``load_inputs(args, model)`` and ``check_inputs(args)`` are compile's own (cli/main.py, which imports this)."""
     recheck = subparsers.add_parser(
         "recheck",
         help="re-measure a compiled model's rewritten sites and outputs on new data; exit 3 when its guarantee no "
@@ -56,11 +59,10 @@ def add_recheck_command(subparsers) -> None:
     loudness = output.add_mutually_exclusive_group()
     loudness.add_argument("--quiet", action="store_true", help="print nothing but the verdict, warnings and errors")
     loudness.add_argument("--verbose", action="store_true", help="print notes (mode switches, checkpoint notes)")
-    recheck.set_defaults(run=_run_recheck)
+    recheck.set_defaults(run=partial(_run_recheck, load_model=load_model, load_inputs=load_inputs, check_inputs=check_inputs))
 
 
-def _run_recheck(args: argparse.Namespace) -> int:
-    from egp_export.cli.main import _check_input_size_applies, _load_calibration, _load_model
+def _run_recheck(args: argparse.Namespace, *, load_model, load_inputs, check_inputs) -> int:
     from egp_export.io.fileio import check_writable, write_text_atomic
     from egp_export.report.report import to_json
     from egp_export.runtime.recheck import load_compiled, recheck
@@ -70,11 +72,11 @@ def _run_recheck(args: argparse.Namespace) -> int:
     if args.plot is not None:
         check_writable(args.plot, force=args.force)
     report, onnx_path = load_compiled(args.compiled)
-    _check_input_size_applies(args)
+    check_inputs(args)
     if to_stdout:
         args.quiet = True  # stdout holds the JSON alone
-    model = _load_model(args)
-    result = recheck(model, report, onnx_path, _load_calibration(args, model))
+    model = load_model(args)
+    result = recheck(model, report, onnx_path, load_inputs(args, model))
     document = result.to_dict()
     if json_path is not None:
         write_text_atomic(json_path, to_json(document), force=args.force)

@@ -347,8 +347,8 @@ def _run_session(session, batch, onnx_path) -> list[np.ndarray]:
     except Exception as error:  # ORT's own exception types; the data or the file is at fault, say which run failed
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CalibrationError(
-            f"ONNX Runtime cannot run {onnx_path} on the data ({sample_shape(batch)} per sample): {first}; give data "
-            "of the shape and dtype the compile was calibrated on."
+            f"ONNX Runtime cannot run {onnx_path} on the data ({sample_shape(batch)} per sample): {first}; give the "
+            "model.onnx this compile wrote, and data of the shape and dtype it was calibrated on."
         ) from None
 
 

@@ -25,6 +25,7 @@ from egp_export.compiler import compile as compile_model
 from egp_export.export.onnx import export_onnx
 from egp_export.io.datasets import load_calibration
 from egp_export.report.report import to_json, with_export
+from egp_export.runtime.inputs import onnx_input_spec
 from egp_export.runtime.recheck import EXIT_DRIFTED, EXIT_HOLDS, load_compiled, recheck
 from tests.runtime.recheck_models import DriftNet, SmoothNet
 
@@ -178,6 +179,31 @@ def test_another_model_or_other_data_is_one_error_line(workspace, capsys, case, 
     _assert_one_error_line(code, err, fragments)
 
 
+def _other_file(name: str):
+    """An edit putting another model's ONNX file in place of model.onnx: 4 class scores, or 3 input channels."""
+    models = {
+        "four classes": (torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4)), (1, 1, 8, 8)),
+        "three channels": (torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten()), (1, 3, 8, 8)),
+    }
+
+    def edit(folder: Path) -> None:
+        model, shape = models[name]
+        (folder / "model.onnx").unlink()
+        export_onnx(model.eval(), torch.rand(shape), folder / "model.onnx", exporter="torchscript")
+
+    return edit
+
+
+@pytest.mark.parametrize(("case", "fragments"), [
+    ("four classes", ("does not compute the model's outputs", "output shape differs")),
+    ("three channels", ("ONNX Runtime cannot run", "model.onnx this compile wrote")),
+])
+def test_another_models_onnx_file_is_one_error_line(workspace, capsys, tmp_path, case, fragments):
+    code, _, err = _recheck(capsys, workspace, "fresh", compiled=_edited(workspace, tmp_path, _other_file(case)))
+
+    _assert_one_error_line(code, err, fragments)
+
+
 def test_a_missing_folder_is_one_error_line(workspace, capsys, tmp_path):
     code, _, err = _recheck(capsys, workspace, "fresh", compiled=tmp_path / "nowhere")
 
@@ -232,6 +258,12 @@ def test_a_smooth_surrogate_off_the_tolerance_on_a_wider_range(tmp_path):
     assert shifted.exit_code == EXIT_DRIFTED
     assert shifted.sites[0].left and shifted.sites[0].surrogate_error > shifted.sites[0].allowed_error
     assert shifted.reasons()[0].startswith("act (gelu): surrogate off by")
+    # A file exported with its batch fixed to 1 runs a sample at a time.
+    with pytest.warns(DeprecationWarning):  # the TorchScript exporter: no dynamic axes unless asked for
+        torch.onnx.export(compiled.module, (calibration[:1],), tmp_path / "static.onnx", dynamo=False)
+    assert onnx_input_spec(tmp_path / "static.onnx").fixed_batch == 1
+    static = recheck(model, report, tmp_path / "static.onnx", torch.rand(30, 4, generator=generator))
+    assert static.exit_code == EXIT_HOLDS and static.samples == 30
 
 
 def test_the_model_digest_names_the_weights_in_float32():
