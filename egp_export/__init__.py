@@ -23,6 +23,7 @@ from egp_export.errors import (
     ExportError,
     OptionError,
     OutputError,
+    ReportError,
     TraceError,
     TrainingError,
     UnsupportedModelError,
@@ -42,6 +43,8 @@ _LAZY = {
     "apply_padding_plan": "algebra.padding",
     "profile": "runtime.profiler",
     "build_engine": "runtime.engines",
+    "recheck": "runtime.recheck",
+    "RecheckResult": "runtime.recheck",
 }
 
 if TYPE_CHECKING:
@@ -51,6 +54,7 @@ if TYPE_CHECKING:
     from egp_export.export.onnx import ExportResult, export_onnx
     from egp_export.runtime.engines import build_engine
     from egp_export.runtime.profiler import profile
+    from egp_export.runtime.recheck import RecheckResult, recheck
 
 __all__ = [
     "ArchitectureError",
@@ -62,6 +66,8 @@ __all__ = [
     "ExportResult",
     "OptionError",
     "OutputError",
+    "RecheckResult",
+    "ReportError",
     "TraceError",
     "TrainingError",
     "UnsupportedModelError",
@@ -74,6 +80,7 @@ __all__ = [
     "export_onnx",
     "padding_plan",
     "profile",
+    "recheck",
 ]
 
 
