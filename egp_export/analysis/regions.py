@@ -69,7 +69,7 @@ def site_regions(sites: list[SiteStats], rewrites: list[Rewrite], tolerance: flo
     """
     kinds = {rewrite.nodes[0]: _REWRITES[rewrite.kind] for rewrite in rewrites if rewrite.kind in _REWRITES}
     records = [_record(site, kinds[site.name], tolerance) for site in sites if site.name in kinds]
-    return {"format": REGIONS_FORMAT, "model_digest": model_digest(model), "tolerance": tolerance, "sites": records}
+    return {"format": REGIONS_FORMAT, "model_digest": model_digest(model), "sites": records}
 
 
 def _record(site: SiteStats, rewrite: str, tolerance: float) -> dict:

@@ -138,10 +138,8 @@ class RecheckResult:
         outputs = f"outputs max_rel {max(self.error.max_rel, self.error.sample_rel):.2e} (allowed {self.allowed:.2g}){agreement}"
         if self.holds:
             sites = _count(len(self.sites), "site")
-            return (
-                f"egp-export recheck: HOLDS on {self.samples} samples: every rewritten neuron of {sites} stayed in its "
-                f"region; {outputs}"
-            )
+            neurons = f"every rewritten neuron of {sites} stayed in its region" if self.sites else "no site was rewritten"
+            return f"egp-export recheck: HOLDS on {self.samples} samples: {neurons}; {outputs}"
         drifted = ", ".join(f"{site.site} ({_count(len(site.left), 'neuron')})" for site in self.drifted_sites) or "none"
         return f"egp-export recheck: DRIFTED on {self.samples} samples: sites {drifted}; {outputs}"
 

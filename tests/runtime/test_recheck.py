@@ -266,6 +266,27 @@ def test_a_smooth_surrogate_off_the_tolerance_on_a_wider_range(tmp_path):
     assert static.exit_code == EXIT_HOLDS and static.samples == 30
 
 
+class WritesIntoItsInput(DriftNet):
+    def forward(self, x):
+        x.mul_(2.0)
+        return super().forward(x)
+
+
+def test_a_model_that_writes_into_its_input_leaves_the_data_alone(tmp_path):
+    model = WritesIntoItsInput().eval()
+    digits = load_calibration("builtin:digits")
+    compiled = compile_model(model, digits[:COMPILED_SAMPLES])
+    exported = export_onnx(compiled.module, digits[:1].clone(), tmp_path / "model.onnx", exporter="torchscript",
+                           verify_inputs=[digits[:8]])
+    data = digits[COMPILED_SAMPLES : COMPILED_SAMPLES + 200]
+    before = data.clone()
+
+    result = recheck(model, with_export(compiled.report, exported), tmp_path / "model.onnx", data)
+
+    assert result.exit_code == EXIT_HOLDS, result.reasons()
+    assert torch.equal(data, before)
+
+
 def test_the_model_digest_names_the_weights_in_float32():
     model = DriftNet()
 
