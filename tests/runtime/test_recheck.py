@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from egp_export.analysis.numerics import ORT_CPU_RTOL
 from egp_export.analysis.regions import model_digest
 from egp_export.cli.main import main
 from egp_export.compiler import compile as compile_model
@@ -180,23 +181,34 @@ def test_another_model_or_other_data_is_one_error_line(workspace, capsys, case, 
 
 
 def _other_file(name: str):
-    """An edit putting another model's ONNX file in place of model.onnx: 4 class scores, or 3 input channels."""
+    """An edit putting another model's ONNX file in place of model.onnx: 4 class scores, 3 input channels, 2 inputs."""
     models = {
         "four classes": (torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4)), (1, 1, 8, 8)),
         "three channels": (torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten()), (1, 3, 8, 8)),
     }
 
     def edit(folder: Path) -> None:
-        model, shape = models[name]
         (folder / "model.onnx").unlink()
+        if name == "two inputs":
+            with pytest.warns(DeprecationWarning):  # the TorchScript exporter
+                torch.onnx.export(TwoInputs().eval(), (torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8)),
+                                  folder / "model.onnx", dynamo=False)
+            return
+        model, shape = models[name]
         export_onnx(model.eval(), torch.rand(shape), folder / "model.onnx", exporter="torchscript")
 
     return edit
 
 
+class TwoInputs(torch.nn.Module):
+    def forward(self, x, y):
+        return (x + y).flatten(1)
+
+
 @pytest.mark.parametrize(("case", "fragments"), [
     ("four classes", ("does not compute the model's outputs", "output shape differs")),
     ("three channels", ("ONNX Runtime cannot run", "model.onnx this compile wrote")),
+    ("two inputs", ("takes 2 inputs", "the data gives 1")),
 ])
 def test_another_models_onnx_file_is_one_error_line(workspace, capsys, tmp_path, case, fragments):
     code, _, err = _recheck(capsys, workspace, "fresh", compiled=_edited(workspace, tmp_path, _other_file(case)))
@@ -258,6 +270,9 @@ def test_a_smooth_surrogate_off_the_tolerance_on_a_wider_range(tmp_path):
     assert shifted.exit_code == EXIT_DRIFTED
     assert shifted.sites[0].left and shifted.sites[0].surrogate_error > shifted.sites[0].allowed_error
     assert shifted.reasons()[0].startswith("act (gelu): surrogate off by")
+    # Without the ONNX Runtime check in the report its allowance is ORT's fp32 floor, and the result says so.
+    bare = recheck(model, compiled.report, tmp_path / "model.onnx", torch.rand(30, 4, generator=generator))
+    assert bare.allowed == compiled.report["guarantee"]["allowed"] + ORT_CPU_RTOL and "no ONNX Runtime check" in bare.notes[0]
     # A file exported with its batch fixed to 1 runs a sample at a time.
     with pytest.warns(DeprecationWarning):  # the TorchScript exporter: no dynamic axes unless asked for
         torch.onnx.export(compiled.module, (calibration[:1],), tmp_path / "static.onnx", dynamo=False)
