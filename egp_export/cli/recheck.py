@@ -101,6 +101,8 @@ def table(result: dict) -> list[str]:
         if site["surrogate_error"] is not None:
             margins = f"error {site['surrogate_error']:.2g} (allowed {site['allowed_error']:.2g})"
         outside = "—" if site["outside_fraction"] is None else f"{site['outside_fraction']:.2%}"
+        if site["compile_bound"] is not None:
+            outside += f" (bound {100 * site['compile_bound']:.2g}%)"
         left = ", ".join(map(str, site["left_neurons"][:8])) + (" ..." if site["left"] > 8 else "")
         rows.append((site["site"], site["activation"], site["rewrite"], str(site["rewritten"]), str(site["left"]),
                      outside, margins, left or "—"))

@@ -66,8 +66,10 @@ class SiteDrift:
     left: list[int]  # indices of the rewritten neurons that left their region (or surrogates off the tolerance)
     samples: int
     observations: int  # per neuron (samples x positions)
-    # Piecewise-linear sites: of one neuron's observations, the largest fraction outside its decided region.
+    # Piecewise-linear sites: of one neuron's observations, the largest fraction outside its decided region, and
+    # the compile's 95% bound on that rate (3/n, rule of three over its n observations; report["evidence"]).
     outside_fraction: float | None
+    compile_bound: float | None
     # Piecewise-linear sites: min over rewritten neurons of the distance from its inputs to its region's boundary,
     # negative when inputs went beyond it (by that much); the compile's on its decide split for comparison.
     min_margin: float | None
@@ -93,6 +95,7 @@ class SiteDrift:
             "site": self.site, "activation": self.activation, "rewrite": self.rewrite, "rewritten": self.rewritten,
             "left": len(self.left), "left_neurons": list(self.left), "samples": self.samples,
             "observations_per_neuron": self.observations, "outside_fraction": self.outside_fraction,
+            "compile_bound": self.compile_bound,
             "min_margin": self.min_margin, "compile_margin": self.compile_margin, "surrogate_error": self.surrogate_error,
             "allowed_error": self.allowed_error, "holds": self.holds,
         }
@@ -206,7 +209,8 @@ def recheck(
     leaf_names = [leaf["name"] for leaf in report.get("trace", {}).get("leaf_modules", [])]
     graph = capture(working, take(batches[0], slice(0, 1)), leaf_modules=leaf_names)
     measured = {site.name: site for site in calibrate(graph, batches)}
-    sites = [_site_drift(record, measured.get(record["site"])) for record in regions["sites"]]
+    bounds = {row.get("site"): row.get("crossing_rate_bound_95") for row in report.get("evidence", [])}
+    sites = [_site_drift(record, measured.get(record["site"]), bounds.get(record["site"])) for record in regions["sites"]]
     error, top1, samples = _compare_outputs(working, onnx_path, batches)
     notes = [] if "onnxruntime" in report.get("verification", {}) else [
         f"the report holds no ONNX Runtime check; its allowance is taken as {ORT_CPU_RTOL:g}"
@@ -250,7 +254,7 @@ def _check_sample_shape(report: dict, batch) -> None:
         )
 
 
-def _site_drift(record: dict, site: SiteStats | None) -> SiteDrift:
+def _site_drift(record: dict, site: SiteStats | None, bound: float | None) -> SiteDrift:
     """The rewritten neurons of ``record`` that ``site`` (the same call site on the new data) saw elsewhere."""
     name = record["site"]
     if site is None or site.spec.kind != record["activation"] or site.num_neurons != record["neurons"]:
@@ -274,7 +278,7 @@ def _site_drift(record: dict, site: SiteStats | None) -> SiteDrift:
     margin = torch.minimum(site.low[neurons] - lower, upper - site.high[neurons])
     return SiteDrift(
         name, record["activation"], record["rewrite"], len(neurons), neurons[left].tolist(), site.samples,
-        site.observations, fraction, float(margin.min()) if len(neurons) else None, record.get("min_margin"),
+        site.observations, fraction, bound, float(margin.min()) if len(neurons) else None, record.get("min_margin"),
     )
 
 
@@ -290,7 +294,7 @@ def _surrogate_drift(record: dict, site: SiteStats, neurons: torch.Tensor) -> Si
     left = error > allowed
     return SiteDrift(
         record["site"], record["activation"], record["rewrite"], len(neurons), neurons[left].tolist(), site.samples,
-        site.observations, None, None, None,
+        site.observations, None, None, None, None,
         surrogate_error=float(error.max()) if len(neurons) else 0.0, allowed_error=allowed,
     )
 

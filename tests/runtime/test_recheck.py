@@ -91,6 +91,7 @@ def test_negated_inputs_switch_the_linearized_relu_off(workspace, capsys, tmp_pa
     result = json.loads((tmp_path / "result.json").read_text())
     relu1 = next(site for site in result["sites"] if site["site"] == "relu1")
     assert relu1["left_neurons"] == list(range(8)) and relu1["min_margin"] < 0 < relu1["compile_margin"]
+    assert relu1["outside_fraction"] > relu1["compile_bound"] > 0  # far above the rule-of-three bound
     assert not result["outputs"]["passed"]  # the compiled file computes relu1 as the identity: outputs differ
 
 
