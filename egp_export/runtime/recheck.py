@@ -53,6 +53,8 @@ EXIT_DRIFTED = 3
 # Points of the grid a surrogate's deviation is measured on, per neuron and range (the compile's validation uses 257).
 SURROGATE_GRID = 257
 _WIDENED_DTYPES = (torch.float16, torch.bfloat16)
+# What every site record of report["regions"] holds (analysis/regions.py), besides its activation's own fields.
+_RECORD_FIELDS = ("site", "activation", "neurons", "rewrite", "rewritten", "slope", "intercept")
 
 
 @dataclass
@@ -206,16 +208,17 @@ def recheck(
         )
     batches = fitted_to(working, as_batches(data, batch_size=batch_size).map(_widened))
     _check_sample_shape(report, batches[0])
-    leaf_names = [leaf["name"] for leaf in report.get("trace", {}).get("leaf_modules", [])]
+    leaf_names = [leaf["name"] for leaf in (report.get("trace") or {}).get("leaf_modules", [])]
     graph = capture(working, take(batches[0], slice(0, 1)), leaf_modules=leaf_names)
     measured = {site.name: site for site in calibrate(graph, batches)}
-    bounds = {row.get("site"): row.get("crossing_rate_bound_95") for row in report.get("evidence", [])}
+    bounds = {row.get("site"): row.get("crossing_rate_bound_95") for row in report.get("evidence") or []}
     sites = [_site_drift(record, measured.get(record["site"]), bounds.get(record["site"])) for record in regions["sites"]]
     error, top1, samples = _compare_outputs(working, onnx_path, batches)
-    notes = [] if "onnxruntime" in report.get("verification", {}) else [
+    onnxruntime = (report.get("verification") or {}).get("onnxruntime") or {}
+    notes = [] if "rtol" in onnxruntime else [
         f"the report holds no ONNX Runtime check; its allowance is taken as {ORT_CPU_RTOL:g}"
     ]
-    onnx_rtol = report.get("verification", {}).get("onnxruntime", {}).get("rtol", ORT_CPU_RTOL)
+    onnx_rtol = onnxruntime.get("rtol", ORT_CPU_RTOL)
     return RecheckResult(sites, error, allowed + onnx_rtol, samples, top1, notes)
 
 
@@ -237,7 +240,16 @@ def _guarantee(report: dict) -> tuple[dict, float]:
             f"the report's 'regions' section has format {regions.get('format')!r}, this egp-export reads format "
             f"{REGIONS_FORMAT}; recheck with the version that compiled it, or compile again."
         )
-    allowed = report.get("guarantee", {}).get("allowed")
+    for record in regions["sites"]:
+        needed = _RECORD_FIELDS + (("allowed_error",) if "boundaries" not in record else ("region",))
+        missing = [name for name in needed if name not in record] if isinstance(record, dict) else list(needed)
+        if missing:
+            site = record.get("site", "?") if isinstance(record, dict) else "?"
+            raise ReportError(
+                f"the report's regions record of site {site!r} lacks {', '.join(missing)}; give the report.json "
+                "that 'egp-export compile' wrote, unedited."
+            )
+    allowed = (report.get("guarantee") or {}).get("allowed")
     if not isinstance(allowed, (int, float)):
         raise ReportError("the report has no guarantee['allowed']; give the report.json that 'egp-export compile' wrote.")
     return regions, float(allowed)
@@ -245,7 +257,7 @@ def _guarantee(report: dict) -> tuple[dict, float]:
 
 def _check_sample_shape(report: dict, batch) -> None:
     """The file was exported and verified for the compile's sample shape; refuse other data before running it."""
-    compiled = report.get("calibration", {}).get("sample_shape")
+    compiled = (report.get("calibration") or {}).get("sample_shape")
     given = sample_shape(batch)
     if compiled is not None and compiled != given:
         raise CalibrationError(

@@ -157,6 +157,10 @@ ERRORS = {
     "regions of another format": (_edit_report(lambda r: r["regions"].update(format=99)), ("format 99",)),
     "a site the model lacks": (_edit_report(_rename_site), ("another model", "'relu9'", "no such activation site")),
     "no guarantee": (_edit_report(lambda r: r.pop("guarantee")), ("guarantee['allowed']",)),
+    "a site record without its regions": (
+        _edit_report(lambda r: r["regions"]["sites"][0].pop("region")), ("site 'relu1' lacks region",)
+    ),
+    "null sections": (_edit_report(lambda r: r.update(guarantee=None, trace=None)), ("guarantee['allowed']",)),
     "report not JSON": (lambda folder: (folder / "report.json").write_text("{"), ("not readable JSON",)),
     "model.onnx missing": (lambda folder: (folder / "model.onnx").unlink(), ("model.onnx does not exist",)),
     "report.json missing": (lambda folder: (folder / "report.json").unlink(), ("report.json does not exist",)),
