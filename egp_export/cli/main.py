@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
     demo.set_defaults(run=_run_demo, verbose=False)
 
-    # Commands defined beside their libraries; both modules stay light until a command runs.
+    # Commands defined beside their libraries; each module stays light until its command runs.
     from egp_export.cli.perf import add_perf_commands
     from egp_export.cli.prune import add_prune_command
     from egp_export.cli.recheck import add_recheck_command
