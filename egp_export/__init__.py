@@ -23,6 +23,7 @@ from egp_export.errors import (
     ExportError,
     OptionError,
     OutputError,
+    ReportError,
     TraceError,
     TrainingError,
     UnsupportedModelError,
@@ -41,6 +42,8 @@ _LAZY = {
     "apply_padding_plan": "algebra.padding",
     "profile": "runtime.profiler",
     "build_engine": "runtime.engines",
+    "recheck": "runtime.recheck",
+    "RecheckResult": "runtime.recheck",
 }
 
 if TYPE_CHECKING:
@@ -50,6 +53,7 @@ if TYPE_CHECKING:
     from egp_export.export.onnx import ExportResult, export_onnx
     from egp_export.runtime.engines import build_engine
     from egp_export.runtime.profiler import profile
+    from egp_export.runtime.recheck import RecheckResult, recheck
 
 __all__ = [
     "ArchitectureError",
@@ -61,6 +65,8 @@ __all__ = [
     "ExportResult",
     "OptionError",
     "OutputError",
+    "RecheckResult",
+    "ReportError",
     "TraceError",
     "TrainingError",
     "UnsupportedModelError",
@@ -73,6 +79,7 @@ __all__ = [
     "export_onnx",
     "padding_plan",
     "profile",
+    "recheck",
 ]
 
 

@@ -65,6 +65,7 @@ from egp_export.analysis.numerics import (
     compare,
     fp32_noise,
 )
+from egp_export.analysis.regions import site_regions
 from egp_export.analysis.stats import SiteStats, calibrate, rejected_sample, summarize_sites
 from egp_export.analysis.summary import summarize
 from egp_export.analysis.trace import owned_copy, trace, trace_facts
@@ -760,6 +761,7 @@ def compile(  # noqa: A001 - the issue's public name
         seconds={"start": started, "calibrated": calibrated, "rewritten": rewritten},
     )
     report["verification"]["held_out_checks"] = held_out_checks
+    report["regions"] = site_regions(attempt.sites, attempt.pipeline.rewrites, tolerance, model=working)
     return CompileResult(module=attempt.gm, report=report, sites=attempt.sites, split=split.indices())
 
 

@@ -60,3 +60,7 @@ class VerificationError(EgpExportError):
     """A compiled or exported model does not match the original within tolerance."""
 
     exit_code = 3
+
+
+class ReportError(EgpExportError):
+    """A compile's outputs (report.json, model.onnx) are missing, unreadable, or belong to another model."""

@@ -5,6 +5,7 @@
     egp-export demo --out DIR                                train, EGP-prune, compile, verify and time a digits ResNet
     egp-export prune ...                                     entropy-guided pruning (prune_cli.py)
     egp-export profile | gate | engine ...                   latency and TensorRT (perf_cli.py)
+    egp-export recheck OUT --arch A --inputs SPEC            is the compile's guarantee still true on new data?
 
 Errors the user can cause (EgpExportError) are printed as one
 ``egp-export: error: ...`` message and exit with the error's code; nothing
@@ -262,12 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
     demo.set_defaults(run=_run_demo, verbose=False)
 
-    # Commands defined beside their libraries; both modules stay light until a command runs.
+    # Commands defined beside their libraries; each module stays light until its command runs.
     from egp_export.cli.perf import add_perf_commands
     from egp_export.cli.prune import add_prune_command
+    from egp_export.cli.recheck import add_recheck_command
 
     add_prune_command(commands)
     add_perf_commands(commands)
+    add_recheck_command(commands, load_model=_load_model, load_inputs=_load_calibration, check_inputs=_check_input_size_applies)
     return parser
 
 
