@@ -667,7 +667,7 @@ def _measure_latency(args, model, calibration, verify, paths, rtol: float, repor
 def _run_inspect(args: argparse.Namespace) -> None:
     import json
 
-    from egp_export.export.provenance import format_table, inspect_onnx, summarize
+    from egp_export.export.inspect import format_table, inspect_onnx, summarize
 
     rows = inspect_onnx(args.onnx)
     if args.json:

@@ -1,17 +1,8 @@
-"""Provenance in the ONNX file: every node names the source modules and rewrites it came from.
+"""Writing provenance into the ONNX file: every node names the source modules and rewrites it came from.
 
 A per-node comparison of the file (Polygraphy, ONNX Runtime) maps back to the
-PyTorch model through these keys of each node's ``metadata_props`` (values
-are JSON):
-
-- ``pkg.egp_export.source_modules``: qualified names in the original model
-  (``""`` is the model's own ``forward``, which called the op itself);
-- ``pkg.egp_export.source_sites``: the original graph's call sites (node
-  names, as the compile report names sites and rewrites);
-- ``pkg.egp_export.rewrites``: ``records.RewriteKind`` values applied, in order;
-- ``pkg.egp_export.graph_node``: the node of the exported torch.fx graph;
-- ``pkg.egp_export.origin``: ``model`` (from graph nodes), ``exporter`` or
-  ``onnx-simplifier`` (added by them; ``pkg.egp_export.note`` says why).
+PyTorch model through the ``pkg.egp_export.*`` keys of each node's
+``metadata_props`` (listed in ``egp_export.export.inspect``, which reads them).
 
 How the nodes are found. Neither exporter says which node of a torch.fx graph
 an ONNX node came from: both name nodes by the module whose call created them
@@ -22,12 +13,16 @@ call wrapped in a module named after its node (``egp_<node>``), which computes
 exactly what the call did; each ONNX node's scope then names its fx node, and
 the fx node's provenance (``analysis/provenance.py``) is written on it. A
 graph node that left no ONNX node of its own (the exporter's optimizer fused
-it, or it was an identity) passes its provenance on to the nearest nodes that
-read it. onnx-simplifier keeps node and value names but drops
+it, as TorchScript folds an eval BatchNorm into the conv before it, or an
+identity) passes its provenance on to the nearest nodes that feed it (they
+compute its output now), failing those to the nearest that read it.
+onnx-simplifier keeps node and value names but drops
 ``metadata_props``: a simplified node takes the provenance of the exported
-nodes of its name or of its outputs' producers (a fusion keeps both). A plain
-``nn.Module`` is exported as it is; its nodes name the innermost module scope
-the exporter recorded.
+nodes of its name or of its outputs' producers (a fusion keeps both), and a
+node it removed hands its provenance on the same way. A plain ``nn.Module``
+is exported as it is; its nodes name the innermost module scope the exporter
+recorded (where an exporter fuses an eval BatchNorm into a conv itself, the
+fused node names one of the two: a compiled graph has folded it already).
 """
 
 from __future__ import annotations
@@ -35,63 +30,32 @@ from __future__ import annotations
 import ast
 import functools
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import onnx
 import torch.fx as fx
 import torch.nn as nn
 
 from egp_export.analysis.provenance import ROOT, Provenance, provenance_of
-from egp_export.errors import ExportError
+from egp_export.export.inspect import (
+    EXPORTER,
+    GRAPH_NODE,
+    MODEL,
+    MODEL_KEY,
+    NOTE,
+    ORIGIN,
+    PREFIX,
+    REWRITES,
+    SIMPLIFIER,
+    SOURCE_MODULES,
+    SOURCE_SITES,
+    VERSION,
+    NodeProvenance,
+)
 
-PREFIX = "pkg.egp_export."
-SOURCE_MODULES = PREFIX + "source_modules"
-SOURCE_SITES = PREFIX + "source_sites"
-REWRITES = PREFIX + "rewrites"
-GRAPH_NODE = PREFIX + "graph_node"
-ORIGIN = PREFIX + "origin"
-NOTE = PREFIX + "note"
-# On the model: the file carries provenance written by this version of the scheme.
-MODEL_KEY = PREFIX + "provenance"
-VERSION = "1"
-
-MODEL, EXPORTER, SIMPLIFIER = "model", "exporter", "onnx-simplifier"
 SCOPE_PREFIX = "egp_"
 _TORCH_SCOPES = "pkg.torch.onnx.name_scopes"
 _CALLS = ("call_module", "call_function", "call_method")
-
-
-@dataclass(frozen=True)
-class NodeProvenance:
-    """One row of the table: an ONNX node and where it came from."""
-
-    name: str
-    op_type: str
-    modules: tuple[str, ...] = ()
-    sites: tuple[str, ...] = ()
-    rewrites: tuple[str, ...] = ()
-    graph_node: str = ""
-    origin: str = MODEL
-    note: str = ""
-
-    @property
-    def mapped(self) -> bool:
-        """Whether the row names a source module, or says why egp-export's own tools added the node."""
-        return bool(self.modules) if self.origin == MODEL else bool(self.note)
-
-    def to_dict(self) -> dict:
-        return {
-            "node": self.name,
-            "op_type": self.op_type,
-            "source_modules": list(self.modules),
-            "source_sites": list(self.sites),
-            "rewrites": list(self.rewrites),
-            "graph_node": self.graph_node,
-            "origin": self.origin,
-            "note": self.note,
-        }
 
 
 # Exporting with scopes -------------------------------------------------------
@@ -271,20 +235,39 @@ def annotate(
     possibly the same object) and return the table, in graph order. ``added_by`` names what turned ``exported``
     into ``final`` (onnx-simplifier): the origin of nodes the exporter did not write."""
     found = _map_exported(exported, scoped)
-    graph = _ExportedGraph(exported)
+    graph = _NodeGraph(exported)
     sources = [graph.sources_of(node) for node in final.graph.node]
     graph.hand_down_removed(found, {index for indices in sources for index in indices})
-    rows = []
-    for node, indices in zip(final.graph.node, sources):
-        row = _row(node, [found[i] for i in indices], added_by)
+    rows = [_row(node, [found[i] for i in indices], added_by) for node, indices in zip(final.graph.node, sources)]
+    rows = _place_added(rows, _NodeGraph(final), added_by)
+    for node, row in zip(final.graph.node, rows):
         _write(node, row)
-        rows.append(row)
     _set_model_key(final)
     return rows
 
 
-class _ExportedGraph:
-    """The exported model's nodes by name and by the values they write and read (positions in its node list)."""
+def _place_added(rows: list[NodeProvenance], graph: _NodeGraph, added_by: str) -> list[NodeProvenance]:
+    """A node ``added_by`` wrote in place of exported ones (onnx-simplifier's MatMul+Add -> Reshape, Gemm, Reshape
+    under new names) computes part of what the nearest model nodes reading it compute (failing those, feeding it):
+    it takes their provenance, and its note says it was added."""
+    from_model = {index for index, row in enumerate(rows) if row.origin == MODEL}
+    placed = list(rows)
+    for index, row in enumerate(rows):
+        if row.origin != added_by:
+            continue
+        near = graph.nearest(index, from_model, graph.reading) or graph.nearest(index, from_model, graph.feeding)
+        if not near:
+            continue
+        modules = tuple(dict.fromkeys(m for i in near for m in rows[i].modules))
+        sites = tuple(dict.fromkeys(m for i in near for m in rows[i].sites))
+        rewrites = tuple(dict.fromkeys(k for i in near for k in rows[i].rewrites))
+        note = f"{row.note}, computing part of what {', '.join(rows[i].name for i in near)} computes"
+        placed[index] = NodeProvenance(row.name, row.op_type, modules, sites, rewrites, "", MODEL, note)
+    return placed
+
+
+class _NodeGraph:
+    """A model's nodes by name and by the values they write and read (positions in its node list)."""
 
     def __init__(self, exported: onnx.ModelProto) -> None:
         self.nodes = list(exported.graph.node)
@@ -313,17 +296,18 @@ class _ExportedGraph:
             own = found[index].provenance
             if index in kept or own is None:
                 continue
-            for heir in self._nearest(index, kept, self._feeding) or self._nearest(index, kept, self._reading):
+            for heir in self.nearest(index, kept, self.feeding) or self.nearest(index, kept, self.reading):
                 found[heir].inherit(own)
 
-    def _feeding(self, index: int) -> list[int]:
+    def feeding(self, index: int) -> list[int]:
         return [self.producer[v] for v in self.nodes[index].input if v in self.producer]
 
-    def _reading(self, index: int) -> list[int]:
+    def reading(self, index: int) -> list[int]:
         return [r for v in self.nodes[index].output for r in self.readers.get(v, [])]
 
     @staticmethod
-    def _nearest(start: int, kept: set[int], step) -> list[int]:
+    def nearest(start: int, kept: set[int], step) -> list[int]:
+        """The first nodes of ``kept`` reached from ``start`` by repeating ``step`` (feeding or reading)."""
         seen, frontier, hits = {start}, [start], []
         while frontier:
             following = []
@@ -375,86 +359,3 @@ def _set_model_key(model: onnx.ModelProto) -> None:
             return
     entry = model.metadata_props.add()
     entry.key, entry.value = MODEL_KEY, VERSION
-
-
-# Reading it back -----------------------------------------------------------------
-
-
-def read_provenance(model: onnx.ModelProto) -> list[NodeProvenance] | None:
-    """The table stored in ``model``'s nodes, in graph order; None when the file carries no egp-export provenance."""
-    if not any(entry.key == MODEL_KEY for entry in model.metadata_props):
-        return None
-    rows = []
-    for node in model.graph.node:
-        props = {e.key: e.value for e in node.metadata_props}
-        rows.append(
-            NodeProvenance(
-                node.name,
-                node.op_type,
-                tuple(_json_list(props.get(SOURCE_MODULES))),
-                tuple(_json_list(props.get(SOURCE_SITES))),
-                tuple(_json_list(props.get(REWRITES))),
-                props.get(GRAPH_NODE, ""),
-                props.get(ORIGIN, ""),
-                props.get(NOTE, ""),
-            )
-        )
-    return rows
-
-
-def _json_list(value: str | None) -> list[str]:
-    if not value:
-        return []
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
-        return [value]
-    return [str(v) for v in parsed] if isinstance(parsed, list) else [str(parsed)]
-
-
-def inspect_onnx(path: str | Path) -> list[NodeProvenance]:
-    """The provenance table of the ONNX file at ``path``. Raises ExportError for a missing or unreadable file, or one
-    that egp-export did not write (no provenance in it)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"{path} is not a file; give the model.onnx an egp-export compile or export wrote.")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as error:  # protobuf raises DecodeError and others: not an ONNX file
-        raise ExportError(
-            f"{path} is not an ONNX model ({type(error).__name__}); give the model.onnx egp-export wrote."
-        ) from error
-    if not model.graph.node and not model.graph.input:
-        raise ExportError(f"{path} holds no ONNX graph; give the model.onnx egp-export wrote.")
-    rows = read_provenance(model)
-    if rows is None:
-        raise ExportError(
-            f"{path} carries no egp-export provenance (written by another tool, or by an egp-export before provenance); "
-            "export it again with egp-export (compile or export_onnx)."
-        )
-    return rows
-
-
-def format_table(rows: Iterable[NodeProvenance]) -> str:
-    """The table a person reads: ONNX node, op type, source modules, rewrites (``(model)`` is the model's forward)."""
-    header = ("ONNX node", "op type", "source modules", "rewrites")
-    lines = [header]
-    for row in rows:
-        modules = ", ".join(m if m != ROOT else "(model)" for m in row.modules)
-        source = modules if row.origin == MODEL else f"[{row.origin}] {row.note}"
-        lines.append((row.name, row.op_type, source or "-", ", ".join(row.rewrites) or "-"))
-    widths = [max(len(line[i]) for line in lines) for i in range(3)]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line[:3], widths)) + "  " + line[3] for line in lines
-    )
-
-
-def summarize(rows: list[NodeProvenance]) -> str:
-    """One line: how many nodes come from the model's modules, how many were added by which tool, how many are unmapped."""
-    counts: dict[str, int] = {}
-    for row in rows:
-        key = row.origin if row.mapped else "unmapped"
-        counts[key] = counts.get(key, 0) + 1
-    labels = {MODEL: "from the model's modules", EXPORTER: "added by the exporter", "unmapped": "WITHOUT provenance"}
-    parts = [f"{count} {labels.get(origin, f'added by {origin}')}" for origin, count in counts.items()]
-    return f"{len(rows)} nodes: " + ", ".join(parts)

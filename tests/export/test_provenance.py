@@ -27,17 +27,9 @@ from egp_export.analysis.fx import insert_module_call, propagate_shapes
 from egp_export.analysis.numerics import compare
 from egp_export.analysis.provenance import PROVENANCE_KEY
 from egp_export.errors import ExportError
+from egp_export.export.inspect import EXPORTER, MODEL, SOURCE_MODULES, format_table, inspect_onnx, read_provenance
 from egp_export.export.onnx import export_onnx, ort_session, run_onnx
-from egp_export.export.provenance import (
-    EXPORTER,
-    MODEL,
-    SOURCE_MODULES,
-    annotate,
-    format_table,
-    inspect_onnx,
-    read_provenance,
-    scoped_module,
-)
+from egp_export.export.provenance import annotate, scoped_module
 from egp_export.passes import GraphPass, PassManager, Recorder, default_steps
 from egp_export.passes.modules import ChannelAffine
 from egp_export.records import RewriteKind
@@ -154,9 +146,14 @@ def test_nodes_the_exporter_or_the_simplifier_added_are_labelled_with_the_reason
     final = onnx.ModelProto()
     final.CopyFrom(exported)
     final.graph.node.add().CopyFrom(onnx.helper.make_node("Neg", ["z"], ["w"], name="made_later"))
+    tensor = onnx.helper.make_tensor("c", 1, [1], [1.0])
+    final.graph.node.add().CopyFrom(onnx.helper.make_node("Constant", [], ["c"], name="alone", value=tensor))
     rows = annotate(final, exported, scoped, added_by="onnx-simplifier")
-    assert [(r.origin, r.modules) for r in rows] == [(MODEL, ("0",)), (EXPORTER, ()), ("onnx-simplifier", ())]
-    assert "outside every graph node" in rows[1].note and "added by onnx-simplifier" in rows[2].note
+    assert [(r.origin, r.modules) for r in rows] == [(MODEL, ("0",)), (EXPORTER, ()), (MODEL, ("0",)), ("onnx-simplifier", ())]
+    assert "outside every graph node" in rows[1].note
+    # A node the simplifier wrote computes part of what the model nodes around it compute; one on its own says so.
+    assert rows[2].note == f"Neg added by onnx-simplifier after the export, computing part of what /{scope}/module/Relu computes"
+    assert rows[3].note == "Constant added by onnx-simplifier after the export"
     assert all(row.mapped for row in rows)
     assert read_provenance(final) == rows
 
@@ -262,3 +259,36 @@ def test_metadata_is_plain_json_in_node_metadata_props(tmp_path):
         props = {e.key: e.value for e in node.metadata_props}
         assert json.loads(props[SOURCE_MODULES]), node.name
     assert all(row.origin == MODEL for row in result.provenance)
+
+
+def _zoo_export(name: str, exporter: str, tmp_path: Path):
+    """A zoo model with an engineered linear site, compiled and checked as the zoo test does, then exported."""
+    from egp_export.analysis.numerics import ORT_CPU_RTOL
+    from egp_export.testing import ZOO_BY_NAME
+    from tests.test_zoo_e2e import compile_and_check
+
+    entry = ZOO_BY_NAME[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = compile_and_check(entry, engineered=True)
+        return export_onnx(
+            compiled.module, compiled.fresh[: max(2, entry.onnx_batch)], tmp_path / "model.onnx",
+            verify_inputs=compiled.fresh, rtol=max(ORT_CPU_RTOL, compiled.rtol), exporter=exporter,
+        )
+
+
+@pytest.mark.slow  # a zoo compile (tests/test_zoo_e2e.py checks every default zoo model's file is mapped)
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_every_node_of_a_compiled_resnet18_maps_to_its_source_modules(exporter, tmp_path):
+    result = _zoo_export("torchvision/resnet18", exporter, tmp_path)
+    rows = result.provenance
+    onnx.checker.check_model(onnx.load(str(result.path)), full_check=True)
+    assert rows and all(row.mapped and row.origin == MODEL for row in rows), format_table(rows)
+    # The engineered site (the stem's ReLU) was linearized into the identity and absorbed by the stem conv.
+    stem = next(row for row in rows if row.op_type == "Conv")
+    assert stem.modules == ("conv1", "bn1", "relu") and stem.sites == ("conv1", "bn1", "relu"), format_table(rows)
+    assert stem.rewrites == ("bn_folded", "linearized", "affine_removed"), format_table(rows)
+    convs = [row for row in rows if row.op_type == "Conv"]
+    assert all(len(row.modules) >= 2 and "bn_folded" in row.rewrites for row in convs), format_table(rows)
+    sources = {module for row in rows for module in row.modules}
+    assert {"layer4.1.conv2", "layer2.0.downsample.0", "fc", "avgpool"} <= sources, format_table(rows)
