@@ -18,8 +18,10 @@ identity) passes its provenance on to the nearest nodes that feed it (they
 compute its output now), failing those to the nearest that read it.
 onnx-simplifier keeps node and value names but drops
 ``metadata_props``: a simplified node takes the provenance of the exported
-nodes of its name or of its outputs' producers (a fusion keeps both), and a
-node it removed hands its provenance on the same way. A plain ``nn.Module``
+nodes of its name or of its outputs' producers (a fusion keeps both); a node
+it removed hands its provenance on the same way, and a node it wrote under a
+new name (MatMul+Add -> Reshape, Gemm, Reshape) takes that of the model nodes
+around it, its note saying it was added. A plain ``nn.Module``
 is exported as it is; its nodes name the innermost module scope the exporter
 recorded (where an exporter fuses an eval BatchNorm into a conv itself, the
 fused node names one of the two: a compiled graph has folded it already).

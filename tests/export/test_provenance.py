@@ -292,3 +292,34 @@ def test_every_node_of_a_compiled_resnet18_maps_to_its_source_modules(exporter, 
     assert all(len(row.modules) >= 2 and "bn_folded" in row.rewrites for row in convs), format_table(rows)
     sources = {module for row in rows for module in row.modules}
     assert {"layer4.1.conv2", "layer2.0.downsample.0", "fc", "avgpool"} <= sources, format_table(rows)
+
+
+class TwoHeads(nn.Module):
+    """One module called at two sites, an in-place op, and two outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.left, self.right = nn.Linear(3, 2), nn.Linear(3, 4)
+
+    def forward(self, x):
+        y = self.act(self.conv(x))
+        z = self.act(self.conv(y)).mean((2, 3))
+        return self.left(z), self.right(y.mean((2, 3)).add_(1.0))
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_shared_module_sites_in_place_ops_and_several_outputs_map_exactly(exporter, tmp_path):
+    import copy
+
+    x = torch.randn(2, 3, 8, 8)
+    gm = copy.deepcopy(_compiled(TwoHeads().eval(), x))  # a copy keeps what the nodes carry
+    result = export_onnx(gm, x, tmp_path / "model.onnx", verify_inputs=torch.randn(5, 3, 8, 8), exporter=exporter)
+    rows = result.provenance
+    assert all(row.mapped and row.origin == MODEL for row in rows), format_table(rows)
+    convs = [row for row in rows if row.op_type == "Conv"]
+    # The shared conv's two calls are two call sites of one module: each ONNX node names its own.
+    assert [row.modules for row in convs] == [("conv",), ("conv",)] and [r.sites for r in convs] == [("conv",), ("conv_1",)]
+    assert sorted(row.modules for row in rows if row.op_type == "Gemm") == [("left",), ("right",)], format_table(rows)
+    assert any(row.sites == ("add_",) for row in rows), format_table(rows)
