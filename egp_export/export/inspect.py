@@ -37,7 +37,6 @@ NOTE = PREFIX + "note"
 MODEL_KEY = PREFIX + "provenance"
 VERSION = "1"
 
-MODEL, EXPORTER, SIMPLIFIER = "model", "exporter", "onnx-simplifier"
 ROOT = ""  # the qualified name of the model itself (analysis/provenance.py: ROOT)
 MODEL, EXPORTER, SIMPLIFIER = "model", "exporter", "onnx-simplifier"
 
@@ -137,7 +136,7 @@ def format_table(rows: Iterable[NodeProvenance]) -> str:
     lines = [header]
     for row in rows:
         modules = ", ".join(m if m != ROOT else "(model)" for m in row.modules)
-        source = modules if row.origin == MODEL else f"[{row.origin}] {row.note}"
+        source = (modules or row.note) if row.origin == MODEL else f"[{row.origin}] {row.note}"
         lines.append((row.name, row.op_type, source or "-", ", ".join(row.rewrites) or "-"))
     widths = [max(len(line[i]) for line in lines) for i in range(3)]
     return "\n".join(
