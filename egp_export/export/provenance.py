@@ -26,12 +26,12 @@ is exported as it is; its nodes name the innermost module scope the exporter
 recorded (where an exporter fuses an eval BatchNorm into a conv itself, the
 fused node names one of the two: a compiled graph has folded it already).
 
-What the scoping costs (``python tools/bench_provenance.py``, the zoo's
-ResNet-18 compiled, 2 rounds on the shared 2-core machine under load): the
-same 46 (TorchScript) / 45 (dynamo) ops and the same ONNX Runtime error
-(2.26e-4 against the fp32 module, its own noise level); the exporter's own time
-1.05 / 2.06 s scoped vs 0.89 / 1.57 s unscoped with TorchScript, 28.1 / 22.7 s
-vs 17.5 / 17.2 s with dynamo (torch.export traces a module boundary per node).
+What the scoping costs (``python tools/bench_provenance.py --rounds 1``, the
+zoo's ResNet-18 compiled, on the shared 2-core machine under load): the same
+46 (TorchScript) / 45 (dynamo) ops and the same ONNX Runtime error (2.26e-4,
+the fp32 module's own noise level); the exporter's own time 0.53 s scoped vs
+0.34 s as it is with TorchScript, 16.3 s vs 10.1 s with dynamo (torch.export
+traces one more module boundary per node).
 """
 
 from __future__ import annotations
