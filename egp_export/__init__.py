@@ -3,6 +3,7 @@
     result = egp_export.compile(model, calibration_batch)      # CompileResult(module, report, sites)
     egp_export.export_onnx(result.module, example, "model.onnx", verify_inputs=held_out)
     egp_export.analyze(model, calibration_batch)               # per-site activation statistics only
+    egp_export.inspect_onnx("model.onnx")                      # each ONNX node's source modules and rewrites
 
 The error types are imported eagerly (they are light); ``compile``,
 ``analyze``, ``export_onnx`` and the result types load torch, onnx and
@@ -38,6 +39,7 @@ _LAZY = {
     "analyze": "analysis.stats",
     "export_onnx": "export.onnx",
     "ExportResult": "export.onnx",
+    "inspect_onnx": "export.inspect",
     "padding_plan": "algebra.padding",
     "apply_padding_plan": "algebra.padding",
     "profile": "runtime.profiler",
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
     from egp_export.algebra.padding import apply_padding_plan, padding_plan
     from egp_export.analysis.stats import analyze
     from egp_export.compiler import CompileResult, compile  # noqa: A004 - the issue's public name
+    from egp_export.export.inspect import inspect_onnx
     from egp_export.export.onnx import ExportResult, export_onnx
     from egp_export.runtime.engines import build_engine
     from egp_export.runtime.profiler import profile
@@ -77,6 +80,7 @@ __all__ = [
     "build_engine",
     "compile",
     "export_onnx",
+    "inspect_onnx",
     "padding_plan",
     "profile",
     "recheck",

@@ -3,6 +3,7 @@
     egp-export analyze --arch A --calibration C --out DIR    per-site activation report
     egp-export compile --arch A --calibration C --out DIR    compiled model.onnx + report
     egp-export demo --out DIR                                train, EGP-prune, compile, verify and time a digits ResNet
+    egp-export inspect model.onnx [--json]                   each ONNX node's source modules and rewrites
     egp-export prune ...                                     entropy-guided pruning (prune_cli.py)
     egp-export profile | gate | engine ...                   latency and TensorRT (perf_cli.py)
     egp-export recheck OUT --arch A --inputs SPEC            is the compile's guarantee still true on new data?
@@ -263,7 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
     demo.set_defaults(run=_run_demo, verbose=False)
 
-    # Commands defined beside their libraries; each module stays light until its command runs.
+    inspect = commands.add_parser(
+        "inspect",
+        help="print where each node of a model.onnx egp-export wrote comes from: source modules and rewrites",
+        description="Print one row per node of an ONNX file egp-export wrote (compile or export_onnx): the node, its op "
+        "type, the modules of the original PyTorch model it computes (qualified names; (model) is the model's own "
+        "forward) and the rewrites that made it, read from the nodes' metadata_props (pkg.egp_export.*). Nodes the "
+        "exporter or onnx-simplifier added say so, and why.",
+    )
+    inspect.add_argument("onnx", type=Path, metavar="MODEL.onnx", help="the ONNX file")
+    inspect.add_argument("--json", action="store_true", help="print the table as JSON, one object per node")
+    inspect.set_defaults(run=_run_inspect)
+
+    # Commands defined beside their libraries; each module stays light until a command runs.
     from egp_export.cli.perf import add_perf_commands
     from egp_export.cli.prune import add_prune_command
     from egp_export.cli.recheck import add_recheck_command
@@ -652,6 +665,19 @@ def _measure_latency(args, model, calibration, verify, paths, rtol: float, repor
         "predicted_speedup": report["predicted_conv_latency_us"]["before"]
         / max(report["predicted_conv_latency_us"]["after"], 1e-9),
     }
+
+
+def _run_inspect(args: argparse.Namespace) -> None:
+    import json
+
+    from egp_export.export.inspect import format_table, inspect_onnx, summarize
+
+    rows = inspect_onnx(args.onnx)
+    if args.json:
+        print(json.dumps([row.to_dict() for row in rows], indent=2))
+        return
+    print(format_table(rows))
+    print(summarize(rows))
 
 
 def _run_demo(args: argparse.Namespace) -> None:

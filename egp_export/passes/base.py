@@ -37,6 +37,7 @@ from egp_export.analysis.activations import activation_spec
 from egp_export.analysis.fx import keeps_effects, propagate_shapes
 from egp_export.analysis.numerics import FP32_RTOL, compare
 from egp_export.analysis.ops import named_modules
+from egp_export.analysis.provenance import mark_rewritten, seed_provenance
 from egp_export.analysis.stats import site_stats
 from egp_export.errors import EgpExportError, PassError, VerificationError
 from egp_export.records import Reason, Refusal, Rewrite, RewriteKind
@@ -63,7 +64,12 @@ class Recorder:
         return any(node.name in self.withheld for node in nodes)
 
     def rewrote(self, kind: RewriteKind, nodes: Sequence[fx.Node | str], **detail) -> None:
+        """Record a rewrite of ``nodes``; those given as nodes and still in the graph were changed in place by it
+        (their provenance records ``kind``; nodes a rewrite replaced pass theirs on with ``provenance.absorb``)."""
         self.result.modified = True
+        for node in nodes:
+            if isinstance(node, fx.Node) and not getattr(node, "_erased", False):
+                mark_rewritten(node, kind)
         names = tuple(n if isinstance(n, str) else n.name for n in nodes)
         self.result.rewrites.append(Rewrite(self.pass_name, kind, names, detail))
 
@@ -290,6 +296,7 @@ class PassManager:
         """
         rewrites: list[Rewrite] = []
         steps_run: list[tuple[str, int]] = []
+        seed_provenance(gm)  # what each node comes from, carried by every pass (analysis/provenance.py)
         widened = self._widened = self.float64 and _widen(gm, self.example_input)
         example, debug = self.example_input, self.debug_inputs
         if widened:

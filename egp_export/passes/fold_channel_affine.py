@@ -79,7 +79,7 @@ def _fold(match: Match) -> Applied:
     consumers = list(node.users)
     for user in consumers:
         fold_into_consumer(match.modules[str(user.target)], affine.scale, affine.shift)
-    return Applied(RewriteKind.AFFINE_FOLDED, {"into": [str(u.target) for u in consumers]}, source)
+    return Applied(RewriteKind.AFFINE_FOLDED, {"into": [str(u.target) for u in consumers]}, source, absorbed_by=tuple(consumers))
 
 
 class FoldChannelAffine(RuleSetPass):

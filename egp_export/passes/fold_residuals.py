@@ -71,7 +71,7 @@ def _fold(match: Match) -> Applied:
             column = 0 if module.groups > 1 else channel
             module.weight[(channel, column) + centre] += 1.0
     output = match.captures.get("bias_map", conv)
-    return Applied(RewriteKind.RESIDUAL_FOLDED, {"conv": str(conv.target)}, output)
+    return Applied(RewriteKind.RESIDUAL_FOLDED, {"conv": str(conv.target)}, output, absorbed_by=(conv,))
 
 
 class FoldResiduals(RuleSetPass):

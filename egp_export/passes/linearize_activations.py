@@ -26,6 +26,7 @@ import torch.fx as fx
 from egp_export.algebra.affine import producer_refusal
 from egp_export.analysis.fx import insert_module_call, shape_of
 from egp_export.analysis.ops import named_modules
+from egp_export.analysis.provenance import absorb
 from egp_export.analysis.stats import site_stats
 from egp_export.passes.base import Fact, GraphPass, Recorder
 from egp_export.passes.modules import ChannelAffine, weight_dtype
@@ -60,6 +61,7 @@ class LinearizeActivations(GraphPass):
             if linear.ok:
                 affine = ChannelAffine(linear.scale, linear.shift, stats.dim, weight_dtype(gm))
                 replacement = insert_module_call(gm, node, f"{node.name}_linear", affine, (source,), like=node)
+                absorb(replacement, [node], RewriteKind.LINEARIZED)
                 node.replace_all_uses_with(replacement)
                 gm.graph.erase_node(node)
                 detail = {"activation": stats.spec.kind, **_counts(linear.scale, linear.shift)}
@@ -79,5 +81,6 @@ class LinearizeActivations(GraphPass):
                 mask = (~dead).to(torch.float64)
                 masker = ChannelAffine(mask, torch.zeros_like(mask), stats.dim, weight_dtype(gm))
                 masked = insert_module_call(gm, node, f"{node.name}_dead_mask", masker, (source,), like=source)
+                absorb(masked, [node], RewriteKind.DEAD_MASKED)
                 node.replace_input_with(source, masked)
                 record.rewrote(RewriteKind.DEAD_MASKED, [node.name], dead=int(dead.sum()), activation=stats.spec.kind)
