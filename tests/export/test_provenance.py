@@ -30,6 +30,7 @@ from egp_export.errors import ExportError
 from egp_export.export.inspect import EXPORTER, MODEL, SOURCE_MODULES, format_table, inspect_onnx, read_provenance
 from egp_export.export.onnx import export_onnx, ort_session, run_onnx
 from egp_export.export.provenance import annotate, scoped_module
+from egp_export.analysis.stats import calibrate
 from egp_export.passes import GraphPass, PassManager, Recorder, default_steps
 from egp_export.passes.modules import ChannelAffine
 from egp_export.records import RewriteKind
@@ -76,8 +77,10 @@ def _net() -> Net:
 
 
 def _compiled(net: nn.Module, example: torch.Tensor) -> fx.GraphModule:
-    """The default pipeline on a fresh capture (no calibration: BN folds, conv chains merge, identities go)."""
+    """The default pipeline on a fresh capture calibrated on ``example`` (BN folds, conv chains merge, identities go;
+    the linearizer requires calibrated sites)."""
     gm = capture(net, example)
+    calibrate(gm, [example])
     propagate_shapes(gm, example)
     PassManager(default_steps(1e-5), example_input=example).run(gm)
     return gm
