@@ -39,7 +39,6 @@ import torch.nn as nn
 
 from egp_export.analysis import inputs
 from egp_export.analysis.batches import Batches
-from egp_export.analysis.inputs import Batch
 from egp_export.analysis.stats import SiteStats
 from egp_export.analysis.trace import trace
 from egp_export.records import Reason, RefusalCode
@@ -155,11 +154,6 @@ def _feature_std(decide: Batches, leaf: int) -> torch.Tensor:
     return (squares / count - mean**2).clamp_min(0.0).sqrt()
 
 
-def _replaced(batch: Batch, leaves: list[torch.Tensor]) -> Batch:
-    """``batch`` with its tensors replaced by ``leaves`` (in ``inputs.leaves`` order), the structure kept."""
-    given = iter(leaves)
-    return inputs.structured(batch, lambda _: next(given))
-
 
 def search_crossings(
     reference: nn.Module, sites: list[SiteStats], start: Batches, decide: Batches, tolerance: float, *,
@@ -209,7 +203,7 @@ def search_crossings(
     for step in range(steps + 1):
         with torch.enable_grad():
             moved = [leaf + deltas[i] if i in deltas else leaf for i, leaf in enumerate(leaves)]
-            interpreter.run(*inputs.positional(gm, _replaced(batch, moved)))
+            interpreter.run(*inputs.positional(gm, inputs.with_leaves(batch, moved)))
             if step == steps:
                 break
             margins = torch.cat([t.margins.expand(inputs.batch_size(batch), -1) for t in targets.values()], dim=1)

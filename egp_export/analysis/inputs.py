@@ -78,6 +78,12 @@ def structured(batch: Batch, apply: Callable[[torch.Tensor], torch.Tensor]) -> B
     return tuple(apply(value) for value in batch)
 
 
+def with_leaves(batch: Batch, replacements: Sequence[torch.Tensor]) -> Batch:
+    """``batch``'s structure holding ``replacements`` (one per tensor, in ``leaves`` order)."""
+    given = iter(replacements)
+    return structured(batch, lambda _: next(given))
+
+
 def batch_size(batch: Batch) -> int:
     """How many samples the batch holds (dimension 0 of its tensors)."""
     return int(leaves(batch)[0].shape[0])
