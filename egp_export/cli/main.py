@@ -534,6 +534,7 @@ def _compile_into(
 
     model = _load_model(args)
     calibration = _load_calibration(args, model)
+    _check_dynamic_dims(args, model, calibration)
     with stage(args, "compile", f"trace, calibrate on {inputs.batch_size(calibration)} samples, rewrite, verify") as line:
         result = compile_model(
             model,
@@ -660,6 +661,16 @@ def _dynamic_dims(args: argparse.Namespace) -> dict[str, dict[int, str]]:
             raise ExportError(f"--dynamic-dim gives {name}:{axis} two names, {dims[name][axis]} and {dim}; give one.")
         dims.setdefault(name, {})[axis] = dim
     return dims
+
+
+def _check_dynamic_dims(args: argparse.Namespace, model, calibration) -> None:
+    """Refuse, before the compile, a --dynamic-dim the export would refuse (an unknown input, the batch axis, a size
+    of 1, one name on two sizes)."""
+    from egp_export.analysis import inputs
+    from egp_export.export.onnx import checked_dims, input_names
+
+    example = inputs.take(calibration, slice(0, 1))
+    checked_dims(_dynamic_dims(args), input_names(model, example), example)
 
 
 def _measure_latency(args, model, calibration, verify, paths, rtol: float, report: dict) -> dict:

@@ -370,8 +370,8 @@ def export_onnx(
         check_opset(opset)
     module = _check_module(module_or_model)
     _check_batch(example_input, "example_input")
-    names = _input_names(module, example_input)
-    dims = _checked_dims(dynamic_dims or {}, names, example_input)
+    names = input_names(module, example_input)
+    dims = checked_dims(dynamic_dims or {}, names, example_input)
     given = _given_batches(example_input, verify_inputs, dims, names, dynamic_batch=dynamic_batch)
     outputs = _Outputs(module)
     n_outputs = _check_outputs(outputs.of(example_input, "the example input"))
@@ -603,7 +603,7 @@ class _Job:
         )
 
 
-def _input_names(module: nn.Module, example: Batch) -> list[str]:
+def input_names(module: nn.Module, example: Batch) -> list[str]:
     """The file's input names: "input" for one tensor, a dict's keys, a tuple's ``forward`` parameter names."""
     if isinstance(example, torch.Tensor):
         return [INPUT_NAME]
@@ -613,7 +613,7 @@ def _input_names(module: nn.Module, example: Batch) -> list[str]:
     return list(parameters[: len(example)]) if len(parameters) >= len(example) else [f"input_{i}" for i in range(len(example))]
 
 
-def _checked_dims(dims, names: list[str], example: Batch) -> dict[str, dict[int, str]]:
+def checked_dims(dims, names: list[str], example: Batch) -> dict[str, dict[int, str]]:
     """``dims`` ({input: {axis: name}}) checked against the example: known inputs, axes beyond the batch, one size per
     name, and at least 2 (torch.export specializes a size-1 dimension)."""
     checked: dict[str, dict[int, str]] = {}
