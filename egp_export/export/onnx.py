@@ -552,8 +552,8 @@ class _Job:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 exported = _export(
-                    self.module, inputs.clone(traced), traced_output, self.input_names, self.output_names, exporter,
-                    self.opset, dynamic, self.dims,
+                    self.module, inputs.clone(traced), traced_output, self.output_names, exporter, self.opset, dynamic,
+                    self.input_names, self.dims,
                 )
         finally:
             for warning in caught:  # on to _captured, which notes and logs them all
@@ -920,7 +920,7 @@ def _check_outputs(output) -> int:
     return len(leaves)
 
 
-def _export(module, example_input, example_output, input_names, output_names, exporter, opset, dynamic_batch, dims):
+def _export(module, example_input, example_output, output_names, exporter, opset, dynamic_batch, input_names, dims):
     # A dict is passed as keyword arguments, a tuple as positional ones; both exporters name the inputs in order.
     args, kwargs = ((), example_input) if isinstance(example_input, dict) else (inputs.positional(module, example_input), None)
     axes = _input_axes(input_names, dims, batch=dynamic_batch)
