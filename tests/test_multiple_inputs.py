@@ -166,6 +166,14 @@ class _Dicts(Dataset):
         return {"labels": index % 3, **{key: value[index] for key, value in self.data.items()}}
 
 
+class _Pairs(_Dicts):
+    """(inputs, label) items whose inputs are Python lists, as a tokenizer without return_tensors gives them."""
+
+    def __getitem__(self, index: int) -> tuple:
+        item = super().__getitem__(index)
+        return {key: value.tolist() for key, value in item.items() if key != "labels"}, item["labels"]
+
+
 def test_calibration_as_files_datasets_and_lists_of_dicts_gives_the_same_batches(tmp_path):
     data = tokens(20)
     signature = inputs.signature(KeywordNet())
@@ -177,6 +185,8 @@ def test_calibration_as_files_datasets_and_lists_of_dicts_gives_the_same_batches
         load_calibration(str(tmp_path / "tokens.pt"), signature=signature),
         _Dicts(data),
         DataLoader(_Dicts(data), batch_size=6),
+        _Pairs(data),
+        iter([_Pairs(data)[i] for i in range(20)]),  # lists of numbers: one sample per item
         [inputs.take(data, slice(first, first + 7)) for first in range(0, 20, 7)],
         iter([{**inputs.take(data, slice(first, first + 5)), "labels": torch.zeros(5)} for first in range(0, 20, 5)]),
     ]

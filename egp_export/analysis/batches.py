@@ -381,7 +381,8 @@ def _input_of(item, index: int, *, where: str = "item", signature: Signature | N
         if required > 1 and len(item) >= required and all(map(_is_array, item[:required])):
             return _positional_inputs(item[:required], what)
         if isinstance(item[0], (torch.Tensor, np.ndarray, Mapping)):
-            return _input_of(item[0], index, where=where, signature=signature)[0], False
+            # A dict of Python number lists is one sample, in a pair too.
+            return _input_of(item[0], index, where=where, signature=signature)
         if not _numbers_only(item):
             raise CalibrationError(
                 f"{what} is a {type(item).__name__} that mixes numbers, lists and other values, so neither one sample "
