@@ -168,13 +168,13 @@ def form(batch: Batch) -> tuple:
     return kind, tuple((name, tuple(leaf.shape[1:]), leaf.dtype) for name, leaf in zip(names(batch), leaves(batch)))
 
 
-def describe(batch: Batch, *, sample: bool = True) -> str:
-    """Shapes and dtypes for a message: "shape (8,) and dtype int64", or one "name (8,) int64" per input."""
-    shape = (lambda leaf: tuple(leaf.shape[1:])) if sample else (lambda leaf: tuple(leaf.shape))
+def describe(batch: Batch) -> str:
+    """One sample's shapes and dtypes for a message: "shape (8,) and dtype int64", or "name (8,) int64" per input."""
     if isinstance(batch, torch.Tensor):
-        return f"shape {shape(batch)} and dtype {str(batch.dtype).removeprefix('torch.')}"
+        return f"shape {tuple(batch.shape[1:])} and dtype {str(batch.dtype).removeprefix('torch.')}"
     return ", ".join(
-        f"{name} {shape(leaf)} {str(leaf.dtype).removeprefix('torch.')}" for name, leaf in zip(names(batch), leaves(batch))
+        f"{name} {tuple(leaf.shape[1:])} {str(leaf.dtype).removeprefix('torch.')}"
+        for name, leaf in zip(names(batch), leaves(batch))
     )
 
 
