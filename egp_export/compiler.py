@@ -43,6 +43,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from egp_export.algebra.costmodel import AnalyticCost
+from egp_export.analysis import inputs
 from egp_export.analysis.batches import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_SPLIT_SEED,
@@ -55,6 +56,7 @@ from egp_export.analysis.batches import (
 )
 from egp_export.analysis.crossings import DEFAULT_CROSSING_RADIUS, CrossingSearch, search_crossings
 from egp_export.analysis.fx import propagate_shapes
+from egp_export.analysis.inputs import Batch
 from egp_export.analysis.numerics import (
     FP32_RTOL,
     NOISE_CAP,
@@ -193,9 +195,9 @@ def noise_floor(noise: float) -> float:
     return max(FP32_RTOL, min(raised, NOISE_CAP))
 
 
-def _outputs(module: nn.Module, batches: list[torch.Tensor]) -> list:
+def _outputs(module: nn.Module, batches: list[Batch]) -> list:
     with torch.no_grad():
-        return [module(batch.clone()) for batch in batches]  # a model may write into its input
+        return [inputs.call_on_copy(module, batch) for batch in batches]  # a model may write into its input
 
 
 class _Shards:
@@ -259,15 +261,15 @@ class _Shards:
         with torch.no_grad():
             read = 0
             for number, batch in enumerate(share):
-                errors.add(_reference_output(reference, share, number, batch, read), candidate(batch))
-                read += len(batch)
+                errors.add(_reference_output(reference, share, number, batch, read), inputs.call(candidate, batch))
+                read += inputs.batch_size(batch)
         if self.world > 1:
             errors.all_reduce(self.runtime, share.start - batches.start)
         return errors.result()
 
 
-def _widened(batch: torch.Tensor) -> torch.Tensor:
-    return batch.float() if batch.dtype in _WIDENED_DTYPES else batch
+def _widened(batch: Batch) -> Batch:
+    return inputs.structured(batch, lambda leaf: leaf.float() if leaf.dtype in _WIDENED_DTYPES else leaf)
 
 
 def _working_copy(model: nn.Module) -> tuple[nn.Module, dict]:
@@ -293,7 +295,7 @@ def _working_copy(model: nn.Module) -> tuple[nn.Module, dict]:
     return working, facts
 
 
-def _reference_output(reference: nn.Module, part: Batches, number: int, batch: torch.Tensor, read: int):
+def _reference_output(reference: nn.Module, part: Batches, number: int, batch: Batch, read: int):
     """The original model's output on ``batch`` (batch ``number`` of ``part``, after ``read`` samples of it).
 
     The held-out part is first run here, not in calibration: a sample the model rejects (a token id beyond the
@@ -301,7 +303,7 @@ def _reference_output(reference: nn.Module, part: Batches, number: int, batch: t
     """
     try:
         with torch.no_grad():
-            return reference(batch.clone())  # a model may write into its input
+            return inputs.call_on_copy(reference, batch)  # a model may write into its input
     except (CalibrationError, MemoryError):
         raise
     except Exception as error:  # the model ran on the decide part, so this is the data
@@ -596,7 +598,8 @@ def compile(  # noqa: A001 - the issue's public name
             f"crossing_radius must be a finite number >= 0 (0 disables the search), got {crossing_radius}."
         )
     working, dtype = _working_copy(model)
-    batches = fitted_to(working, as_batches(calibration, batch_size=batch_size).map(_widened))
+    batches = as_batches(calibration, batch_size=batch_size, signature=inputs.signature(working))
+    batches = fitted_to(working, batches.map(_widened))
     split = split_holdout(batches, holdout, 0.0 if strict else validation, seed=split_seed)
     shards = _Shards(runtime)
     shards.check(split)
@@ -607,7 +610,7 @@ def compile(  # noqa: A001 - the issue's public name
     traced = trace_facts(gm)
     stages.done(nodes=len(gm.graph.nodes), leaf_modules=len(traced.leaf_modules))
     reference = working.eval()
-    noise_batch = [split.holdout[0][:NOISE_SAMPLES]]
+    noise_batch = [inputs.take(split.holdout[0], slice(0, NOISE_SAMPLES))]
     # The fp64 reference run is slow on CPU: measured up front only in debug
     # mode (every pass is checked against it), else only if the plain fp32
     # floor is not met.
@@ -618,7 +621,7 @@ def compile(  # noqa: A001 - the issue's public name
             "the measured cost model times convolutions in each process, so processes could plan different merges; "
             "use the analytic cost model (the default) when compiling under torchrun."
         )
-    example = split.calibrate[0][:1]
+    example = inputs.take(split.calibrate[0], slice(0, 1))
 
     def rewrite(gm: fx.GraphModule, sites: list[SiteStats], withdraw_everything: Reason | None = None) -> _Attempt:
         withdrawals: list[Refusal] = []
@@ -855,7 +858,7 @@ def _report(
             "distinct_decide_samples": samples["decide"],
             "distinct_holdout_samples": samples["holdout"],
             "split_seed": split.seed,
-            "sample_shape": list(split.calibrate[0].shape[1:]),
+            "sample_shape": inputs.sample_shape(split.calibrate[0]),
         },
         "trace": traced,
         "analysis": analysis,

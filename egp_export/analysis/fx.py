@@ -9,7 +9,9 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from egp_export.analysis import inputs
 from egp_export.analysis.activations import activation_spec
+from egp_export.analysis.inputs import Batch
 from egp_export.analysis.ops import LayerKind, layer_kind, module_of, named_modules, writes_in_place
 from egp_export.records import Reason, RefusalCode
 
@@ -43,15 +45,17 @@ def sharing_refusal(gm: fx.GraphModule, target: str) -> Reason | None:
     return None
 
 
-def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
-    """Store every node's output shape in ``node.meta['tensor_meta']`` (torch.fx ShapeProp on one sample).
+def propagate_shapes(gm: fx.GraphModule, example: Batch) -> None:
+    """Store every node's output shape in ``node.meta['tensor_meta']`` (torch.fx ShapeProp on one sample; a batch of
+    several inputs is given one per placeholder).
 
     A real forward of one sample: measured faster than fake tensors once the
     process is warm (ResNet-50 at 224x224: 0.08 s real vs 0.28 s fake;
     EfficientNetV2-S at 32x32: 0.04 s vs 0.67 s).
     """
     with torch.no_grad():
-        ShapeProp(gm).propagate(example.clone())  # a model may write into its input; the caller's example stays
+        # A model may write into its input: the caller's example stays as it is.
+        ShapeProp(gm).propagate(*inputs.positional(gm, inputs.clone(example)))
 
 
 def shape_of(node: fx.Node) -> tuple[int, ...] | None:
