@@ -36,8 +36,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from egp_export.analysis.batches import Batches
+from egp_export.analysis.capture import capture
 from egp_export.analysis.stats import SiteStats
-from egp_export.analysis.trace import trace
 from egp_export.records import Reason, RefusalCode
 
 # Half-width of the search box per input feature, as a fraction of that feature's standard deviation on the decide
@@ -149,11 +149,11 @@ def _feature_std(decide: Batches) -> torch.Tensor:
 def search_crossings(
     reference: nn.Module, sites: list[SiteStats], start: Batches, decide: Batches, tolerance: float, *,
     radius: float = DEFAULT_CROSSING_RADIUS, steps: int = CROSSING_STEPS, samples: int = CROSSING_SAMPLES,
-    leaf_modules: tuple = (),
+    leaf_modules: tuple = (), frontend: str = "fx",
 ) -> CrossingSearch:
     """Search around the first ``samples`` of ``start`` for inputs that move rewritten neurons out of their region.
 
-    ``reference`` (the original model) is traced afresh and never changed; the
+    ``reference`` (the original model) is captured afresh by ``frontend`` and never changed; the
     box is ``radius`` x the per-feature standard deviation of ``decide``.
     Every neuron seen outside its region is withdrawn from its site with a
     CROSSED_UNDER_PERTURBATION reason; the result says what was searched.
@@ -180,7 +180,7 @@ def search_crossings(
         search.skipped = f"{str(inputs.dtype).removeprefix('torch.')} inputs have no neighbourhood to search"
         return search
     box = (radius * _feature_std(decide)).to(inputs.dtype).to(inputs.device)
-    interpreter = _MarginInterpreter(trace(reference, leaf_modules=leaf_modules), targets)
+    interpreter = _MarginInterpreter(capture(reference, inputs, frontend=frontend, leaf_modules=leaf_modules), targets)
     delta = torch.zeros_like(inputs, requires_grad=True)
     step_size = _STEP_FACTOR * box / steps
     for step in range(steps + 1):

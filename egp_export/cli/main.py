@@ -183,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
         "feature's standard deviation that move a rewritten neuron out of its region, and withdraw those neurons; "
         "0 disables (default egp_export.analysis.crossings.DEFAULT_CROSSING_RADIUS, 0.1)",
     )
+    compile_.add_argument(
+        "--frontend",
+        choices=("fx", "export", "auto"),
+        default="fx",
+        help="how the model becomes a graph: fx (torch.fx symbolic tracing, the default), export (torch.export, "
+        "which runs the model and captures what fx cannot: Hugging Face transformers, data-dependent Python) or "
+        "auto (fx, then torch.export when fx fails or needs untraceable leaves); the report's trace section says "
+        "which ran and why",
+    )
     merging = compile_.add_argument_group("merging")
     merging.add_argument(
         "--approximate",
@@ -493,6 +502,7 @@ def _compile_options(args: argparse.Namespace) -> dict:
         "crossing_radius": DEFAULT_CROSSING_RADIUS if args.crossing_radius is None else args.crossing_radius,
         "approximate": args.approximate,
         "leaf_modules": args.leaf_module,
+        "frontend": args.frontend,
         "cost_model": args.cost_model,
         "merge_plan": args.merge_plan,
         "channel_alignment": CHANNEL_ALIGNMENT if args.channel_alignment is None else args.channel_alignment,
