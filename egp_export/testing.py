@@ -276,19 +276,41 @@ def _transformers(cls: str, config: dict) -> Callable[[], nn.Module]:
     return build
 
 
-def identity_mlp_layers(model: nn.Module, layers: tuple[int, ...]) -> list[str]:
-    """EASIER-style identity sites: the MLP activation of each of ``layers`` (a Hugging Face BERT/ViT encoder's
-    ``intermediate.intermediate_act_fn``) becomes the identity. Changes ``model``; returns the modules replaced.
+@dataclass(frozen=True)
+class IdentityMlp:
+    """One transformer MLP whose activation was replaced by the identity: the module paths of the activation and
+    of the two linears that then compute one linear map."""
+
+    activation: str
+    fc1: str
+    fc2: str
+
+
+# Where a Hugging Face encoder keeps its layers and, in each, its MLP: (layer list, activation, fc1, fc2).
+_HF_MLP_LAYOUTS = (
+    ("encoder.layer", "intermediate.intermediate_act_fn", "intermediate.dense", "output.dense"),  # BERT
+    ("layers", "mlp.activation_fn", "mlp.fc1", "mlp.fc2"),  # ViT (transformers 5)
+)
+
+
+def identity_mlp_layers(model: nn.Module, layers: tuple[int, ...]) -> list[IdentityMlp]:
+    """EASIER-style identity sites: the MLP activation of each of ``layers`` of a Hugging Face BERT/ViT encoder
+    becomes the identity. Changes ``model``; returns what was replaced.
 
     What entropy-guided depth reduction leaves of a transformer block whose GELU has zero entropy: fc1 and
     fc2 then compute one linear map, which the compile merges (and folds the residual into).
     """
+    modules = dict(model.named_modules())
+    layout = next((layout for layout in _HF_MLP_LAYOUTS if f"{layout[0]}.0.{layout[1]}" in modules), None)
+    if layout is None:
+        raise ValueError(f"{type(model).__name__} has none of the Hugging Face BERT/ViT MLP layouts {_HF_MLP_LAYOUTS}")
+    stack, activation, fc1, fc2 = layout
     replaced = []
-    encoder_layers = model.encoder.layer
     for index in layers:
-        intermediate = encoder_layers[index].intermediate
-        intermediate.intermediate_act_fn = nn.Identity()
-        replaced.append(f"encoder.layer.{index}.intermediate.intermediate_act_fn")
+        path = f"{stack}.{index}.{activation}"
+        owner, _, attribute = path.rpartition(".")
+        setattr(model.get_submodule(owner), attribute, nn.Identity())
+        replaced.append(IdentityMlp(path, f"{stack}.{index}.{fc1}", f"{stack}.{index}.{fc2}"))
     return replaced
 
 

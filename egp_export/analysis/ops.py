@@ -372,6 +372,8 @@ def identity_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     module = module_of(node, modules)
     if module is not None:
         return type(module).__name__
+    if isinstance(node.target, torch._ops.OpOverload):  # aten.dropout, not "dropout.default"
+        return f"aten.{node.target._schema.name.split('::')[-1]}"
     return getattr(node.target, "__name__", str(node.target))
 
 

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--arch",
         metavar="SPEC",
-        help="torchvision:NAME (e.g. torchvision:resnet18) or package.module:factory (e.g. mypkg.models:make_net); "
+        help="torchvision:NAME (e.g. torchvision:resnet18), transformers:CLASS (a Hugging Face class built from its "
+        "config with --arch-kwargs, e.g. transformers:BertModel) or package.module:factory (e.g. mypkg.models:make_net); "
         "required unless --checkpoint holds a whole pickled module (with --unsafe-pickle)",
     )
     model.add_argument(
