@@ -309,7 +309,7 @@ def identity_mlp_layers(model: nn.Module, layers: tuple[int, ...]) -> list[Ident
     for index in layers:
         path = f"{stack}.{index}.{activation}"
         owner, _, attribute = path.rpartition(".")
-        setattr(model.get_submodule(owner), attribute, nn.Identity())
+        setattr(model.get_submodule(owner), attribute, nn.Identity().train(model.training))
         replaced.append(IdentityMlp(path, f"{stack}.{index}.{fc1}", f"{stack}.{index}.{fc2}"))
     return replaced
 

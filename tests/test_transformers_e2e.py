@@ -43,6 +43,7 @@ def test_identity_mlps_merge_fold_verify_and_export(name, identity_layer, residu
     torch.manual_seed(0)
     model = entry.build().eval()
     (identity,) = identity_mlp_layers(model, (identity_layer,))
+    assert not any(module.training for module in model.modules())  # the identity joins in eval mode
     (kept,) = identity_mlp_layers(entry.build(), (1 - identity_layer,))  # the names of the MLP whose GELU stays
     calibration = entry.sample(64, seed=2)
     with warnings.catch_warnings():
