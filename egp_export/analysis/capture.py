@@ -75,9 +75,7 @@ def capture(
         raise ValueError(f"frontend must be one of {', '.join(FRONTENDS)}, got {frontend!r}")
     leaf_modules = tuple(leaf_modules)
     if frontend == "fx":
-        gm = trace(model, leaf_modules=leaf_modules)
-        trace_facts(gm).frontend_reason = "requested"
-        return gm
+        return _with_reason(trace(model, leaf_modules=leaf_modules), "requested")
     if frontend == "export":
         return export_graph(model, example, leaf_modules=leaf_modules, reason="requested")
     return _auto(model, example, leaf_modules)
@@ -113,7 +111,13 @@ def _auto(model: nn.Module, example: Batch | None, leaf_modules: tuple) -> fx.Gr
 def _reissued(gm: fx.GraphModule, caught: list, reason: str) -> fx.GraphModule:
     for warning in caught:
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    trace_facts(gm).frontend_reason = reason
+    return _with_reason(gm, reason)
+
+
+def _with_reason(gm: fx.GraphModule, reason: str) -> fx.GraphModule:
+    facts = trace_facts(gm)  # a GraphModule given as the model has none yet: stored here
+    facts.frontend_reason = reason
+    gm.meta[TRACE_META_KEY] = facts
     return gm
 
 

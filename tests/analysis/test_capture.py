@@ -190,3 +190,9 @@ def test_export_never_touches_the_model_and_warns_about_training_mode():
     x = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model.eval()(x), rtol=0, atol=0)  # the eval-mode function
+
+
+def test_auto_on_a_graph_module_records_its_reason():
+    gm = capture(Net().eval(), frontend="fx")
+    recaptured = capture(gm, torch.randn(2, 3, 8, 8), frontend="auto")
+    assert trace_facts(recaptured).frontend_reason == "auto: torch.fx traced the whole model"
