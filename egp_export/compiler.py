@@ -54,6 +54,7 @@ from egp_export.analysis.batches import (
     fitted_to,
     split_holdout,
 )
+from egp_export.analysis.capture import capture, resolved_frontend
 from egp_export.analysis.crossings import DEFAULT_CROSSING_RADIUS, CrossingSearch, search_crossings
 from egp_export.analysis.fx import propagate_shapes
 from egp_export.analysis.inputs import Batch
@@ -353,7 +354,7 @@ def _surrogate_error(site: SiteStats, low: torch.Tensor, high: torch.Tensor, tol
 
 def _withdraw_on_validation(
     reference: nn.Module, sites: list[SiteStats], validate: Batches, tolerance: float, leaf_modules: tuple,
-    shards: _Shards,
+    shards: _Shards, frontend: str = "fx",
 ) -> list[Refusal]:
     """Withdraw the rewrites of neurons the validation samples show outside the region they were decided in.
 
@@ -364,7 +365,8 @@ def _withdraw_on_validation(
     """
     if not validate.samples:
         return []
-    seen = {s.name: s for s in shards.calibrate(trace(reference, leaf_modules=leaf_modules), validate)}
+    graph = capture(reference, validate[0], frontend=frontend, leaf_modules=leaf_modules)
+    seen = {s.name: s for s in shards.calibrate(graph, validate)}
     withdrawals = []
     samples = validate.samples
     for site in sites:
@@ -405,14 +407,15 @@ def _withdraw_on_validation(
 
 def _sites_leaving_region(
     reference: nn.Module, sites: list[SiteStats], holdout: Batches, tolerance: float, leaf_modules: tuple,
-    shards: _Shards,
+    shards: _Shards, frontend: str = "fx",
 ) -> list[str]:
     """Sites with neurons that stayed in one region on calibration data but not on held-out data.
 
     Those neurons were rewritten (linearized or masked as dead) on the strength
     of the calibration data alone; they are the usual cause of a failed check.
     """
-    held = {s.name: s for s in shards.calibrate(trace(reference, leaf_modules=leaf_modules), holdout)}
+    graph = capture(reference, holdout[0], frontend=frontend, leaf_modules=leaf_modules)
+    held = {s.name: s for s in shards.calibrate(graph, holdout)}
     moved = []
     for site in sites:
         other = held.get(site.name)
@@ -533,6 +536,7 @@ def compile(  # noqa: A001 - the issue's public name
     leaf_modules=(),
     on_stage: Callable[[StageEvent], None] | None = None,
     runtime=None,
+    frontend: str = "fx",
 ) -> CompileResult:
     """Compile ``model`` into a shallower torch.fx GraphModule that computes the same function.
 
@@ -576,7 +580,10 @@ def compile(  # noqa: A001 - the issue's public name
     compiled and verified in fp32 (with a warning). ``leaf_modules``
     (submodule names or types) are traced as single calls, as are submodules
     torch.fx cannot trace through; the report's ``trace`` section lists them
-    (activations inside are not analysed). ``model`` is never run and never
+    (activations inside are not analysed). ``frontend`` captures the graphs:
+    "fx" (symbolic tracing), "export" (torch.export, which runs the model and
+    captures what fx cannot) or "auto" (fx, torch.export when fx fails); the
+    report's ``trace`` section says which ran and why (analysis/capture.py). ``model`` is never run and never
     mutated; a model whose outputs differ for the same input twice is refused.
     ``on_stage`` is called with a :class:`StageEvent` as each stage starts and
     ends (the command line prints them on a terminal); ``progress`` shows a
@@ -606,7 +613,9 @@ def compile(  # noqa: A001 - the issue's public name
     shards.check_same_model(working)
     leaf_modules = tuple(leaf_modules)
     stages.start("trace")
-    gm = trace(working, leaf_modules=leaf_modules)  # warns about training mode; compiles the eval-mode behaviour
+    # warns about training mode; compiles the eval-mode behaviour
+    gm = capture(working, split.calibrate[0], frontend=frontend, leaf_modules=leaf_modules)
+    frontend = resolved_frontend(gm)  # every later graph from the front end that ran ("auto" decided once)
     traced = trace_facts(gm)
     stages.done(nodes=len(gm.graph.nodes), leaf_modules=len(traced.leaf_modules))
     reference = working.eval()
@@ -631,10 +640,13 @@ def compile(  # noqa: A001 - the issue's public name
                 site.withdraw(torch.ones(site.num_neurons, dtype=torch.bool), withdraw_everything)
         else:
             _withdraw_thin_evidence(sites, tolerance, min_observations, distinct, split.decide_samples)
-            withdrawals = _withdraw_on_validation(reference, sites, split.validate, tolerance, leaf_modules, shards)
+            withdrawals = _withdraw_on_validation(
+                reference, sites, split.validate, tolerance, leaf_modules, shards, frontend
+            )
             start = split.validate if split.validate.samples else split.calibrate
             crossings = search_crossings(
-                reference, sites, start, split.calibrate, tolerance, radius=crossing_radius, leaf_modules=leaf_modules
+                reference, sites, start, split.calibrate, tolerance, radius=crossing_radius, leaf_modules=leaf_modules,
+                frontend=frontend,
             )
             withdrawals += [Refusal(WITHDRAWAL, name, reason) for name, reason in crossings.reasons]
         return run_passes(gm, sites, withdrawals, crossings)
@@ -661,7 +673,7 @@ def compile(  # noqa: A001 - the issue's public name
     def rebuild(sites: list[SiteStats], withheld: frozenset[str] = frozenset(), on_pass=None) -> _Attempt:
         """A fresh trace rewritten with ``sites`` (decide-split statistics, withdrawals marked): no re-calibration.
         The folding and merging passes leave the nodes ``withheld`` alone (``EVERY_NODE``: every one)."""
-        fresh = trace(working, leaf_modules=leaf_modules)
+        fresh = capture(working, example, frontend=frontend, leaf_modules=leaf_modules)
         attach_sites(fresh, sites)
         propagate_shapes(fresh, example)
         if withheld is EVERY_NODE:
@@ -725,7 +737,7 @@ def compile(  # noqa: A001 - the issue's public name
             for r in attempt.statistical
         ]
         stages.start("back-off")
-        fresh = trace(working, leaf_modules=leaf_modules)
+        fresh = capture(working, example, frontend=frontend, leaf_modules=leaf_modules)
         attempt = rewrite(fresh, shards.calibrate(fresh, split.calibrate), failed)
         stages.done(withdrawn=len(withdrawals), rewrites=len(attempt.pipeline.rewrites))
         stages.start("verify")
@@ -750,7 +762,7 @@ def compile(  # noqa: A001 - the issue's public name
         attempt, error, rtol, exact_withdrawn = exact.attempt, exact.error, exact.rtol, True
         withdrawals += exact.withdrawals
     if not error.within(rtol):
-        hint = _failure_hint(attempt, reference, split, tolerance, strict, leaf_modules, shards, exact_withdrawn)
+        hint = _failure_hint(attempt, reference, split, tolerance, strict, leaf_modules, shards, exact_withdrawn, frontend)
         raise _verification_error(error, rtol, split, hint)
     if isinstance(cost, MeasuredCost):
         cost.save()
@@ -770,7 +782,7 @@ def compile(  # noqa: A001 - the issue's public name
 
 def _failure_hint(
     attempt: _Attempt, reference: nn.Module, split: CalibrationSplit, tolerance: float, strict: bool, leaf_modules: tuple,
-    shards: _Shards, exact_withdrawn: bool = False,
+    shards: _Shards, exact_withdrawn: bool = False, frontend: str = "fx",
 ) -> str:
     if exact_withdrawn:
         return (
@@ -781,7 +793,8 @@ def _failure_hint(
     hint = ""
     statistical = bool(attempt.statistical)
     moved = (
-        _sites_leaving_region(reference, attempt.sites, split.holdout, tolerance, leaf_modules, shards) if statistical else []
+        _sites_leaving_region(reference, attempt.sites, split.holdout, tolerance, leaf_modules, shards, frontend)
+        if statistical else []
     )
     if moved:
         hint += (

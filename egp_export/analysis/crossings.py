@@ -39,8 +39,8 @@ import torch.nn as nn
 
 from egp_export.analysis import inputs
 from egp_export.analysis.batches import Batches
+from egp_export.analysis.capture import capture
 from egp_export.analysis.stats import SiteStats
-from egp_export.analysis.trace import trace
 from egp_export.records import Reason, RefusalCode
 
 # Half-width of the search box per input feature, as a fraction of that feature's standard deviation on the decide
@@ -158,11 +158,11 @@ def _feature_std(decide: Batches, leaf: int) -> torch.Tensor:
 def search_crossings(
     reference: nn.Module, sites: list[SiteStats], start: Batches, decide: Batches, tolerance: float, *,
     radius: float = DEFAULT_CROSSING_RADIUS, steps: int = CROSSING_STEPS, samples: int = CROSSING_SAMPLES,
-    leaf_modules: tuple = (),
+    leaf_modules: tuple = (), frontend: str = "fx",
 ) -> CrossingSearch:
     """Search around the first ``samples`` of ``start`` for inputs that move rewritten neurons out of their region.
 
-    ``reference`` (the original model) is traced afresh and never changed; the
+    ``reference`` (the original model) is captured afresh by ``frontend`` and never changed; the
     box is ``radius`` x the per-feature standard deviation of ``decide``.
     Every neuron seen outside its region is withdrawn from its site with a
     CROSSED_UNDER_PERTURBATION reason; the result says what was searched.
@@ -196,7 +196,7 @@ def search_crossings(
         return search
     searched = [index for index, is_float in enumerate(floating) if is_float]
     boxes = {i: (radius * _feature_std(decide, i)).to(leaves[i].dtype).to(leaves[i].device) for i in searched}
-    gm = trace(reference, leaf_modules=leaf_modules)
+    gm = capture(reference, batch, frontend=frontend, leaf_modules=leaf_modules)
     interpreter = _MarginInterpreter(gm, targets)
     deltas = {i: torch.zeros_like(leaves[i], requires_grad=True) for i in searched}
     step = 0

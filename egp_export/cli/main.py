@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--arch",
         metavar="SPEC",
-        help="torchvision:NAME (e.g. torchvision:resnet18) or package.module:factory (e.g. mypkg.models:make_net); "
+        help="torchvision:NAME (e.g. torchvision:resnet18), transformers:CLASS (a Hugging Face class built from its "
+        "config with --arch-kwargs, e.g. transformers:BertModel) or package.module:factory (e.g. mypkg.models:make_net); "
         "required unless --checkpoint holds a whole pickled module (with --unsafe-pickle)",
     )
     model.add_argument(
@@ -185,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="search (a few gradient steps from up to 32 validation samples) for inputs within F x each input "
         "feature's standard deviation that move a rewritten neuron out of its region, and withdraw those neurons; "
         "0 disables (default egp_export.analysis.crossings.DEFAULT_CROSSING_RADIUS, 0.1)",
+    )
+    compile_.add_argument(
+        "--frontend",
+        choices=("fx", "export", "auto"),
+        default="fx",
+        help="how the model becomes a graph: fx (torch.fx symbolic tracing, the default), export (torch.export, "
+        "which runs the model and captures what fx cannot: Hugging Face transformers, data-dependent Python) or "
+        "auto (fx, then torch.export when fx fails or needs untraceable leaves); the report's trace section says "
+        "which ran and why",
     )
     merging = compile_.add_argument_group("merging")
     merging.add_argument(
@@ -526,6 +536,7 @@ def _compile_options(args: argparse.Namespace) -> dict:
         "crossing_radius": DEFAULT_CROSSING_RADIUS if args.crossing_radius is None else args.crossing_radius,
         "approximate": args.approximate,
         "leaf_modules": args.leaf_module,
+        "frontend": args.frontend,
         "cost_model": args.cost_model,
         "merge_plan": args.merge_plan,
         "channel_alignment": CHANNEL_ALIGNMENT if args.channel_alignment is None else args.channel_alignment,

@@ -26,11 +26,11 @@ from egp_export.analysis.capture import capture
 from egp_export.analysis.fx import insert_module_call, propagate_shapes
 from egp_export.analysis.numerics import compare
 from egp_export.analysis.provenance import PROVENANCE_KEY
+from egp_export.analysis.stats import calibrate
 from egp_export.errors import ExportError
 from egp_export.export.inspect import EXPORTER, MODEL, SOURCE_MODULES, format_table, inspect_onnx, read_provenance
 from egp_export.export.onnx import export_onnx, ort_session, run_onnx
 from egp_export.export.provenance import annotate, scoped_module
-from egp_export.analysis.stats import calibrate
 from egp_export.passes import GraphPass, PassManager, Recorder, default_steps
 from egp_export.passes.modules import ChannelAffine
 from egp_export.records import RewriteKind
