@@ -118,6 +118,7 @@ from egp_export.analysis.numerics import (
     fp32_noise,
 )
 from egp_export.errors import EgpExportError, ExportError, OutputError, VerificationError
+from egp_export.export.fp16 import Fp16Result, check_dtype, export_fp16
 from egp_export.io.fileio import atomic_path, check_writable, new_file_mode, write_text_atomic
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -190,6 +191,8 @@ class ExportResult:
     verified_samples: int = 0  # verify samples, each run alone and batched (the example when none were given)
     verified_batch_sizes: list[int] = field(default_factory=list)  # the batch sizes ORT ran them at
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
+    dtype: str = "fp32"  # of the file written; "fp16": ``error`` is the fp32 graph's, ``fp16`` the file's check
+    fp16: Fp16Result | None = None
 
     def why(self) -> str:
         """One line: which exporter wrote the file and why that one."""
@@ -227,6 +230,8 @@ class ExportResult:
             "verified_samples": self.verified_samples,
             "verified_batch_sizes": list(self.verified_batch_sizes),
             "seconds": dict(self.seconds),
+            "dtype": self.dtype,
+            "fp16": None if self.fp16 is None else self.fp16.to_dict(),
         }
 
 
@@ -293,6 +298,9 @@ def export_onnx(
     exporter: str | None = None,
     log_path: str | Path | None = None,
     show_logs: bool = False,
+    dtype: str = "fp32",
+    range_inputs: torch.Tensor | Iterable[torch.Tensor] | None = None,
+    fp16_noise: float | None = None,
 ) -> ExportResult:
     """Export ``module_or_model`` (one tensor input) to a verified ONNX file at ``path``.
 
@@ -317,6 +325,15 @@ def export_onnx(
     log goes beside it) and the error names the file. The module is never
     modified.
 
+    ``dtype="fp16"`` writes the verified fp32 graph converted to fp16
+    (``export/fp16.py``): nodes whose weights or activations observed on
+    ``range_inputs`` (default: the verify inputs) go beyond fp16's range stay
+    fp32 (``ExportResult.fp16.kept_fp32`` lists them); the file is checked on
+    the verify inputs within ``NOISE_FACTOR`` times ``fp16_noise``, the
+    reference model's own fp16 noise (``fp16.fp16_noise``; default: the
+    module's own on the range inputs), with top-1 agreement on
+    [batch, classes] outputs.
+
     Raises OutputError (``path`` exists and not ``force``), ExportError (bad
     arguments, module in training mode, export or checker failure) and
     VerificationError (ONNX Runtime differs from PyTorch by more than ``rtol``,
@@ -331,6 +348,7 @@ def export_onnx(
         raise ExportError(f"unknown exporter {requested!r}; choose one of {', '.join(EXPORTER_CHOICES)}.")
     if opset is not None:
         check_opset(opset)
+    check_dtype(dtype)
     module = _check_module(module_or_model)
     _check_tensor(example_input, "example_input")
     given = _given_batches(example_input, verify_inputs, dynamic_batch=dynamic_batch)
@@ -369,8 +387,13 @@ def export_onnx(
                     log.write(f"\n--- {failures[-1][0].describe()}\n")
                     log.write("".join(traceback.format_exception(error)))
                     continue
+                data, fp16 = done.data, None
+                if dtype == "fp16":
+                    start = time.perf_counter()
+                    data, fp16 = _fp16(done.data, module, outputs, given, range_inputs, fp16_noise)
+                    seconds["fp16"] = time.perf_counter() - start
                 with atomic_path(target, force=force) as tmp:
-                    tmp.write_bytes(done.data)
+                    tmp.write_bytes(data)
                 return ExportResult(
                     path=target,
                     exporter=name,
@@ -379,7 +402,7 @@ def export_onnx(
                     opset_converted_from=done.opset_converted_from,
                     simplified=done.simplified,
                     op_counts_exported=done.op_counts_exported,
-                    op_counts=done.op_counts,
+                    op_counts=done.op_counts if fp16 is None else fp16.op_counts,
                     error=done.error,
                     rtol=rtol,
                     exporter_requested=requested,
@@ -392,9 +415,34 @@ def export_onnx(
                     verified_samples=sum(int(batch.shape[0]) for _, batch in given),
                     verified_batch_sizes=sorted({int(batch.shape[0]) for _, batch in batches}),
                     seconds={**seconds, **done.seconds},
+                    dtype=dtype,
+                    fp16=fp16,
                 )
     raise _all_failed(failures, log.getvalue(), log_path, requested=requested, dynamic_batch=dynamic_batch,
                       static_batch=static_batch, force=force)
+
+
+def _fp16(fp32: bytes, module, outputs, given, range_inputs, noise) -> tuple[bytes, Fp16Result]:
+    """The fp16 file of the verified fp32 one, checked on the verify samples (export/fp16.py)."""
+    references = [outputs.of(batch, label) for label, batch in given]
+    ranges = [batch for _, batch in given] if range_inputs is None else _range_batches(range_inputs, given[0][1])
+    # Every intermediate tensor of a batch is held while its range is read: a batch at a time, VERIFY_BATCH at most.
+    ranges = [chunk for batch in ranges for chunk in batch.split(VERIFY_BATCH)]
+    return export_fp16(fp32, module, ranges, [batch for _, batch in given], references=references, noise=noise)
+
+
+def _range_batches(range_inputs, like: torch.Tensor) -> list[torch.Tensor]:
+    batches = [range_inputs] if isinstance(range_inputs, torch.Tensor) else list(range_inputs)
+    for index, batch in enumerate(batches):
+        _check_tensor(batch, f"range input {index}")
+        if batch.dtype != like.dtype or batch.shape[1:] != like.shape[1:]:
+            raise ExportError(
+                f"range input {index} is {batch.dtype} {tuple(batch.shape)}; the export takes {like.dtype} "
+                f"(B, {', '.join(map(str, like.shape[1:]))})."
+            )
+    if not batches:
+        raise ExportError("range_inputs is empty; give samples like the calibration data, or leave it out.")
+    return batches
 
 
 def _all_failed(
