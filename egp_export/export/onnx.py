@@ -91,6 +91,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import re
 import tempfile
@@ -351,6 +352,7 @@ def export_onnx(
     check_dtype(dtype)
     module = _check_module(module_or_model)
     _check_tensor(example_input, "example_input")
+    ranges = _fp16_options(dtype, range_inputs, fp16_noise, example_input)
     given = _given_batches(example_input, verify_inputs, dynamic_batch=dynamic_batch)
     outputs = _Outputs(module)
     n_outputs = _check_outputs(outputs.of(example_input, "the example input"))
@@ -390,7 +392,7 @@ def export_onnx(
                 data, fp16 = done.data, None
                 if dtype == "fp16":
                     start = time.perf_counter()
-                    data, fp16 = _fp16(done.data, module, outputs, given, range_inputs, fp16_noise)
+                    data, fp16 = _fp16(done.data, module, outputs, given, ranges, fp16_noise)
                     seconds["fp16"] = time.perf_counter() - start
                 with atomic_path(target, force=force) as tmp:
                     tmp.write_bytes(data)
@@ -422,27 +424,35 @@ def export_onnx(
                       static_batch=static_batch, force=force)
 
 
-def _fp16(fp32: bytes, module, outputs, given, range_inputs, noise) -> tuple[bytes, Fp16Result]:
-    """The fp16 file of the verified fp32 one, checked on the verify samples (export/fp16.py)."""
-    references = [outputs.of(batch, label) for label, batch in given]
-    ranges = [batch for _, batch in given] if range_inputs is None else _range_batches(range_inputs, given[0][1])
-    # Every intermediate tensor of a batch is held while its range is read: a batch at a time, VERIFY_BATCH at most.
-    ranges = [chunk for batch in ranges for chunk in batch.split(VERIFY_BATCH)]
-    return export_fp16(fp32, module, ranges, [batch for _, batch in given], references=references, noise=noise)
-
-
-def _range_batches(range_inputs, like: torch.Tensor) -> list[torch.Tensor]:
+def _fp16_options(dtype: str, range_inputs, noise: float | None, example: torch.Tensor) -> list[torch.Tensor] | None:
+    """The range batches (None: the verify inputs), after refusing fp16 options given without fp16 or out of range."""
+    if dtype != "fp16":
+        if range_inputs is not None or noise is not None:
+            raise ExportError("range_inputs and fp16_noise apply to dtype='fp16' only; leave them out or pass dtype='fp16'.")
+        return None
+    if noise is not None and not (math.isfinite(noise) and noise >= 0.0):
+        raise ExportError(f"fp16_noise must be a finite non-negative error, got {noise!r}.")
+    if range_inputs is None:
+        return None
     batches = [range_inputs] if isinstance(range_inputs, torch.Tensor) else list(range_inputs)
-    for index, batch in enumerate(batches):
-        _check_tensor(batch, f"range input {index}")
-        if batch.dtype != like.dtype or batch.shape[1:] != like.shape[1:]:
-            raise ExportError(
-                f"range input {index} is {batch.dtype} {tuple(batch.shape)}; the export takes {like.dtype} "
-                f"(B, {', '.join(map(str, like.shape[1:]))})."
-            )
     if not batches:
         raise ExportError("range_inputs is empty; give samples like the calibration data, or leave it out.")
+    for index, batch in enumerate(batches):
+        _check_tensor(batch, f"range input {index}")
+        if batch.dtype != example.dtype or batch.shape[1:] != example.shape[1:]:
+            raise ExportError(
+                f"range input {index} is {batch.dtype} {tuple(batch.shape)}; the export takes {example.dtype} "
+                f"(B, {', '.join(map(str, example.shape[1:]))})."
+            )
     return batches
+
+
+def _fp16(fp32: bytes, module, outputs, given, ranges, noise) -> tuple[bytes, Fp16Result]:
+    """The fp16 file of the verified fp32 one, checked on the verify samples (export/fp16.py)."""
+    references = [outputs.of(batch, label) for label, batch in given]
+    # Every intermediate tensor of a batch is held while its range is read: a batch at a time, VERIFY_BATCH at most.
+    ranges = [chunk for batch in (ranges or [batch for _, batch in given]) for chunk in batch.split(VERIFY_BATCH)]
+    return export_fp16(fp32, module, ranges, [batch for _, batch in given], references=references, noise=noise)
 
 
 def _all_failed(
