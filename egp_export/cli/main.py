@@ -269,6 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
         "inputs sharing a NAME share its size; repeat for several. Each is verified in ONNX Runtime at the "
         "calibration data's size and a second one. A single-tensor model's input is called 'input'",
     )
+    export.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16"),
+        default="fp32",
+        help="fp16: write the file in fp16, keeping fp32 (with casts) the nodes whose weights or activations on the "
+        "decide samples go beyond half of fp16's range (listed in the report); checked on the held-out samples "
+        "within 8x the original model's own fp16 noise, with top-1 agreement (default fp32)",
+    )
     compile_.set_defaults(run=_run_compile)
 
     demo = commands.add_parser(
@@ -485,6 +493,16 @@ def _run_compile(args: argparse.Namespace) -> None:
         f"(allowed {pytorch['rtol']:.2g} and {onnxruntime['rtol']:.2g})",
     )
     say(args, f"ONNX export: {report['onnx']['exporter_reason']}")
+    fp16 = report["onnx"].get("fp16")
+    if fp16:
+        top1 = "".join(f", top-1 agreement {share:.2%} on {name}" for name, share in fp16["top1_agreement"].items())
+        say(
+            args,
+            f"fp16 file: max relative error {fp16['error']['max_rel']:.2e} on {fp16['samples']} held-out samples "
+            f"(allowed {fp16['rtol']:.2g}, {fp16['noise_factor']:g} x the original model's fp16 noise){top1}; "
+            f"{len(fp16['kept_fp32'])} of {fp16['nodes']} nodes kept fp32"
+            + "".join(f"\n  kept fp32: {kept['text']}" for kept in fp16["kept_fp32"]),
+        )
     measured = report.get("measured_latency")
     if measured:
         say(
@@ -584,7 +602,11 @@ def _compile_into(
     decided = as_batches(calibration, signature=inputs.signature(model)).select(result.split.decide)
     moves = padding_plan(model, decided, tolerance=args.tolerance) if args.padding_plan else None
     rtol = _ort_rtol(result.report["verification"]["fp32_noise"], result.module, verify)
-    exported = _export(args, result.module, calibration, verify, paths[ONNX_MODEL], rtol)
+    fp16 = None
+    if args.dtype == "fp16":  # ranges from the samples the compile decided on, the check on the held-out ones
+        ranges = inputs.take(calibration, result.split.decide)
+        fp16 = {"range_inputs": ranges, "fp16_noise": _original_fp16_noise(args, model, calibration, ranges, verify)}
+    exported = _export(args, result.module, calibration, verify, paths[ONNX_MODEL], rtol, fp16)
     for note in exported.notes:
         _note(args, f"ONNX export: {note}")
     report = with_export(result.report, exported, path=args.out / ONNX_MODEL)
@@ -636,8 +658,26 @@ def _ort_rtol(original_noise: float | None, module, verify) -> float:
     return max(measured_rtol(module, verify)[0], noise_floor(original_noise or 0.0))
 
 
-def _export(args: argparse.Namespace, module, calibration, verify, path: Path, rtol: float):
-    """export_onnx with the command line's export options, one sample as the example; prints the stage lines."""
+def _original_fp16_noise(args: argparse.Namespace, model, calibration, ranges, verify) -> float:
+    """The original model's own fp16 noise: its fp32 export converted as the compiled file is, on the held-out
+    samples (export.fp16.fp16_noise); the compiled fp16 file is allowed 8x that."""
+    import tempfile
+
+    from egp_export.analysis.batches import DEFAULT_BATCH_SIZE
+    from egp_export.export.fp16 import fp16_noise
+
+    with tempfile.TemporaryDirectory() as folder, stage(args, "fp16 noise", "the original model in fp16") as line:
+        original = Path(folder) / ORIGINAL_MODEL
+        _export(args, model, calibration, verify, original, None)
+        noise = fp16_noise(original.read_bytes(), model, list(ranges.split(DEFAULT_BATCH_SIZE)),
+                           list(verify.split(DEFAULT_BATCH_SIZE)))
+        line.detail = f"max_rel {noise:.3g}"
+    return noise
+
+
+def _export(args: argparse.Namespace, module, calibration, verify, path: Path, rtol: float | None, fp16=None):
+    """export_onnx with the command line's export options, one sample as the example; prints the stage lines.
+    ``fp16``: export_onnx's fp16 arguments (range_inputs, fp16_noise) with --dtype fp16."""
     from egp_export.analysis import inputs
     from egp_export.analysis.batches import DEFAULT_BATCH_SIZE
     from egp_export.export.onnx import export_onnx
@@ -660,6 +700,7 @@ def _export(args: argparse.Namespace, module, calibration, verify, path: Path, r
             log_path=args.out / EXPORT_LOG,
             force=args.force,  # the log's; `path` is in the staging folder
             show_logs=args.verbose,
+            **({"dtype": "fp16", **fp16} if fp16 is not None else {}),
         )
         line.detail = exported.why()
     for warning in exported.warnings:  # the file passed on every held-out sample, alone and batched: say it anyway

@@ -104,6 +104,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import re
 import tempfile
@@ -135,6 +136,7 @@ from egp_export.analysis.numerics import (
 from egp_export.errors import EgpExportError, ExportError, OutputError, VerificationError
 from egp_export.export.inspect import NodeProvenance
 from egp_export.export.provenance import Scoped, annotate, scoped_module
+from egp_export.export.fp16 import Fp16Result, check_dtype, export_fp16
 from egp_export.io.fileio import atomic_path, check_writable, new_file_mode, write_text_atomic
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -212,6 +214,8 @@ class ExportResult:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
     # Every node of the file: the source modules and rewrites it came from (export/provenance.py), in graph order.
     provenance: list[NodeProvenance] = field(default_factory=list)
+    dtype: str = "fp32"  # of the file written; "fp16": ``error`` is the fp32 graph's, ``fp16`` the file's check
+    fp16: Fp16Result | None = None
 
     def why(self) -> str:
         """One line: which exporter wrote the file and why that one."""
@@ -253,6 +257,8 @@ class ExportResult:
             "verified_dim_sizes": {name: list(sizes) for name, sizes in self.verified_dim_sizes.items()},
             "seconds": dict(self.seconds),
             "provenance": [row.to_dict() for row in self.provenance],
+            "dtype": self.dtype,
+            "fp16": None if self.fp16 is None else self.fp16.to_dict(),
         }
 
 
@@ -332,6 +338,9 @@ def export_onnx(
     log_path: str | Path | None = None,
     show_logs: bool = False,
     dynamic_dims: dict[str, dict[int, str]] | None = None,
+    dtype: str = "fp32",
+    range_inputs: torch.Tensor | Iterable[torch.Tensor] | None = None,
+    fp16_noise: float | None = None,
 ) -> ExportResult:
     """Export ``module_or_model`` to a verified ONNX file at ``path``.
 
@@ -359,6 +368,15 @@ def export_onnx(
     log goes beside it) and the error names the file. The module is never
     modified.
 
+    ``dtype="fp16"`` writes the verified fp32 graph converted to fp16
+    (``export/fp16.py``): nodes whose weights or activations observed on
+    ``range_inputs`` (default: the verify inputs) go beyond fp16's range stay
+    fp32 (``ExportResult.fp16.kept_fp32`` lists them); the file is checked on
+    the verify inputs within ``NOISE_FACTOR`` times ``fp16_noise``, the
+    reference model's own fp16 noise (``fp16.fp16_noise``; default: the
+    module's own on the range inputs), with top-1 agreement on
+    [batch, classes] outputs.
+
     Raises OutputError (``path`` exists and not ``force``), ExportError (bad
     arguments, module in training mode, export or checker failure) and
     VerificationError (ONNX Runtime differs from PyTorch by more than ``rtol``,
@@ -373,12 +391,14 @@ def export_onnx(
         raise ExportError(f"unknown exporter {requested!r}; choose one of {', '.join(EXPORTER_CHOICES)}.")
     if opset is not None:
         check_opset(opset)
+    check_dtype(dtype)
     module = _check_module(module_or_model)
     scoped = scoped_module(module)  # a graph module's calls scoped by node, to write provenance into the file
     _check_batch(example_input, "example_input")
     names = input_names(module, example_input)
     dims = checked_dims(dynamic_dims or {}, names, example_input)
     given = _given_batches(example_input, verify_inputs, dims, names, dynamic_batch=dynamic_batch)
+    ranges = _fp16_options(dtype, range_inputs, fp16_noise, example_input)
     outputs = _Outputs(module)
     n_outputs = _check_outputs(outputs.of(example_input, "the example input"))
     output_names = ["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)]
@@ -417,8 +437,13 @@ def export_onnx(
                     log.write(f"\n--- {failures[-1][0].describe()}\n")
                     log.write("".join(traceback.format_exception(error)))
                     continue
+                data, fp16 = done.data, None
+                if dtype == "fp16":
+                    start = time.perf_counter()
+                    data, fp16 = _fp16(done.data, module, outputs, given, ranges, fp16_noise)
+                    seconds["fp16"] = time.perf_counter() - start
                 with atomic_path(target, force=force) as tmp:
-                    tmp.write_bytes(done.data)
+                    tmp.write_bytes(data)
                 return ExportResult(
                     path=target,
                     exporter=name,
@@ -427,7 +452,7 @@ def export_onnx(
                     opset_converted_from=done.opset_converted_from,
                     simplified=done.simplified,
                     op_counts_exported=done.op_counts_exported,
-                    op_counts=done.op_counts,
+                    op_counts=done.op_counts if fp16 is None else fp16.op_counts,
                     error=done.error,
                     rtol=rtol,
                     exporter_requested=requested,
@@ -444,9 +469,47 @@ def export_onnx(
                     verified_dim_sizes=_dim_sizes(batches, dims, names),
                     seconds={**seconds, **done.seconds},
                     provenance=done.provenance,
+                    dtype=dtype,
+                    fp16=fp16,
                 )
     raise _all_failed(failures, log.getvalue(), log_path, requested=requested, dynamic_batch=dynamic_batch,
                       static_batch=static_batch, force=force)
+
+
+def _fp16_options(dtype: str, range_inputs, noise: float | None, example: torch.Tensor) -> list[torch.Tensor] | None:
+    """The range batches (None: the verify inputs), after refusing fp16 options given without fp16 or out of range."""
+    if dtype == "fp16" and not isinstance(example, torch.Tensor):
+        raise ExportError(
+            f"dtype='fp16' takes a model with one tensor input; this one takes {inputs.describe(example)}. Export it "
+            "in fp32 (the default)."
+        )
+    if dtype != "fp16":
+        if range_inputs is not None or noise is not None:
+            raise ExportError("range_inputs and fp16_noise apply to dtype='fp16' only; leave them out or pass dtype='fp16'.")
+        return None
+    if noise is not None and not (math.isfinite(noise) and noise >= 0.0):
+        raise ExportError(f"fp16_noise must be a finite non-negative error, got {noise!r}.")
+    if range_inputs is None:
+        return None
+    batches = [range_inputs] if isinstance(range_inputs, torch.Tensor) else list(range_inputs)
+    if not batches:
+        raise ExportError("range_inputs is empty; give samples like the calibration data, or leave it out.")
+    for index, batch in enumerate(batches):
+        _check_tensor(batch, f"range input {index}")
+        if batch.dtype != example.dtype or batch.shape[1:] != example.shape[1:]:
+            raise ExportError(
+                f"range input {index} is {batch.dtype} {tuple(batch.shape)}; the export takes {example.dtype} "
+                f"(B, {', '.join(map(str, example.shape[1:]))})."
+            )
+    return batches
+
+
+def _fp16(fp32: bytes, module, outputs, given, ranges, noise) -> tuple[bytes, Fp16Result]:
+    """The fp16 file of the verified fp32 one, checked on the verify samples (export/fp16.py)."""
+    references = [outputs.of(batch, label) for label, batch in given]
+    # Every intermediate tensor of a batch is held while its range is read: a batch at a time, VERIFY_BATCH at most.
+    ranges = [chunk for batch in (ranges or [batch for _, batch in given]) for chunk in batch.split(VERIFY_BATCH)]
+    return export_fp16(fp32, module, ranges, [batch for _, batch in given], references=references, noise=noise)
 
 
 def _all_failed(

@@ -346,6 +346,7 @@ def _onnx(onnx: dict) -> list[str]:
             f"(allowed {allowed})"
         )
     lines += [f"- {fact}" for fact in facts]
+    lines += _fp16(onnx.get("fp16"))
     attempts = onnx.get("failed_attempts") or []
     if attempts:
         lines += ["", "Export attempts that failed before the one used:", ""]
@@ -370,6 +371,23 @@ def _onnx(onnx: dict) -> list[str]:
             lines.append(f"| {op} | {exported.get(op, 0)} | {written.get(op, 0)} |")
         lines.append(f"| **total** | **{sum(exported.values())}** | **{sum(written.values())}** |")
         lines.append("")
+    return lines
+
+
+def _fp16(fp16: dict | None) -> list[str]:
+    """The fp16 file's check and the nodes it keeps in fp32 (export/fp16.py)."""
+    if not fp16:
+        return []
+    error, file_error = fp16.get("error") or {}, fp16.get("file_error") or {}
+    top1 = "; ".join(f"top-1 agreement {share:.2%} on {name}" for name, share in (fp16.get("top1_agreement") or {}).items())
+    lines = [
+        f"- fp16 file, on {fp16.get('samples', _MISSING)} held-out samples: max rel {_error(error.get('max_rel'))} "
+        f"emulated in fp16, {_error(file_error.get('max_rel'))} as ONNX Runtime CPU runs it (allowed "
+        f"{_error(fp16.get('rtol'))}: {fp16.get('noise_factor', _MISSING)} x the fp16 noise of "
+        f"{fp16.get('noise_source', _MISSING)}, {_error(fp16.get('noise'))})" + (f"; {top1}" if top1 else ""),
+        f"- nodes kept fp32: {len(fp16.get('kept_fp32') or [])} of {fp16.get('nodes', _MISSING)}",
+    ]
+    lines += [f"  - `{_cell(kept['node'])}` ({kept['op_type']}): {_cell(kept['text'])}" for kept in fp16.get("kept_fp32") or []]
     return lines
 
 

@@ -95,3 +95,29 @@ def test_a_project_error_from_a_pass_keeps_its_type_and_names_the_pass():
     with pytest.raises(CalibrationError, match="no samples") as caught:
         PassManager([_Raises(CalibrationError("no samples"))]).run(gm)
     assert "raised in pass 'raises'" in caught.value.__notes__
+
+
+def _masked(y, mask):
+    return y if mask is None else y * mask
+
+
+fx.wrap("_masked")
+
+
+class _OptionalMask(nn.Module):
+    """An input traced as a placeholder but called with None (timm's attn_mask): it never gets a shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x, mask=None):
+        return _masked(self.bn(self.conv(x)), mask)
+
+
+def test_an_input_that_is_not_a_tensor_does_not_count_as_missing_shapes():
+    gm = fx.symbolic_trace(_OptionalMask().eval())
+    propagate_shapes(gm, _data()[:1])
+    assert "tensor_meta" not in next(n for n in gm.graph.nodes if n.name == "mask").meta
+    result = PassManager([FoldBatchNorm()]).run(gm)
+    assert [r.kind for r in result.rewrites] == [RewriteKind.BN_FOLDED]
