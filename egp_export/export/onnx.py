@@ -134,9 +134,9 @@ from egp_export.analysis.numerics import (
     fp32_noise,
 )
 from egp_export.errors import EgpExportError, ExportError, OutputError, VerificationError
+from egp_export.export.fp16 import Fp16Result, check_dtype, export_fp16
 from egp_export.export.inspect import NodeProvenance
 from egp_export.export.provenance import Scoped, annotate, scoped_module
-from egp_export.export.fp16 import Fp16Result, check_dtype, export_fp16
 from egp_export.io.fileio import atomic_path, check_writable, new_file_mode, write_text_atomic
 
 EXPORTERS = ("dynamo", "torchscript")
