@@ -65,6 +65,7 @@ from egp_export.prune.loop import (
 from egp_export.prune.masks import copy_model, make_permanent, masks_of
 from egp_export.prune.training import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_DISTILL_TEMPERATURE,
     DEFAULT_LR,
     DEFAULT_MOMENTUM,
     DEFAULT_WEIGHT_DECAY,
@@ -159,6 +160,8 @@ def prune(
     weight_decay: float = DEFAULT_WEIGHT_DECAY,
     scheduler: str = "multistep",
     batch_size: int = DEFAULT_BATCH_SIZE,
+    distill_weight: float = 0.0,
+    distill_temperature: float = DEFAULT_DISTILL_TEMPERATURE,
     entropy_samples: int | None = DEFAULT_ENTROPY_SAMPLES,
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
@@ -178,7 +181,9 @@ def prune(
     convs of residual adds (the reference never does). Each iteration prunes
     ``rate`` of the weights left in the eligible layers (EGP, NEPENTHE) or
     removes one activation (EASIER), then trains ``epochs_per_iteration`` epochs with a
-    fresh optimizer and schedule (training.py). An iteration more than
+    fresh optimizer and schedule (training.py); ``distill_weight`` > 0 distils
+    the model as given at ``distill_temperature`` (not the reference's: off
+    by default). An iteration more than
     ``max_accuracy_drop`` below the dense accuracy, or with a mean eval
     cross-entropy more than ``max_loss_increase`` (nats) above the dense
     model's, is rejected; the next one only fine-tunes (layer collapse often
@@ -231,14 +236,16 @@ def prune(
     runtime = runtime or Runtime()
     optim = OptimConfig(
         epochs=epochs_per_iteration, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
-        scheduler=scheduler, batch_size=batch_size,
+        scheduler=scheduler, batch_size=batch_size, distill_weight=distill_weight,
+        distill_temperature=distill_temperature,
     )
     settings = {
         "method": method, "entropy": entropy, "prune_shortcuts": prune_shortcuts, "rate": rate,
         "target_sparsity": target_sparsity, "max_accuracy_drop": max_accuracy_drop,
         "max_loss_increase": max_loss_increase, "select": select, "target_linear_sites": target_linear_sites, "epochs_per_iteration": epochs_per_iteration,
         "optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "scheduler": scheduler,
-        "batch_size": batch_size, "entropy_samples": entropy_samples, "seed": seed, "world_size": runtime.world_size,
+        "batch_size": batch_size, "distill_weight": distill_weight, "distill_temperature": distill_temperature,
+        "entropy_samples": entropy_samples, "seed": seed, "world_size": runtime.world_size,
     }
     state = None
     if out_dir is not None:

@@ -35,6 +35,8 @@ the identity (EASIER), fine-tunes and records. Choices this loop makes:
   most linear sites (what the compiler turns into savings), the one with the
   lowest eval loss (ties: the earlier one). Pruning goes on from the last
   state either way; ``select`` only chooses what is returned.
+- **Fine-tuning** trains with cross-entropy (the reference), or with
+  ``distill_weight`` > 0 distils the model as given (training.py).
 - **Files** (with ``out_dir``): after every iteration the resumable
   ``state.pt``, ``iterations/iteration_NN.pt`` and ``metrics.jsonl``; at
   the end ``pruned.pt`` and the plots. Checkpoints keep
@@ -85,6 +87,7 @@ from egp_export.prune.masks import (
 )
 from egp_export.prune.sites import layers_of, site_layers
 from egp_export.prune.training import (
+    DEFAULT_DISTILL_TEMPERATURE,
     DIVERGENCE_ADVICE,
     METRICS_LOG,
     OptimConfig,
@@ -110,10 +113,13 @@ METADATA_KEY = PRUNE_METADATA_KEY
 RESUME_KEYS = (
     "method", "entropy", "prune_shortcuts", "rate", "target_sparsity", "max_accuracy_drop", "max_loss_increase",
     "select", "target_linear_sites", "epochs_per_iteration", "optimizer", "lr", "momentum", "weight_decay",
-    "scheduler", "batch_size", "entropy_samples", "seed", "world_size",
+    "scheduler", "batch_size", "distill_weight", "distill_temperature", "entropy_samples", "seed", "world_size",
 )
 # What a state saved before a setting existed ran with: the setting's default.
-RESUME_DEFAULTS = {"max_loss_increase": None, "select": "last"}
+RESUME_DEFAULTS = {
+    "max_loss_increase": None, "select": "last", "distill_weight": 0.0,
+    "distill_temperature": DEFAULT_DISTILL_TEMPERATURE,
+}
 # How ``select`` chooses the result among the accepted iterations.
 SELECTIONS = ("last", "best")
 
@@ -341,6 +347,8 @@ class Pruning:
         self.out_dir = out_dir
         self.show = show
         self.method = settings["method"]
+        # With distillation the model as given teaches every fine-tuning (a frozen copy on the training device).
+        self.teacher = copy_model(original).to(runtime.device).eval() if optim.distill_weight > 0.0 else None
         self.calibration = input_batches(
             train_set, settings["entropy_samples"], runtime=runtime, batch_size=ENTROPY_BATCH_SIZE
         )
@@ -395,7 +403,7 @@ class Pruning:
             return
         loss = train(
             self.working, self.train_set, self.optim, seed=self.settings["seed"] * 1_000_003 + iteration,
-            runtime=self.runtime, progress=self.show, desc=f"iteration {iteration}",
+            runtime=self.runtime, progress=self.show, desc=f"iteration {iteration}", teacher=self.teacher,
         )
         accuracy, eval_loss = evaluate_with_loss(self.working, self.eval_set, runtime=self.runtime)
         try:

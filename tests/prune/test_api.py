@@ -322,6 +322,7 @@ def test_defaults_are_the_reference_recipe():
     assert (defaults["scheduler"], defaults["batch_size"], defaults["rate"]) == ("multistep", 128, 0.5)
     # The result is the last accepted iteration and no loss bound applies, as in the reference's loop.
     assert (defaults["select"], defaults["max_loss_increase"], defaults["max_accuracy_drop"]) == ("last", None, None)
+    assert defaults["distill_weight"] == 0.0  # fine-tuning is plain cross-entropy
     optimizer = build_optimizer(nn.Linear(2, 2).parameters(), OptimConfig(epochs=1))
     assert isinstance(optimizer, torch.optim.SGD)
     assert {key: optimizer.defaults[key] for key in ("lr", "momentum", "weight_decay")} == {
