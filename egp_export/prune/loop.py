@@ -28,8 +28,8 @@ the identity (EASIER), fine-tunes and records. Choices this loop makes:
   usually recovers (measured on the quick digits demo: validation accuracy
   0.807 right after a block's 3x3 conv lost its last weight, 0.985 after
   the recovery iteration). A second rejection in a row stops. Targets count
-  only when reached by an accepted iteration. Neither bound is EGP's (the
-  reference prunes for a fixed number of iterations); both default to off.
+  only when reached by an accepted iteration. Neither bound comes from EGP;
+  both default to off.
 - **The result** (``select``): ``"last"`` (the default) is the last
   accepted iteration; ``"best"`` is, among the accepted iterations with the
   most linear sites (what the compiler turns into savings), the one with the

@@ -81,7 +81,7 @@ def test_the_demo_prunes_with_distillation_and_the_full_size_with_the_loss_bound
 
 @pytest.mark.slow
 def test_the_full_demo_loses_no_accuracy(tmp_path):
-    # Issue 17's bar on the default seed (README: about a minute on 2 idle cores). The latency ratio is in the
+    # Issue 17's bar on the default seed (165 s on 2 shared cores). The latency ratio is in the
     # README's measurements only: shared runners are too noisy to assert it.
     summary = run_egp_demo(tmp_path, progress=False)
     assert summary["accuracy_compiled"] == summary["accuracy_pruned"] and summary["compiled_predictions_match"]
