@@ -57,6 +57,7 @@ from egp_export.prune.loop import (
     ITERATIONS_DIR,
     METADATA_KEY,
     PRUNED_CHECKPOINT,
+    SELECTIONS,
     STATE_FILE,
     Pruning,
     load_state,
@@ -65,6 +66,7 @@ from egp_export.prune.loop import (
 from egp_export.prune.masks import copy_model, make_permanent, masks_of
 from egp_export.prune.training import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_DISTILL_TEMPERATURE,
     DEFAULT_LR,
     DEFAULT_MOMENTUM,
     DEFAULT_WEIGHT_DECAY,
@@ -86,12 +88,14 @@ DEFAULT_ENTROPY = {"egp": "reference", "nepenthe": "pooled", "easier": "pooled"}
 class PruneResult:
     """What ``prune`` produced.
 
-    ``model``: the last accepted iteration with its masks made permanent (a
-    GraphModule for EASIER), ready for ``egp_export.compile``. ``masks``:
-    layer -> boolean keep-mask of that model. ``history``: one record per
-    iteration (0 = the model as given) with accuracy, sparsity, entropy per
-    site, zero-entropy and linear site counts, each layer's entropy,
-    importance and budget, and whether the iteration was accepted.
+    ``model``: the iteration ``select`` chose (by default the last accepted
+    one) with its masks made permanent (a GraphModule for EASIER), ready for
+    ``egp_export.compile``. ``masks``: layer -> boolean keep-mask of that
+    model. ``history``: one record per iteration (0 = the model as given)
+    with accuracy and loss on the eval data, sparsity, entropy per site,
+    zero-entropy and linear site counts, each layer's entropy, importance and
+    budget, and whether the iteration was accepted. ``result_iteration``:
+    which record ``model`` is.
     """
 
     model: nn.Module
@@ -102,11 +106,14 @@ class PruneResult:
     identity_sites: list[str] = field(default_factory=list)
     site_layers: dict[str, list[str]] = field(default_factory=dict)
     paths: dict[str, Path] = field(default_factory=dict)
+    result_iteration: int | None = None
 
     @property
     def final(self) -> dict:
-        """The record of the returned model (the last accepted iteration)."""
-        return next(record for record in reversed(self.history) if record["accepted"])
+        """The record of the returned model (``result_iteration``; None: the last accepted iteration)."""
+        if self.result_iteration is None:
+            return next(record for record in reversed(self.history) if record["accepted"])
+        return next(record for record in self.history if record["iteration"] == self.result_iteration)
 
     @property
     def dense_accuracy(self) -> float:
@@ -143,6 +150,8 @@ def prune(
     iterations: int = DEFAULT_ITERATIONS,
     target_sparsity: float | None = None,
     max_accuracy_drop: float | None = None,
+    max_loss_increase: float | None = None,
+    select: str = "last",
     target_linear_sites: int | None = None,
     epochs_per_iteration: int = DEFAULT_EPOCHS_PER_ITERATION,
     optimizer: str = "sgd",
@@ -151,6 +160,8 @@ def prune(
     weight_decay: float = DEFAULT_WEIGHT_DECAY,
     scheduler: str = "multistep",
     batch_size: int = DEFAULT_BATCH_SIZE,
+    distill_weight: float = 0.0,
+    distill_temperature: float = DEFAULT_DISTILL_TEMPERATURE,
     entropy_samples: int | None = DEFAULT_ENTROPY_SAMPLES,
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
@@ -170,10 +181,16 @@ def prune(
     convs of residual adds (the reference never does). Each iteration prunes
     ``rate`` of the weights left in the eligible layers (EGP, NEPENTHE) or
     removes one activation (EASIER), then trains ``epochs_per_iteration`` epochs with a
-    fresh optimizer and schedule (training.py). An iteration more than
-    ``max_accuracy_drop`` below the dense accuracy is rejected; the next one
-    only fine-tunes (layer collapse often recovers), and a second rejection
-    in a row stops. The result is the last accepted iteration.
+    fresh optimizer and schedule (training.py); ``distill_weight`` > 0 distils
+    the model as given at ``distill_temperature`` (not the reference's: off
+    by default). An iteration more than
+    ``max_accuracy_drop`` below the dense accuracy, or with a mean eval
+    cross-entropy more than ``max_loss_increase`` (nats) above the dense
+    model's, is rejected; the next one only fine-tunes (layer collapse often
+    recovers), and a second rejection in a row stops. The result is the last
+    accepted iteration (``select="last"``, as EGP's reference) or, with
+    ``select="best"``, the accepted iteration with the most linear sites and,
+    among those, the lowest eval loss (loop.py).
 
     With ``out_dir`` every iteration writes ``state.pt`` (for ``resume``),
     ``iterations/iteration_NN.pt`` and ``metrics.jsonl``; the end writes
@@ -195,8 +212,8 @@ def prune(
             "per-neuron entropy: pass entropy='pooled' or leave it unset"
         )
     require_finite(
-        rate=rate, target_sparsity=target_sparsity, max_accuracy_drop=max_accuracy_drop, lr=lr, momentum=momentum,
-        weight_decay=weight_decay,
+        rate=rate, target_sparsity=target_sparsity, max_accuracy_drop=max_accuracy_drop,
+        max_loss_increase=max_loss_increase, lr=lr, momentum=momentum, weight_decay=weight_decay,
     )
     if not 0.0 < rate <= 1.0:
         raise ValueError(f"rate must be in (0, 1], got {rate}")
@@ -208,6 +225,10 @@ def prune(
         raise ValueError("EASIER removes activations and prunes no weights: target_sparsity does not apply")
     if max_accuracy_drop is not None and not max_accuracy_drop >= 0.0:
         raise ValueError(f"max_accuracy_drop must be non-negative, got {max_accuracy_drop}")
+    if max_loss_increase is not None and not max_loss_increase >= 0.0:
+        raise ValueError(f"max_loss_increase must be non-negative, got {max_loss_increase}")
+    if select not in SELECTIONS:
+        raise ValueError(f"select must be one of {', '.join(SELECTIONS)}, got {select!r}")
     if target_linear_sites is not None and target_linear_sites < 0:
         raise ValueError(f"target_linear_sites must be non-negative, got {target_linear_sites}")
     if entropy_samples is not None and entropy_samples < 1:
@@ -215,14 +236,16 @@ def prune(
     runtime = runtime or Runtime()
     optim = OptimConfig(
         epochs=epochs_per_iteration, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
-        scheduler=scheduler, batch_size=batch_size,
+        scheduler=scheduler, batch_size=batch_size, distill_weight=distill_weight,
+        distill_temperature=distill_temperature,
     )
     settings = {
         "method": method, "entropy": entropy, "prune_shortcuts": prune_shortcuts, "rate": rate,
         "target_sparsity": target_sparsity, "max_accuracy_drop": max_accuracy_drop,
-        "target_linear_sites": target_linear_sites, "epochs_per_iteration": epochs_per_iteration,
+        "max_loss_increase": max_loss_increase, "select": select, "target_linear_sites": target_linear_sites, "epochs_per_iteration": epochs_per_iteration,
         "optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "scheduler": scheduler,
-        "batch_size": batch_size, "entropy_samples": entropy_samples, "seed": seed, "world_size": runtime.world_size,
+        "batch_size": batch_size, "distill_weight": distill_weight, "distill_temperature": distill_temperature,
+        "entropy_samples": entropy_samples, "seed": seed, "world_size": runtime.world_size,
     }
     state = None
     if out_dir is not None:
@@ -257,6 +280,7 @@ def prune(
         identity_sites=list(run.accepted["identity_sites"]),
         site_layers={site: list(layers) for site, layers in measurement.site_layers.items()},
         paths=run.paths(),
+        result_iteration=run.result_record()["iteration"],
     )
 
 

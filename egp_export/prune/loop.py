@@ -21,13 +21,22 @@ the identity (EASIER), fine-tunes and records. Choices this loop makes:
   sites linear on the data (identity sites included; the compiler's
   criterion, which for ReLU is zero pooled entropy), or nothing left to
   prune. ``max_accuracy_drop`` *rejects* an iteration whose accuracy falls
-  more than that below the dense model's: it stays in the history with
-  ``accepted: false`` and the next iteration only fine-tunes, because a
-  layer emptied by EGP's peaked budget usually recovers (measured on the
-  quick digits demo: validation accuracy 0.807 right after a block's 3x3
-  conv lost its last weight, 0.985 after the recovery iteration). A second
-  rejection in a row stops. The result is the last accepted iteration;
-  targets count only when reached by an accepted one.
+  more than that below the dense model's, and ``max_loss_increase`` one
+  whose mean eval cross-entropy rises more than that (nats) above the dense
+  model's: it stays in the history with ``accepted: false`` and the next
+  iteration only fine-tunes, because a layer emptied by EGP's peaked budget
+  usually recovers (measured on the quick digits demo: validation accuracy
+  0.807 right after a block's 3x3 conv lost its last weight, 0.985 after
+  the recovery iteration). A second rejection in a row stops. Targets count
+  only when reached by an accepted iteration. Neither bound comes from EGP;
+  both default to off.
+- **The result** (``select``): ``"last"`` (the default) is the last
+  accepted iteration; ``"best"`` is, among the accepted iterations with the
+  most linear sites (what the compiler turns into savings), the one with the
+  lowest eval loss (ties: the earlier one). Pruning goes on from the last
+  state either way; ``select`` only chooses what is returned.
+- **Fine-tuning** trains with cross-entropy (the reference), or with
+  ``distill_weight`` > 0 distils the model as given (training.py).
 - **Files** (with ``out_dir``): after every iteration the resumable
   ``state.pt``, ``iterations/iteration_NN.pt`` and ``metrics.jsonl``; at
   the end ``pruned.pt`` and the plots. Checkpoints keep
@@ -79,10 +88,11 @@ from egp_export.prune.masks import (
 )
 from egp_export.prune.sites import layers_of, site_layers
 from egp_export.prune.training import (
+    DEFAULT_DISTILL_TEMPERATURE,
     DIVERGENCE_ADVICE,
     METRICS_LOG,
     OptimConfig,
-    evaluate,
+    evaluate_with_loss,
     input_batches,
     train,
     write_metrics,
@@ -101,10 +111,17 @@ STATE_FORMAT = "egp-export-prune-state"
 METADATA_KEY = PRUNE_METADATA_KEY
 # Settings a resumed run must share with the run it continues (``iterations`` may grow).
 RESUME_KEYS = (
-    "method", "entropy", "prune_shortcuts", "rate", "target_sparsity", "max_accuracy_drop", "target_linear_sites",
-    "epochs_per_iteration", "optimizer", "lr", "momentum", "weight_decay", "scheduler", "batch_size",
-    "entropy_samples", "seed", "world_size",
+    "method", "entropy", "prune_shortcuts", "rate", "target_sparsity", "max_accuracy_drop", "max_loss_increase",
+    "select", "target_linear_sites", "epochs_per_iteration", "optimizer", "lr", "momentum", "weight_decay",
+    "scheduler", "batch_size", "distill_weight", "distill_temperature", "entropy_samples", "seed", "world_size",
 )
+# What a state saved before a setting existed ran with: the setting's default.
+RESUME_DEFAULTS = {
+    "max_loss_increase": None, "select": "last", "distill_weight": 0.0,
+    "distill_temperature": DEFAULT_DISTILL_TEMPERATURE,
+}
+# How ``select`` chooses the result among the accepted iterations.
+SELECTIONS = ("last", "best")
 
 
 def output_paths(out_dir: Path) -> dict[str, Path]:
@@ -232,6 +249,25 @@ def _prune_step(model: nn.Module, rows: list[dict], rate: float, limit: int | No
     return sum(budgets.values())
 
 
+def _rejection(record: dict, dense: dict, settings: dict) -> str | None:
+    """Why the iteration in ``record`` is rejected (the bound it breaks, measured against ``dense``), or None."""
+    bound = settings["max_accuracy_drop"]
+    if bound is not None and dense["accuracy"] - record["accuracy"] > bound:
+        return f"max_accuracy_drop: accuracy {record['accuracy']:.4f} more than {bound:g} below the dense {dense['accuracy']:.4f}"
+    bound = settings["max_loss_increase"]
+    if bound is not None and record["eval_loss"] - dense["eval_loss"] > bound:
+        return (
+            f"max_loss_increase: eval loss {record['eval_loss']:.4f} more than {bound:g} above the dense "
+            f"{dense['eval_loss']:.4f}"
+        )
+    return None
+
+
+def _better_result(record: dict, current: dict) -> bool:
+    """Whether ``record`` beats ``current`` as the result under ``select="best"``: more linear sites, then lower loss."""
+    return (record["linear_sites"], -record["eval_loss"]) > (current["linear_sites"], -current["eval_loss"])
+
+
 def _target_reached(record: dict, settings: dict) -> str | None:
     """The target (linear sites, sparsity) that the model in ``record`` meets, or None."""
     target = settings["target_linear_sites"]
@@ -274,7 +310,9 @@ def load_state(path: Path, settings: dict) -> dict:
         raise CheckpointError(f"{path} is not an egp-export pruning state; start again without resume.")
     saved = state["settings"]
     different = [
-        f"{key}: {saved.get(key)!r} then, {settings[key]!r} now" for key in RESUME_KEYS if saved.get(key) != settings[key]
+        f"{key}: {saved.get(key, RESUME_DEFAULTS.get(key))!r} then, {settings[key]!r} now"
+        for key in RESUME_KEYS
+        if saved.get(key, RESUME_DEFAULTS.get(key)) != settings[key]
     ]
     if different:
         raise CheckpointError(
@@ -285,7 +323,12 @@ def load_state(path: Path, settings: dict) -> dict:
 
 
 class Pruning:
-    """The state of one pruning run: the model being pruned, the last accepted snapshot, the history."""
+    """The state of one pruning run: the model being pruned, the snapshot of the result so far, the history.
+
+    ``accepted`` is the snapshot ``finish`` returns (the last accepted
+    iteration, or the best one under ``select="best"``); its ``iteration``
+    key says which.
+    """
 
     def __init__(
         self,
@@ -304,6 +347,8 @@ class Pruning:
         self.out_dir = out_dir
         self.show = show
         self.method = settings["method"]
+        # With distillation the model as given teaches every fine-tuning (a frozen copy on the training device).
+        self.teacher = copy_model(original).to(runtime.device).eval() if optim.distill_weight > 0.0 else None
         self.calibration = input_batches(
             train_set, settings["entropy_samples"], runtime=runtime, batch_size=ENTROPY_BATCH_SIZE
         )
@@ -320,9 +365,9 @@ class Pruning:
         self.measurement = self._measure(self.working)
         rows = _plan(self.working, self.measurement, self.method, self.settings["entropy"])
         self.prunable = [row["layer"] for row in rows]
-        accuracy = evaluate(self.working, self.eval_set, runtime=self.runtime)
-        record = self._record(0, rows, accuracy, float("nan"), started)
-        self.accepted = _snapshot(self.working, self.identity_sites)
+        accuracy, eval_loss = evaluate_with_loss(self.working, self.eval_set, runtime=self.runtime)
+        record = self._record(0, rows, accuracy, eval_loss, float("nan"), started)
+        self._accept(record)
         self.stop = _target_reached(record, self.settings)
         self._save(record)
 
@@ -331,6 +376,8 @@ class Pruning:
         self.identity_sites = list(state["working"]["identity_sites"])
         self.working = self._rebuild(state["working"])
         self.accepted = state["accepted"]
+        # A state saved before the snapshot named its iteration held the last accepted one.
+        self.accepted.setdefault("iteration", next(r["iteration"] for r in reversed(self.history) if r["accepted"]))
         self.prunable = [row["layer"] for row in self.history[0]["layers"]]
         self.measurement = self._measure(self.working)
         self.stop = state["stop_reason"]
@@ -356,32 +403,36 @@ class Pruning:
             return
         loss = train(
             self.working, self.train_set, self.optim, seed=self.settings["seed"] * 1_000_003 + iteration,
-            runtime=self.runtime, progress=self.show, desc=f"iteration {iteration}",
+            runtime=self.runtime, progress=self.show, desc=f"iteration {iteration}", teacher=self.teacher,
         )
-        accuracy = evaluate(self.working, self.eval_set, runtime=self.runtime)
+        accuracy, eval_loss = evaluate_with_loss(self.working, self.eval_set, runtime=self.runtime)
         try:
             self.measurement = self._measure(self.working)
         except CalibrationError as error:  # iteration 0 measured this data: only the fine-tuned weights changed
             raise TrainingError(
                 f"fine-tuning diverged in iteration {iteration}: {error} {DIVERGENCE_ADVICE}."
             ) from None
-        record = self._record(iteration, rows, accuracy, loss, started)
+        record = self._record(iteration, rows, accuracy, eval_loss, loss, started)
         record["recovery"] = recovering
         if self.method == "easier" and not recovering:
             record["removed_site"] = self.identity_sites[-1]
-        dense = self.history[0]["accuracy"]
-        bound = self.settings["max_accuracy_drop"]
-        if bound is not None and dense - accuracy > bound:
+        rejection = _rejection(record, self.history[0], self.settings)
+        if rejection is not None:
             record["accepted"] = False
             if recovering:
-                self.stop = (
-                    f"max_accuracy_drop: accuracy {accuracy:.4f} still more than {bound:g} below the dense "
-                    f"{dense:.4f} after a recovery iteration; the result is the last accepted iteration"
-                )
+                self.stop = f"{rejection} after a recovery iteration; the result is iteration {self.accepted['iteration']}"
         else:
-            self.accepted = _snapshot(self.working, self.identity_sites)
+            self._accept(record)
             self.stop = _target_reached(record, self.settings)
         self._save(record)
+
+    def _accept(self, record: dict) -> None:
+        """Make the working model the result, unless ``select="best"`` keeps a better earlier one."""
+        if self.settings["select"] == "best" and self.history[0] is not record:
+            current = next(r for r in self.history if r["iteration"] == self.accepted["iteration"])
+            if not _better_result(record, current):
+                return
+        self.accepted = {**_snapshot(self.working, self.identity_sites), "iteration": record["iteration"]}
 
     def _shrink(self, rows: list[dict]) -> bool:
         """This iteration's pruning (EGP, NEPENTHE) or activation removal (EASIER); False when nothing is left."""
@@ -402,7 +453,9 @@ class Pruning:
             return False
         return True
 
-    def _record(self, iteration: int, rows: list[dict], accuracy: float, loss: float, started: float) -> dict:
+    def _record(
+        self, iteration: int, rows: list[dict], accuracy: float, eval_loss: float, loss: float, started: float
+    ) -> dict:
         zeros, total = _weight_counts(self.working, self.prunable)
         every_layer = [n for n, m in self.working.named_modules() if isinstance(m, CONV_TYPES + LINEAR_TYPES)]
         all_zeros, all_total = _weight_counts(self.working, every_layer)
@@ -410,6 +463,7 @@ class Pruning:
         record = {
             "iteration": iteration,
             "accuracy": accuracy,
+            "eval_loss": eval_loss,
             "train_loss": loss if math.isfinite(loss) else None,  # None: no training (iteration 0, zero epochs)
             "sparsity": zeros / total if total else 0.0,
             "global_sparsity": all_zeros / all_total if all_total else 0.0,
@@ -465,6 +519,10 @@ class Pruning:
             folder.rmdir()
         self.written.clear()
 
+    def result_record(self) -> dict:
+        """The history record of the model ``finish`` returns."""
+        return next(record for record in self.history if record["iteration"] == self.accepted["iteration"])
+
     def _measure(self, model: nn.Module) -> Measurement:
         return measure(model, self.calibration, self.runtime, include_shortcuts=self.settings["prune_shortcuts"])
 
@@ -493,9 +551,9 @@ class Pruning:
             self.stop = f"iterations: all {iterations} iterations done"
 
     def finish(self) -> tuple[nn.Module, Measurement]:
-        """Write the final files; return the last accepted model (masks attached) and its measurement."""
-        final = next(record for record in reversed(self.history) if record["accepted"])
-        model = self.working if self.history[-1]["accepted"] else self._rebuild(self.accepted)
+        """Write the final files; return the result (masks attached, ``select`` chose it) and its measurement."""
+        final = self.result_record()
+        model = self.working if final is self.history[-1] else self._rebuild(self.accepted)
         paths = self.paths()
         if paths:
             self._save_state(paths)

@@ -88,6 +88,77 @@ def test_accuracy_drop_rejects_then_recovers_then_stops():
     assert result.final["iteration"] == 0 and result.masks == {}  # the result is the last accepted model
 
 
+def test_loss_increase_rejects_a_step_the_accuracy_bound_lets_through():
+    # rate 1 empties every eligible layer at once: the eval loss jumps; max_accuracy_drop=1 accepts any accuracy.
+    settings = {"iterations": 5, "rate": 1.0, "max_accuracy_drop": 1.0, **FAST, "epochs_per_iteration": 0}
+    unguarded = prune(tiny(), data(), data(32, 1), **settings)
+    assert unguarded.history[1]["accepted"] and unguarded.final["iteration"] > 0
+    rise = unguarded.history[1]["eval_loss"] - unguarded.history[0]["eval_loss"]
+    assert rise > 0.01
+    guarded = prune(tiny(), data(), data(32, 1), max_loss_increase=0.01, **settings)
+    flags = [(record["accepted"], record["recovery"]) for record in guarded.history]
+    assert flags[1:] == [(False, False), (False, True)]
+    assert guarded.stop_reason.startswith("max_loss_increase") and "the result is iteration 0" in guarded.stop_reason
+    assert guarded.final["iteration"] == 0 and guarded.masks == {}
+    # A bound above the rise lets the step through: the guard compares against the dense model's loss.
+    loose = prune(tiny(), data(), data(32, 1), max_loss_increase=rise + 0.01, **{**settings, "iterations": 1})
+    assert loose.history[1]["accepted"] and loose.final["iteration"] == 1
+
+
+def test_eval_loss_is_the_mean_cross_entropy_on_the_eval_data():
+    model, held = tiny(), data(32, 1)
+    result = prune(model, data(), held, iterations=0, **FAST)
+    with torch.no_grad():
+        expected = float(torch.nn.functional.cross_entropy(model(held[0]), held[1]))
+    assert result.history[0]["eval_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_select_best_returns_the_lowest_loss_iteration_among_the_most_linear(tmp_path):
+    # Without fine-tuning every pruning step raises the loss: after 2 steps no site is linear yet, so "best" is
+    # the model as given, where "last" is iteration 2.
+    settings = {"iterations": 2, **FAST, "epochs_per_iteration": 0}
+    last = prune(tiny(), data(), data(32, 1), **settings)
+    best = prune(tiny(), data(), data(32, 1), select="best", out_dir=tmp_path, **settings)
+    assert _comparable(last.history) == _comparable(best.history)  # select chooses the result, not the run
+    assert last.final["iteration"] == 2 and last.masks
+    assert [record["linear_sites"] for record in best.history] == [0, 0, 0]
+    assert best.history[0]["eval_loss"] < min(record["eval_loss"] for record in best.history[1:])
+    assert best.final["iteration"] == best.result_iteration == 0 and best.masks == {}
+    # The model and pruned.pt are that iteration's, not the last one's.
+    assert all(torch.equal(v, best.model.state_dict()[k]) for k, v in tiny().state_dict().items())
+    saved = torch.load(tmp_path / "pruned.pt", weights_only=True)
+    assert saved["egp_prune"]["iteration"] == 0
+    fresh = Tiny()
+    apply_state_dict(fresh, load_state_dict(tmp_path / "pruned.pt"))
+    assert all(torch.equal(v, best.model.state_dict()[k]) for k, v in fresh.state_dict().items())
+
+
+def test_select_best_prefers_more_linear_sites_to_a_lower_loss():
+    # The third step makes relu3 linear at a higher loss than every earlier iteration: it is still the result.
+    best = prune(tiny(), data(), data(32, 1), select="best", iterations=3, **{**FAST, "epochs_per_iteration": 0})
+    assert [record["linear_sites"] for record in best.history] == [0, 0, 0, 1]
+    assert best.final["iteration"] == 3
+    assert best.final["eval_loss"] > max(record["eval_loss"] for record in best.history[:3])
+
+
+def test_select_best_survives_resume(tmp_path):
+    settings = {"select": "best", **FAST, "epochs_per_iteration": 0}
+    whole = prune(tiny(), data(), data(32, 1), iterations=3, **settings)
+    prune(tiny(), data(), data(32, 1), iterations=1, out_dir=tmp_path, **settings)
+    resumed = prune(tiny(), data(), data(32, 1), iterations=3, out_dir=tmp_path, resume=True, **settings)
+    assert resumed.final["iteration"] == whole.final["iteration"]
+    assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in whole.model.state_dict().items())
+    with pytest.raises(CheckpointError, match="select: 'best' then, 'last' now"):
+        prune(tiny(), data(), data(32, 1), iterations=4, out_dir=tmp_path, resume=True, **{**settings, "select": "last"})
+
+
+def test_new_options_are_checked():
+    with pytest.raises(ValueError, match="select must be one of last, best"):
+        prune(tiny(), data(), data(32, 1), select="first", iterations=0, progress=False)
+    with pytest.raises(ValueError, match="max_loss_increase must be non-negative"):
+        prune(tiny(), data(), data(32, 1), max_loss_increase=-0.1, iterations=0, progress=False)
+
+
 def test_target_linear_sites_stops_and_nepenthe_runs():
     result = prune(tiny(), data(), data(32, 1), "nepenthe", iterations=8, target_linear_sites=1, **FAST)
     assert result.stop_reason.startswith("target_linear_sites")
@@ -249,6 +320,9 @@ def test_defaults_are_the_reference_recipe():
     assert defaults["prune_shortcuts"] is False
     assert (defaults["optimizer"], defaults["lr"], defaults["momentum"], defaults["weight_decay"]) == ("sgd", 0.1, 0.9, 1e-4)
     assert (defaults["scheduler"], defaults["batch_size"], defaults["rate"]) == ("multistep", 128, 0.5)
+    # The result is the last accepted iteration and no loss bound applies, as in the reference's loop.
+    assert (defaults["select"], defaults["max_loss_increase"], defaults["max_accuracy_drop"]) == ("last", None, None)
+    assert defaults["distill_weight"] == 0.0  # fine-tuning is plain cross-entropy
     optimizer = build_optimizer(nn.Linear(2, 2).parameters(), OptimConfig(epochs=1))
     assert isinstance(optimizer, torch.optim.SGD)
     assert {key: optimizer.defaults[key] for key in ("lr", "momentum", "weight_decay")} == {
