@@ -242,7 +242,8 @@ def prune(
     settings = {
         "method": method, "entropy": entropy, "prune_shortcuts": prune_shortcuts, "rate": rate,
         "target_sparsity": target_sparsity, "max_accuracy_drop": max_accuracy_drop,
-        "max_loss_increase": max_loss_increase, "select": select, "target_linear_sites": target_linear_sites, "epochs_per_iteration": epochs_per_iteration,
+        "max_loss_increase": max_loss_increase, "select": select, "target_linear_sites": target_linear_sites,
+        "epochs_per_iteration": epochs_per_iteration,
         "optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "scheduler": scheduler,
         "batch_size": batch_size, "distill_weight": distill_weight, "distill_temperature": distill_temperature,
         "entropy_samples": entropy_samples, "seed": seed, "world_size": runtime.world_size,
