@@ -48,6 +48,10 @@ OPTION_METHODS = {
     "resume": ENTROPY_METHODS,
     "iterations": (*ENTROPY_METHODS, "sap"),
     "max_accuracy_drop": (*ENTROPY_METHODS, "sap"),
+    "max_loss_increase": ENTROPY_METHODS,
+    "select": ENTROPY_METHODS,
+    "distill_weight": ENTROPY_METHODS,
+    "distill_temperature": ENTROPY_METHODS,
     "rewind": ("sap",),
     "stages": ("energy",),
     "score": ("energy",),
@@ -108,6 +112,15 @@ def add_prune_command(subparsers) -> argparse.ArgumentParser:
     )
     method.add_argument("--target-linear-sites", type=non_negative_int, metavar="N",
                         help="stop once N activation sites are linear on the data")
+    method.add_argument(
+        "--max-loss-increase", type=non_negative_float, metavar="L",
+        help="reject iterations whose eval cross-entropy rises more than L (nats) above the dense model's",
+    )
+    method.add_argument(
+        "--select", choices=("last", "best"), default="last",
+        help="which accepted iteration is pruned.pt: the last (default, EGP's) or the one with the most linear sites, "
+        "then the lowest eval loss",
+    )
     others = parser.add_argument_group("sap, energy, itpruner")
     others.add_argument("--rewind", choices=("init", "pre_prune"), default="init",
                         help="sap: retrain from the initial weights (the paper, default) or from the pre-prune ones")
@@ -130,6 +143,13 @@ def add_prune_command(subparsers) -> argparse.ArgumentParser:
     training.add_argument("--scheduler", choices=("multistep", "cosine", "constant"),
                           help="per iteration: step decay at 50%% and 75%% of the epochs, cosine, or constant")
     training.add_argument("--batch-size", type=positive_int, help="global batch size")
+    training.add_argument(
+        "--distill-weight", type=fraction, default=0.0, metavar="W",
+        help="weight of the dense model's soft targets (knowledge distillation) in the fine-tuning loss, 0..1 (default "
+        "0: EGP's plain cross-entropy; the demo uses 0.5)",
+    )
+    training.add_argument("--distill-temperature", type=positive_float, default=4.0, metavar="T",
+                          help="softmax temperature of the distillation targets (default 4)")
     training.add_argument("--seed", type=int, default=0, help="seeds the data split, batch order and dropout (default 0)")
     output = parser.add_argument_group("output")
     output.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for checkpoints, metrics and plots")
@@ -251,7 +271,8 @@ def _run_entropy_method(args: argparse.Namespace, model, train, held_out) -> Non
             model, train, held_out, args.method, entropy=args.entropy, prune_shortcuts=args.prune_shortcuts,
             rate=args.rate, iterations=args.iterations, target_sparsity=args.target_sparsity,
             max_accuracy_drop=args.max_accuracy_drop, target_linear_sites=args.target_linear_sites,
-            entropy_samples=args.entropy_samples, out_dir=args.out,
+            max_loss_increase=args.max_loss_increase, select=args.select, distill_weight=args.distill_weight,
+            distill_temperature=args.distill_temperature, entropy_samples=args.entropy_samples, out_dir=args.out,
             resume=args.resume, force=args.force, seed=args.seed,
             progress=talk and sys.stderr.isatty(), runtime=runtime, **options,
         )

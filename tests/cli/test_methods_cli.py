@@ -94,6 +94,9 @@ def test_leaf_module_hides_a_block_from_the_analysis_and_the_compile(tmp_path):
         ("itpruner", "--rate", "0.25", "egp, nepenthe, easier"),
         ("nepenthe", "--rewind", "pre_prune", "sap"),
         ("sap", "--resume", None, "egp, nepenthe, easier"),
+        ("sap", "--distill-weight", "0.5", "egp, nepenthe, easier"),
+        ("energy", "--select", "best", "egp, nepenthe, easier"),
+        ("itpruner", "--max-loss-increase", "0.05", "egp, nepenthe, easier"),
     ],
 )
 def test_an_option_the_method_does_not_use_is_refused_not_ignored(tmp_path, capsys, method, option, value, users):
@@ -123,3 +126,22 @@ def test_a_unit_measure_on_a_model_without_residual_units_is_one_error_line(tmp_
     assert f"egp-export: error: the {measure} measure scores residual units" in err
     assert "the measures that work on any model are entropy (analyze's default) and pqi" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_demo_recipe_options_reach_prune(tmp_path, monkeypatch):
+    """--distill-weight/--distill-temperature/--max-loss-increase/--select reach prune() (they were Python-only)."""
+    import egp_export.prune.api as api
+
+    seen = {}
+
+    def fake_prune(*args, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)  # stop before any training: only the options are under test
+
+    monkeypatch.setattr(api, "prune", fake_prune)
+    with pytest.raises(SystemExit):
+        main(["prune", *ARCH, "--data", "builtin:digits", "--method", "egp", "--distill-weight", "0.5",
+              "--distill-temperature", "2", "--max-loss-increase", "0.05", "--select", "best",
+              "--out", str(tmp_path / "out")])  # fmt: skip
+    assert (seen["distill_weight"], seen["distill_temperature"]) == (0.5, 2.0)
+    assert (seen["max_loss_increase"], seen["select"]) == (0.05, "best")
