@@ -162,3 +162,46 @@ def test_agreement_over_batches_equals_the_whole():
 
     assert errors.result() == compare(logits, noisy)
     assert errors.result().top1_agreement < 1.0
+
+
+class _TwoRanks:
+    """all_reduce over two ranks holding the two halves of the samples, simulated: sum and max with the other
+    rank's (already reduced) contribution."""
+
+    def __init__(self, other: ErrorAccumulator, offset: int) -> None:
+        self.other, self.offset = other, offset
+
+    def sum(self, values):
+        return values + self._other_like(values, "sum")
+
+    def max(self, values):
+        return torch.maximum(values, self._other_like(values, "max"))
+
+    def _other_like(self, values, op):
+        other = self.other
+        outputs = len(other.names)
+        if values.dtype == torch.int64 and values.numel() == 2:
+            return torch.tensor([other.mismatches, other.samples])
+        if values.shape == other.agreement.shape:
+            return torch.from_numpy(other.agreement.copy())
+        if values.shape == (2 * outputs + 1,):
+            return torch.tensor([*other.max_abs, *other.scale, -math.inf], dtype=torch.float64)
+        if values.shape == other.classes.shape:
+            return torch.from_numpy(other.classes.copy())
+        rows = torch.zeros_like(values)
+        mine = torch.from_numpy(other.sample_errors[0])
+        rows[self.offset : self.offset + len(mine)] = mine
+        return rows
+
+
+def test_agreement_and_cosine_survive_the_all_reduce_over_ranks():
+    generator = torch.Generator().manual_seed(6)
+    logits = torch.randn(10, 6, generator=generator)
+    noisy = logits + 0.7 * torch.randn(10, 6, generator=generator)
+    first, second = ErrorAccumulator(), ErrorAccumulator()
+    first.add(logits[:4], noisy[:4])
+    second.add(logits[4:], noisy[4:])
+
+    first.all_reduce(_TwoRanks(second, offset=4), offset=0)
+
+    assert first.result() == compare(logits, noisy)
