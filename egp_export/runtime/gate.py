@@ -297,14 +297,16 @@ def check_numerics(
         sizes = tuple(sorted({len(run) for run in runs}))
         for runner, model in zip(runners, (baseline_onnx, candidate_onnx)):
             runner.prepare(model, input_shape=input_shape, batch_sizes=sizes)
-        errors = ErrorAccumulator()
+        errors, problem = ErrorAccumulator(), ""
         for run in runs:
             reference = runners[0].run(run)
             candidate = runners[1].run(run.astype(runners[1].input_spec.dtype))
-            errors.add(reference, candidate)
-        error, problem = errors.result(), ""
-    except ValueError as mismatch:  # output count or shape differs
-        error, problem = None, str(mismatch)
+            try:
+                errors.add(reference, candidate)
+            except ValueError as mismatch:  # output count or shape differs
+                problem = str(mismatch)
+                break
+        error = None if problem else errors.result()
     finally:
         for runner in runners:
             runner.close()
