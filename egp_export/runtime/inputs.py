@@ -27,8 +27,9 @@ ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 TEXT_KINDS = "OSU"
 # Random integer inputs that index no embedding table: 0 or 1, as an attention mask takes.
 DEFAULT_INTEGER_RANGE = (0, 2)
-# uint8 data fed to a float input is read as image pixels: divided by 255, as an image folder is.
-UINT8_IMAGE_SCALE = 1.0 / 255.0
+# uint8 data fed to a float input is read as image pixels: divided by 255 in float32, as an image folder is
+# (io/datasets.py) and as the compile converts uint8 calibration data (analysis/batches.py): the same values.
+UINT8_PIXEL_SCALE = 255.0
 
 
 class BackendError(EgpExportError):
@@ -246,7 +247,7 @@ def fitted_inputs(batch, spec: InputSpec, source: str, notes: list[str] | None =
         if array.dtype == np.uint8:
             notes.append(f"{source}: uint8 data divided by 255 for the float input {spec.name!r} (image pixels in "
                          "[0, 1], as an image folder is read)")
-            return (array.astype(np.float32) * np.float32(UINT8_IMAGE_SCALE)).astype(target)
+            return (array.astype(np.float32) / np.float32(UINT8_PIXEL_SCALE)).astype(target)
         if kind in "iub":
             notes.append(f"{source}: {array.dtype} data converted to {target} for the input {spec.name!r} (values as stored)")
         _check_finite(array, source)
