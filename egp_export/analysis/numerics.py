@@ -36,7 +36,7 @@ Beside the error, what a practitioner reads first (``ErrorStats.agreement()``):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -149,6 +149,16 @@ class ErrorStats:
         if self.cosine_min is not None:
             parts.append(f"cosine similarity >= {_cosine_text(self.cosine_min)}")
         return ", ".join(parts)
+
+    def with_agreement_of(self, other: ErrorStats) -> ErrorStats:
+        """These errors with ``other``'s agreement, cosine and sample count (the same outputs, checked on the
+        samples once each where these errors also cover repeated runs of them)."""
+        if other.nonfinite_mismatches or self.nonfinite_mismatches or len(other.outputs) != len(self.outputs):
+            return self
+        fields = ("top1_agreement", "top5_agreement", "predictions", "cosine_mean", "cosine_min")
+        outputs = tuple(replace(mine, **{name: getattr(theirs, name) for name in fields})
+                        for mine, theirs in zip(self.outputs, other.outputs))
+        return replace(self, outputs=outputs, samples=other.samples)
 
     @property
     def sample_rel(self) -> float:

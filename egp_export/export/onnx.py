@@ -799,11 +799,13 @@ def _simplify(model: onnx.ModelProto, example_input: torch.Tensor, notes: list[s
 def _verify(data: bytes, batches: list[tuple[str, torch.Tensor]], references: list, rtol: float, exporter: str) -> ErrorStats:
     """ONNX Runtime against the module on every (label, batch), each output on its own scale (numerics.compare)."""
     session = ort_session(data)
-    errors = ErrorAccumulator()
+    errors, alone = ErrorAccumulator(), ErrorAccumulator()  # alone: each sample once, for agreement and cosine
     for (label, batch), reference in zip(batches, references):
         try:
             candidate = run_onnx(session, batch)
             errors.add(reference, candidate)  # raises on count/shape mismatch
+            if batch.shape[0] == 1:
+                alone.add(reference, candidate)
         except Exception as error:
             raise VerificationError(
                 f"ONNX Runtime cannot reproduce the module on {label} {tuple(batch.shape)}: {_first_line(error)} "
@@ -818,6 +820,8 @@ def _verify(data: bytes, batches: list[tuple[str, torch.Tensor]], references: li
                    if not all(torch.isfinite(r).all() for r in flatten_outputs(reference)) else "")
             )
     error_stats = errors.result()
+    if alone.samples:
+        error_stats = error_stats.with_agreement_of(alone.result())
     if not error_stats.within(rtol):
         sizes = sorted({int(batch.shape[0]) for _, batch in batches})
         raise VerificationError(
