@@ -288,8 +288,11 @@ def check_numerics(
             spec = runners[0].input_spec
             data, origin = spec.random_batch(samples, seed, val_range), random_origin(spec, samples, val_range)
         else:
-            runners[0].prepare(baseline_onnx, input_shape=input_shape)
-            spec = runners[0].input_spec
+            if Path(baseline_onnx).suffix.lower() == ".onnx":
+                spec = onnx_input_spec(baseline_onnx, input_shape)
+            else:  # an engine file: its backend reads the spec
+                runners[0].prepare(baseline_onnx, input_shape=input_shape, batch_sizes=(fixed or 1,))
+                spec = runners[0].input_spec
             data = fitted_inputs(inputs, spec, inputs_source, notes)
             data = _whole_runs(data, fixed, inputs_source, notes)
             origin = InputOrigin(inputs_source, True, len(data))

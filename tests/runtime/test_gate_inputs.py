@@ -263,3 +263,26 @@ def test_options_that_would_be_ignored_are_refused(images, extra, message, capsy
     code = main(["gate", str(images["original"]), str(images["compiled"]), "--min-speedup", "1", *extra, *FAST])
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
+
+
+def test_engine_and_profile_take_the_input_options(images, capsys):
+    code = main(["engine", str(images["compiled"]), "--out", "never.engine", "--val-range", "1", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "LOW < HIGH" in err  # refused before TensorRT is looked for
+
+    code = main(["profile", str(images["compiled"]), "--iterations", "2", "--warmup", "0", "--val-range", "0", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "inputs: random uniform [0, 1)" in out
+
+
+def test_a_fixed_batch_model_is_checked_on_whole_batches_of_the_inputs(images, tmp_path):
+    held_out = np.load(images["held_out"])
+    fixed = export_onnx(_image_classifier(), torch.from_numpy(held_out[:4]), tmp_path / "fixed.onnx",
+                        exporter="torchscript", dynamic_batch=False).path  # fmt: skip
+
+    check = check_numerics(fixed, fixed, max_rel_error=0.0, inputs=held_out[:30], inputs_source="held_out.npy")
+
+    assert check.passed and check.samples == 28
+    assert any("the last 2 samples are not checked" in note for note in check.notes)
+    with pytest.raises(BackendError, match="fixed batch size is 4"):
+        check_numerics(fixed, fixed, max_rel_error=0.0, inputs=held_out[:3])
