@@ -72,7 +72,12 @@ class NumericCheck:
 
     @property
     def error_passed(self) -> bool:
-        return self.error is not None and (self.max_rel_error is None or self.error.within(self.max_rel_error))
+        """Within ``max_rel_error``; without one, only an inf/NaN where the other model has none fails."""
+        if self.error is None:
+            return False
+        if self.max_rel_error is None:
+            return not self.error.nonfinite_mismatches
+        return self.error.within(self.max_rel_error)
 
     @property
     def agreement_passed(self) -> bool:

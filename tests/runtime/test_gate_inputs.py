@@ -286,3 +286,17 @@ def test_a_fixed_batch_model_is_checked_on_whole_batches_of_the_inputs(images, t
     assert any("the last 2 samples are not checked" in note for note in check.notes)
     with pytest.raises(BackendError, match="fixed batch size is 4"):
         check_numerics(fixed, fixed, max_rel_error=0.0, inputs=held_out[:3])
+
+
+def test_without_a_threshold_the_check_is_reported_and_only_a_nonfinite_mismatch_fails_it():
+    from egp_export.analysis.numerics import ErrorStats
+    from egp_export.runtime.gate import NumericCheck, evaluate
+    from tests.runtime.test_gate import fake_comparison
+
+    reported = NumericCheck(error=ErrorStats(max_abs=0.5, max_rel=0.5), max_rel_error=None, samples=4)
+    broken = NumericCheck(error=ErrorStats(max_abs=np.inf, max_rel=np.inf, nonfinite_mismatches=3, first_bad_sample=1),
+                          max_rel_error=None, samples=4)  # fmt: skip
+
+    assert evaluate(fake_comparison(2.0, (1.9, 2.1)), 1.0, reported).passed
+    failed = evaluate(fake_comparison(2.0, (1.9, 2.1)), 1.0, broken)
+    assert not failed.passed and "3 output values are inf/NaN" in failed.reasons[0]
