@@ -32,7 +32,7 @@ from egp_export.cli.common import (
     stage_events,
 )
 from egp_export.errors import CalibrationError
-from egp_export.report.report import COMPILE_OUTPUTS, agreement_summary  # report.py imports neither torch nor numpy: --help stays fast
+from egp_export.report.report import COMPILE_OUTPUTS, agreement_summary  # no torch nor numpy: --help stays fast
 
 DEFAULT_TOLERANCE = 1e-5
 DEFAULT_HOLDOUT = 0.2

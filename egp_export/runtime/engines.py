@@ -194,7 +194,9 @@ def verify_engine(
         runs = [data[start : start + batch_size] for start in range(0, len(data), batch_size)]
         runs = [run for run in runs if len(run) >= smallest_batch]
         if not runs:
-            raise BackendError(f"{inputs_source} holds {len(data)} samples, fewer than the engine's smallest batch {smallest_batch}.")
+            raise BackendError(
+                f"{inputs_source} holds {len(data)} samples, fewer than the engine's smallest batch {smallest_batch}."
+            )
         origin = InputOrigin(inputs_source, True, sum(len(run) for run in runs))
     engine = BACKENDS[runtime]()
     engine.prepare(engine_path, input_shape=input_shape, batch_sizes=tuple(sorted({len(run) for run in runs})))

@@ -105,11 +105,11 @@ class NumericCheck:
             if self.min_top1_agreement is not None:
                 required = f" {'≥' if self.agreement_passed else '<'} required {self.min_top1_agreement:.2%}"
             parts.append(f"top-1 agreement {top1:.2%}{required}")
+        worst = max(self.error.max_rel, self.error.sample_rel)
         if self.max_rel_error is not None:
-            relation = "≤" if self.error_passed else ">"
-            parts.append(f"max rel error {max(self.error.max_rel, self.error.sample_rel):.2e} {relation} {self.max_rel_error:.0e}")
+            parts.append(f"max rel error {worst:.2e} {'≤' if self.error_passed else '>'} {self.max_rel_error:.0e}")
         else:
-            parts.append(f"max rel error {max(self.error.max_rel, self.error.sample_rel):.2e}")
+            parts.append(f"max rel error {worst:.2e}")
         where = self.origin.describe() if self.origin is not None else f"{self.samples} samples"
         return ", ".join(parts) + f" on {where}"
 
@@ -526,9 +526,9 @@ def to_markdown(result: GateResult) -> str:
                           "data it was calibrated for, so pass held-out samples with `--inputs`."]
             for output in n.error.outputs:
                 if output.cosine_mean is not None and len(n.error.outputs) > 1:
+                    classes = "" if output.top1_agreement is None else f", top-1 agreement {output.top1_agreement:.2%}"
                     lines.append(f"- `{output.output}`: cosine similarity mean {output.cosine_mean:.6f}, min "
-                                 f"{output.cosine_min:.6f}"
-                                 + (f", top-1 agreement {output.top1_agreement:.2%}" if output.top1_agreement is not None else ""))
+                                 f"{output.cosine_min:.6f}{classes}")
         lines.append("")
     if result.notes:
         lines += ["**Notes:**", ""] + [f"- {note}" for note in result.notes] + [""]
