@@ -86,11 +86,11 @@ class InputSpec:
         return self.id_range or DEFAULT_INTEGER_RANGE
 
     def describe_random(self, val_range: tuple[float, float] | None = None) -> str:
-        """How random_batch draws: ``N(0, 1)``, ``uniform [0, 1)``, ``integers in [0, 1000) (the embedding's rows)``."""
+        """How random_batch draws: ``N(0, 1)``, ``uniform [0, 1)``, ``integers in [0, 1000), the embedding table's rows``."""
         kind = np.dtype(self.dtype).kind
         if kind in "iu":
             low, high = self.integer_range(val_range)
-            why = " (the embedding table's rows)" if val_range is None and self.id_range else ""
+            why = ", the embedding table's rows" if val_range is None and self.id_range else ""
             return f"integers in [{low}, {high}){why}"
         if kind == "b":
             return "booleans"
@@ -315,11 +315,11 @@ class InputOrigin:
     drawn: str = ""  # random inputs: how they were drawn (InputSpec.describe_random)
 
     def describe(self) -> str:
-        """``512 samples of held-out.npy`` or ``8 random N(0, 1) samples (not real data: give --inputs)``."""
+        """``512 samples of held-out.npy`` or ``8 random samples of N(0, 1) (not real data: give --inputs)``."""
         count = f"{self.samples:,} sample{'s' if self.samples != 1 else ''}"
         if self.real:
             return f"{count} of {self.source}"
-        return f"{self.samples:,} random {self.drawn} sample{'s' if self.samples != 1 else ''} (not real data: give --inputs)"
+        return f"{self.samples:,} random {count.split(' ', 1)[1]} of {self.drawn} (not real data: give --inputs)"
 
     def to_dict(self) -> dict:
         return {"source": self.source, "real_data": self.real, "samples": self.samples, "drawn": self.drawn or None,

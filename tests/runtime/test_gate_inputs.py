@@ -107,7 +107,7 @@ def test_a_correct_compile_passes_on_held_out_data_and_random_inputs_say_they_ar
     assert "top-1 agreement 100.00% ≥ required 100.00%" in real.verdict() and "32 samples of held_out.npy" in real.verdict()
     assert real.comparison.inputs == "held_out.npy"
     assert not random.passed and random.exit_code == EXIT_FAILED and not random.numeric.real_data
-    assert "8 random N(0, 1) samples (not real data: give --inputs)" in random.verdict()
+    assert "8 random samples of N(0, 1) (not real data: give --inputs)" in random.verdict()
     assert random.comparison.inputs == "random N(0, 1)"
     assert "not real data" in to_markdown(random) and "random inputs, not real data" in to_markdown(random)
     assert 'name="real_data" value="False"' in to_junit_xml(random)
@@ -117,7 +117,7 @@ def test_random_inputs_in_the_data_range_pass_and_still_say_they_are_random(imag
     check = check_numerics(images["original"], images["compiled"], max_rel_error=1e-5, val_range=(0.0, 1.0))
 
     assert check.passed and not check.real_data
-    assert check.origin.describe() == "8 random uniform [0, 1) samples (not real data: give --inputs)"
+    assert check.origin.describe() == "8 random samples of uniform [0, 1) (not real data: give --inputs)"
 
 
 def test_the_cli_gate_on_inputs_passes_and_on_random_inputs_fails_saying_so(images, tmp_path, capsys):
@@ -194,7 +194,7 @@ def test_a_token_model_passes_on_its_ids_and_random_ids_are_drawn_from_the_whole
                  "--max-rel-error", "1e-5", *FAST])  # fmt: skip
     verdict = capsys.readouterr().out.strip().splitlines()[-1]
     assert code == EXIT_FAILED
-    assert "random integers in [0, 50) (the embedding table's rows) samples (not real data" in verdict
+    assert "random samples of integers in [0, 50), the embedding table's rows (not real data" in verdict
 
 
 def test_random_ids_can_be_limited_to_a_range_and_ids_outside_the_vocabulary_are_refused(tokens, capsys):
