@@ -12,6 +12,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from egp_export.errors import EgpExportError
 
@@ -48,6 +49,7 @@ non_negative_float = _number(float, lambda v: v >= 0.0, "a non-negative number")
 fraction = _number(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
 confidence = _number(float, lambda v: 0.0 < v < 1.0, "between 0 and 1")
 holdout_fraction = _number(float, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+agreement_fraction = _number(float, lambda v: 0.0 <= v <= 1.0, "a fraction in [0, 1] (0.99 for 99%)")
 
 
 def dynamic_dim(text: str) -> tuple[str, int, str]:
@@ -137,3 +139,91 @@ def stage_events(args: argparse.Namespace):
         print(f"  {event.stage}: {facts + ', ' if facts else ''}{event.seconds:.1f} s", file=sys.stderr, flush=True)
 
     return show
+
+
+# Data options shared by compile/analyze (calibration) and gate/engine/profile (--inputs) ------------------------
+
+
+def add_image_preprocessing_arguments(group) -> None:
+    """--normalize MEAN STD and --preset imagenet|timm on an argparse parser or group (io/datasets.py)."""
+    group.add_argument(
+        "--normalize",
+        nargs=2,
+        metavar=("MEAN", "STD"),
+        help="normalise image sources per channel after scaling pixels to [0, 1]: (x - MEAN) / STD, each one number "
+        "or comma-separated per channel (e.g. 0.485,0.456,0.406 0.229,0.224,0.225); recorded in the report",
+    )
+    group.add_argument(
+        "--preset",
+        choices=("imagenet", "timm"),
+        help="image normalisation: imagenet (mean 0.485,0.456,0.406, std 0.229,0.224,0.225) or timm (the model's own, "
+        "from timm's resolve_data_config; PyTorch timm models only)",
+    )
+
+
+def image_preprocessing(args: argparse.Namespace, model=None):
+    """The ImagePreprocessing --normalize / --preset ask for (None without them)."""
+    from egp_export.io.datasets import image_preprocessing as resolve
+    from egp_export.io.datasets import parse_channel_values
+
+    normalize = getattr(args, "normalize", None)
+    pair = None if normalize is None else (parse_channel_values(normalize[0]), parse_channel_values(normalize[1]))
+    return resolve(normalize=pair, preset=getattr(args, "preset", None), model=model)
+
+
+def add_inputs_arguments(parser: argparse.ArgumentParser) -> None:
+    """--inputs SPEC (and how to read it) and --val-range LOW HIGH (random inputs) for gate, engine and profile."""
+    data = parser.add_argument_group("inputs")
+    data.add_argument(
+        "--inputs",
+        metavar="SPEC",
+        help="real inputs for the numeric check and the timing, in the forms --calibration takes (builtin:digits, "
+        ".pt/.pth, .npy/.npz, a folder of images), e.g. the compile's held-out samples; without it, seeded random "
+        "inputs, and the numeric check says it is not on real data",
+    )
+    data.add_argument("--inputs-limit", type=positive_int, metavar="N", help="use the first N samples of --inputs only")
+    data.add_argument("--input-size", nargs=2, type=positive_int, metavar=("H", "W"), help="resize images of an --inputs folder")
+    add_image_preprocessing_arguments(data)
+    data.add_argument(
+        "--val-range",
+        nargs=2,
+        type=_finite_float,
+        metavar=("LOW", "HIGH"),
+        help="random inputs uniform in [LOW, HIGH) instead of N(0, 1) (integer inputs: ids in [LOW, HIGH); default: "
+        "the rows of the embedding table they index, else 0 or 1)",
+    )
+
+
+_finite_float = _number(float, lambda v: True, "a number")
+
+
+def load_inputs(args: argparse.Namespace):
+    """(the --inputs batch, its name) or (None, None); refuses the options that only apply to the other case."""
+    from egp_export.errors import OptionError
+    from egp_export.io.datasets import load_calibration
+
+    if args.val_range is not None:
+        low, high = args.val_range
+        if args.inputs is not None:
+            raise OptionError("--val-range draws random inputs, and --inputs gives real ones; drop one of them.")
+        if not low < high:
+            raise OptionError(f"--val-range LOW HIGH needs LOW < HIGH, got {low:g} {high:g}.")
+    if args.input_size is not None and args.inputs is not None and not Path(args.inputs).is_dir():
+        raise OptionError(f"--input-size resizes the images of a folder, and {args.inputs} is not one; drop --input-size.")
+    if args.inputs is None:
+        given = [name for name in ("inputs_limit", "input_size", "normalize", "preset") if getattr(args, name) is not None]
+        if given:
+            options = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise OptionError(f"{options} read(s) the --inputs data, and no --inputs was given; add --inputs SPEC or drop them.")
+        return None, None
+    notes: list[str] = []
+    data = load_calibration(
+        args.inputs,
+        input_size=tuple(args.input_size) if args.input_size else None,
+        limit=args.inputs_limit,
+        notes=notes,
+        preprocessing=image_preprocessing(args),
+    )
+    for note in notes:
+        say(args, f"note: {note}")
+    return data, args.inputs

@@ -21,8 +21,10 @@ from pathlib import Path
 
 from egp_export.cli.common import (
     PROG,
+    add_image_preprocessing_arguments,
     dynamic_dim,
     holdout_fraction,
+    image_preprocessing,
     non_negative_float,
     positive_int,
     progress,
@@ -32,7 +34,7 @@ from egp_export.cli.common import (
     stage_events,
 )
 from egp_export.errors import CalibrationError, ExportError
-from egp_export.report.report import COMPILE_OUTPUTS  # report.py imports neither torch nor numpy: --help stays fast
+from egp_export.report.report import COMPILE_OUTPUTS, agreement_summary  # no torch nor numpy: --help stays fast
 from egp_export.version import __version__
 
 DEFAULT_TOLERANCE = 1e-5
@@ -90,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="builtin:digits, a .pt/.pth tensor file, a .npy/.npz array, or a folder of images",
     )
     data.add_argument("--input-size", nargs=2, type=positive_int, metavar=("H", "W"), help="resize images of a folder")
+    add_image_preprocessing_arguments(data)
     data.add_argument("--calibration-limit", type=positive_int, metavar="N", help="use the first N samples only")
     data.add_argument(
         "--leaf-module",
@@ -375,7 +378,7 @@ def _load_calibration(args: argparse.Namespace, model):
     notes: list[str] = []
     data = load_calibration(
         args.calibration, input_size=input_size, limit=args.calibration_limit, notes=notes,
-        signature=inputs.signature(model),
+        signature=inputs.signature(model), preprocessing=image_preprocessing(args, model),
     )
     for note in notes:
         say(args, f"note: {note}")
@@ -384,6 +387,16 @@ def _load_calibration(args: argparse.Namespace, model):
         return data  # as stored; compile/analyze name the dtype the model rejects
     say(args, f"note: {args.calibration} {conversion.note}")
     return conversion(data)
+
+
+def _preprocessing_record(args: argparse.Namespace, model) -> dict:
+    """{"preprocessing": ...} for the report when the calibration data are images (how they were scaled), else {}."""
+    preprocessing = image_preprocessing(args, model)
+    if preprocessing is not None:
+        return {"preprocessing": preprocessing.to_dict()}
+    if args.calibration == "builtin:digits" or Path(args.calibration).is_dir():
+        return {"preprocessing": {"scale": "pixels / 255", "mean": None, "std": None, "source": "default"}}
+    return {}
 
 
 def _wrote(out: Path, names) -> str:
@@ -424,7 +437,8 @@ def _run_analyze(args: argparse.Namespace) -> None:
         report = {
             "egp_export_version": __version__,
             "tolerance": args.tolerance,
-            "calibration": {"samples": samples, "sample_shape": inputs.sample_shape(calibration)},
+            "calibration": {"samples": samples, "sample_shape": inputs.sample_shape(calibration),
+                            **_preprocessing_record(args, model)},
             "analysis": analysis,
         }
         layer_measures = [m for m in measures if m != "entropy"]
@@ -486,6 +500,11 @@ def _run_compile(args: argparse.Namespace) -> None:
         f"{len(report['rewrites'])} rewrites, {len(report['refusals'])} refusals (see report.md); predicted conv "
         f"latency {predicted['before']:g} -> {predicted['after']:g} us ({predicted['cost_model']} cost model)",
     )
+    agreement = agreement_summary(pytorch, "held-out" if held else "calibration")
+    if agreement:
+        ort_top1 = onnxruntime.get("top1_agreement")
+        say(args, f"{agreement} (compiled vs original)"
+                  + (f"; ONNX Runtime top-1 agreement {100 * ort_top1:.2f}%" if ort_top1 is not None else ""))
     say(
         args,
         f"max relative error: PyTorch {pytorch['max_rel']:.2e} on {held or report['calibration']['samples']} "
@@ -610,6 +629,7 @@ def _compile_into(
     for note in exported.notes:
         _note(args, f"ONNX export: {note}")
     report = with_export(result.report, exported, path=args.out / ONNX_MODEL)
+    report["calibration"] = {**report["calibration"], **_preprocessing_record(args, model)}
     if args.measure_latency:
         report["measured_latency"] = _measure_latency(args, model, calibration, verify, paths, rtol, report)
     with stage(args, "report", "writing reports and plots"):

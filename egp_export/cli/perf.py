@@ -2,7 +2,12 @@
 
     egp-export profile MODEL.onnx [--backend B] [--batch-size N ...] [--out DIR]     latency table (+ JSON, PNG)
     egp-export gate BASELINE.onnx CANDIDATE.onnx --min-speedup S [--max-rel-error E]  exit 0 pass / 1 fail
+        [--inputs HELD_OUT] [--min-top1-agreement A]
     egp-export engine MODEL.onnx --out model.engine [--fp16] [--dla N]                 TensorRT engine
+
+All three take ``--inputs SPEC`` (the forms ``--calibration`` takes): the
+numeric checks and the timing then run on those samples; without it they
+run on seeded random inputs (``--val-range``), and a numeric check says so.
 
 ``add_perf_commands(subparsers)`` registers them on the main parser;
 ``main(argv)`` runs them on a parser of their own. The gate prints its
@@ -17,7 +22,10 @@ from pathlib import Path
 
 from egp_export.cli.common import (
     PROG,
+    add_inputs_arguments,
+    agreement_fraction,
     confidence,
+    load_inputs,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -33,16 +41,6 @@ PROFILE_MARKDOWN = "profile.md"
 PROFILE_PLOT = "latency.png"
 PROFILE_HTML = "profile.html"
 ONNX_BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt", "tensorrt-rtx")
-
-
-
-
-
-
-
-
-
-
 
 
 def _add_backend_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +87,7 @@ def add_perf_commands(subparsers) -> None:
     profile.add_argument("--html", action="store_true", help=f"with --out, also write {PROFILE_HTML}")
     profile.add_argument("--force", action="store_true", help="overwrite existing outputs")
     profile.add_argument("--quiet", action="store_true", help="print nothing but the table and errors")
+    add_inputs_arguments(profile)
     profile.set_defaults(run=_run_profile)
 
     gate = subparsers.add_parser(
@@ -105,7 +104,14 @@ def add_perf_commands(subparsers) -> None:
         "--max-rel-error",
         type=non_negative_float,
         metavar="E",
-        help="also require max |candidate - baseline| / max |baseline| <= E on the same random inputs",
+        help="also require max |candidate - baseline| / max |baseline| <= E on the same inputs (--inputs, else random)",
+    )
+    gate.add_argument(
+        "--min-top1-agreement",
+        type=agreement_fraction,
+        metavar="A",
+        help="also require the candidate to predict the baseline's class (arg-max of each class-score output) on at "
+        "least this fraction of the samples, e.g. 0.99",
     )
     _add_backend_arguments(gate)
     gate.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="batch size (default 1)")
@@ -125,6 +131,7 @@ def add_perf_commands(subparsers) -> None:
     gate.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG of both latency distributions")
     gate.add_argument("--force", action="store_true", help="overwrite existing outputs")
     gate.add_argument("--quiet", action="store_true", help="print only the verdict and errors")
+    add_inputs_arguments(gate)
     gate.set_defaults(run=_run_gate)
 
     engine = subparsers.add_parser(
@@ -148,6 +155,7 @@ def add_perf_commands(subparsers) -> None:
     engine.add_argument("--no-tf32", action="store_true", help="build without TF32 kernels (TensorRT enables them by default)")
     engine.add_argument("--no-verify", action="store_true", help="skip the check against ONNX Runtime")
     engine.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    add_inputs_arguments(engine)
     engine.set_defaults(run=_run_engine)
 
 
@@ -162,10 +170,6 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(build_parser(), argv)
 
 
-
-
-
-
 def _run_profile(args: argparse.Namespace) -> int:
     from egp_export.io.fileio import check_writable, write_text_atomic
     from egp_export.report.report import to_json
@@ -177,6 +181,7 @@ def _run_profile(args: argparse.Namespace) -> int:
     if args.out is not None:
         names = (PROFILE_JSON, PROFILE_MARKDOWN, PROFILE_PLOT) + ((PROFILE_HTML,) if args.html else ())
         outputs = {name: check_writable(args.out / name, force=args.force) for name in names}
+    inputs, source = load_inputs(args)
     result = profile(
         args.model,
         backend=args.backend,
@@ -186,10 +191,14 @@ def _run_profile(args: argparse.Namespace) -> int:
         input_shape=args.input_shape,
         layers=args.layers,
         threads=args.threads,
+        inputs=inputs,
+        inputs_source=source or "inputs",
+        val_range=tuple(args.val_range) if args.val_range else None,
         progress=progress(args),
     )
     settings = ", ".join(f"{key} {value}" for key, value in result.backend.items() if key != "backend")
-    say(args, f"{args.model} on {args.backend} ({settings}); {args.iterations} iterations after {args.warmup} warm-up")
+    say(args, f"{args.model} on {args.backend} ({settings}); {args.iterations} iterations after {args.warmup} warm-up; "
+              f"inputs: {result.inputs}")
     print(result.format_table(), flush=True)
     for batch in result.batches:
         if batch.layers:
@@ -220,11 +229,16 @@ def _run_gate(args: argparse.Namespace) -> int:
     for path in requested.values():  # refuse before timing anything
         if path is not None:
             check_writable(path, force=args.force)
+    inputs, source = load_inputs(args)
     result = gate(
         args.baseline,
         args.candidate,
         min_speedup=args.min_speedup,
         max_rel_error=args.max_rel_error,
+        min_top1_agreement=args.min_top1_agreement,
+        inputs=inputs,
+        inputs_source=source or "inputs",
+        val_range=tuple(args.val_range) if args.val_range else None,
         backend=args.backend,
         batch_size=args.batch_size,
         input_shape=args.input_shape,
@@ -242,6 +256,10 @@ def _run_gate(args: argparse.Namespace) -> int:
     say(args, f"{'':10} {'median ms':>10} {'p90 ms':>10} {'p99 ms':>10}")
     say(args, f"{'baseline':10} {base.median:10.4f} {base.p90:10.4f} {base.p99:10.4f}  {c.baseline}")
     say(args, f"{'candidate':10} {cand.median:10.4f} {cand.p90:10.4f} {cand.p99:10.4f}  {c.candidate}")
+    if result.numeric is not None and result.numeric.error is not None:
+        say(args, f"numerics: {result.numeric.error.agreement('' if result.numeric.real_data else 'random')}")
+    for note in result.notes:
+        say(args, f"note: {note}")
     for reason in result.reasons:
         say(args, f"why: {reason}")
     written = []
@@ -265,6 +283,7 @@ def _run_engine(args: argparse.Namespace) -> int:
     from egp_export.runtime.engines import build_engine
     from egp_export.runtime.tensorrt import DEFAULT_WORKSPACE_MB
 
+    inputs, source = load_inputs(args)
     result = build_engine(
         args.model,
         args.out,
@@ -279,6 +298,9 @@ def _run_engine(args: argparse.Namespace) -> int:
         runtime=args.runtime,
         tf32=not args.no_tf32,
         verify=not args.no_verify,
+        inputs=inputs,
+        inputs_source=source or "inputs",
+        val_range=tuple(args.val_range) if args.val_range else None,
         force=args.force,
     )
     low, opt, high = result.batch_range
@@ -291,8 +313,8 @@ def _run_engine(args: argparse.Namespace) -> int:
     )
     if result.error is not None:
         print(
-            f"engine vs ONNX Runtime (CPU, fp32): max abs {result.error.max_abs:.2e}, max rel {result.error.max_rel:.2e} "
-            f"(allowed {result.rtol:.0e})",
+            f"engine vs ONNX Runtime (CPU, fp32) on {result.origin.describe()}: {result.error.agreement()}; max abs "
+            f"{result.error.max_abs:.2e}, max rel {result.error.max_rel:.2e} (allowed {result.rtol:.0e})",
             flush=True,
         )
     for note in result.notes:

@@ -1109,12 +1109,14 @@ def _verify(
 ) -> ErrorStats:
     """ONNX Runtime against the module on every (label, batch), each output on its own scale (numerics.compare)."""
     session = ort_session(data)
-    errors = ErrorAccumulator()
+    errors, alone = ErrorAccumulator(), ErrorAccumulator()  # alone: each sample once, for agreement and cosine
     for (label, batch), reference in zip(batches, references):
         try:
             # A tuple is fed under the file's input names, a dict under its keys, one tensor as the only input.
             candidate = run_onnx(session, dict(zip(input_names, batch)) if isinstance(batch, tuple) else batch)
             errors.add(reference, candidate)  # raises on count/shape mismatch
+            if batch.shape[0] == 1:
+                alone.add(reference, candidate)
         except Exception as error:
             raise VerificationError(
                 f"ONNX Runtime cannot reproduce the module on {label} ({_shapes(batch)}): {_first_line(error)} "
@@ -1129,6 +1131,8 @@ def _verify(
                    if not all(torch.isfinite(r).all() for r in flatten_outputs(reference)) else "")
             )
     error_stats = errors.result()
+    if alone.samples:
+        error_stats = error_stats.with_agreement_of(alone.result())
     if not error_stats.within(rtol):
         sizes = sorted({inputs.batch_size(batch) for _, batch in batches})
         raise VerificationError(

@@ -16,6 +16,14 @@ Accepted ``--calib`` specifications:
   native byte order);
 * a folder of images (searched recursively), read as RGB ``[N, 3, H, W]`` in [0, 1].
 
+One scale for every image source: pixels / 255, in [0, 1] (an image folder,
+a uint8 array once the command line converts it, the built-in digits). With
+an :class:`ImagePreprocessing` (``--normalize MEAN STD``, ``--preset
+imagenet`` or ``--preset timm``) every image source is then normalised per
+channel, ``(x - mean) / std``, the same for a folder and for a uint8 array of
+the same pixels; float and other integer data are not image pixels and are
+refused with it (store them normalised).
+
 Dicts and ``.npz`` archives are keyword inputs when ``signature`` names
 several inputs and one of the keys is among them (every other key must be a
 label under :data:`TARGET_KEYS`, which is left out:
@@ -38,7 +46,8 @@ from __future__ import annotations
 
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,16 +76,112 @@ _ACCEPTED = (
 )
 # sklearn's digits are 4-bit grey levels: 0..16.
 _DIGITS_MAX = 16.0
+# torchvision's and timm's ImageNet normalisation (timm.data.IMAGENET_DEFAULT_MEAN / _STD).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PRESETS = ("imagenet", "timm")
+_PIXEL_SCALE = 255.0
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """``x = (pixels / 255 - mean) / std`` per channel: what an image source becomes before the model sees it.
+
+    ``mean`` and ``std`` hold one value per channel, or one for all; ``source``
+    says where they came from (recorded in the compile report).
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+    config: dict | None = None  # timm's resolve_data_config, when it came from there
+
+    def __post_init__(self) -> None:
+        if not self.mean or len(self.mean) != len(self.std):
+            raise CalibrationError(
+                f"--normalize takes as many means as standard deviations (one, or one per channel), got "
+                f"{len(self.mean)} and {len(self.std)}."
+            )
+        if not all(np.isfinite(value) for value in (*self.mean, *self.std)) or min(self.std) <= 0:
+            raise CalibrationError(f"--normalize needs finite means and positive standard deviations, got mean "
+                                   f"{list(self.mean)}, std {list(self.std)}.")
+
+    def apply(self, images: torch.Tensor, source: str) -> torch.Tensor:
+        """Normalise ``images`` ``[N, C, H, W]`` already in [0, 1]."""
+        channels = images.shape[1] if images.dim() == 4 else None
+        if channels is None or len(self.mean) not in (1, channels):
+            shape = tuple(images.shape[1:])
+            raise CalibrationError(
+                f"{source}: samples of shape {shape} cannot be normalised with {len(self.mean)} channel means "
+                f"({self.source}); images are [N, C, H, W] with one mean and std per channel, or one for all."
+            )
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
+        return (images - mean) / std
+
+    def describe(self) -> str:
+        return f"normalised (x - mean) / std with mean {_floats(self.mean)}, std {_floats(self.std)} ({self.source})"
+
+    def to_dict(self) -> dict:
+        fields = {"scale": "pixels / 255", "mean": list(self.mean), "std": list(self.std), "source": self.source}
+        if self.config is not None:
+            fields["timm_data_config"] = {key: list(value) if isinstance(value, tuple) else value
+                                          for key, value in self.config.items()}
+        return fields
+
+
+def _floats(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{value:g}" for value in values) + ")"
+
+
+def parse_channel_values(text: str) -> tuple[float, ...]:
+    """``0.485,0.456,0.406`` (or one number) as floats: one ``--normalize`` argument."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise CalibrationError(f"--normalize takes comma-separated numbers (e.g. 0.485,0.456,0.406), got {text!r}.") from None
+
+
+def image_preprocessing(*, normalize: tuple[Sequence[float], Sequence[float]] | None = None, preset: str | None = None,
+                        model=None) -> ImagePreprocessing | None:
+    """The preprocessing the options ask for: ``normalize`` (mean, std), ``preset`` ``"imagenet"`` or ``"timm"``
+    (timm's ``resolve_data_config`` for ``model``, which must be a timm model), or None for pixels / 255 alone."""
+    if normalize is not None and preset is not None:
+        raise CalibrationError("give --normalize or --preset, not both: the preset names a mean and std itself.")
+    if normalize is not None:
+        mean, std = normalize
+        return ImagePreprocessing(tuple(float(v) for v in mean), tuple(float(v) for v in std), "--normalize")
+    if preset is None:
+        return None
+    if preset == "imagenet":
+        return ImagePreprocessing(IMAGENET_MEAN, IMAGENET_STD, "--preset imagenet")
+    if preset != "timm":
+        raise CalibrationError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    if model is None or getattr(model, "pretrained_cfg", None) is None:
+        kind = "no PyTorch model" if model is None else f"a {type(model).__name__}, not a timm model (no pretrained_cfg)"
+        raise CalibrationError(
+            f"--preset timm reads timm's data config from the model, and there is {kind}; give --preset imagenet or "
+            "--normalize MEAN STD (a compile report records the mean and std it used)."
+        )
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config({}, model=model)
+    name = model.pretrained_cfg.get("architecture") or type(model).__name__
+    return ImagePreprocessing(tuple(config["mean"]), tuple(config["std"]), f"--preset timm: resolve_data_config of "
+                              f"{name}", config=dict(config))
 
 
 def load_calibration(spec: str, *, input_size: tuple[int, int] | None = None, limit: int | None = None,
-                     notes: list[str] | None = None, signature: Signature | None = None) -> Batch:
+                     notes: list[str] | None = None, signature: Signature | None = None,
+                     preprocessing: ImagePreprocessing | None = None) -> Batch:
     """Load the calibration inputs named by ``spec`` as a tensor ``[N, ...]``: float32, or integers and bools as stored.
 
     ``input_size`` (H, W) resizes images of an image folder and is needed when
     they differ in size; other sources are returned as stored. ``limit`` keeps
-    the first ``limit`` samples. Each conversion made (byte order, batches
-    concatenated, inputs taken from a pair) is appended to ``notes`` as a
+    the first ``limit`` samples. ``preprocessing`` normalises an image source
+    (module docstring): a folder, uint8 pixels (divided by 255 first) or the
+    built-in digits. Each conversion made (byte order, batches concatenated,
+    inputs taken from a pair, normalisation) is appended to ``notes`` as a
     sentence. With ``signature`` (:func:`egp_export.analysis.inputs.signature`
     of the model) naming several inputs, a dict or ``.npz`` archive whose keys
     name them gives a dict of tensors, one per input, each checked alike and all
@@ -111,8 +216,31 @@ def load_calibration(spec: str, *, input_size: tuple[int, int] | None = None, li
     if limit is not None:
         data = inputs.take(data, slice(0, limit))
     if isinstance(data, dict):
+        if preprocessing is not None:
+            raise CalibrationError(
+                f"{spec} holds several named inputs ({', '.join(data)}); image normalisation (--normalize, "
+                "--preset) applies to one image input: store the inputs normalised and drop the option."
+            )
         return _validated_inputs(data, source)
+    if preprocessing is not None:
+        data = _preprocessed_images(data, preprocessing, spec, notes)
     return _validated(data, source)
+
+
+def _preprocessed_images(data, preprocessing: ImagePreprocessing, spec: str, notes: list[str]) -> torch.Tensor:
+    """An image source normalised: a folder and the digits are in [0, 1] already, uint8 pixels are divided by 255."""
+    image_source = spec == BUILTIN_DIGITS or Path(spec).is_dir()
+    if isinstance(data, torch.Tensor) and data.dtype == torch.uint8:
+        data = data.to(torch.float32) / _PIXEL_SCALE
+        notes.append(f"{spec}: uint8 pixels divided by 255 (the scale of an image folder)")
+    elif not image_source:
+        kind = str(data.dtype).removeprefix("torch.") if isinstance(data, torch.Tensor) else type(data).__name__
+        raise CalibrationError(
+            f"--normalize/--preset normalise image pixels (a folder of images, uint8 arrays, {BUILTIN_DIGITS}), and "
+            f"{spec} holds {kind} data, which is used as stored; save it normalised, or save the uint8 pixels."
+        )
+    notes.append(f"{spec}: {preprocessing.describe()}")
+    return preprocessing.apply(data, spec)
 
 
 def load_digits_split(

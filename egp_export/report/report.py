@@ -135,6 +135,12 @@ def _header(report: dict) -> list[str]:
             text += f", {distinct} distinct of {calibration['decide_samples']} samples decided on"
         if shape:
             text += f", sample shape {shape}"
+        preprocessing = calibration.get("preprocessing")
+        if preprocessing:
+            text += f", images scaled {preprocessing.get('scale', 'pixels / 255')}"
+            if preprocessing.get("mean") is not None:
+                text += (f" then normalised with mean {preprocessing['mean']} and std {preprocessing['std']} "
+                         f"({preprocessing.get('source', '')})")
         facts.append(text)
     if "compile_seconds" in report:
         facts.append(f"compiled in {report['compile_seconds']:.2f} s")
@@ -186,13 +192,26 @@ def _verification(verification: dict) -> list[str]:
     checks = [(label, stats) for label, stats in checks if stats]
     if not checks:
         return []
-    lines = ["| check | max abs error | max rel error | allowed rel | passed |", "|---|---:|---:|---:|---|"]
+    lines = [
+        "| check | samples | top-1 agreement | top-5 agreement | min cosine | max abs error | max rel error | "
+        "allowed rel | passed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for label, stats in checks:
         passed = stats.get("passed")
         lines.append(
-            f"| {label} | {_error(stats.get('max_abs'))} | {_error(stats.get('max_rel'))} | "
+            f"| {label} | {_count(stats.get('samples'))} | {_percent(stats.get('top1_agreement'))} | "
+            f"{_percent(stats.get('top5_agreement'))} | {_cosine(stats.get('cosine_min'))} | "
+            f"{_error(stats.get('max_abs'))} | {_error(stats.get('max_rel'))} | "
             f"{_error(stats.get('rtol'))} | {_MISSING if passed is None else ('yes' if passed else 'NO')} |"
         )
+    lines.append("")
+    lines.append(
+        "Top-1 agreement: the share of samples whose predicted class (arg-max of a class-score output, [batch, "
+        "classes] or per token of [batch, tokens, classes]) is the reference's; top-5: the reference's class among "
+        "the candidate's five highest scores (5+ classes); cosine: each sample's output against the reference's, "
+        "the lowest over samples and outputs. — where an output has no class scores."
+    )
     lines.append("")
     lines.append(
         "Relative error = max |candidate − reference| / max |reference|, each output tensor on its own scale (the "
@@ -205,6 +224,31 @@ def _verification(verification: dict) -> list[str]:
     )
     lines.append("")
     return lines
+
+
+def agreement_summary(stats: dict | None, where: str) -> str:
+    """``top-1 agreement 100.00% on 2,000 held-out samples, top-5 100.00%, cosine >= 0.999999`` from a
+    verification entry of a report (ErrorStats.to_dict()); "" when it holds no samples."""
+    if not stats or not stats.get("samples"):
+        return ""
+    samples = f"{stats['samples']:,} {where} sample{'s' if stats['samples'] != 1 else ''}"
+    if stats.get("top1_agreement") is None:
+        text = f"no class-score output (top-1 agreement not defined) on {samples}"
+    else:
+        text = f"top-1 agreement {_percent(stats['top1_agreement'])} on {samples}"
+        if stats.get("top5_agreement") is not None:
+            text += f", top-5 {_percent(stats['top5_agreement'])}"
+    if stats.get("cosine_min") is not None:
+        text += f", cosine similarity >= {_cosine(stats['cosine_min'])}"
+    return text
+
+
+def _percent(value) -> str:
+    return _MISSING if value is None else f"{100 * value:.2f}%"
+
+
+def _cosine(value) -> str:
+    return _MISSING if value is None else f"{value:.6f}"
 
 
 def _analysis_summary(analysis: dict) -> list[str]:
@@ -341,9 +385,10 @@ def _onnx(onnx: dict) -> list[str]:
     error = onnx.get("error")
     if error:
         allowed = _error(onnx.get("rtol")) + (" (measured from the model's own fp32 noise)" if onnx.get("rtol_measured") else "")
+        agreement = agreement_summary(error, "verify")
         facts.append(
-            f"ONNX Runtime vs PyTorch: max abs {_error(error.get('max_abs'))}, max rel {_error(error.get('max_rel'))} "
-            f"(allowed {allowed})"
+            f"ONNX Runtime vs PyTorch: {agreement + '; ' if agreement else ''}max abs {_error(error.get('max_abs'))}, "
+            f"max rel {_error(error.get('max_rel'))} (allowed {allowed})"
         )
     lines += [f"- {fact}" for fact in facts]
     lines += _fp16(onnx.get("fp16"))

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from egp_export.analysis.numerics import compare
+from egp_export.analysis.numerics import ErrorAccumulator
 from egp_export.errors import VerificationError
 from egp_export.io.fileio import atomic_path, check_writable
 from egp_export.runtime.backends import BACKENDS, OrtCpuBackend
-from egp_export.runtime.inputs import BackendError
+from egp_export.runtime.inputs import BackendError, InputOrigin, fitted_inputs, random_origin
 from egp_export.runtime.tensorrt import (
     DEFAULT_WORKSPACE_MB,
     RUNTIMES,
@@ -45,6 +45,7 @@ class EngineResult:
     error: object | None  # numerics.ErrorStats of the engine vs ONNX Runtime, None without verify
     rtol: float
     notes: list[str] = field(default_factory=list)
+    origin: InputOrigin | None = None  # what the check ran on (None without verify)
 
     def to_dict(self) -> dict:
         return {
@@ -61,6 +62,7 @@ class EngineResult:
             "error": None if self.error is None else self.error.to_dict(),
             "rtol": self.rtol,
             "notes": list(self.notes),
+            "verified_on": None if self.origin is None else self.origin.to_dict(),
         }
 
 
@@ -79,6 +81,9 @@ def build_engine(
     runtime: str = "tensorrt",
     tf32: bool = True,
     verify: bool = True,
+    inputs=None,
+    inputs_source: str = "inputs",
+    val_range: tuple[float, float] | None = None,
     force: bool = False,
 ) -> EngineResult:
     """Build a TensorRT engine from ``onnx_path``, check it against ONNX Runtime, write it to ``out_path``.
@@ -87,8 +92,10 @@ def build_engine(
     min, max to opt); it becomes an optimisation profile when the ONNX batch
     dimension is dynamic. ``input_shape`` is the per-sample shape, needed only
     when non-batch dimensions are dynamic. ``runtime`` is ``"tensorrt"`` or
-    ``"tensorrt-rtx"``. With ``verify`` the engine runs on seeded random inputs
-    at the opt batch size against ONNX Runtime (CPU, fp32) and must be within
+    ``"tensorrt-rtx"``. With ``verify`` the engine runs against ONNX Runtime
+    (CPU, fp32) on ``inputs`` (a user's batch, ``inputs_source`` naming it) in
+    runs of the opt batch size, else on seeded random inputs at the opt batch
+    size (``val_range``: runtime/inputs.py), and must be within
     ``TRT_FP16_RTOL`` / ``TRT_FP32_RTOL`` (module docstring).
 
     Raises OutputError (``out_path`` exists and not ``force``), BackendError
@@ -117,13 +124,21 @@ def build_engine(
     )
     build_seconds = time.perf_counter() - started
     rtol = TRT_FP16_RTOL if fp16 else TRT_FP32_RTOL
-    error = None
+    error = origin = None
     if verify:
         with tempfile.TemporaryDirectory(prefix="egp-trt-") as folder:
             engine_file = Path(folder) / "candidate.engine"
             engine_file.write_bytes(built.data)
-            error = verify_engine(
-                onnx_path, engine_file, runtime=runtime, batch_size=built.batch_range[1], input_shape=input_shape
+            error, origin = verify_engine(
+                onnx_path,
+                engine_file,
+                runtime=runtime,
+                batch_size=built.batch_range[1],
+                smallest_batch=built.batch_range[0],
+                input_shape=input_shape,
+                inputs=inputs,
+                inputs_source=inputs_source,
+                val_range=val_range,
             )
         if not error.within(rtol):
             raise VerificationError(
@@ -147,6 +162,7 @@ def build_engine(
         error=error,
         rtol=rtol,
         notes=built.notes,
+        origin=origin,
     )
 
 
@@ -156,17 +172,39 @@ def verify_engine(
     *,
     runtime: str = "tensorrt",
     batch_size: int = 1,
+    smallest_batch: int = 1,
     input_shape: Sequence[int] | None = None,
     seed: int = VERIFY_SEED,
+    inputs=None,
+    inputs_source: str = "inputs",
+    val_range: tuple[float, float] | None = None,
 ):
-    """ErrorStats of a serialised engine against ONNX Runtime (CPU, fp32) on the same seeded inputs."""
+    """(ErrorStats, InputOrigin) of a serialised engine against ONNX Runtime (CPU, fp32) on the same inputs.
+
+    ``inputs`` run in batches of ``batch_size`` (a last, shorter batch only when it holds at least
+    ``smallest_batch`` samples, the engine's smallest); without them, one seeded random batch.
+    """
     reference = OrtCpuBackend()
     reference.prepare(onnx_path, input_shape=input_shape, batch_sizes=(batch_size,))
-    inputs = reference.input_spec.random_batch(batch_size, seed)
+    spec = reference.input_spec
+    if inputs is None:
+        runs, origin = [spec.random_batch(batch_size, seed, val_range)], random_origin(spec, batch_size, val_range)
+    else:
+        data = fitted_inputs(inputs, spec, inputs_source)
+        runs = [data[start : start + batch_size] for start in range(0, len(data), batch_size)]
+        runs = [run for run in runs if len(run) >= smallest_batch]
+        if not runs:
+            raise BackendError(
+                f"{inputs_source} holds {len(data)} samples, fewer than the engine's smallest batch {smallest_batch}."
+            )
+        origin = InputOrigin(inputs_source, True, sum(len(run) for run in runs))
     engine = BACKENDS[runtime]()
-    engine.prepare(engine_path, input_shape=input_shape, batch_sizes=(batch_size,))
+    engine.prepare(engine_path, input_shape=input_shape, batch_sizes=tuple(sorted({len(run) for run in runs})))
     try:
-        return compare(reference.run(inputs), engine.run(inputs))
+        errors = ErrorAccumulator()
+        for run in runs:
+            errors.add(reference.run(run), engine.run(run))
+        return errors.result(), origin
     finally:
         engine.close()
         reference.close()

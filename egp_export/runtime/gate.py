@@ -5,10 +5,19 @@
 confidence interval of the speedup (baseline / candidate median latency)
 reaches ``min_speedup``: a noisy runner widens the interval and fails the
 gate rather than letting a lucky run through. With ``max_rel_error`` the
-candidate's outputs on the same seeded random inputs must also be within that
-relative error of the baseline's (numerics.compare: max |Δ| / max |baseline|,
-each output on its own scale, and each sample on its own, floored, scale); an
-inf or NaN in either that the other does not have at the same place fails it.
+candidate's outputs must also be within that relative error of the baseline's
+(numerics.compare: max |Δ| / max |baseline|, each output on its own scale, and
+each sample on its own, floored, scale); an inf or NaN in either that the other
+does not have at the same place fails it. With ``min_top1_agreement`` the
+candidate's predicted class (arg-max of each class-score output) must be the
+baseline's on at least that fraction of the samples.
+
+The numeric check runs on ``inputs`` (a user's held-out data: ``--inputs``)
+when given, else on seeded random inputs (runtime/inputs.py says how they are
+drawn), and then says so: a compile that linearized activations is exact on
+the data it was calibrated for and may be far off on N(0, 1) noise, so only a
+check on real data says whether it is right. The timing runs on the first
+``batch_size`` samples of ``inputs``, or on random inputs.
 
 Writers: JUnit XML (one test case per check, for CI test reports) and a
 Markdown summary (for ``$GITHUB_STEP_SUMMARY`` and pull-request comments);
@@ -26,9 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from egp_export.analysis.numerics import ErrorStats, compare
+from egp_export.analysis.numerics import ErrorAccumulator, ErrorStats
 from egp_export.io.fileio import write_text_atomic
 from egp_export.runtime.backends import DEFAULT_BACKEND, DEFAULT_THREADS, BackendError, get_backend, onnx_input_spec
+from egp_export.runtime.inputs import InputOrigin, fitted_inputs, random_origin
 from egp_export.runtime.profiler import (
     DEFAULT_CONFIDENCE,
     DEFAULT_RESAMPLES,
@@ -41,9 +51,11 @@ from egp_export.runtime.profiler import compare as compare_latency
 
 EXIT_PASSED = 0
 EXIT_FAILED = 1
-# Samples of seeded standard-normal input the numeric check runs both models on.
+# Samples of seeded random input the numeric check runs both models on without --inputs.
 NUMERIC_SAMPLES = 8
 NUMERIC_SEED = 4321
+# Samples per run of a user's inputs (a model with a fixed batch size runs at that size).
+NUMERIC_BATCH = 64
 
 
 @dataclass
@@ -51,20 +63,64 @@ class NumericCheck:
     """Candidate vs baseline outputs on the same inputs."""
 
     error: ErrorStats | None  # None when the outputs could not be compared at all
-    max_rel_error: float
+    max_rel_error: float | None  # None: the error is reported, not required
     samples: int
     problem: str = ""  # why the outputs could not be compared (count or shape mismatch)
-    notes: list[str] = field(default_factory=list)  # output dtypes that differ
+    notes: list[str] = field(default_factory=list)  # output dtypes that differ, conversions of the inputs
+    min_top1_agreement: float | None = None
+    origin: InputOrigin | None = None  # what the check ran on
+
+    @property
+    def error_passed(self) -> bool:
+        """Within ``max_rel_error``; without one, only an inf/NaN where the other model has none fails."""
+        if self.error is None:
+            return False
+        if self.max_rel_error is None:
+            return not self.error.nonfinite_mismatches
+        return self.error.within(self.max_rel_error)
+
+    @property
+    def agreement_passed(self) -> bool:
+        if self.min_top1_agreement is None:
+            return self.error is not None
+        agreement = None if self.error is None else self.error.top1_agreement
+        return agreement is not None and agreement >= self.min_top1_agreement
 
     @property
     def passed(self) -> bool:
-        return self.error is not None and self.error.within(self.max_rel_error)
+        return self.error_passed and self.agreement_passed
+
+    @property
+    def real_data(self) -> bool:
+        return self.origin is not None and self.origin.real
+
+    def describe(self) -> str:
+        """Agreement first, then the error, then what it ran on (and whether that is real data)."""
+        if self.error is None:
+            return f"outputs not comparable: {self.problem}"
+        parts = []
+        top1 = self.error.top1_agreement
+        if top1 is not None:
+            required = ""
+            if self.min_top1_agreement is not None:
+                required = f" {'≥' if self.agreement_passed else '<'} required {self.min_top1_agreement:.2%}"
+            parts.append(f"top-1 agreement {top1:.2%}{required}")
+        worst = max(self.error.max_rel, self.error.sample_rel)
+        if self.max_rel_error is not None:
+            parts.append(f"max rel error {worst:.2e} {'≤' if self.error_passed else '>'} {self.max_rel_error:.0e}")
+        else:
+            parts.append(f"max rel error {worst:.2e}")
+        where = self.origin.describe() if self.origin is not None else f"{self.samples} samples"
+        return ", ".join(parts) + f" on {where}"
 
     def to_dict(self) -> dict:
         return {
             "error": None if self.error is None else self.error.to_dict(),
             "max_rel_error": self.max_rel_error,
+            "min_top1_agreement": self.min_top1_agreement,
             "samples": self.samples,
+            "inputs": None if self.origin is None else self.origin.to_dict(),
+            "real_data": self.real_data,
             "problem": self.problem,
             "notes": list(self.notes),
             "passed": self.passed,
@@ -104,12 +160,7 @@ class GateResult:
             f"{self.min_speedup:.2f}x)"
         ]
         if self.numeric is not None:
-            n = self.numeric
-            if n.error is None:
-                parts.append(f"outputs not comparable: {n.problem}")
-            else:
-                relation = "≤" if n.passed else ">"
-                parts.append(f"max rel error {max(n.error.max_rel, n.error.sample_rel):.2e} {relation} {n.max_rel_error:.0e}")
+            parts.append(self.numeric.describe())
         parts += self.notes
         setup = f"{c.backend.get('backend')}, batch {c.batch_size}, {c.baseline_rounds.shape[0]} rounds"
         return f"egp-export gate: {'PASS' if self.passed else 'FAIL'}: " + "; ".join(parts) + f" [{setup}]"
@@ -139,21 +190,35 @@ def evaluate(
             f"the speedup's {comparison.confidence:.0%} confidence interval starts at {low:.3f}x, below the required "
             f"{min_speedup:.3f}x (point estimate {comparison.speedup:.3f}x)"
         )
-    if numeric is not None and not numeric.passed:
-        if numeric.error is None:
-            result.reasons.append(f"the candidate's outputs cannot be compared with the baseline's: {numeric.problem}")
-        elif numeric.error.nonfinite_mismatches:
-            # Non-finite values are never within tolerance unless both models give the same inf/NaN there.
-            result.reasons.append(
-                f"{numeric.error.nonfinite_mismatches} output values are inf/NaN in the baseline or the candidate but "
-                f"not the same in both (first in sample {numeric.error.first_bad_sample})"
-            )
-        else:
-            result.reasons.append(
-                f"the candidate's outputs differ from the baseline's by {numeric.error.describe()} "
-                f"> {numeric.max_rel_error:g} (each output on its own scale)"
-            )
+    if numeric is not None:
+        result.reasons += _numeric_reasons(numeric)
     return result
+
+
+def _numeric_reasons(numeric: NumericCheck) -> list[str]:
+    """Why the numeric check failed: the outputs, the error, the agreement (empty when it passed)."""
+    error = numeric.error
+    if error is None:
+        return [f"the candidate's outputs cannot be compared with the baseline's: {numeric.problem}"]
+    reasons = []
+    if error.nonfinite_mismatches:
+        # Non-finite values are never within tolerance unless both models give the same inf/NaN there.
+        reasons.append(
+            f"{error.nonfinite_mismatches} output values are inf/NaN in the baseline or the candidate but "
+            f"not the same in both (first in sample {error.first_bad_sample})"
+        )
+    elif not numeric.error_passed:
+        reasons.append(
+            f"the candidate's outputs differ from the baseline's by {error.describe()} "
+            f"> {numeric.max_rel_error:g} (each output on its own scale)"
+        )
+    if not numeric.agreement_passed and not error.nonfinite_mismatches:
+        where = numeric.origin.describe() if numeric.origin is not None else f"{numeric.samples} samples"
+        reasons.append(
+            f"the candidate predicts the baseline's class (top-1) on {error.top1_agreement:.2%} of {where}, below "
+            f"the required {numeric.min_top1_agreement:.2%}"
+        )
+    return reasons
 
 
 def check_inputs(baseline_onnx, candidate_onnx, input_shape: Sequence[int] | None = None) -> list[str]:
@@ -197,7 +262,11 @@ def check_numerics(
     baseline_onnx,
     candidate_onnx,
     *,
-    max_rel_error: float,
+    max_rel_error: float | None = None,
+    min_top1_agreement: float | None = None,
+    inputs=None,
+    inputs_source: str = "inputs",
+    val_range: tuple[float, float] | None = None,
     backend: str = DEFAULT_BACKEND,
     input_shape: Sequence[int] | None = None,
     samples: int = NUMERIC_SAMPLES,
@@ -205,30 +274,71 @@ def check_numerics(
     threads: int = DEFAULT_THREADS,
     backend_options: dict | None = None,
 ) -> NumericCheck:
-    """Both models on the same seeded random batch, on ``backend``; the candidate's error against the baseline.
+    """Both models on the same inputs, on ``backend``: the candidate's error and agreement against the baseline.
 
-    The batch holds ``samples`` samples, or the model's fixed batch size if it has one.
+    ``inputs`` (a batch ``[N, ...]``: tensor, array, or a tuple/dict holding one; ``inputs_source`` names it)
+    are checked in runs of ``NUMERIC_BATCH`` samples, or of the model's fixed batch size (whole runs only).
+    Without them, ``samples`` seeded random samples (``val_range``: runtime/inputs.py), or the model's fixed
+    batch size if it has one; the result then says it is not on real data.
     """
     check_inputs(baseline_onnx, candidate_onnx, input_shape)
-    if Path(baseline_onnx).suffix.lower() == ".onnx":
-        # A model exported with a fixed batch size is checked at that batch size.
-        samples = onnx_input_spec(baseline_onnx, input_shape).fixed_batch or samples
+    fixed = onnx_input_spec(baseline_onnx, input_shape).fixed_batch if Path(baseline_onnx).suffix.lower() == ".onnx" else None
     runners = [get_backend(backend, threads=threads, **(backend_options or {})) for _ in range(2)]
+    notes: list[str] = []
     try:
+        if inputs is None:
+            samples = fixed or samples
+            for runner, model in zip(runners, (baseline_onnx, candidate_onnx)):
+                runner.prepare(model, input_shape=input_shape, batch_sizes=(samples,))
+            spec = runners[0].input_spec
+            data, origin = spec.random_batch(samples, seed, val_range), random_origin(spec, samples, val_range)
+        else:
+            if Path(baseline_onnx).suffix.lower() == ".onnx":
+                spec = onnx_input_spec(baseline_onnx, input_shape)
+            else:  # an engine file: its backend reads the spec
+                runners[0].prepare(baseline_onnx, input_shape=input_shape, batch_sizes=(fixed or 1,))
+                spec = runners[0].input_spec
+            data = fitted_inputs(inputs, spec, inputs_source, notes)
+            data = _whole_runs(data, fixed, inputs_source, notes)
+            origin = InputOrigin(inputs_source, True, len(data))
+        runs = [data[start : start + (fixed or NUMERIC_BATCH)] for start in range(0, len(data), fixed or NUMERIC_BATCH)]
+        sizes = tuple(sorted({len(run) for run in runs}))
         for runner, model in zip(runners, (baseline_onnx, candidate_onnx)):
-            runner.prepare(model, input_shape=input_shape, batch_sizes=(samples,))
-        inputs = runners[0].input_spec.random_batch(samples, seed)
-        reference = runners[0].run(inputs)
-        candidate = runners[1].run(inputs.astype(runners[1].input_spec.dtype))
+            runner.prepare(model, input_shape=input_shape, batch_sizes=sizes)
+        errors, problem = ErrorAccumulator(), ""
+        for run in runs:
+            reference = runners[0].run(run)
+            candidate = runners[1].run(run.astype(runners[1].input_spec.dtype))
+            try:
+                errors.add(reference, candidate)
+            except ValueError as mismatch:  # output count or shape differs
+                problem = str(mismatch)
+                break
+        error = None if problem else errors.result()
     finally:
         for runner in runners:
             runner.close()
-    notes = _output_dtype_notes(reference, candidate)
-    try:
-        error = compare(reference, candidate)
-    except ValueError as problem:  # output count or shape differs
-        return NumericCheck(error=None, max_rel_error=max_rel_error, samples=samples, problem=str(problem), notes=notes)
-    return NumericCheck(error=error, max_rel_error=max_rel_error, samples=samples, notes=notes)
+    if error is not None:
+        notes += _output_dtype_notes(reference, candidate)
+    if min_top1_agreement is not None and error is not None and error.top1_agreement is None and not error.nonfinite_mismatches:
+        shapes = ", ".join(f"{output.output}" for output in error.outputs)
+        raise BackendError(
+            f"--min-top1-agreement compares predicted classes, and the model has no class-score output (a float "
+            f"[batch, classes] or [batch, tokens, classes] with 2+ classes) among {shapes}; use --max-rel-error."
+        )
+    return NumericCheck(error=error, max_rel_error=max_rel_error, samples=origin.samples, problem=problem, notes=notes,
+                        min_top1_agreement=min_top1_agreement, origin=origin)
+
+
+def _whole_runs(data, fixed: int | None, source: str, notes: list[str]):
+    """A model with a fixed batch size runs whole batches only: the samples that do not fill one are left out."""
+    if fixed is None or len(data) % fixed == 0:
+        return data
+    if len(data) < fixed:
+        raise BackendError(f"{source} holds {len(data)} samples; the model's fixed batch size is {fixed}: give at least {fixed}.")
+    kept = len(data) - len(data) % fixed
+    notes.append(f"{source}: the model runs batches of {fixed}, so the last {len(data) - kept} samples are not checked")
+    return data[:kept]
 
 
 def gate(
@@ -237,6 +347,10 @@ def gate(
     *,
     min_speedup: float,
     max_rel_error: float | None = None,
+    min_top1_agreement: float | None = None,
+    inputs=None,
+    inputs_source: str = "inputs",
+    val_range: tuple[float, float] | None = None,
     backend: str = DEFAULT_BACKEND,
     batch_size: int = 1,
     input_shape: Sequence[int] | None = None,
@@ -254,20 +368,31 @@ def gate(
     """Decide whether ``candidate_onnx`` is at least ``min_speedup`` times faster than ``baseline_onnx``.
 
     Passes when the lower bound of the speedup's bootstrap interval (at
-    ``confidence``) is ≥ ``min_speedup`` and, if ``max_rel_error`` is given, the
-    candidate's outputs are within it of the baseline's. The numeric check runs
-    first: it is cheap and a wrong model need not be timed precisely. Timing
-    arguments are those of :func:`egp_export.runtime.profiler.compare`.
+    ``confidence``) is ≥ ``min_speedup``, if ``max_rel_error`` is given the
+    candidate's outputs are within it of the baseline's, and if
+    ``min_top1_agreement`` is given the candidate predicts the baseline's class
+    on at least that fraction of the samples. The numeric check runs when any of
+    these or ``inputs`` is given (:func:`check_numerics`: on ``inputs``, else on
+    random inputs, and says which), first: it is cheap and a wrong model need not
+    be timed precisely. The timing runs on the first ``batch_size`` samples of
+    ``inputs``, else on random ones; its other arguments are those of
+    :func:`egp_export.runtime.profiler.compare`.
     """
+    if min_top1_agreement is not None and not 0.0 <= min_top1_agreement <= 1.0:
+        raise BackendError(f"min_top1_agreement is a fraction in [0, 1], got {min_top1_agreement}.")
     if not min_speedup > 0:
         raise ValueError(f"min_speedup must be positive, got {min_speedup}")
     notes = check_inputs(baseline_onnx, candidate_onnx, input_shape)
     numeric = None
-    if max_rel_error is not None:
+    if max_rel_error is not None or min_top1_agreement is not None or inputs is not None:
         numeric = check_numerics(
             baseline_onnx,
             candidate_onnx,
             max_rel_error=max_rel_error,
+            min_top1_agreement=min_top1_agreement,
+            inputs=inputs,
+            inputs_source=inputs_source,
+            val_range=val_range,
             backend=backend,
             input_shape=input_shape,
             threads=threads,
@@ -279,6 +404,9 @@ def gate(
         backend=backend,
         batch_size=batch_size,
         input_shape=input_shape,
+        inputs=inputs,
+        inputs_source=inputs_source,
+        val_range=val_range,
         rounds=rounds,
         iterations=iterations,
         warmup=warmup,
@@ -301,8 +429,12 @@ def to_junit_xml(result: GateResult) -> str:
     c = result.comparison
     seconds = float(c.baseline_rounds.sum() + c.candidate_rounds.sum()) / 1000.0
     cases = [("latency", f"speedup >= {result.min_speedup:g}x", result.latency_passed, seconds)]
-    if result.numeric is not None:
-        cases.append(("numerics", f"max relative error <= {result.numeric.max_rel_error:g}", result.numeric.passed, 0.0))
+    numeric = result.numeric
+    if numeric is not None and (numeric.max_rel_error is not None or numeric.min_top1_agreement is None):
+        required = "reported" if numeric.max_rel_error is None else f"<= {numeric.max_rel_error:g}"
+        cases.append(("numerics", f"max relative error {required}", numeric.error_passed, 0.0))
+    if numeric is not None and numeric.min_top1_agreement is not None:
+        cases.append(("agreement", f"top-1 agreement >= {numeric.min_top1_agreement:.2%}", numeric.agreement_passed, 0.0))
     failures = sum(1 for _, _, ok, _ in cases if not ok)
     suites = ET.Element("testsuites", name="egp-export gate", tests=str(len(cases)), failures=str(failures))
     suite = ET.SubElement(
@@ -327,7 +459,11 @@ def to_junit_xml(result: GateResult) -> str:
         "confidence": c.confidence,
         "rounds": c.baseline_rounds.shape[0],
         "iterations_per_round": c.baseline_rounds.shape[1],
+        "timed_on": c.inputs,
     }
+    if numeric is not None and numeric.origin is not None:
+        facts["checked_on"] = numeric.origin.describe()
+        facts["real_data"] = numeric.real_data
     for key, value in facts.items():
         ET.SubElement(properties, "property", name=key, value=str(value))
     reasons = iter(result.reasons)
@@ -375,10 +511,24 @@ def to_markdown(result: GateResult) -> str:
         if n.error is None:
             lines.append(f"**Numerics:** outputs not comparable: {n.problem}.")
         else:
+            where = n.origin.describe() if n.origin is not None else f"{n.samples} samples"
+            allowed = [] if n.max_rel_error is None else [f"max rel error allowed {n.max_rel_error:.1e}"]
+            if n.min_top1_agreement is not None:
+                allowed.append(f"top-1 agreement required {n.min_top1_agreement:.2%}")
             lines.append(
-                f"**Numerics** (candidate vs baseline, {n.samples} random samples): max abs error {n.error.max_abs:.3e}, "
-                f"max rel error {n.error.max_rel:.3e}; allowed {n.max_rel_error:.1e} — {'passed' if n.passed else 'FAILED'}."
+                f"**Numerics** (candidate vs baseline on {where}): {n.error.agreement()}; max abs error "
+                f"{n.error.max_abs:.3e}, max rel error {n.error.max_rel:.3e}"
+                + (f"; {', '.join(allowed)}" if allowed else "")
+                + f" — {'passed' if n.passed else 'FAILED'}."
             )
+            if not n.real_data:
+                lines += ["", "⚠️ The numeric check ran on random inputs, not real data: a compile is exact on the "
+                          "data it was calibrated for, so pass held-out samples with `--inputs`."]
+            for output in n.error.outputs:
+                if output.cosine_mean is not None and len(n.error.outputs) > 1:
+                    classes = "" if output.top1_agreement is None else f", top-1 agreement {output.top1_agreement:.2%}"
+                    lines.append(f"- `{output.output}`: cosine similarity mean {output.cosine_mean:.6f}, min "
+                                 f"{output.cosine_min:.6f}{classes}")
         lines.append("")
     if result.notes:
         lines += ["**Notes:**", ""] + [f"- {note}" for note in result.notes] + [""]

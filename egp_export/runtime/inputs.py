@@ -1,13 +1,20 @@
-"""What a runtime needs to know before it runs anything: the model's single input, engine files, the error type.
+"""What a runtime needs to know before it runs anything: the model's single input, engine files, the error type,
+and the inputs a check or a timing runs on (a user's data, or seeded random ones that say so).
 
 Shared by the inference backends (backends.py) and the TensorRT engine builder
 (tensorrt.py), which must not import each other.
+
+Random inputs (the default for timing; a numeric check on them says it is not
+on real data): floats are standard normal, or uniform in ``val_range``;
+integers are ids in ``val_range`` or, when the input indexes an embedding
+table (an ONNX ``Gather`` on a constant), in ``[0, rows)`` of that table, else
+0 or 1 (a mask); bools are 0 or 1.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +25,11 @@ from egp_export.errors import EgpExportError
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 # numpy dtype kinds that hold no numbers (ONNX string tensors load as object arrays): random_batch cannot draw them.
 TEXT_KINDS = "OSU"
+# Random integer inputs that index no embedding table: 0 or 1, as an attention mask takes.
+DEFAULT_INTEGER_RANGE = (0, 2)
+# uint8 data fed to a float input is read as image pixels: divided by 255 in float32, as an image folder is
+# (io/datasets.py) and as the compile converts uint8 calibration data (analysis/batches.py): the same values.
+UINT8_PIXEL_SCALE = 255.0
 
 
 class BackendError(EgpExportError):
@@ -35,6 +47,7 @@ class InputSpec:
     sample_shape: tuple[int, ...]
     dtype: np.dtype
     fixed_batch: int | None = None
+    id_range: tuple[int, int] | None = None  # integer input indexing an embedding table: its rows, [low, high)
 
     def check_batch(self, batch_size: int) -> None:
         if batch_size < 1:
@@ -45,11 +58,43 @@ class InputSpec:
                 f"{self.fixed_batch}, or export it with a dynamic batch dimension (export_onnx(dynamic_batch=True))."
             )
 
-    def random_batch(self, batch_size: int, seed: int = 0) -> np.ndarray:
-        """Standard-normal inputs of this spec (seeded: both sides of a comparison see the same data)."""
+    def random_batch(self, batch_size: int, seed: int = 0, val_range: tuple[float, float] | None = None) -> np.ndarray:
+        """Seeded random inputs of this spec (both sides of a comparison see the same data); module docstring."""
         self.check_batch(batch_size)
         generator = np.random.default_rng(seed)
-        return generator.standard_normal((batch_size, *self.sample_shape)).astype(self.dtype)
+        shape = (batch_size, *self.sample_shape)
+        kind = np.dtype(self.dtype).kind
+        if kind in "iu":
+            low, high = self.integer_range(val_range)
+            return generator.integers(low, high, size=shape).astype(self.dtype)
+        if kind == "b":
+            return generator.integers(0, 2, size=shape).astype(self.dtype)
+        if val_range is not None:
+            return generator.uniform(*val_range, size=shape).astype(self.dtype)
+        return generator.standard_normal(shape).astype(self.dtype)
+
+    def integer_range(self, val_range: tuple[float, float] | None = None) -> tuple[int, int]:
+        """[low, high) of random integer inputs: ``val_range``, the embedding table's rows, or 0 and 1."""
+        if val_range is not None:
+            low, high = int(np.ceil(val_range[0])), int(np.floor(val_range[1]))
+            if high <= low:
+                raise BackendError(
+                    f"--val-range {val_range[0]:g} {val_range[1]:g} holds no integer for the integer input {self.name!r}; "
+                    "give LOW < HIGH with at least one integer in [LOW, HIGH)."
+                )
+            return low, high
+        return self.id_range or DEFAULT_INTEGER_RANGE
+
+    def describe_random(self, val_range: tuple[float, float] | None = None) -> str:
+        """How random_batch draws: ``N(0, 1)``, ``uniform [0, 1)``, ``integers in [0, 1000), the embedding table's rows``."""
+        kind = np.dtype(self.dtype).kind
+        if kind in "iu":
+            low, high = self.integer_range(val_range)
+            why = ", the embedding table's rows" if val_range is None and self.id_range else ""
+            return f"integers in [{low}, {high}){why}"
+        if kind == "b":
+            return "booleans"
+        return "N(0, 1)" if val_range is None else f"uniform [{val_range[0]:g}, {val_range[1]:g})"
 
     def to_dict(self) -> dict:
         return {
@@ -57,6 +102,7 @@ class InputSpec:
             "sample_shape": list(self.sample_shape),
             "dtype": str(np.dtype(self.dtype)),
             "fixed_batch": self.fixed_batch,
+            "id_range": None if self.id_range is None else list(self.id_range),
         }
 
 
@@ -115,7 +161,28 @@ def onnx_input_spec(model, input_shape: Sequence[int] | None = None) -> InputSpe
             "tensor (float, integer or bool) to a model, so export it with such an input."
         )
     dims = [d.dim_value if d.WhichOneof("value") == "dim_value" else None for d in value.type.tensor_type.shape.dim]
-    return spec_from_dims(value.name, dims, dtype, input_shape, where)
+    spec = spec_from_dims(value.name, dims, dtype, input_shape, where)
+    if dtype.kind in "iu":
+        spec = replace(spec, id_range=_embedding_rows(proto.graph, value.name))
+    return spec
+
+
+def _embedding_rows(graph, name: str) -> tuple[int, int] | None:
+    """[0, rows) when ``name`` (through Cast nodes) indexes constant tables with Gather: the smallest table's rows."""
+    tables = {init.name: list(init.dims) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            tables[node.output[0]] = list(node.attribute[0].t.dims)
+    names, rows = {name}, []
+    for node in graph.node:  # topological order: a Cast of the input comes before its consumers
+        if node.op_type == "Cast" and node.input and node.input[0] in names:
+            names.add(node.output[0])
+        elif node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in names and node.input[0] in tables:
+            axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 0)
+            dims = tables[node.input[0]]
+            if dims and -len(dims) <= axis < len(dims):
+                rows.append(int(dims[axis]))
+    return (0, min(rows)) if rows else None
 
 
 def _numeric_dtype(type_proto) -> np.dtype | None:
@@ -151,3 +218,113 @@ def _type_name(type_proto) -> str:
     if kind == "map_type":
         return f"map({element(type_proto.map_type.key_type)}, {_type_name(type_proto.map_type.value_type)})"
     return kind or "no declared type"
+
+
+# A user's inputs ----------------------------------------------------------------
+
+
+def fitted_inputs(batch, spec: InputSpec, source: str, notes: list[str] | None = None) -> np.ndarray:
+    """A user's batch (a tensor or array ``[N, ...]``; a tuple or dict of them holding one tensor) as the model's
+    input: its sample shape checked and its values converted to the input's dtype, each conversion stated in
+    ``notes``.
+
+    float input: uint8 data are image pixels, divided by 255 (the scale of an image folder); other integers and
+    bools are taken as stored. Integer input: integer data as stored (inside the embedding table's rows when the
+    input indexes one), float data only when every value is a whole number. BackendError otherwise.
+    """
+    notes = [] if notes is None else notes
+    array = _single_array(batch, spec, source)
+    if array.ndim == 0 or tuple(array.shape[1:]) != tuple(spec.sample_shape):
+        shape = "a scalar" if array.ndim == 0 else f"samples of shape {tuple(array.shape[1:])}"
+        raise BackendError(
+            f"{source} holds {shape}; the model's input {spec.name!r} takes samples of shape {tuple(spec.sample_shape)}"
+            " (give --input-shape when its dimensions are dynamic, or data of that shape)."
+        )
+    if array.shape[0] == 0:
+        raise BackendError(f"{source} holds no samples.")
+    target, kind = np.dtype(spec.dtype), array.dtype.kind
+    if target.kind == "f":
+        if array.dtype == np.uint8:
+            notes.append(f"{source}: uint8 data divided by 255 for the float input {spec.name!r} (image pixels in "
+                         "[0, 1], as an image folder is read)")
+            return (array.astype(np.float32) / np.float32(UINT8_PIXEL_SCALE)).astype(target)
+        if kind in "iub":
+            notes.append(f"{source}: {array.dtype} data converted to {target} for the input {spec.name!r} (values as stored)")
+        _check_finite(array, source)
+        return np.ascontiguousarray(array, dtype=target)
+    if target.kind in "iub":
+        if kind == "f":
+            _check_finite(array, source)
+            if not np.array_equal(array, np.round(array)):
+                raise BackendError(
+                    f"{source} holds fractional values and the model's input {spec.name!r} takes {target} "
+                    "(token ids): save the ids as integers."
+                )
+            notes.append(f"{source}: whole-number {array.dtype} data converted to {target} for the input {spec.name!r}")
+        converted = np.ascontiguousarray(array, dtype=target)
+        if target.kind in "iu" and spec.id_range is not None:
+            low, high = spec.id_range
+            outside = int(((converted < low) | (converted >= high)).sum())
+            if outside:
+                raise BackendError(
+                    f"{source} holds {outside} ids outside [{low}, {high}), the rows of the embedding table the input "
+                    f"{spec.name!r} indexes (values {int(converted.min())}..{int(converted.max())}); give ids of this "
+                    "model's vocabulary."
+                )
+        return converted
+    raise BackendError(f"the model's input {spec.name!r} has dtype {target}; egp-export cannot feed it {source}.")
+
+
+def _single_array(batch, spec: InputSpec, source: str) -> np.ndarray:
+    if isinstance(batch, np.ndarray):
+        return batch
+    from egp_export.analysis.inputs import leaves
+
+    tensors = leaves(batch)
+    if len(tensors) != 1:
+        kind = f"a dict of {len(tensors)} inputs ({', '.join(map(str, batch))})" if isinstance(batch, dict) else (
+            f"{len(tensors)} inputs")
+        raise BackendError(f"{source} holds {kind}; the model takes one input, {spec.name!r}.")
+    tensor = tensors[0]
+    return tensor.detach().cpu().numpy() if hasattr(tensor, "detach") else np.asarray(tensor)
+
+
+def _check_finite(array: np.ndarray, source: str) -> None:
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise BackendError(f"{source} holds {bad} inf/NaN values; clean or drop those samples.")
+
+
+def samples_for_batch(inputs: np.ndarray, batch_size: int, source: str) -> np.ndarray:
+    """The first ``batch_size`` samples of a user's inputs (what a timing at that batch size runs on)."""
+    if len(inputs) < batch_size:
+        raise BackendError(
+            f"{source} holds {len(inputs)} samples, fewer than batch size {batch_size}: give more samples or a "
+            "smaller batch size."
+        )
+    return inputs[:batch_size]
+
+
+@dataclass(frozen=True)
+class InputOrigin:
+    """What a numeric check or a timing ran on: a user's data (``real``) or seeded random inputs."""
+
+    source: str  # the --inputs specification, or "random"
+    real: bool
+    samples: int
+    drawn: str = ""  # random inputs: how they were drawn (InputSpec.describe_random)
+
+    def describe(self) -> str:
+        """``512 samples of held-out.npy`` or ``8 random samples of N(0, 1) (not real data: give --inputs)``."""
+        count = f"{self.samples:,} sample{'s' if self.samples != 1 else ''}"
+        if self.real:
+            return f"{count} of {self.source}"
+        return f"{self.samples:,} random {count.split(' ', 1)[1]} of {self.drawn} (not real data: give --inputs)"
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "real_data": self.real, "samples": self.samples, "drawn": self.drawn or None,
+                "described": self.describe()}
+
+
+def random_origin(spec: InputSpec, samples: int, val_range: tuple[float, float] | None) -> InputOrigin:
+    return InputOrigin("random", False, samples, spec.describe_random(val_range))

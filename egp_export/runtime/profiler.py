@@ -13,6 +13,11 @@ biasing whichever ran second. The speedup is ``median(baseline) /
 median(candidate)``; its confidence interval is a percentile bootstrap that
 resamples whole *rounds* with replacement (seeded), so the interval widens
 when rounds disagree, which is exactly when a gate should not be sure.
+
+Both time seeded random inputs (runtime/inputs.py says how they are drawn;
+``val_range`` sets their range) unless ``inputs`` (a user's batch) is given:
+then each batch size runs on the first that many samples. The result records
+which (``inputs``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from egp_export.runtime.backends import DEFAULT_BACKEND, DEFAULT_THREADS, Backend, BackendError, LayerTime, get_backend
+from egp_export.runtime.inputs import InputSpec, fitted_inputs, samples_for_batch
 
 DEFAULT_ITERATIONS = 100
 DEFAULT_WARMUP = 10
@@ -179,6 +185,7 @@ class ProfileResult:
     iterations: int
     warmup: int
     batches: list[BatchProfile] = field(default_factory=list)
+    inputs: str = "random"  # what was timed: "random N(0, 1)" or the --inputs source
 
     def to_dict(self) -> dict:
         return {
@@ -187,6 +194,7 @@ class ProfileResult:
             "clock": self.clock,
             "iterations": self.iterations,
             "warmup": self.warmup,
+            "inputs": self.inputs,
             "batches": [batch.to_dict() for batch in self.batches],
         }
 
@@ -215,7 +223,8 @@ class ProfileResult:
             "",
             f"`{self.model}` on **{self.backend.get('backend')}**"
             + (f" ({settings})" if settings else "")
-            + f"; {self.iterations} timed iterations after {self.warmup} warm-up, clock: {self.clock}.",
+            + f"; {self.iterations} timed iterations after {self.warmup} warm-up, clock: {self.clock}; inputs: "
+            f"{self.inputs}.",
             "",
             "| batch | input | median ms | p90 ms | p99 ms | mean ms | std ms | samples/s |",
             "|---:|---|---:|---:|---:|---:|---:|---:|",
@@ -275,6 +284,9 @@ def profile(
     threads: int = DEFAULT_THREADS,
     backend_options: dict | None = None,
     seed: int = 0,
+    inputs=None,
+    inputs_source: str = "inputs",
+    val_range: tuple[float, float] | None = None,
     progress: bool = False,
 ) -> ProfileResult:
     """Time ``model`` (an ONNX path, or an nn.Module for torch-cuda) at each batch size.
@@ -282,24 +294,29 @@ def profile(
     ``warmup`` untimed runs precede the ``iterations`` timed ones at each batch
     size. ``input_shape`` is the per-sample shape (read from the ONNX file when
     its dimensions are static). With ``layers`` the backend's own profiler adds
-    a per-layer breakdown where it offers one.
+    a per-layer breakdown where it offers one. ``inputs`` (a user's batch,
+    ``inputs_source`` naming it) replaces the seeded random inputs: each batch
+    size runs on its first samples.
     """
     if iterations < 1 or warmup < 0:
         raise BackendError(f"need iterations >= 1 and warmup >= 0, got {iterations} and {warmup}.")
     runner = _backend(backend, threads, backend_options)
     runner.prepare(model, input_shape=input_shape, batch_sizes=batch_sizes)
     clock = runner.clock()
+    notes: list[str] = []
+    data = None if inputs is None else fitted_inputs(inputs, runner.input_spec, inputs_source, notes)
     result = ProfileResult(
         model=_label(model),
         backend=runner.describe(),
         clock=clock.source,
         iterations=iterations,
         warmup=warmup,
+        inputs=_timed_on(runner.input_spec, data, inputs_source, val_range),
     )
     try:
         with _progress_bar(len(batch_sizes) * (warmup + iterations), f"profile {runner.name}", progress) as bar:
             for batch_size in batch_sizes:
-                inputs = runner.input_spec.random_batch(int(batch_size), seed)
+                inputs = _batch(runner.input_spec, data, int(batch_size), seed, inputs_source, val_range)
                 bound = runner.bind(inputs)
                 for _ in range(warmup):
                     bound()
@@ -353,6 +370,7 @@ class Comparison:
     seed: int
     baseline: str = ""
     candidate: str = ""
+    inputs: str = "random"  # what was timed: "random N(0, 1)" or the --inputs source
 
     @property
     def round_speedups(self) -> np.ndarray:
@@ -386,6 +404,7 @@ class Comparison:
             "round_speedups": [float(r) for r in self.round_speedups],
             "baseline_stats": self.baseline_stats.to_dict(),
             "candidate_stats": self.candidate_stats.to_dict(),
+            "inputs": self.inputs,
             "baseline_timings_ms": np.round(self.baseline_rounds, 6).tolist(),
             "candidate_timings_ms": np.round(self.candidate_rounds, 6).tolist(),
         }
@@ -427,11 +446,15 @@ def compare(
     seed: int = 0,
     threads: int = DEFAULT_THREADS,
     backend_options: dict | None = None,
+    inputs=None,
+    inputs_source: str = "inputs",
+    val_range: tuple[float, float] | None = None,
     progress: bool = False,
 ) -> Comparison:
     """Time ``baseline`` and ``candidate`` (ONNX paths, or modules for torch-cuda) interleaved, in one process.
 
-    Both run on the same backend, the same input batch (seeded), after
+    Both run on the same backend, the same input batch (seeded random, or
+    the first ``batch_size`` samples of ``inputs``), after
     ``warmup`` untimed runs each; then ``rounds`` rounds of ``iterations``
     timed runs per model (each block preceded by one untimed run), ordered by
     ``order`` (see :func:`round_orders`). Returns the speedup
@@ -451,7 +474,9 @@ def compare(
                 f"the models take different inputs: baseline {specs['baseline'].sample_shape}, "
                 f"candidate {specs['candidate'].sample_shape} per sample."
             )
-        inputs = specs["baseline"].random_batch(batch_size, seed)
+        data = None if inputs is None else fitted_inputs(inputs, specs["baseline"], inputs_source)
+        timed_on = _timed_on(specs["baseline"], data, inputs_source, val_range)
+        inputs = _batch(specs["baseline"], data, batch_size, seed, inputs_source, val_range)
         bounds = {side: runner.bind(inputs.astype(specs[side].dtype)) for side, runner in runners.items()}
         clocks = {side: runner.clock() for side, runner in runners.items()}
         for bound in bounds.values():
@@ -488,7 +513,20 @@ def compare(
         seed=seed,
         baseline=_label(baseline),
         candidate=_label(candidate),
+        inputs=timed_on,
     )
+
+
+def _timed_on(spec: InputSpec, data, source: str, val_range) -> str:
+    return f"random {spec.describe_random(val_range)}" if data is None else source
+
+
+def _batch(spec: InputSpec, data, batch_size: int, seed: int, source: str, val_range) -> np.ndarray:
+    """What one batch size is timed on: the first samples of the user's data, or seeded random inputs."""
+    if data is None:
+        return spec.random_batch(batch_size, seed, val_range)
+    spec.check_batch(batch_size)
+    return samples_for_batch(data, batch_size, source)
 
 
 def _label(model) -> str:

@@ -102,3 +102,106 @@ def test_the_candidate_must_have_the_references_outputs():
         compare((torch.ones(2, 2), torch.ones(2, 1)), (torch.ones(2, 2),))
     with pytest.raises(ValueError, match=r"shape differs at output\[1\]"):
         compare((torch.ones(2, 2), torch.ones(2, 1)), (torch.ones(2, 2), torch.ones(2, 3)))
+
+
+# Task-level agreement: top-1 / top-5 per class-score output, cosine per output ------------------------------------
+
+
+def test_top1_and_top5_agreement_count_the_changed_predictions():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, 10, generator=generator)
+    candidate = logits.clone()
+    # Samples 0..3: the reference's winner demoted below the candidate's top 5; samples 4..5: swapped with the second.
+    for sample in range(4):
+        candidate[sample, logits[sample].argmax()] = -100.0
+    for sample in (4, 5):
+        first, second = logits[sample].topk(2).indices.tolist()
+        candidate[sample, first], candidate[sample, second] = logits[sample, second], logits[sample, first]
+
+    error = compare(logits, candidate)
+
+    assert error.top1_agreement == pytest.approx(34 / 40) and error.top5_agreement == pytest.approx(36 / 40)
+    assert error.outputs[0].predictions == 40 and error.samples == 40
+    assert error.agreement("held-out").startswith("top-1 agreement 85.00% on 40 held-out samples, top-5 90.00%")
+    fields = error.to_dict()
+    assert fields["top1_agreement"] == pytest.approx(0.85) and fields["outputs"][0]["cosine_min"] < 1.0
+
+
+def test_agreement_only_where_the_last_dimension_holds_class_scores():
+    generator = torch.Generator().manual_seed(4)
+    scores, features, ids = torch.randn(6, 3, generator=generator), torch.randn(6, 4, 5, 5, generator=generator), torch.arange(6)
+    tokens = torch.randn(6, 7, 12, generator=generator)  # [B, T, C]: one prediction per token
+
+    error = compare((scores, features, ids, tokens), (scores, features, ids, tokens))
+
+    by_name = {output.output: output for output in error.outputs}
+    assert by_name["output[0]"].top1_agreement == 1.0 and by_name["output[0]"].top5_agreement is None  # 3 classes
+    assert by_name["output[1]"].top1_agreement is None and by_name["output[2]"].top1_agreement is None
+    assert by_name["output[3]"].predictions == 42 and by_name["output[3]"].top5_agreement == 1.0
+    assert all(output.cosine_min == pytest.approx(1.0) for output in error.outputs)
+
+
+def test_cosine_is_per_sample_and_zero_outputs_are_handled():
+    reference = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    candidate = torch.tensor([[0.0, 1.0], [0.0, 0.0], [1.0, 0.0], [2.0, 2.0]])
+
+    output = compare(reference, candidate).outputs[0]
+
+    # Orthogonal: 0; both zero: 1; only one zero: 0; the same direction: 1.
+    assert output.cosine_min == 0.0 and output.cosine_mean == pytest.approx(0.5)
+    assert output.top1_agreement == pytest.approx(0.75)  # sample 0 changed class; zeros tie on class 0 in both
+
+
+def test_agreement_over_batches_equals_the_whole():
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(23, 8, generator=generator)
+    noisy = logits + 0.5 * torch.randn(23, 8, generator=generator)
+    errors = ErrorAccumulator()
+    for start in range(0, 23, 7):
+        errors.add(logits[start : start + 7], noisy[start : start + 7])
+
+    assert errors.result() == compare(logits, noisy)
+    assert errors.result().top1_agreement < 1.0
+
+
+class _TwoRanks:
+    """all_reduce over two ranks holding the two halves of the samples, simulated: sum and max with the other
+    rank's (already reduced) contribution."""
+
+    def __init__(self, other: ErrorAccumulator, offset: int) -> None:
+        self.other, self.offset = other, offset
+
+    def sum(self, values):
+        return values + self._other_like(values, "sum")
+
+    def max(self, values):
+        return torch.maximum(values, self._other_like(values, "max"))
+
+    def _other_like(self, values, op):
+        other = self.other
+        outputs = len(other.names)
+        if values.dtype == torch.int64 and values.numel() == 2:
+            return torch.tensor([other.mismatches, other.samples])
+        if values.shape == other.agreement.shape:
+            return torch.from_numpy(other.agreement.copy())
+        if values.shape == (2 * outputs + 1,):
+            return torch.tensor([*other.max_abs, *other.scale, -math.inf], dtype=torch.float64)
+        if values.shape == other.classes.shape:
+            return torch.from_numpy(other.classes.copy())
+        rows = torch.zeros_like(values)
+        mine = torch.from_numpy(other.sample_errors[0])
+        rows[self.offset : self.offset + len(mine)] = mine
+        return rows
+
+
+def test_agreement_and_cosine_survive_the_all_reduce_over_ranks():
+    generator = torch.Generator().manual_seed(6)
+    logits = torch.randn(10, 6, generator=generator)
+    noisy = logits + 0.7 * torch.randn(10, 6, generator=generator)
+    first, second = ErrorAccumulator(), ErrorAccumulator()
+    first.add(logits[:4], noisy[:4])
+    second.add(logits[4:], noisy[4:])
+
+    first.all_reduce(_TwoRanks(second, offset=4), offset=0)
+
+    assert first.result() == compare(logits, noisy)

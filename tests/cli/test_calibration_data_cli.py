@@ -178,3 +178,58 @@ def test_a_pt_list_of_batches_is_concatenated_and_said_so(run, tmp_path):
     code, out, err = run("analyze", "--arch", "data_models:TokenNet", "--calibration", path, "--out", tmp_path / "two",
                          "--force")
     assert code == 2 and "could be batches or (inputs, targets)" in err and len(err.strip().splitlines()) == 1
+
+
+def _pixels_as_folder_and_array(tmp_path):
+    from PIL import Image
+
+    pixels = np.random.default_rng(4).integers(0, 256, size=(12, 3, 6, 6), dtype=np.uint8)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, image in enumerate(pixels):
+        Image.fromarray(image.transpose(1, 2, 0)).save(folder / f"{index:02d}.png")
+    array = tmp_path / "images.npy"
+    np.save(array, pixels)
+    return folder, array
+
+
+@pytest.mark.parametrize("options", [["--preset", "imagenet"],
+                                     ["--normalize", "0.485,0.456,0.406", "0.229,0.224,0.225"]], ids=["preset", "normalize"])
+def test_a_normalisation_changes_the_calibration_alike_for_folders_and_uint8_arrays_and_is_recorded(run, tmp_path,
+                                                                                                    options):
+    folder, array = _pixels_as_folder_and_array(tmp_path)
+    reports = {}
+    for name, source, extra in (("plain", folder, []), ("folder", folder, options), ("array", array, options)):
+        code, out, err = run("analyze", "--arch", "data_models:RGBNet", "--calibration", source, *extra,
+                             "--out", tmp_path / name)  # fmt: skip
+        assert code == 0, err
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+        if extra:
+            assert "normalised (x - mean) / std with mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)" in out
+
+    assert reports["folder"]["analysis"] == reports["array"]["analysis"]
+    assert reports["folder"]["analysis"] != reports["plain"]["analysis"]  # the model saw other values
+    recorded = reports["array"]["calibration"]["preprocessing"]
+    assert recorded["mean"] == [0.485, 0.456, 0.406] and recorded["std"] == [0.229, 0.224, 0.225]
+    assert recorded["source"] == ("--preset imagenet" if options[0] == "--preset" else "--normalize")
+    assert reports["plain"]["calibration"]["preprocessing"]["mean"] is None
+
+
+@pytest.mark.parametrize(
+    "arch, data, options, message",
+    [
+        ("RGBNet", "images", ["--preset", "timm"], "not a timm model"),
+        ("FloatNet", "floats", ["--preset", "imagenet"], "holds float32 data, which is used as stored"),
+        ("RGBNet", "images", ["--normalize", "0.5,0.5", "0.2,0.2"], "cannot be normalised with 2 channel means"),
+        ("RGBNet", "images", ["--normalize", "0.5", "0"], "positive standard deviations"),
+        ("RGBNet", "images", ["--normalize", "0.5", "0.2", "--preset", "imagenet"], "not both"),
+    ],
+)
+def test_normalisations_that_cannot_apply_are_one_error_line(run, tmp_path, arch, data, options, message):
+    folder, _ = _pixels_as_folder_and_array(tmp_path)
+    floats = tmp_path / "floats.npy"
+    np.save(floats, np.random.default_rng(5).random((12, 6)).astype(np.float32))
+    source = folder if data == "images" else floats
+    code, out, err = run("analyze", "--arch", f"data_models:{arch}", "--calibration", source, *options,
+                         "--out", tmp_path / "out")  # fmt: skip
+    assert code == 2 and message in err, err

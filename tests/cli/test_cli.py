@@ -963,3 +963,20 @@ def test_frontend_option_reaches_the_compile_and_the_report(cli_main, workspace)
     with pytest.raises(SystemExit) as refused:  # argparse's own refusal
         cli_main(*_compile_args("cli_models:SmallCNN", workspace.root / "frontend-bad", "--frontend", "dynamo"))
     assert refused.value.code == 2
+
+
+def test_compile_summary_and_report_lead_with_top1_agreement(compiled):
+    run, out = compiled
+    report = json.loads((out / "report.json").read_text())
+    pytorch, onnxruntime = report["verification"]["pytorch"], report["verification"]["onnxruntime"]
+    held = report["calibration"]["holdout_samples"]
+
+    assert pytorch["samples"] == held and onnxruntime["samples"] == held
+    assert pytorch["top1_agreement"] == 1.0 and onnxruntime["top1_agreement"] == 1.0
+    assert pytorch["cosine_min"] > 0.99999 and pytorch["outputs"][0]["top5_agreement"] == 1.0
+    summary = run.stdout.index(f"top-1 agreement 100.00% on {held} held-out samples, top-5 100.00%")
+    assert summary < run.stdout.index("max relative error:")  # before any exponent
+    markdown = (out / "report.md").read_text()
+    assert "| top-1 agreement |" in markdown and "100.00%" in markdown
+    assert report["calibration"]["preprocessing"] == {"scale": "pixels / 255", "mean": None, "std": None,
+                                                      "source": "default"}

@@ -146,8 +146,16 @@ def test_result_to_dict_is_json(default_export):
         "worst_output": "output",
         "outputs": [
             {"output": "output", "max_abs": result.error.max_abs, "max_rel": result.error.max_rel,
-             "max_sample_rel": result.error.max_sample_rel, "scale": result.error.outputs[0].scale}
+             "max_sample_rel": result.error.max_sample_rel, "scale": result.error.outputs[0].scale,
+             "top1_agreement": result.error.outputs[0].top1_agreement, "top5_agreement": None,
+             "predictions": result.error.outputs[0].predictions, "cosine_mean": result.error.outputs[0].cosine_mean,
+             "cosine_min": result.error.cosine_min}
         ],
+        # Agreement and cosine: each verify sample once (its batch-1 run), not its batched run again.
+        "samples": result.verified_samples,
+        "top1_agreement": result.error.top1_agreement,
+        "top5_agreement": result.error.top5_agreement,
+        "cosine_min": result.error.cosine_min,
     }
     assert as_dict["op_counts"] == result.op_counts and as_dict["exporter"] == result.exporter
 

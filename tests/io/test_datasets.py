@@ -358,3 +358,58 @@ def test_an_image_folder_states_its_scale(tmp_path):
     data = load_calibration(str(tmp_path), notes=notes)
     assert data.shape == (1, 3, 4, 5) and float(data.max()) == 1.0
     assert notes == [f"{tmp_path}: images read as RGB float32 in [0, 1] (pixel values / 255, as uint8 arrays are)"]
+
+
+# Image preprocessing ---------------------------------------------------------------------------------------------
+
+
+def test_a_preset_normalises_a_folder_and_uint8_pixels_to_the_same_values(tmp_path):
+    from egp_export.io.datasets import IMAGENET_MEAN, IMAGENET_STD, image_preprocessing
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _write_image(folder / "a.png", 4, 4, (255, 128, 0))
+    _write_image(folder / "b.png", 4, 4, (10, 20, 30))
+    pixels = np.stack([np.asarray(Image.open(folder / name)).transpose(2, 0, 1) for name in ("a.png", "b.png")])
+    np.save(tmp_path / "pixels.npy", pixels)
+    imagenet = image_preprocessing(preset="imagenet")
+
+    from_folder = load_calibration(str(folder), preprocessing=imagenet)
+    from_array = load_calibration(str(tmp_path / "pixels.npy"), preprocessing=imagenet, notes=(notes := []))
+
+    expected = (torch.from_numpy(pixels).float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.equal(from_folder, from_array) and torch.allclose(from_folder, expected, atol=1e-6)
+    assert "uint8 pixels divided by 255" in notes[0] and "(--preset imagenet)" in notes[1]
+
+
+def test_the_timm_preset_reads_the_models_own_data_config():
+    timm = pytest.importorskip("timm", reason="timm is an optional dependency")
+    from egp_export.io.datasets import image_preprocessing
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=4)  # timm's ViTs use mean = std = 0.5
+
+    preprocessing = image_preprocessing(preset="timm", model=vit)
+
+    assert preprocessing.mean == (0.5, 0.5, 0.5) and preprocessing.std == (0.5, 0.5, 0.5)
+    assert "resolve_data_config of vit_tiny_patch16_224" in preprocessing.source
+    assert preprocessing.to_dict()["timm_data_config"]["interpolation"] == "bicubic"
+    with pytest.raises(CalibrationError, match="not a timm model"):
+        image_preprocessing(preset="timm", model=torch.nn.Linear(2, 2))
+
+
+def test_image_normalisation_of_several_named_inputs_is_refused(tmp_path):
+    """A .npz of keyword inputs has no one image to normalise: --normalize/--preset are refused, not half-applied."""
+    from egp_export.analysis.inputs import signature
+    from egp_export.io.datasets import image_preprocessing
+
+    class TwoInputs(torch.nn.Module):
+        def forward(self, pixels, mask):
+            return pixels * mask
+
+    path = tmp_path / "two.npz"
+    np.savez(path, pixels=np.random.rand(4, 3, 8, 8).astype(np.float32), mask=np.ones((4, 3, 8, 8), np.float32))
+    as_inputs = load_calibration(str(path), signature=signature(TwoInputs()))
+    assert set(as_inputs) == {"pixels", "mask"}
+    with pytest.raises(CalibrationError, match="several named inputs .*pixels, mask"):
+        load_calibration(str(path), signature=signature(TwoInputs()), preprocessing=image_preprocessing(preset="imagenet"))
