@@ -1110,7 +1110,7 @@ def _verify(
             # A tuple is fed under the file's input names, a dict under its keys, one tensor as the only input.
             candidate = run_onnx(session, dict(zip(input_names, batch)) if isinstance(batch, tuple) else batch)
             errors.add(reference, candidate)  # raises on count/shape mismatch
-            if batch.shape[0] == 1:
+            if inputs.batch_size(batch) == 1:
                 alone.add(reference, candidate)
         except Exception as error:
             raise VerificationError(
