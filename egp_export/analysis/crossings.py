@@ -10,7 +10,9 @@ number of samples it takes a few signed-gradient steps (PGD) on the
 standard deviation of the decide samples, that drive the rewritten neurons
 toward the nearest boundary of the region they were rewritten in (always
 OFF, always ON, or one region of ReLU6/Hardtanh/Hardswish). Every neuron seen
-outside its region at any step is withdrawn; it can only take rewrites away.
+outside its region at any step is reported (``CrossingSearch.crossed``, with
+a reason); the compiler's decide stage withdraws it from its site's plan, so
+the search can only take rewrites away.
 
 The objective, per sample: the soft minimum over every rewritten neuron of
 its signed margin (distance to the nearest boundary of its region, negative
@@ -29,15 +31,15 @@ on their range instead (compiler.py).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
 from egp_export.analysis.batches import Batches
+from egp_export.analysis.plans import SitePlan
 from egp_export.analysis.stats import SiteStats
-from egp_export.analysis.trace import trace
 from egp_export.records import Reason, RefusalCode
 
 # Half-width of the search box per input feature, as a fraction of that feature's standard deviation on the decide
@@ -62,7 +64,7 @@ class CrossingSearch:
     seconds: float = 0.0
     searched_neurons: int = 0
     crossed: dict[str, torch.Tensor] = field(default_factory=dict)  # site name -> bool mask of neurons
-    reasons: list[tuple[str, Reason]] = field(default_factory=list)  # (site name, why) per withdrawal made
+    reasons: list[tuple[str, Reason]] = field(default_factory=list)  # (site name, why) per site with crossings
     skipped: str | None = None  # why nothing was searched
 
     @property
@@ -128,11 +130,6 @@ class _MarginInterpreter(fx.Interpreter):
         return super().run_node(n)
 
 
-def _rewritten_neurons(site: SiteStats, tolerance: float) -> torch.Tensor:
-    """The neurons whose rewrite rests on the statistics: all of a linear site, else its dead mask."""
-    return site.neuron_region >= 0 if site.linear_map(tolerance).ok else site.dead_neurons()
-
-
 def _feature_std(decide: Batches) -> torch.Tensor:
     """Per input feature (every element of a sample), the standard deviation over the decide samples (float64)."""
     total = squares = None
@@ -147,21 +144,23 @@ def _feature_std(decide: Batches) -> torch.Tensor:
 
 
 def search_crossings(
-    reference: nn.Module, sites: list[SiteStats], start: Batches, decide: Batches, tolerance: float, *,
-    radius: float = DEFAULT_CROSSING_RADIUS, steps: int = CROSSING_STEPS, samples: int = CROSSING_SAMPLES,
-    leaf_modules: tuple = (),
+    reference: Callable[[], fx.GraphModule], sites: list[SiteStats], plans: dict[str, SitePlan], start: Batches,
+    decide: Batches,
+    *, radius: float = DEFAULT_CROSSING_RADIUS, steps: int = CROSSING_STEPS, samples: int = CROSSING_SAMPLES,
 ) -> CrossingSearch:
     """Search around the first ``samples`` of ``start`` for inputs that move rewritten neurons out of their region.
 
-    ``reference`` (the original model) is traced afresh and never changed; the
-    box is ``radius`` x the per-feature standard deviation of ``decide``.
-    Every neuron seen outside its region is withdrawn from its site with a
-    CROSSED_UNDER_PERTURBATION reason; the result says what was searched.
+    ``reference()`` captures the original model (called only when there is
+    something to search; the graph is run, never changed);
+    the neurons searched are those ``plans`` rewrite; the box is ``radius`` x
+    the per-feature standard deviation of ``decide``. Every neuron seen
+    outside its region is in ``crossed`` with a CROSSED_UNDER_PERTURBATION
+    reason (the caller withdraws it); the result says what was searched.
     """
     search = CrossingSearch(radius)
     started = time.perf_counter()
     candidates = {
-        site.name: _rewritten_neurons(site, tolerance) for site in sites
+        site.name: plans[site.name].rewritten_neurons() for site in sites
         if not site.spec.smooth and site.num_neurons and site.dim != 0
     }
     targets = {name: _Target(site, candidates[name]) for site in sites
@@ -180,7 +179,7 @@ def search_crossings(
         search.skipped = f"{str(inputs.dtype).removeprefix('torch.')} inputs have no neighbourhood to search"
         return search
     box = (radius * _feature_std(decide)).to(inputs.dtype).to(inputs.device)
-    interpreter = _MarginInterpreter(trace(reference, leaf_modules=leaf_modules), targets)
+    interpreter = _MarginInterpreter(reference(), targets)
     delta = torch.zeros_like(inputs, requires_grad=True)
     step_size = _STEP_FACTOR * box / steps
     for step in range(steps + 1):
@@ -208,8 +207,6 @@ def search_crossings(
             "neurons": int(mask.sum()), "neuron_indices": [int(i) for i in mask.nonzero().flatten()[:32]],
             "radius": radius, "samples": search.samples, "steps": steps,
         }
-        reason = Reason(RefusalCode.CROSSED_UNDER_PERTURBATION, detail)
-        target.site.withdraw(mask, reason)
-        search.reasons.append((name, reason))
+        search.reasons.append((name, Reason(RefusalCode.CROSSED_UNDER_PERTURBATION, detail)))
     search.seconds = time.perf_counter() - started
     return search

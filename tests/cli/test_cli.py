@@ -453,7 +453,7 @@ def _merges(report: dict) -> list[str]:
 
 
 def test_padding_plan_and_debug(cli_main, workspace):
-    from egp_export.algebra.padding import apply_padding_plan, load_plan
+    from egp_export.padding import apply_padding_plan, load_plan
 
     out = workspace.root / "padding-plan"
     run = cli_main(*_compile_args("cli_models:LinearPair", out, "--padding-plan", "--debug"))
