@@ -35,7 +35,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "compile": "compiler",
     "CompileResult": "compiler",
-    "analyze": "analysis.stats",
+    "analyze": "analysis.plans",
     "export_onnx": "export.onnx",
     "ExportResult": "export.onnx",
     "padding_plan": "padding",
@@ -45,7 +45,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from egp_export.analysis.stats import analyze
+    from egp_export.analysis.plans import analyze
     from egp_export.compiler import CompileResult, compile  # noqa: A004 - the issue's public name
     from egp_export.export.onnx import ExportResult, export_onnx
     from egp_export.padding import apply_padding_plan, padding_plan

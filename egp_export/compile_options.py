@@ -60,11 +60,41 @@ def resolve_cost_model(cost_model):
 
 @dataclass(frozen=True)
 class CompileOptions:
-    """Every option of ``compile`` (see its docstring for what each does), checked when the object is made.
+    """Every option of ``compile``, checked when the object is made (``but(**overrides)``: a copy, checked again).
 
-    ``conv_merging=False`` stops before conv-chain and residual merging (the
-    padding plan inspects the chains left); ``frontend`` is one of
-    ``analysis.capture.FRONTENDS``.
+    ``tolerance`` (finite, >= 0, else CalibrationError) bounds what
+    smooth-activation surrogates and border-approximate merges may add to the
+    error. ``holdout`` / ``validation``: the fractions of the samples kept
+    to verify and to withdraw rewrites (validation is unused with
+    ``strict``, which raises VerificationError as soon as the check fails
+    instead of backing off). A site is only rewritten if each neuron was
+    observed ``min_observations`` times (distinct samples x positions).
+    ``crossing_radius`` (0 disables) bounds a gradient search from the
+    validation samples (analysis/crossings.py) for inputs within that
+    fraction of each input feature's std that move a rewritten neuron out of
+    its region; such neurons are withdrawn. ``batch_size``: samples per batch.
+    ``approximate`` allows conv merges that are exact only away from the
+    border; ``cost_model`` ("analytic", "measured", or a cost object from
+    costmodel.py) decides which merges pay; ``merge_plan="all"`` merges every
+    conv chain whole; ``conv_merging=False`` stops before conv-chain and
+    residual merging (the padding plan inspects the chains left).
+    ``channel_alignment`` (default 8) keeps channel counts left by
+    dead-channel removal at multiples of it (ONNX Runtime's CPU kernels run
+    odd counts far slower); 1 removes every dead channel. ``steps`` replaces
+    the pass pipeline (``passes.default_steps``). ``split_seed`` seeds the
+    split. ``debug`` checks numerics after every pass and names the pass that
+    broke them; ``progress`` shows a bar over the calibration batches.
+    ``leaf_modules`` (submodule names or types) are captured as single calls,
+    as are submodules torch.fx cannot trace through; the report's ``trace``
+    section lists them. ``frontend``: how the model becomes a graph, one of
+    ``analysis.capture.FRONTENDS``. ``on_stage`` is called with a
+    ``StageEvent`` as each stage starts and ends (the command line prints
+    them on a terminal). ``runtime`` (one rank of a torchrun job,
+    ``egp_export.prune.distributed.runtime_from_env()``) splits the
+    calibration, validation and verification work over the ranks and merges
+    their statistics and errors exactly: every rank returns the same module
+    and report (every rank must be given the same calibration data; the
+    measured cost model is refused, its timings differ between processes).
     """
 
     tolerance: float = 1e-5

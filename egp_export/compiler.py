@@ -104,64 +104,31 @@ def compile(  # noqa: A001 - the issue's public name
 ) -> CompileResult:
     """Compile ``model`` into a shallower torch.fx GraphModule that computes the same function.
 
-    ``options`` (a :class:`CompileOptions`; a number there is the tolerance,
-    as in ``compile(model, data, 1e-5)``) with ``overrides`` (any of its
-    fields by name: ``compile(model, data, options, tolerance=1e-3)``) says
-    what to do; each value is checked when the options are made.
-    ``frontend`` chooses how the model becomes a graph
-    (``analysis.capture.FRONTENDS``).
+    ``options`` (a :class:`CompileOptions`, which documents each option; a
+    number there is the tolerance, as in ``compile(model, data, 1e-5)``) with
+    ``overrides`` (any of its fields by name: ``compile(model, data, options,
+    tolerance=1e-3)``) says what to do; every value is checked when the
+    options are made. ``calibration``: a tensor batch, an iterable of tensors
+    or (input, target) tuples, or a DataLoader. The samples are split by a
+    permutation seeded with ``split_seed`` (``result.split`` lists each
+    part's sample indices): rewrites are decided on the first part, withdrawn
+    on the validation part, and the compiled module is checked against the
+    original on the held-out part (``verification_rtol``; inf/NaN never
+    passes; every output and every sample on its own scale, ``OUTPUT_RULE``).
+    Duplicated samples count once as evidence, and every batch is a copy (a
+    model that writes into its input never changes ``calibration``).
 
-    ``calibration``: a tensor batch, an iterable of tensors or (input, target)
-    tuples, or a DataLoader. The samples are split by a permutation seeded
-    with ``split_seed`` (the same split every run; ``result.split`` lists
-    each part's sample indices). The ``holdout`` fraction of them is not
-    used to decide anything: the compiled module is checked against the
-    original on it (see ``verification_rtol`` for what is allowed; inf/NaN
-    never is). The ``validation`` fraction only withdraws rewrites whose
-    neurons leave their region there. Duplicated samples count once as
-    evidence (each sample is hashed as it is read; a warning says when many
-    repeat), and the report says how many held-out samples are new. Every
-    batch is a copy: a model that writes into its input never changes
-    ``calibration``. Without ``strict`` a failed final check withdraws the
-    statistically rewritten sites in steps, most marginal (on the decide
-    split) first, each step re-validated on the validation part, with at most
-    ``compiler_backoff.HELD_OUT_CHECKS`` more held-out checks; if none passes,
-    every rewrite that rests on statistics is withdrawn and the rest
-    compiled; then the exact folds and merges that move the float32 output
-    beyond the allowance are found pass by pass on the validation part and
-    withheld (``RefusalCode.EXACT_REWRITE_WITHDRAWN``), VerificationError only
-    when the graph fails with every one withheld; with ``strict=True`` (and ``validation`` unused) it raises
-    VerificationError as soon as the check fails. A site is only rewritten if
-    each neuron was observed ``min_observations`` times (samples x positions).
-    ``crossing_radius`` (0 disables) bounds a gradient search from the
-    validation samples (analysis/crossings.py) for inputs within that fraction
-    of each input feature's std that move a rewritten neuron out of its
-    region; such neurons are withdrawn.
-    ``tolerance`` (finite, >= 0, else CalibrationError) bounds what
-    smooth-activation surrogates and border-approximate merges may add to the
-    error. Every output tensor is checked on its own scale and every sample on
-    its own (``OUTPUT_RULE``; the report's ``guarantee`` names the worst output). ``approximate`` allows
-    conv merges that are exact only away from the border; ``cost_model``
-    ("analytic", "measured", or a cost object from costmodel.py) decides which
-    merges pay; ``merge_plan="all"`` merges every conv chain whole.
-    ``channel_alignment`` (default 8) keeps channel counts left by dead-channel
-    removal at multiples of it (ONNX Runtime's CPU kernels run odd counts far
-    slower); 1 removes every dead channel. ``debug`` checks numerics after
-    every pass and names the pass that broke them. fp16/bf16 models are
-    compiled and verified in fp32 (with a warning). ``leaf_modules``
-    (submodule names or types) are traced as single calls, as are submodules
-    torch.fx cannot trace through; the report's ``trace`` section lists them
-    (activations inside are not analysed). ``model`` is never run and never
-    mutated; a model whose outputs differ for the same input twice is refused.
-    ``on_stage`` is called with a :class:`StageEvent` as each stage starts and
-    ends (the command line prints them on a terminal); ``progress`` shows a
-    bar over the calibration batches. ``runtime`` (one rank of a torchrun
-    job, ``egp_export.prune.distributed.runtime_from_env()``) splits the
-    calibration, validation and verification work over the ranks and merges
-    their statistics and errors exactly: every rank returns the same module
-    and report, as one process on all samples would (every rank must be
-    given the same calibration data; the measured cost model is refused, its
-    timings differ between processes).
+    The stages run as listed in ``stages.PIPELINE``. Without ``strict``, a
+    failed check runs the back-off stages (``compiler_backoff.BACK_OFFS``):
+    the statistically rewritten sites are withdrawn in steps, most marginal
+    first (at most ``compiler_backoff.HELD_OUT_CHECKS`` more held-out
+    checks), then all at once, then the exact folds and merges that move the
+    float32 output beyond the allowance are withheld; VerificationError only
+    when the graph fails with every one withheld. With ``strict`` it is
+    raised as soon as the check fails. Every withdrawal is reported with its
+    reason. ``model`` is never run and never mutated; fp16/bf16 models are
+    compiled and verified in fp32 (with a warning); a model whose outputs
+    differ for the same input twice is refused.
     """
     if options is None or isinstance(options, CompileOptions):
         options = (options or CompileOptions()).but(**overrides)
@@ -174,7 +141,7 @@ def compile(  # noqa: A001 - the issue's public name
             ctx.run(stages)
     if not ctx.passed:
         raise _verification_error(ctx.error, ctx.rtol, ctx.split, _failure_hint(ctx))
-    ctx.run([Stage("report", report)])
+    ctx.run(REPORTING)
     ctx.report["seconds"] = ctx.log.seconds()
     ctx.report["compile_seconds"] = round(sum(ctx.report["seconds"].values()), 3)
     return CompileResult(module=ctx.attempt.gm, report=ctx.report, sites=ctx.sites, split=ctx.split.indices())
@@ -190,6 +157,10 @@ def report(ctx: CompileContext) -> dict:
         warnings.warn(f"egp-export: {samples['note']}", UserWarning, stacklevel=6)
     ctx.report = _report(ctx, ctx.attempt, samples)
     return {"rewrites": len(ctx.report["rewrites"]), "withdrawals": len(ctx.report["withdrawals"])}
+
+
+# The last stage, once the check passed.
+REPORTING = (Stage("report", report),)
 
 
 def _failure_hint(ctx: CompileContext) -> str:

@@ -90,7 +90,7 @@ def backoff_order(sites: list[SiteStats], plans: Plans, statistical: list[Rewrit
 class BackOff:
     """What the stepwise back-off ended with: the last candidate, its check, the withdrawals and how many checks ran."""
 
-    attempt: object  # compiler._Attempt
+    attempt: object  # stages.Attempt
     error: ErrorStats
     rtol: float
     withdrawals: list[Refusal]
@@ -218,7 +218,7 @@ def _responsible(
 class ExactBackOff:
     """What the exact back-off ended with: the candidate, its held-out check, the withdrawals, the checks run."""
 
-    attempt: object  # compiler._Attempt
+    attempt: object  # stages.Attempt
     error: ErrorStats
     rtol: float
     withdrawals: list[Refusal]

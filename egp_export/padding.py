@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from egp_export.algebra.convchain import ChainClass, ConvLayer, chain_class
+from egp_export.analysis.inputs import Batch, call_on_copy
 from egp_export.analysis.ops import named_modules
 from egp_export.compile_options import CompileOptions
 from egp_export.passes.merge_conv_chains import conv_chains
@@ -76,7 +77,7 @@ def padding_plan(model: nn.Module, calibration, options: CompileOptions | None =
     return [move for move in moves if move is not None]
 
 
-def apply_padding_plan(model: nn.Module, moves: list[PaddingMove], example: torch.Tensor | None = None) -> nn.Module:
+def apply_padding_plan(model: nn.Module, moves: list[PaddingMove], example: Batch | None = None) -> nn.Module:
     """Set the planned paddings on ``model``'s convs, in place (the caller asked for exactly that).
 
     With ``example`` the model is run once to check that the output shape did
@@ -85,7 +86,7 @@ def apply_padding_plan(model: nn.Module, moves: list[PaddingMove], example: torc
     before = None
     if example is not None:
         with torch.no_grad():
-            before = model.eval()(example).shape
+            before = call_on_copy(model.eval(), example).shape
     for move in moves:
         for name, padding in zip(move.convs, move.after):
             conv = model.get_submodule(name)
@@ -94,7 +95,7 @@ def apply_padding_plan(model: nn.Module, moves: list[PaddingMove], example: torc
             conv.padding = tuple(padding)
     if example is not None:
         with torch.no_grad():
-            after = model(example).shape
+            after = call_on_copy(model, example).shape
         if after != before:
             raise ValueError(f"the padding plan changed the output shape from {tuple(before)} to {tuple(after)}")
     return model

@@ -26,9 +26,12 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from egp_export.analysis.activations import ActivationSpec
-from egp_export.analysis.stats import SiteStats
+from egp_export.analysis.batches import as_batches, fitted_to
+from egp_export.analysis.stats import SiteStats, calibrate
+from egp_export.analysis.trace import trace
 from egp_export.records import Reason, RefusalCode
 
 PLAN_KEY = "egp_plan"
@@ -159,3 +162,11 @@ def summarize_sites(sites: list[SiteStats], plans: dict[str, SitePlan]) -> dict:
         "mean_entropy": sum(r["entropy"] for r in rows) / len(rows) if rows else 0.0,
         "zero_entropy_sites": sum(1 for r in rows if r["entropy"] == 0.0),
     }
+
+
+def analyze(model: nn.Module, calibration, *, tolerance: float = 1e-5, progress: bool = False, leaf_modules=()) -> dict:
+    """Per-site activation analysis of ``model`` on all of ``calibration`` (no rewriting): each site's facts and
+    the plan they support at ``tolerance``; ``leaf_modules`` as in ``trace``."""
+    gm = trace(model, leaf_modules=tuple(leaf_modules))
+    sites = calibrate(gm, fitted_to(gm, as_batches(calibration)), progress=progress)
+    return summarize_sites(sites, {site.name: plan_site(site, tolerance) for site in sites})

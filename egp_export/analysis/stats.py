@@ -506,15 +506,3 @@ def _first_line(error: Exception) -> str:
 
 def site_stats(node: fx.Node) -> SiteStats | None:
     return node.meta.get(META_KEY)
-
-
-def analyze(model: nn.Module, calibration, *, tolerance: float = 1e-5, progress: bool = False, leaf_modules=()) -> dict:
-    """Per-site activation analysis of ``model`` on all of ``calibration`` (no rewriting); ``leaf_modules`` as in
-    ``trace``."""
-    from egp_export.analysis.batches import as_batches, fitted_to
-    from egp_export.analysis.plans import plan_site, summarize_sites
-    from egp_export.analysis.trace import trace
-
-    gm = trace(model, leaf_modules=tuple(leaf_modules))
-    sites = calibrate(gm, fitted_to(gm, as_batches(calibration)), progress=progress)
-    return summarize_sites(sites, {site.name: plan_site(site, tolerance) for site in sites})

@@ -356,7 +356,7 @@ def _labelled(args: argparse.Namespace, calibration):
 
 
 def _run_analyze(args: argparse.Namespace) -> None:
-    from egp_export.analysis.stats import analyze
+    from egp_export.analysis.plans import analyze
     from egp_export.io.fileio import run_transaction
     from egp_export.report.report import ANALYZE_OUTPUTS, write_report
 
