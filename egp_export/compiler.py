@@ -154,7 +154,7 @@ def report(ctx: CompileContext) -> dict:
     ctx.shards.merge_digests(ctx.split, ctx.split.holdout)
     samples = _distinct_samples(ctx.split)
     if samples["note"]:
-        warnings.warn(f"egp-export: {samples['note']}", UserWarning, stacklevel=6)
+        warnings.warn(f"egp-export: {samples['note']}", UserWarning, stacklevel=5)
     ctx.report = _report(ctx, ctx.attempt, samples)
     return {"rewrites": len(ctx.report["rewrites"]), "withdrawals": len(ctx.report["withdrawals"])}
 

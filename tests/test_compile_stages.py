@@ -8,12 +8,14 @@ import dataclasses
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 import egp_export
 from egp_export.analysis.batches import as_batches, split_holdout
+from egp_export.analysis.numerics import compare
 from egp_export.analysis.plans import SiteAction, plan_site, site_plan
 from egp_export.analysis.stats import calibrate
 from egp_export.analysis.trace import trace
@@ -78,6 +80,7 @@ def test_an_unknown_option_is_refused_by_name():
 def test_options_are_frozen_and_keyword_overrides_win():
     options = CompileOptions(tolerance=1e-5, min_observations=1, leaf_modules=["0"])
     assert options.leaf_modules == ("0",)
+    assert CompileOptions(min_observations=np.int64(3), holdout=np.float32(0.25)).min_observations == 3
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.tolerance = 1.0
     data = torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
@@ -194,3 +197,6 @@ def test_the_padding_plan_decides_the_sites_the_compile_decides(negative_in_vali
     else:
         assert withdrawn == [] and compiled.report["activations_linearized"] == 1
         assert [m.convs for m in moves] == [("conv1", "conv2")] and moves[0].after == ((2, 2), (0, 0))
+    fresh = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(9))  # drawn like the calibration data
+    with torch.no_grad():
+        assert compare(model(fresh), compiled.module(fresh)).within(1e-5)
