@@ -3,6 +3,7 @@
     result = egp_export.compile(model, calibration_batch)      # CompileResult(module, report, sites)
     egp_export.export_onnx(result.module, example, "model.onnx", verify_inputs=held_out)
     egp_export.analyze(model, calibration_batch)               # per-site activation statistics only
+    egp_export.inspect_onnx("model.onnx")                      # each ONNX node's source modules and rewrites
 
 The error types are imported eagerly (they are light); ``compile``,
 ``analyze``, ``export_onnx`` and the result types load torch, onnx and
@@ -23,13 +24,13 @@ from egp_export.errors import (
     ExportError,
     OptionError,
     OutputError,
+    ReportError,
     TraceError,
     TrainingError,
     UnsupportedModelError,
     VerificationError,
 )
-
-__version__ = "0.1.0"
+from egp_export.version import __version__
 
 # Public name -> the submodule that defines it, imported on first access.
 _LAZY = {
@@ -38,19 +39,24 @@ _LAZY = {
     "analyze": "analysis.plans",
     "export_onnx": "export.onnx",
     "ExportResult": "export.onnx",
+    "inspect_onnx": "export.inspect",
     "padding_plan": "padding",
     "apply_padding_plan": "padding",
     "profile": "runtime.profiler",
     "build_engine": "runtime.engines",
+    "recheck": "runtime.recheck",
+    "RecheckResult": "runtime.recheck",
 }
 
 if TYPE_CHECKING:
     from egp_export.analysis.plans import analyze
     from egp_export.compiler import CompileResult, compile  # noqa: A004 - the issue's public name
+    from egp_export.export.inspect import inspect_onnx
     from egp_export.export.onnx import ExportResult, export_onnx
     from egp_export.padding import apply_padding_plan, padding_plan
     from egp_export.runtime.engines import build_engine
     from egp_export.runtime.profiler import profile
+    from egp_export.runtime.recheck import RecheckResult, recheck
 
 __all__ = [
     "ArchitectureError",
@@ -62,6 +68,8 @@ __all__ = [
     "ExportResult",
     "OptionError",
     "OutputError",
+    "RecheckResult",
+    "ReportError",
     "TraceError",
     "TrainingError",
     "UnsupportedModelError",
@@ -72,8 +80,10 @@ __all__ = [
     "build_engine",
     "compile",
     "export_onnx",
+    "inspect_onnx",
     "padding_plan",
     "profile",
+    "recheck",
 ]
 
 

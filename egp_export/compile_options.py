@@ -11,11 +11,12 @@ import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
-from egp_export.algebra.costmodel import AnalyticCost, MeasuredCost
+from egp_export.algebra.costmodel import AnalyticCost
 from egp_export.analysis.batches import DEFAULT_BATCH_SIZE, DEFAULT_SPLIT_SEED
 from egp_export.analysis.capture import FRONTENDS
 from egp_export.analysis.crossings import DEFAULT_CROSSING_RADIUS
 from egp_export.errors import CalibrationError, EgpExportError, OptionError
+from egp_export.measured_cost import MeasuredCost
 from egp_export.passes import CHANNEL_ALIGNMENT
 
 # Fraction of the calibration samples (before the verification part) used only to withdraw rewrites.
@@ -90,7 +91,7 @@ class CompileOptions:
     ``analysis.capture.FRONTENDS``. ``on_stage`` is called with a
     ``StageEvent`` as each stage starts and ends (the command line prints
     them on a terminal). ``runtime`` (one rank of a torchrun job,
-    ``egp_export.prune.distributed.runtime_from_env()``) splits the
+    ``egp_export.distributed.runtime_from_env()``) splits the
     calibration, validation and verification work over the ranks and merges
     their statistics and errors exactly: every rank returns the same module
     and report (every rank must be given the same calibration data; the

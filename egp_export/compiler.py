@@ -43,12 +43,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from egp_export import __version__
-from egp_export.algebra.costmodel import MeasuredCost
 from egp_export.analysis.batches import CalibrationSplit, SplitIndices
 from egp_export.analysis.inputs import sample_shape
 from egp_export.analysis.numerics import FP32_RTOL, NOISE_CAP, SAMPLE_SCALE_FLOOR, ErrorStats
 from egp_export.analysis.plans import SitePlan, summarize_sites
+from egp_export.analysis.regions import site_regions
 from egp_export.analysis.stats import SiteStats
 from egp_export.analysis.summary import summarize
 from egp_export.compile_options import (  # noqa: F401 - re-exported: the compiler's public names
@@ -60,6 +59,7 @@ from egp_export.compile_options import (  # noqa: F401 - re-exported: the compil
 )
 from egp_export.compiler_backoff import BACK_OFFS
 from egp_export.errors import VerificationError
+from egp_export.measured_cost import MeasuredCost
 from egp_export.passes import LinearizeActivations, conv_seconds
 from egp_export.plan_filters import WITHDRAWAL  # noqa: F401 - re-exported
 from egp_export.records import Refusal, Rewrite, RewriteKind
@@ -74,6 +74,7 @@ from egp_export.stages import (  # noqa: F401 - re-exported: the compiler's publ
     noise_floor,
     verification_rtol,
 )
+from egp_export.version import __version__
 
 
 @dataclass
@@ -253,6 +254,7 @@ def _report(ctx: CompileContext, attempt: Attempt, samples: dict) -> dict:
         "activations_linearized": sum(1 for outcome in outcomes.values() if outcome["linearized"]),
         "verification": _verification_section(ctx, attempt, samples),
         "guarantee": _guarantee_section(ctx, attempt, samples),
+        "regions": site_regions(sites, attempt.plans, pipeline.rewrites, model=ctx.working),
     }
 
 

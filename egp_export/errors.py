@@ -49,7 +49,18 @@ class ExportError(EgpExportError):
     """ONNX export, simplification or checking failed."""
 
 
+class PassError(EgpExportError):
+    """A rewrite pass cannot run: a fact it reads (shapes, calibrated sites) was never computed, or it failed.
+
+    The message names the pass; a failure inside the pass chains the original exception.
+    """
+
+
 class VerificationError(EgpExportError):
     """A compiled or exported model does not match the original within tolerance."""
 
     exit_code = 3
+
+
+class ReportError(EgpExportError):
+    """A compile's outputs (report.json, model.onnx) are missing, unreadable, or belong to another model."""

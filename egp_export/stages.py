@@ -28,7 +28,7 @@ from egp_export.analysis.fx import propagate_shapes
 from egp_export.analysis.inputs import Batch, batch_size, call, call_on_copy, structured, take
 from egp_export.analysis.numerics import FP32_RTOL, NOISE_CAP, NOISE_FACTOR, ErrorAccumulator, ErrorStats, compare, fp32_noise
 from egp_export.analysis.plans import plan_site, store_plans
-from egp_export.analysis.stats import SiteStats, rejected_sample
+from egp_export.analysis.stats import META_KEY, SiteStats, rejected_sample
 from egp_export.analysis.stats import calibrate as calibrate_graph
 from egp_export.analysis.summary import summarize
 from egp_export.analysis.trace import owned_copy, trace, trace_facts
@@ -130,7 +130,7 @@ class Shards:
     """Which samples this process works on, and the merges that make every process agree.
 
     One process: all of them, nothing to merge. Under torchrun (``runtime``
-    with ``world_size`` > 1, e.g. ``prune.distributed.runtime_from_env()``):
+    with ``world_size`` > 1, e.g. ``egp_export.distributed.runtime_from_env()``):
     each rank calibrates, validates and verifies on a contiguous share of each
     part (every rank draws the same seeded permutation, so the parts agree),
     and the statistics, errors and sample digests are all-reduced, so every
@@ -349,7 +349,7 @@ def decide(ctx: CompileContext) -> dict:
     ctx.plans, withdrawals, ctx.crossings = (ctx.policy or filter_on_data)(ctx, decided)
     ctx.withdrawals += withdrawals
     ctx.decided_withdrawals = withdrawals
-    store_plans(ctx.gm, ctx.plans)
+    attach(ctx.gm, ctx.sites, ctx.plans)
     actions = [plan.action.value for plan in ctx.plans.values()]
     return {**{action: actions.count(action) for action in ("linearize", "mask_dead", "keep")},
             "withdrawals": len(withdrawals)}
@@ -421,11 +421,21 @@ def rebuild(ctx: CompileContext, plans: Plans, withheld: frozenset[str] = frozen
     """capture -> decide (``plans``, already filtered) -> rewrite on a fresh graph: no re-calibration. The folding
     and merging passes leave the nodes ``withheld`` alone (compiler_backoff.EVERY_NODE: every one)."""
     fresh = ctx.fresh_graph()
-    store_plans(fresh, plans)
+    attach(fresh, ctx.sites, plans)
     propagate_shapes(fresh, ctx.example)
     if withheld is EVERY_NODE:
         withheld = frozenset(node.name for node in fresh.graph.nodes)
     return run_passes(ctx, fresh, plans, [], ctx.attempt.crossings, withheld, on_pass)  # the first search stands
+
+
+def attach(gm: fx.GraphModule, sites: list[SiteStats], plans: Plans) -> None:
+    """The decide-split statistics and the plans on the nodes of the same names (a fresh capture names them alike):
+    the passes require the statistics and apply the plans."""
+    by_name = {site.name: site for site in sites}
+    for node in gm.graph.nodes:
+        if node.name in by_name:
+            node.meta[META_KEY] = by_name[node.name]
+    store_plans(gm, plans)
 
 
 def validates(ctx: CompileContext, candidate: Attempt) -> bool:

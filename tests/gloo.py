@@ -20,7 +20,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def gloo_rank(rank: int, port: int, world_size: int) -> Iterator:
     """Join a gloo group as ``rank`` (one intra-op thread) and yield its DistributedRuntime; leave it afterwards."""
-    from egp_export.prune.distributed import DistributedRuntime
+    from egp_export.distributed import DistributedRuntime
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -6,7 +6,8 @@ every BatchNorm is recalibrated on random data first (random-init BatchNorm
 statistics make some networks output ~1e-13, and every relative check
 meaningless). The compiled module must match the original on FRESH inputs
 drawn like the calibration data; the engineered site must be linearized; the
-engineered compile must export to ONNX and match in ONNX Runtime. A model the
+engineered compile must export to ONNX and match in ONNX Runtime, every node
+of the file naming the source modules it came from (provenance). A model the
 registry marks unsupported must raise the project error it names.
 
 Run ``python -m tests.test_zoo_e2e`` for the pass/fail table over the whole zoo.
@@ -119,6 +120,9 @@ def check_onnx(compiled: Compiled, path: Path, exporter: str, batch: int) -> flo
     )
     ort_error = compare(compiled.reference, run_onnx(ort_session(exported.path), compiled.fresh)[0])
     assert ort_error.max_rel <= 2 * ort_rtol, f"ONNX Runtime: {ort_error}"
+    # Every node of the file names the modules of the original model it computes, or which tool added it and why.
+    unmapped = [row for row in exported.provenance if not row.mapped]
+    assert not unmapped, f"ONNX nodes without provenance: {unmapped[:3]}"
     return ort_error.max_rel
 
 

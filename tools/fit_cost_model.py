@@ -3,7 +3,7 @@
 Usage: python tools/fit_cost_model.py [--threads 1]
 
 Prints one row per layer shape (MACs, measured median, analytic prediction,
-achieved GMAC/s); the analytic constants in egp_export/costmodel.py were read
+achieved GMAC/s); the analytic constants in egp_export/algebra/costmodel.py were read
 off this table. The shapes are those of MobileNetV2 / ResNet blocks at small
 input sizes.
 """
@@ -15,7 +15,8 @@ import argparse
 import torch
 
 from egp_export.algebra.convchain import ConvLayer
-from egp_export.algebra.costmodel import AnalyticCost, time_onnx_conv
+from egp_export.algebra.costmodel import AnalyticCost
+from egp_export.measured_cost import time_onnx_conv
 
 
 def conv(cin: int, cout: int, kernel: int, groups: int = 1, stride: int = 1) -> ConvLayer:

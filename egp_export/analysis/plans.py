@@ -71,6 +71,7 @@ class SitePlan:
     dead: tuple[bool, ...]
     refusal: Reason | None  # why the site is not linearized; None when it is
     surrogate_error: float = 0.0  # a smooth site's affine fit's largest deviation on the decide data
+    allowed_error: float = 0.0  # what that fit may deviate: tolerance x the site's output scale (smooth sites)
     withdrawn: tuple[bool, ...] = ()
     withdrawals: tuple[Reason, ...] = ()
 
@@ -123,9 +124,11 @@ def plan_site(site: SiteStats, tolerance: float) -> SitePlan:
     linear = site.linear_map(tolerance)
     dead = site.dead_neurons()
     action = SiteAction.LINEARIZE if linear.ok else SiteAction.MASK_DEAD if bool(dead.any()) else SiteAction.KEEP
+    smooth = site.spec.smooth and site.observations > 0
     return SitePlan(
         site.name, site.spec, site.dim, site.num_neurons, action, _floats(linear.scale), _floats(linear.shift),
         _flags(dead), linear.refusal, linear.max_error if site.spec.smooth else 0.0,
+        tolerance * site.output_scale() if smooth else 0.0,
     )
 
 

@@ -3,8 +3,10 @@
     egp-export analyze --arch A --calibration C --out DIR    per-site activation report
     egp-export compile --arch A --calibration C --out DIR    compiled model.onnx + report
     egp-export demo --out DIR                                train, EGP-prune, compile, verify and time a digits ResNet
+    egp-export inspect model.onnx [--json]                   each ONNX node's source modules and rewrites
     egp-export prune ...                                     entropy-guided pruning (prune_cli.py)
     egp-export profile | gate | engine ...                   latency and TensorRT (perf_cli.py)
+    egp-export recheck OUT --arch A --inputs SPEC            is the compile's guarantee still true on new data?
 
 Errors the user can cause (EgpExportError) are printed as one
 ``egp-export: error: ...`` message and exit with the error's code; nothing
@@ -17,7 +19,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from egp_export import __version__
 from egp_export.cli.common import (
     PROG,
     holdout_fraction,
@@ -31,6 +32,7 @@ from egp_export.cli.common import (
 )
 from egp_export.errors import CalibrationError
 from egp_export.report.report import COMPILE_OUTPUTS  # report.py imports neither torch nor numpy: --help stays fast
+from egp_export.version import __version__
 
 DEFAULT_TOLERANCE = 1e-5
 DEFAULT_HOLDOUT = 0.2
@@ -262,12 +264,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
     demo.set_defaults(run=_run_demo, verbose=False)
 
-    # Commands defined beside their libraries; both modules stay light until a command runs.
+    inspect = commands.add_parser(
+        "inspect",
+        help="print where each node of a model.onnx egp-export wrote comes from: source modules and rewrites",
+        description="Print one row per node of an ONNX file egp-export wrote (compile or export_onnx): the node, its op "
+        "type, the modules of the original PyTorch model it computes (qualified names; (model) is the model's own "
+        "forward) and the rewrites that made it, read from the nodes' metadata_props (pkg.egp_export.*). Nodes the "
+        "exporter or onnx-simplifier added say so, and why.",
+    )
+    inspect.add_argument("onnx", type=Path, metavar="MODEL.onnx", help="the ONNX file")
+    inspect.add_argument("--json", action="store_true", help="print the table as JSON, one object per node")
+    inspect.set_defaults(run=_run_inspect)
+
+    # Commands defined beside their libraries; each module stays light until a command runs.
     from egp_export.cli.perf import add_perf_commands
     from egp_export.cli.prune import add_prune_command
+    from egp_export.cli.recheck import add_recheck_command
 
     add_prune_command(commands)
     add_perf_commands(commands)
+    add_recheck_command(commands, load_model=_load_model, load_inputs=_load_calibration, check_inputs=_check_input_size_applies)
     return parser
 
 
@@ -400,8 +416,8 @@ def _run_analyze(args: argparse.Namespace) -> None:
 
 
 def _run_compile(args: argparse.Namespace) -> None:
+    from egp_export.distributed import runtime_from_env, shutdown
     from egp_export.io.fileio import run_transaction
-    from egp_export.prune.distributed import runtime_from_env, shutdown
 
     names = COMPILE_FILES + ((PADDING_PLAN,) if args.padding_plan else ()) + ((ORIGINAL_MODEL,) if args.measure_latency else ())
     # Under torchrun every rank calibrates and verifies its share; rank 0 alone exports and writes.
@@ -521,7 +537,7 @@ def _compile_into(
         result = compile_model(model, calibration, options)
         line.detail = f"{result.report['activations_linearized']} activations linearized"
     if runtime is not None and runtime.world_size > 1:
-        from egp_export.prune.distributed import shutdown
+        from egp_export.distributed import shutdown
 
         shutdown()  # the other ranks are done; the export and reports are rank 0's alone
     # ONNX Runtime is checked on the samples compile() held out (gathered: its split is a permutation), and the
@@ -641,6 +657,19 @@ def _measure_latency(args, model, calibration, verify, paths, rtol: float, repor
         "predicted_speedup": report["predicted_conv_latency_us"]["before"]
         / max(report["predicted_conv_latency_us"]["after"], 1e-9),
     }
+
+
+def _run_inspect(args: argparse.Namespace) -> None:
+    import json
+
+    from egp_export.export.inspect import format_table, inspect_onnx, summarize
+
+    rows = inspect_onnx(args.onnx)
+    if args.json:
+        print(json.dumps([row.to_dict() for row in rows], indent=2))
+        return
+    print(format_table(rows))
+    print(summarize(rows))
 
 
 def _run_demo(args: argparse.Namespace) -> None:

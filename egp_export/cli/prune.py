@@ -17,7 +17,7 @@
 The eval split is ``--eval-data`` (same forms) or, without it, the last
 ``--eval-fraction`` of a seeded permutation of ``--data``.
 
-Under ``torchrun`` the same command runs distributed (egp_export.prune.distributed):
+Under ``torchrun`` the same command runs distributed (egp_export.distributed):
 
     torchrun --nproc_per_node=2 -m egp_export prune --arch ... --data builtin:digits --out DIR
 Errors the user can cause print ``egp-export: error: ...`` and exit with the
@@ -236,8 +236,8 @@ def _run_other_method(args: argparse.Namespace, model, train, held_out, rebuild)
 
 
 def _run_entropy_method(args: argparse.Namespace, model, train, held_out) -> None:
+    from egp_export.distributed import runtime_from_env, shutdown
     from egp_export.prune.api import PRUNED_CHECKPOINT, prune
-    from egp_export.prune.distributed import runtime_from_env, shutdown
 
     runtime = runtime_from_env()
     talk = not args.quiet and runtime.is_main

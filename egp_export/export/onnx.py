@@ -118,6 +118,8 @@ from egp_export.analysis.numerics import (
     fp32_noise,
 )
 from egp_export.errors import EgpExportError, ExportError, OutputError, VerificationError
+from egp_export.export.inspect import NodeProvenance
+from egp_export.export.provenance import Scoped, annotate, scoped_module
 from egp_export.io.fileio import atomic_path, check_writable, new_file_mode, write_text_atomic
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -190,6 +192,8 @@ class ExportResult:
     verified_samples: int = 0  # verify samples, each run alone and batched (the example when none were given)
     verified_batch_sizes: list[int] = field(default_factory=list)  # the batch sizes ORT ran them at
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
+    # Every node of the file: the source modules and rewrites it came from (export/provenance.py), in graph order.
+    provenance: list[NodeProvenance] = field(default_factory=list)
 
     def why(self) -> str:
         """One line: which exporter wrote the file and why that one."""
@@ -227,6 +231,7 @@ class ExportResult:
             "verified_samples": self.verified_samples,
             "verified_batch_sizes": list(self.verified_batch_sizes),
             "seconds": dict(self.seconds),
+            "provenance": [row.to_dict() for row in self.provenance],
         }
 
 
@@ -332,6 +337,7 @@ def export_onnx(
     if opset is not None:
         check_opset(opset)
     module = _check_module(module_or_model)
+    scoped = scoped_module(module)  # a graph module's calls scoped by node, to write provenance into the file
     _check_tensor(example_input, "example_input")
     given = _given_batches(example_input, verify_inputs, dynamic_batch=dynamic_batch)
     outputs = _Outputs(module)
@@ -353,7 +359,9 @@ def export_onnx(
 
     exporters = EXPORTERS if requested == AUTO else (requested,)
     batch_modes = (True, False) if dynamic_batch and static_batch else (dynamic_batch,)
-    job = _Job(module, outputs, output_names, opset, simplify, rtol, notes, verified_beyond_example=verify_inputs is not None)
+    job = _Job(
+        scoped, outputs, output_names, opset, simplify, rtol, notes, verified_beyond_example=verify_inputs is not None
+    )
     failures: list[tuple[ExportAttempt, EgpExportError]] = []
     log = io.StringIO()
     with _captured(log, notes, show=show_logs):
@@ -392,6 +400,7 @@ def export_onnx(
                     verified_samples=sum(int(batch.shape[0]) for _, batch in given),
                     verified_batch_sizes=sorted({int(batch.shape[0]) for _, batch in batches}),
                     seconds={**seconds, **done.seconds},
+                    provenance=done.provenance,
                 )
     raise _all_failed(failures, log.getvalue(), log_path, requested=requested, dynamic_batch=dynamic_batch,
                       static_batch=static_batch, force=force)
@@ -469,6 +478,7 @@ class _Exported:
     seconds: dict[str, float]
     trace_warnings: list[str]
     opset_converted_from: int | None
+    provenance: list[NodeProvenance]
 
 
 def _trace_warnings(caught) -> list[str]:
@@ -483,9 +493,10 @@ def _trace_warnings(caught) -> list[str]:
 
 @dataclass
 class _Job:
-    """What every attempt shares: the module, its outputs, the output names and the checks' settings."""
+    """What every attempt shares: the module (scoped for provenance), its outputs, the output names and the checks'
+    settings."""
 
-    module: nn.Module
+    scoped: Scoped
     outputs: _Outputs
     output_names: list[str]
     opset: int | None
@@ -504,7 +515,9 @@ class _Job:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                exported = _export(self.module, traced.clone(), traced_output, self.output_names, exporter, self.opset, dynamic)
+                exported = _export(
+                    self.scoped.module, traced.clone(), traced_output, self.output_names, exporter, self.opset, dynamic
+                )
         finally:
             for warning in caught:  # on to _captured, which notes and logs them all
                 warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
@@ -522,6 +535,7 @@ class _Job:
             start = time.perf_counter()
             final, simplified = _simplify(exported, traced, self.notes)
             seconds["simplify"] = time.perf_counter() - start
+        provenance = annotate(final, exported, self.scoped, added_by="onnx-simplifier" if simplified else "egp-export")
 
         start = time.perf_counter()
         try:
@@ -550,7 +564,7 @@ class _Job:
             )
         return _Exported(
             data, opset_version, simplified, count_ops(exported), count_ops(final), error_stats, seconds, baked,
-            converted_from,
+            converted_from, provenance,
         )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from egp_export.passes.base import FixedPoint, GraphPass, PassManager, PassResult, PipelineResult, Recorder, Step, finalize
+from egp_export.passes.base import Fact, FixedPoint, GraphPass, PassManager, PassResult, PipelineResult, Recorder, Step, finalize
 from egp_export.passes.bind_functional_layers import BindFunctionalLayers
 from egp_export.passes.eliminate_dead_channels import CHANNEL_ALIGNMENT, EliminateDeadChannels
 from egp_export.passes.eliminate_eval_identities import EliminateEvalIdentities
@@ -69,6 +69,7 @@ __all__ = [
     "BindFunctionalLayers",
     "EliminateDeadChannels",
     "EliminateEvalIdentities",
+    "Fact",
     "FixedPoint",
     "FoldBatchNorm",
     "FoldChannelAffine",

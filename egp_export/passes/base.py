@@ -13,11 +13,19 @@ against the module as it was before the pass, naming the pass that broke it.
 A manager can withhold rewrites (``withheld``: node names no folding or
 merging rewrite may touch) and report every modifying pass to ``on_pass``
 with the module as it would be compiled at that point.
+
+A pass declares the facts it reads (``requires``: shapes, calibrated sites);
+before running it the manager checks that they are on the graph and raises a
+``PassError`` naming the pass and the missing fact, instead of letting the
+pass find nothing and silently do nothing. An exception the pass itself
+raises is re-raised as a ``PassError`` naming the pass (the original chained);
+a project exception keeps its type and gains a note naming the pass.
 """
 
 from __future__ import annotations
 
 import copy
+import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -25,9 +33,13 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
+from egp_export.analysis.activations import activation_spec
 from egp_export.analysis.fx import keeps_effects, propagate_shapes
 from egp_export.analysis.numerics import FP32_RTOL, compare
-from egp_export.errors import VerificationError
+from egp_export.analysis.ops import named_modules
+from egp_export.analysis.provenance import mark_rewritten, seed_provenance
+from egp_export.analysis.stats import site_stats
+from egp_export.errors import EgpExportError, PassError, VerificationError
 from egp_export.records import Reason, Refusal, Rewrite, RewriteKind
 
 
@@ -52,7 +64,12 @@ class Recorder:
         return any(node.name in self.withheld for node in nodes)
 
     def rewrote(self, kind: RewriteKind, nodes: Sequence[fx.Node | str], **detail) -> None:
+        """Record a rewrite of ``nodes``; those given as nodes and still in the graph were changed in place by it
+        (their provenance records ``kind``; nodes a rewrite replaced pass theirs on with ``provenance.absorb``)."""
         self.result.modified = True
+        for node in nodes:
+            if isinstance(node, fx.Node) and not getattr(node, "_erased", False):
+                mark_rewritten(node, kind)
         names = tuple(n if isinstance(n, str) else n.name for n in nodes)
         self.result.rewrites.append(Rewrite(self.pass_name, kind, names, detail))
 
@@ -61,23 +78,102 @@ class Recorder:
         self.result.refusals.append(Refusal(self.pass_name, name, reason, attempt))
 
 
+class Fact(enum.Enum):
+    """An analysis result a pass reads from ``node.meta``; computed before the pass runs, never by it."""
+
+    SHAPES = "shapes"  # node.meta["tensor_meta"]: analysis.fx.propagate_shapes(gm, example)
+    CALIBRATED_SITES = "calibrated sites"  # node.meta["egp_activation"]: analysis.stats.calibrate(gm, batches)
+
+
+def _inputs_without_shapes(gm: fx.GraphModule) -> list[str]:
+    return [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.users and "tensor_meta" not in n.meta]
+
+
+def _sites_without_statistics(gm: fx.GraphModule) -> list[str]:
+    # The sites calibrate() observes: every supported activation with a graph input.
+    modules = named_modules(gm)
+    return [
+        n.name for n in gm.graph.nodes
+        if n.all_input_nodes and activation_spec(n, modules) is not None and site_stats(n) is None
+    ]
+
+
+# Fact -> (the nodes of a graph that lack it, what computes it).
+FACT_CHECKS: dict[Fact, tuple[Callable[[fx.GraphModule], list[str]], str]] = {
+    Fact.SHAPES: (
+        _inputs_without_shapes,
+        "run egp_export.analysis.fx.propagate_shapes(gm, example) first, or give the PassManager example_input",
+    ),
+    Fact.CALIBRATED_SITES: (
+        _sites_without_statistics,
+        "run egp_export.analysis.stats.calibrate(gm, batches) on this graph first",
+    ),
+}
+
+
+def missing_facts(gm: fx.GraphModule, required: frozenset[Fact]) -> str | None:
+    """What of ``required`` is not on ``gm`` (the fact, where, and what computes it), or None when all is there."""
+    for fact in sorted(required, key=lambda f: f.value):
+        lacking, remedy = FACT_CHECKS[fact]
+        nodes = lacking(gm)
+        if nodes:
+            shown = ", ".join(nodes[:5]) + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
+            return f"{fact.value} (missing at {shown}): {remedy}"
+    return None
+
+
 class GraphPass:
-    """Base class: subclasses declare ``name`` once and implement ``run(gm, record)``.
+    """Base class: subclasses declare ``name`` (and ``requires``) once and implement ``run(gm, record)``.
 
     A pass object holds configuration only (tolerance, cost model, ...); what
     one run finds lives in ``run``'s locals and in the ``Recorder``, so the
-    same object can run again, to a fixed point, on any graph.
+    same object can run again, to a fixed point, on any graph. ``requires``
+    lists the facts ``run`` reads from ``node.meta``; calling the pass (alone
+    or from a manager) on a graph without them raises ``PassError``.
     """
 
     name: ClassVar[str] = "pass"
+    requires: ClassVar[frozenset[Fact]] = frozenset()
 
     def __call__(self, gm: fx.GraphModule, withheld: frozenset[str] = frozenset()) -> PassResult:
+        require(self, gm)
         result = PassResult(gm, False)
         self.run(gm, Recorder(self.name, result, withheld))
         return result
 
     def run(self, gm: fx.GraphModule, record: Recorder) -> None:
         raise NotImplementedError
+
+
+def require(graph_pass, gm: fx.GraphModule) -> None:
+    """Raise ``PassError`` when ``gm`` lacks a fact ``graph_pass`` declares in ``requires``."""
+    missing = missing_facts(gm, getattr(graph_pass, "requires", frozenset()))
+    if missing is not None:
+        raise PassError(f"pass '{graph_pass.name}' needs {missing}.")
+
+
+def run_named(graph_pass, gm: fx.GraphModule, withheld: frozenset[str]) -> PassResult:
+    """Run one pass; what it raises names it (a PassError chaining the original, or a project error with a note)."""
+    require(graph_pass, gm)
+    try:
+        # A pass that knows nothing of withholding keeps the plain contract, pass_(gm).
+        return graph_pass(gm, withheld) if withheld else graph_pass(gm)
+    except PassError:
+        raise
+    except EgpExportError as error:  # already says what the user can do: keep its type (and exit code)
+        error.add_note(f"raised in pass '{graph_pass.name}'")
+        raise
+    except Exception as error:
+        raise PassError(
+            f"pass '{graph_pass.name}' failed: {type(error).__name__}: {_first_line(error)}. This is a bug in "
+            "egp-export or a construct the pass does not handle: report it with the model (the original error is "
+            "chained below)."
+        ) from error
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "(no message)"
 
 
 @dataclass
@@ -192,17 +288,21 @@ class PassManager:
     def run(self, gm: fx.GraphModule) -> PipelineResult:
         """Run the steps in list order; a ``FixedPoint`` group repeats until nothing changes (capped).
 
-        With ``float64`` (and a float32 module that runs in float64), the
+        Shapes are propagated first when ``gm`` has none and ``example_input``
+        is given. With ``float64`` (and a float32 module that runs in float64), the
         steps fold and merge on a float64 copy of every weight and the result
         is rounded to float32 once at the end: k folds into one layer round
         once, not k times.
         """
         rewrites: list[Rewrite] = []
         steps_run: list[tuple[str, int]] = []
+        seed_provenance(gm)  # what each node comes from, carried by every pass (analysis/provenance.py)
         widened = self._widened = self.float64 and _widen(gm, self.example_input)
         example, debug = self.example_input, self.debug_inputs
         if widened:
             self.example_input, self.debug_inputs = _as_float64(example), _as_float64(debug)
+        if self.example_input is not None and _inputs_without_shapes(gm):
+            propagate_shapes(gm, self.example_input)  # the fact the manager keeps fresh after every pass
         try:
             _, refusals = self._run_sequence(self.steps, gm, rewrites, steps_run)
         finally:
@@ -243,8 +343,7 @@ class PassManager:
 
     def _run_pass(self, graph_pass: GraphPass, gm: fx.GraphModule, rewrites: list[Rewrite]) -> PassResult:
         before = copy.deepcopy(gm) if self.debug_inputs is not None else None
-        # A pass that knows nothing of withholding keeps the plain contract, pass_(gm).
-        result = graph_pass(gm, self.withheld) if self.withheld else graph_pass(gm)
+        result = run_named(graph_pass, gm, self.withheld)
         if result.module is not gm:
             raise RuntimeError(f"pass '{graph_pass.name}' returned a different module; passes rewrite in place")
         if result.modified:

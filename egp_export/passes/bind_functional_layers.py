@@ -25,7 +25,8 @@ import torch.nn as nn
 
 from egp_export.analysis.fx import insert_module_call, shape_of
 from egp_export.analysis.ops import LayerKind, functional_layer_args, layer_kind, named_modules, operand
-from egp_export.passes.base import GraphPass, Recorder
+from egp_export.analysis.provenance import absorb
+from egp_export.passes.base import Fact, GraphPass, Recorder
 from egp_export.records import RewriteKind
 
 _CONV_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -120,6 +121,7 @@ def _batchnorm_module(node: fx.Node, tensors: dict) -> nn.Module | None:
 
 class BindFunctionalLayers(GraphPass):
     name = "bind_functional_layers"
+    requires = frozenset({Fact.SHAPES})
 
     def run(self, gm: fx.GraphModule, record: Recorder) -> None:
         modules = named_modules(gm)
@@ -144,6 +146,7 @@ class BindFunctionalLayers(GraphPass):
             if module is None:
                 continue
             call = insert_module_call(gm, node, f"{node.name}_module", module, (node.args[0],), like=node)
+            absorb(call, [node], RewriteKind.FUNCTIONAL_LAYER_BOUND)
             node.replace_all_uses_with(call)
             gm.graph.erase_node(node)
             record.rewrote(

@@ -34,7 +34,7 @@ from egp_export.analysis.ops import (
     module_of,
     named_modules,
 )
-from egp_export.passes.base import GraphPass, Recorder
+from egp_export.passes.base import Fact, GraphPass, Recorder
 from egp_export.passes.modules import ChannelAffine
 from egp_export.records import Reason, RefusalCode, RewriteKind
 
@@ -69,6 +69,7 @@ CHANNEL_ALIGNMENT = 8
 
 class EliminateDeadChannels(GraphPass):
     name = "eliminate_dead_channels"
+    requires = frozenset({Fact.SHAPES})
 
     def __init__(self, alignment: int = CHANNEL_ALIGNMENT) -> None:
         self.alignment = max(1, alignment)

@@ -19,6 +19,7 @@ import torch.fx as fx
 from egp_export.algebra.affine import fold_into_producer, producer_refusal
 from egp_export.analysis.fx import insert_module_call, shape_of
 from egp_export.analysis.ops import is_batchnorm_module, module_of
+from egp_export.passes.base import Fact
 from egp_export.passes.modules import ChannelAffine, weight_dtype
 from egp_export.passes.rules import Applied, Match, Op, Rule, RuleSetPass
 from egp_export.records import Reason, RefusalCode, RewriteKind
@@ -67,4 +68,5 @@ def _fold(match: Match) -> Applied:
 
 class FoldBatchNorm(RuleSetPass):
     name = "fold_batchnorm"
+    requires = frozenset({Fact.SHAPES})
     rules = (Rule("batchnorm", Op(_is_batchnorm_module, "bn"), _has_running_stats, _fold),)

@@ -16,6 +16,7 @@ import torch.fx as fx
 from egp_export.algebra.affine import consumer_refusal, fold_into_consumer, fold_into_producer, producer_refusal
 from egp_export.analysis.fx import shape_of
 from egp_export.analysis.ops import module_of
+from egp_export.passes.base import Fact
 from egp_export.passes.modules import ChannelAffine
 from egp_export.passes.rules import Applied, Match, Op, Rule, RuleSetPass, no_check
 from egp_export.records import Reason, RefusalCode, RewriteKind
@@ -78,11 +79,12 @@ def _fold(match: Match) -> Applied:
     consumers = list(node.users)
     for user in consumers:
         fold_into_consumer(match.modules[str(user.target)], affine.scale, affine.shift)
-    return Applied(RewriteKind.AFFINE_FOLDED, {"into": [str(u.target) for u in consumers]}, source)
+    return Applied(RewriteKind.AFFINE_FOLDED, {"into": [str(u.target) for u in consumers]}, source, absorbed_by=tuple(consumers))
 
 
 class FoldChannelAffine(RuleSetPass):
     name = "fold_channel_affine"
+    requires = frozenset({Fact.SHAPES})
     rules = (
         Rule("identity_affine", Op(_is_identity_affine, "affine"), no_check, _remove_identity),
         Rule("fold_affine", Op(_is_affine, "affine"), _either_refusal, _fold),

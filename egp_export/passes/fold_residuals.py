@@ -21,6 +21,7 @@ import torch.fx as fx
 from egp_export.algebra.convchain import explicit_padding
 from egp_export.analysis.fx import shape_of, sharing_refusal
 from egp_export.analysis.ops import is_conv_module, module_of
+from egp_export.passes.base import Fact
 from egp_export.passes.modules import ConstantAdd
 from egp_export.passes.rules import Add, Applied, Chain, Either, Match, Op, Rule, RuleSetPass
 from egp_export.records import Reason, RefusalCode, RewriteKind
@@ -70,11 +71,12 @@ def _fold(match: Match) -> Applied:
             column = 0 if module.groups > 1 else channel
             module.weight[(channel, column) + centre] += 1.0
     output = match.captures.get("bias_map", conv)
-    return Applied(RewriteKind.RESIDUAL_FOLDED, {"conv": str(conv.target)}, output)
+    return Applied(RewriteKind.RESIDUAL_FOLDED, {"conv": str(conv.target)}, output, absorbed_by=(conv,))
 
 
 class FoldResiduals(RuleSetPass):
     name = "fold_residuals"
+    requires = frozenset({Fact.SHAPES})
     rules = (Rule("residual", RESIDUAL, _refusal, _fold),)
 
     def attempt(self, rule: Rule, match: Match) -> dict:

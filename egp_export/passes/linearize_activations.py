@@ -27,7 +27,10 @@ from egp_export.algebra.affine import producer_refusal
 from egp_export.analysis.fx import insert_module_call, shape_of
 from egp_export.analysis.ops import named_modules
 from egp_export.analysis.plans import SiteAction, site_plan
-from egp_export.passes.base import GraphPass, Recorder
+from egp_export.analysis.provenance import absorb
+from egp_export.analysis.stats import site_stats
+from egp_export.errors import PassError
+from egp_export.passes.base import Fact, GraphPass, Recorder
 from egp_export.passes.modules import ChannelAffine, weight_dtype
 from egp_export.records import Reason, RefusalCode, RewriteKind
 
@@ -40,11 +43,17 @@ def _counts(scale: torch.Tensor, shift: torch.Tensor) -> dict[str, int]:
 
 class LinearizeActivations(GraphPass):
     name = "linearize_activations"
+    requires = frozenset({Fact.CALIBRATED_SITES, Fact.SHAPES})
 
     def run(self, gm: fx.GraphModule, record: Recorder) -> None:
         modules = named_modules(gm)
         for node in list(gm.graph.nodes):
             plan = site_plan(node)
+            if plan is None and site_stats(node) is not None:
+                raise PassError(
+                    f"pass '{self.name}' found calibrated site '{node.name}' without a plan: decide first "
+                    "(analysis.plans.plan_site and store_plans; compile's decide stage does both)."
+                )
             if plan is None or node.op not in ("call_module", "call_function", "call_method"):
                 continue
             source = node.args[0]
@@ -56,6 +65,7 @@ class LinearizeActivations(GraphPass):
                 slope, shift = plan.slope_tensor(), plan.shift_tensor()
                 affine = ChannelAffine(slope, shift, plan.dim, weight_dtype(gm))
                 replacement = insert_module_call(gm, node, f"{node.name}_linear", affine, (source,), like=node)
+                absorb(replacement, [node], RewriteKind.LINEARIZED)
                 node.replace_all_uses_with(replacement)
                 gm.graph.erase_node(node)
                 detail = {"activation": plan.spec.kind, **_counts(slope, shift)}
@@ -75,5 +85,6 @@ class LinearizeActivations(GraphPass):
                 mask = (~dead).to(torch.float64)
                 masker = ChannelAffine(mask, torch.zeros_like(mask), plan.dim, weight_dtype(gm))
                 masked = insert_module_call(gm, node, f"{node.name}_dead_mask", masker, (source,), like=source)
+                absorb(masked, [node], RewriteKind.DEAD_MASKED)
                 node.replace_input_with(source, masked)
                 record.rewrote(RewriteKind.DEAD_MASKED, [node.name], dead=int(dead.sum()), activation=plan.spec.kind)

@@ -33,7 +33,8 @@ from egp_export.algebra.convchain import ChainClass, ConvLayer, explicit_padding
 from egp_export.algebra.costmodel import AnalyticCost
 from egp_export.analysis.fx import insert_module_call, shape_of
 from egp_export.analysis.ops import follow_identities, is_conv_module, module_of, named_modules
-from egp_export.passes.base import GraphPass, Recorder
+from egp_export.analysis.provenance import absorb
+from egp_export.passes.base import Fact, GraphPass, Recorder
 from egp_export.passes.modules import ConstantAdd, weight_dtype
 from egp_export.records import Reason, RefusalCode, RewriteKind
 
@@ -46,6 +47,7 @@ _MERGE_KINDS = {
 
 class MergeConvChains(GraphPass):
     name = "merge_conv_chains"
+    requires = frozenset({Fact.SHAPES})
 
     def __init__(self, *, approximate: bool = False, cost=None, plan: str = "cost") -> None:
         if plan not in ("cost", "all"):
@@ -190,11 +192,14 @@ class _ChainRun:
         # The first node now computes what the last did: later chains in this run read its shape.
         if "tensor_meta" in last.meta:
             first.meta["tensor_meta"] = last.meta["tensor_meta"]
+        # The merged conv computes what the whole segment did, identities between included.
+        absorb(first, [*nodes[1:], *(n for gap in gaps for n in gap)], _MERGE_KINDS[merged.chain_class])
         output = first
         if merged.bias_map is not None:
             output = insert_module_call(
                 self.gm, last, f"{first.name}_bias_map", ConstantAdd(merged.bias_map, weight_dtype(self.gm)), (first,), like=last
             )
+            absorb(output, [first])
         last.replace_all_uses_with(output)
         for node in reversed([n for pair in zip(nodes[1:], gaps) for n in (*pair[1], pair[0])]):
             self.gm.graph.erase_node(node)

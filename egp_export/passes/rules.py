@@ -16,8 +16,11 @@
 ``RuleSetPass`` owns everything else: the node loop, the rule that every
 matched node but the anchor feeds only the next one (a value read elsewhere
 cannot be rewritten away), rewiring, erasing what is left unused, and
-recording rewrites and refusals. A refusal is recorded only when no rule of
-the set applied at that node.
+recording rewrites and refusals, and carrying provenance: the matched nodes
+a rewrite erased pass theirs on to the node that absorbed them (the
+replacement, or the anchor; ``Applied.absorbed_by`` where the rewrite put
+them elsewhere). A refusal is recorded only when no rule of the set applied
+at that node.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from egp_export.analysis.ops import is_add, named_modules
+from egp_export.analysis.provenance import absorb
 from egp_export.passes.base import GraphPass, Recorder
 from egp_export.records import Reason, RefusalCode, RewriteKind
 
@@ -162,12 +166,15 @@ def match_pattern(pattern, anchor: fx.Node, gm: fx.GraphModule, modules: dict[st
 @dataclass
 class Applied:
     """What a rule's rewrite did: its kind, the numbers and names behind it, and the node that now
-    stands for the anchor (None: the anchor stays). ``kept`` names what was deliberately not done."""
+    stands for the anchor (None: the anchor stays). ``kept`` names what was deliberately not done.
+    ``absorbed_by``: the nodes whose layers now compute what the erased matched nodes did, where that is
+    not the replacement (an affine map folded into its consumers)."""
 
     kind: RewriteKind
     detail: dict = field(default_factory=dict)
     replacement: fx.Node | None = None
     kept: Reason | None = None
+    absorbed_by: tuple[fx.Node, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -229,9 +236,14 @@ class RuleSetPass(GraphPass):
         applied = rule.rewrite(match)
         if applied.replacement is not None and applied.replacement is not match.anchor:
             match.anchor.replace_all_uses_with(applied.replacement)
+        erased = []
         for node in reversed(match.nodes):
             if node is not applied.replacement and not node.users and node.op not in ("placeholder", "output"):
                 gm.graph.erase_node(node)
+                erased.append(node)
+        survivors = applied.absorbed_by or (applied.replacement if applied.replacement is not None else match.anchor,)
+        for survivor in survivors:
+            absorb(survivor, erased, applied.kind)
         record.rewrote(applied.kind, names, **applied.detail)
         if applied.kept is not None:
             record.refuse(match.anchor, applied.kept)

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from egp_export.distributed import Runtime
 from egp_export.errors import OutputError, TrainingError
 from egp_export.io.checkpoint import apply_state_dict, load_state_dict
 from egp_export.io.fileio import check_writable
@@ -68,7 +69,6 @@ from egp_export.prune.training import (
     DEFAULT_MOMENTUM,
     DEFAULT_WEIGHT_DECAY,
     OptimConfig,
-    Runtime,
     as_dataset,
     require_finite,
 )
@@ -182,7 +182,7 @@ def prune(
     grow) and repeats the uninterrupted run exactly. A run that diverges
     (NaN/Inf loss, weights, outputs or pre-activations) raises TrainingError
     and leaves no outputs. ``runtime`` runs the work
-    under DDP (egp_export.prune.distributed). ``model`` is never modified.
+    under DDP (egp_export.distributed). ``model`` is never modified.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")

@@ -57,6 +57,7 @@ from torch.utils.data import Dataset
 from egp_export.analysis.ops import CONV_TYPES, LINEAR_TYPES
 from egp_export.analysis.stats import SiteStats, calibrate
 from egp_export.analysis.trace import trace
+from egp_export.distributed import Runtime
 from egp_export.errors import CalibrationError, CheckpointError, TrainingError
 from egp_export.io.checkpoint import PRUNE_METADATA_KEY
 from egp_export.io.fileio import save_torch_atomic
@@ -81,7 +82,6 @@ from egp_export.prune.training import (
     DIVERGENCE_ADVICE,
     METRICS_LOG,
     OptimConfig,
-    Runtime,
     evaluate,
     input_batches,
     train,

@@ -13,9 +13,10 @@ Batches are drawn from a ``torch.Generator`` seeded per call, never from the
 global RNG, and the global RNG (dropout) is reseeded at the start of each
 call: the same seed gives the same weights, on resume as well.
 
-A :class:`Runtime` says where the work runs. The default is one CPU
-process; ``egp_export.prune.distributed`` supplies one for DistributedDataParallel
-that shards batches by rank and all-reduces what the ranks must agree on.
+A :class:`~egp_export.distributed.Runtime` says where the work runs. The
+default is one CPU process; under torchrun ``egp_export.distributed`` supplies
+one for DistributedDataParallel that shards batches by rank and all-reduces
+what the ranks must agree on.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from egp_export.distributed import Runtime
 from egp_export.errors import CalibrationError, OptionError, TrainingError
 from egp_export.io.fileio import write_text_atomic
 
@@ -108,46 +110,6 @@ class OptimConfig:
         require_finite(lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         if not self.lr > 0.0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-
-
-class Runtime:
-    """One process on one device: the single-machine case, and the interface DDP overrides."""
-
-    rank = 0
-    world_size = 1
-
-    def __init__(self, device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
-
-    @property
-    def is_main(self) -> bool:
-        """Whether this process writes files and shows progress."""
-        return self.rank == 0
-
-    def shard(self, indices: torch.Tensor) -> torch.Tensor:
-        """This rank's share of ``indices`` (every world_size-th one, so shards differ by at most one)."""
-        return indices[self.rank :: self.world_size]
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """The module to train (DistributedDataParallel under torchrun)."""
-        return model
-
-    def sum(self, values: torch.Tensor) -> torch.Tensor:
-        """``values`` summed over ranks."""
-        return values
-
-    def max(self, values: torch.Tensor) -> torch.Tensor:
-        """The element-wise maximum of ``values`` over ranks."""
-        return values
-
-    def reduce_sites(self, sites: list) -> None:
-        """Merge every rank's activation statistics into ``sites`` in place (one process: nothing to merge)."""
-
-    def sync_buffers(self, model: nn.Module) -> None:
-        """Make buffers (BatchNorm running statistics) identical on every rank."""
-
-    def barrier(self) -> None:
-        """Wait until every rank gets here."""
 
 
 def as_dataset(data, what: str) -> Dataset:

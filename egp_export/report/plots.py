@@ -8,6 +8,8 @@
 - :func:`plot_depth`: a compile report's layers before/after (depth, conv and
   linear layers, nonlinear activations) and its activation sites in network
   order, linearized ones marked.
+- :func:`plot_recheck`: a recheck's rewritten sites, the share of each one's
+  rewritten neurons that left their region on the new data.
 - :func:`render_html`: a self-contained HTML page from report Markdown, PNGs
   embedded as data URIs.
 
@@ -215,6 +217,28 @@ def plot_depth(report: dict, path: str | os.PathLike, *, force: bool = False) ->
         loc="center left",
         bbox_to_anchor=(1.0, 0.5),
     )
+    return _save(figure, path, force)
+
+
+def plot_recheck(result: dict, path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Per rewritten site of a recheck (``RecheckResult.to_dict()``), the share of its rewritten neurons that left
+    their region (or whose surrogate is off) on the new data; drifted sites in the candidate colour."""
+    sites = result.get("sites", [])
+    figure = _figure(7.0, min(max(2.2, 0.3 * len(sites) + 1.4), 24.0))
+    axes = figure.add_subplot()
+    shares = [site["left"] / max(site["rewritten"], 1) for site in sites]
+    colours = [CANDIDATE_COLOUR if site["left"] else BASELINE_COLOUR for site in sites]
+    positions = np.arange(len(sites))
+    axes.barh(positions, shares, color=colours)
+    for position, site in zip(positions, sites):
+        axes.annotate(f"{site['left']} of {site['rewritten']}", (shares[position], position), xytext=(4, 0),
+                      textcoords="offset points", va="center", fontsize=8)
+    axes.set_yticks(positions, [f"{site['site']} ({site['rewrite']})" for site in sites], fontsize=8)
+    axes.invert_yaxis()
+    axes.set_xlim(0, 1.15)
+    axes.set_xlabel("share of the rewritten neurons that left their region")
+    verdict = "holds" if result.get("holds") else "no longer holds"
+    axes.set_title(f"Recheck on {result.get('samples', 0)} samples: the guarantee {verdict}", fontsize=10)
     return _save(figure, path, force)
 
 

@@ -335,6 +335,10 @@ def test_compile_writes_model_and_reports(compiled):
     # conv1's channel 0 never fires: it is masked and, with --channel-alignment 1, removed.
     assert any(r["pass"] == "eliminate_dead_channels" for r in report["rewrites"]), report["rewrites"]
     assert report["after"]["params"] < report["before"]["params"]
+    # Every node of model.onnx names its source modules; the convs that lost the channel say so.
+    provenance = report["onnx"]["provenance"]
+    assert provenance and all(row["source_modules"] for row in provenance), provenance
+    assert any("channels_removed" in row["rewrites"] for row in provenance), provenance
     assert "depth 3 -> 3" in run.stdout
     assert f"wrote {out / 'model.onnx'}" in run.stdout
     assert "switched it to eval mode" in run.stdout  # --verbose says so; SmallCNN is built in training mode

@@ -12,8 +12,9 @@ import torch.nn as nn
 
 from egp_export.analysis.stats import calibrate
 from egp_export.analysis.trace import trace
+from egp_export.distributed import Runtime
 from egp_export.prune.api import prune
-from egp_export.prune.training import Runtime, as_dataset, input_batches
+from egp_export.prune.training import as_dataset, input_batches
 from tests.gloo import free_port, gloo_rank
 
 WORLD = 2

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from egp_export.analysis.activations import binary_entropy
+from egp_export.distributed import Runtime
 from egp_export.prune.api import prune
 from egp_export.prune.importance import (
     allocate_budgets,
@@ -21,7 +22,7 @@ from egp_export.prune.importance import (
     softmax_shares,
 )
 from egp_export.prune.loop import ENTROPY_BATCH_SIZE, measure
-from egp_export.prune.training import Runtime, as_dataset, input_batches
+from egp_export.prune.training import as_dataset, input_batches
 
 pytestmark = pytest.mark.usefixtures("tiny_model_runtime")
 

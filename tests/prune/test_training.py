@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from egp_export.distributed import Runtime
 from egp_export.errors import CalibrationError
-from egp_export.prune.training import Runtime, as_dataset, input_batches
+from egp_export.prune.training import as_dataset, input_batches
 
 
 class Rank(Runtime):

@@ -111,6 +111,19 @@ def test_markdown_with_onnx_shows_op_counts_and_ort_error(exported_report):
     assert exported_report["verification"]["onnxruntime"]["max_rel"] == onnx["error"]["max_rel"]
 
 
+def test_report_has_the_provenance_of_every_onnx_node(exported_report):
+    import onnx
+
+    rows = exported_report["onnx"]["provenance"]
+    model = onnx.load(exported_report["onnx"]["path"])
+    assert [row["node"] for row in rows] == [node.name for node in model.graph.node]
+    assert all(row["source_modules"] and row["origin"] == "model" for row in rows), rows
+    # The linearized ReLU folded into the layers around it: the node that computes them names it and the rewrite.
+    linearized = [row for row in rows if "linearized" in row["rewrites"]]
+    assert linearized and all(len(row["source_modules"]) >= 2 for row in linearized), rows
+    assert json.loads(json.dumps(rows)) == rows
+
+
 def test_with_export_does_not_mutate_the_compile_report(compiled, exported_report):
     report = compiled[0].report
 

@@ -1,30 +1,29 @@
-"""Pruning and fine-tuning under ``torchrun``: DistributedDataParallel, and statistics every rank agrees on.
+"""The process a compile or a pruning run works in: one process, or one rank of a ``torchrun`` job.
 
+    torchrun --nproc_per_node=2 -m egp_export compile ...
     torchrun --nproc_per_node=2 -m egp_export prune --arch ... --data builtin:digits --out DIR
 
-The command line (``egp_export.cli.prune``) asks :func:`runtime_from_env` for
-the runtime it runs in; this module knows nothing of the CLI. Under torchrun
+The command line asks :func:`runtime_from_env` for the runtime it runs in; this
+module knows nothing of the CLI, of compiling or of pruning. Under torchrun
 (``WORLD_SIZE`` > 1) the process group is initialised from the environment:
 NCCL on ``cuda:LOCAL_RANK`` when CUDA is available, gloo on the CPU otherwise.
 
-What makes every rank prune identically:
+A :class:`Runtime` offers what the ranks must agree on: each rank's shard of
+the samples, sums and maxima over ranks, activation statistics merged field by
+field (counts summed, ``low``/``margin`` minimised, ``high`` maximised, the
+per-batch ON counts summed: the merged statistics equal those of one process
+on all samples), DistributedDataParallel for training, and buffers
+(BatchNorm running statistics) broadcast from rank 0.
 
-- training wraps the model in DistributedDataParallel, so gradients (and
-  hence weights) are averaged; each rank trains on its shard of one seeded
-  permutation (training.py);
-- activation statistics are computed on each rank's share of every batch
-  of the entropy samples (on a CPU copy of the model: ``SiteStats``
-  accumulates in CPU tensors) and all-reduced field by field (counts summed,
-  ``low``/``margin`` minimised, ``high`` maximised); the per-batch ON counts
-  the reference layer entropy needs are summed too: the merged statistics
-  equal those of one process on all samples, so budgets and EASIER's choice
-  are the same on every rank and so are the masks (the pruning itself is
-  deterministic);
-- BatchNorm running statistics, which each rank updates from its own
-  batches, are broadcast from rank 0 after every fine-tuning phase;
-- accuracy is counted on each rank's shard and summed.
-
-Only rank 0 writes files and shows progress.
+- ``egp_export.compile(..., runtime=)`` calibrates, validates and verifies
+  each part of the calibration data on the rank's share and merges
+  statistics, errors and sample digests: every rank decides what one process
+  decides on all samples.
+- Pruning (``egp_export.prune``) trains under DistributedDataParallel on
+  each rank's shard of one seeded permutation, merges the entropy statistics
+  (so budgets, EASIER's choice and the masks are the same on every rank),
+  broadcasts BatchNorm statistics after every fine-tuning phase and sums
+  accuracy counts. Only rank 0 writes files and shows progress.
 """
 
 from __future__ import annotations
@@ -37,7 +36,46 @@ import torch.nn as nn
 
 from egp_export.analysis.stats import SiteStats
 from egp_export.errors import CalibrationError
-from egp_export.prune.training import Runtime
+
+
+class Runtime:
+    """One process on one device: the single-machine case, and the interface DDP overrides."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files and shows progress."""
+        return self.rank == 0
+
+    def shard(self, indices: torch.Tensor) -> torch.Tensor:
+        """This rank's share of ``indices`` (every world_size-th one, so shards differ by at most one)."""
+        return indices[self.rank :: self.world_size]
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module to train (DistributedDataParallel under torchrun)."""
+        return model
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over ranks."""
+        return values
+
+    def max(self, values: torch.Tensor) -> torch.Tensor:
+        """The element-wise maximum of ``values`` over ranks."""
+        return values
+
+    def reduce_sites(self, sites: list[SiteStats]) -> None:
+        """Merge every rank's activation statistics into ``sites`` in place (one process: nothing to merge)."""
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Make buffers (BatchNorm running statistics) identical on every rank."""
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
 
 
 def all_reduce_site_stats(sites: list[SiteStats], device: torch.device | None = None) -> None:
