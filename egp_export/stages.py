@@ -23,9 +23,10 @@ import torch.nn as nn
 
 from egp_export.analysis.batches import Batches, CalibrationSplit, as_batches, fitted_to, split_holdout
 from egp_export.analysis.capture import capture as capture_graph
+from egp_export.analysis.capture import resolved_frontend
 from egp_export.analysis.crossings import CrossingSearch, search_crossings
 from egp_export.analysis.fx import propagate_shapes
-from egp_export.analysis.inputs import Batch, batch_size, call, call_on_copy, structured, take
+from egp_export.analysis.inputs import Batch, batch_size, call, call_on_copy, signature, structured, take
 from egp_export.analysis.numerics import FP32_RTOL, NOISE_CAP, NOISE_FACTOR, ErrorAccumulator, ErrorStats, compare, fp32_noise
 from egp_export.analysis.plans import plan_site, store_plans
 from egp_export.analysis.stats import META_KEY, SiteStats, rejected_sample
@@ -262,6 +263,7 @@ class CompileContext:
     example: Batch | None = None
     noise: float | None = None
     noise_batch: list = field(default_factory=list)
+    frontend: str | None = None  # the front end that captured the first graph ("auto" resolved once)
     gm: fx.GraphModule | None = None
     traced: dict = field(default_factory=dict)
     sites: list[SiteStats] = field(default_factory=list)
@@ -293,7 +295,8 @@ class CompileContext:
     def fresh_graph(self) -> fx.GraphModule:
         """A fresh graph of the working copy from the chosen front end (the caller's model is never captured)."""
         return capture_graph(
-            self.working, self.example, frontend=self.options.frontend, leaf_modules=self.options.leaf_modules
+            self.working, self.split.calibrate[0], frontend=self.frontend or self.options.frontend,
+            leaf_modules=self.options.leaf_modules,
         )
 
     def allowance(self, approximated: bool) -> float:
@@ -312,7 +315,8 @@ def prepare(ctx: CompileContext) -> dict:
     """The working copy (fp32), the batches, the seeded split, the shards, the cost model, the example."""
     options = ctx.options
     ctx.working, ctx.dtype = _working_copy(ctx.model)
-    batches = fitted_to(ctx.working, as_batches(ctx.calibration, batch_size=options.batch_size).map(_widened))
+    batches = as_batches(ctx.calibration, batch_size=options.batch_size, signature=signature(ctx.working))
+    batches = fitted_to(ctx.working, batches.map(_widened))
     validation = 0.0 if options.strict else options.validation
     ctx.split = split_holdout(batches, options.holdout, validation, seed=options.split_seed)
     ctx.shards = Shards(options.runtime)
@@ -327,6 +331,7 @@ def prepare(ctx: CompileContext) -> dict:
 def capture(ctx: CompileContext) -> dict:
     """The graph to rewrite; the working copy becomes the eval-mode reference (capture warns about training mode)."""
     ctx.gm = ctx.fresh_graph()
+    ctx.frontend = resolved_frontend(ctx.gm)  # every later graph from the front end that ran
     ctx.traced = trace_facts(ctx.gm).to_dict()
     ctx.reference = ctx.working.eval()
     # The fp64 reference run is slow on CPU: measured up front only in debug mode (every pass is checked against

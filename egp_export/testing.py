@@ -1,11 +1,12 @@
 """Helpers to make real architectures into test and benchmark subjects without trained weights.
 
 No pretrained weights can be downloaded here, so tests and benchmarks build
-torchvision models with random weights, *engineer* some activations to be
-linear (a BatchNorm or Linear bias set far into one region of the activation
-that follows), and recalibrate every BatchNorm's running statistics on random
-data, so activations are normalised the way a trained network's are rather
-than vanishing or exploding with depth.
+torchvision, timm and Hugging Face transformers models with random weights
+(transformers from a config: nothing is downloaded), *engineer* some
+activations to be linear (a BatchNorm or Linear bias set far into one region
+of the activation that follows), and recalibrate every BatchNorm's running
+statistics on random data, so activations are normalised the way a trained
+network's are rather than vanishing or exploding with depth.
 """
 
 from __future__ import annotations
@@ -19,20 +20,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from egp_export.analysis.activations import activation_spec
+from egp_export.analysis.capture import capture
 from egp_export.analysis.fx import activation_nodes
+from egp_export.analysis.inputs import Batch
 from egp_export.analysis.ops import BATCHNORM_TYPES, CONV_TYPES, LINEAR_TYPES, is_add, is_identity, named_modules
-from egp_export.analysis.trace import trace
 
 
 def recalibrate_batchnorm(
     model: nn.Module, shape: tuple[int, ...], seed: int = 1, *, batches: int = 2, batch_size: int = 32
 ) -> nn.Module:
-    """Running statistics measured on random data (cumulative average), then eval mode. Changes ``model``."""
+    """Running statistics measured on random data (cumulative average), then eval mode. Changes ``model``.
+
+    A model without BatchNorm (a transformer) is only put in eval mode: it is never run on the random images."""
     generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average over the batches below
+    norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model.eval()
+    for module in norms:
+        module.reset_running_stats()
+        module.momentum = None  # cumulative average over the batches below
     model.train()
     with torch.no_grad():
         for _ in range(batches):
@@ -109,16 +115,19 @@ def _producer_parameters(node: fx.Node, modules: dict[str, nn.Module]) -> list[t
     return [(str(scale.target), str(bias.target), kind)]
 
 
-def engineer_linear_site(model: nn.Module) -> EngineeredSite:
+def engineer_linear_site(model: nn.Module, example: Batch | None = None, *, frontend: str = "fx") -> EngineeredSite:
     """Make the first activation fed by BatchNorms or biased layers linear on any input a test draws. Changes ``model``.
 
     The producers' scales shrink and their biases move so that the
     pre-activation sits at a centre of one affine region
     (``_REGION_CENTRES``): the site is linear by construction, not by luck of
     the data. Call ``recalibrate_batchnorm`` afterwards: the shifted
-    activations change every later BatchNorm's statistics.
+    activations change every later BatchNorm's statistics. ``frontend`` (and
+    an ``example`` batch for "export"/"auto") captures the graph the site is
+    found in, as the compile will (analysis/capture.py); the site's name is
+    the one that compile's report gives it.
     """
-    gm = trace(model.eval())
+    gm = capture(model.eval(), example, frontend=frontend)
     modules = named_modules(gm)
     for node in activation_nodes(gm):
         spec = activation_spec(node, modules)
@@ -158,6 +167,9 @@ class ZooModel:
     starts from (2 where a batch-1 example fails with the dynamo exporter,
     measured; see DESIGN.md). ``exporter``: the one the default test run uses (the TorchScript exporter is
     ten times faster; "dynamo" where it cannot export the model). ``slow``: left out of the default test run.
+    ``frontend``: how the compile captures it ("auto" for models torch.fx cannot trace: torch.export captures
+    them). ``vocabulary``: 0 for float inputs of ``input_shape``, else token ids below it (``input_shape`` is
+    the sequence shape); ``sample`` draws either.
     """
 
     name: str
@@ -169,6 +181,8 @@ class ZooModel:
     onnx_batch: int = 1
     exporter: str = "torchscript"
     slow: bool = True
+    frontend: str = "fx"
+    vocabulary: int = 0
 
     @property
     def family(self) -> str:
@@ -176,6 +190,13 @@ class ZooModel:
 
     def expected(self, engineered: bool) -> str:
         return self.support if engineered or self.untouched_support is None else self.untouched_support
+
+    def sample(self, samples: int, seed: int) -> torch.Tensor:
+        """``samples`` inputs drawn with ``seed``: standard normal images, or uniform token ids."""
+        generator = torch.Generator().manual_seed(seed)
+        if self.vocabulary:
+            return torch.randint(0, self.vocabulary, (samples, *self.input_shape), generator=generator)
+        return torch.randn(samples, *self.input_shape, generator=generator)
 
 
 def _timm(name: str, **kwargs) -> Callable[[], nn.Module]:
@@ -221,6 +242,76 @@ def _torchvision_class(module: str, cls: str, **kwargs) -> Callable[[], nn.Modul
         return getattr(importlib.import_module(module), cls)(num_classes=10, **kwargs)
 
     return build
+
+
+def _crossvit() -> nn.Module:
+    """A small CrossViT (two patch sizes, cross attention): its forward branches on Python values torch.fx cannot trace."""
+    from timm.models.crossvit import CrossVit
+
+    return CrossVit(
+        img_size=48, img_scale=(1.0, 1.0), patch_size=(8, 16), embed_dim=(32, 64), depth=((1, 1, 0),), num_heads=(2, 2),
+        mlp_ratio=(2.0, 2.0, 1.0), num_classes=10,
+    )
+
+
+# Small Hugging Face configurations (random weights, nothing downloaded); tuple outputs (return_dict=False).
+HF_BERT_CONFIG = {
+    "vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
+    "max_position_embeddings": 64, "return_dict": False,
+}
+HF_VIT_CONFIG = {
+    "image_size": 32, "patch_size": 8, "num_channels": 3, "hidden_size": 32, "num_hidden_layers": 2,
+    "num_attention_heads": 2, "intermediate_size": 128, "return_dict": False,
+}
+BERT_SEQUENCE = 16
+
+
+def _transformers(cls: str, config: dict) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import transformers
+
+        model_class = getattr(transformers, cls)
+        return model_class(model_class.config_class(**config))
+
+    return build
+
+
+@dataclass(frozen=True)
+class IdentityMlp:
+    """One transformer MLP whose activation was replaced by the identity: the module paths of the activation and
+    of the two linears that then compute one linear map."""
+
+    activation: str
+    fc1: str
+    fc2: str
+
+
+# Where a Hugging Face encoder keeps its layers and, in each, its MLP: (layer list, activation, fc1, fc2).
+_HF_MLP_LAYOUTS = (
+    ("encoder.layer", "intermediate.intermediate_act_fn", "intermediate.dense", "output.dense"),  # BERT
+    ("layers", "mlp.activation_fn", "mlp.fc1", "mlp.fc2"),  # ViT (transformers 5)
+)
+
+
+def identity_mlp_layers(model: nn.Module, layers: tuple[int, ...]) -> list[IdentityMlp]:
+    """EASIER-style identity sites: the MLP activation of each of ``layers`` of a Hugging Face BERT/ViT encoder
+    becomes the identity. Changes ``model``; returns what was replaced.
+
+    What entropy-guided depth reduction leaves of a transformer block whose GELU has zero entropy: fc1 and
+    fc2 then compute one linear map, which the compile merges (and folds the residual into).
+    """
+    modules = dict(model.named_modules())
+    layout = next((layout for layout in _HF_MLP_LAYOUTS if f"{layout[0]}.0.{layout[1]}" in modules), None)
+    if layout is None:
+        raise ValueError(f"{type(model).__name__} has none of the Hugging Face BERT/ViT MLP layouts {_HF_MLP_LAYOUTS}")
+    stack, activation, fc1, fc2 = layout
+    replaced = []
+    for index in layers:
+        path = f"{stack}.{index}.{activation}"
+        owner, _, attribute = path.rpartition(".")
+        setattr(model.get_submodule(owner), attribute, nn.Identity().train(model.training))
+        replaced.append(IdentityMlp(path, f"{stack}.{index}.{fc1}", f"{stack}.{index}.{fc2}"))
+    return replaced
 
 
 SMALL = (3, 32, 32)
@@ -300,5 +391,16 @@ ZOO: list[ZooModel] = [
         "timm/vgg11", _timm("vgg11", mlp_ratio=1 / 64), SMALL, leaves=("pre_logits",),
         exporter="dynamo", slow=False,  # TorchScript: adaptive_avg_pool2d to a size that does not divide the input
     ),
+    # Models torch.fx cannot trace, compiled through --frontend auto (torch.export captures them).
+    ZooModel(
+        "transformers/bert", _transformers("BertModel", HF_BERT_CONFIG), (BERT_SEQUENCE,), frontend="auto",
+        vocabulary=HF_BERT_CONFIG["vocab_size"], exporter="dynamo", onnx_batch=2, slow=False,
+    ),
+    ZooModel(
+        "transformers/vit", _transformers("ViTModel", HF_VIT_CONFIG), SMALL, frontend="auto", exporter="dynamo",
+        onnx_batch=2,
+    ),
+    ZooModel("timm/crossvit", _crossvit, (3, 48, 48), frontend="auto", exporter="dynamo", onnx_batch=2),
+    ZooModel("timm/mobilevit_xxs-auto", _timm("mobilevit_xxs"), MEDIUM, frontend="auto", onnx_batch=2),
 ]
 ZOO_BY_NAME = {entry.name: entry for entry in ZOO}

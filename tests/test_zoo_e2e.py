@@ -15,6 +15,7 @@ Run ``python -m tests.test_zoo_e2e`` for the pass/fail table over the whole zoo.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import sys
 import tempfile
@@ -60,12 +61,12 @@ def build_subject(entry: ZooModel, engineered: bool) -> tuple[nn.Module, str | N
     torch.manual_seed(0)
     model = entry.build()
     _reinitialize_zero_weights(model)
-    site = engineer_linear_site(model).site if engineered else None
+    site = engineer_linear_site(model, entry.sample(2, seed=0), frontend=entry.frontend).site if engineered else None
     return recalibrate_batchnorm(model, entry.input_shape, seed=1, batch_size=16), site
 
 
 def _data(entry: ZooModel, samples: int, seed: int) -> torch.Tensor:
-    return torch.randn(samples, *entry.input_shape, generator=torch.Generator().manual_seed(seed))
+    return entry.sample(samples, seed)
 
 
 @dataclass
@@ -88,7 +89,7 @@ def compile_and_check(entry: ZooModel, engineered: bool) -> Compiled:
     tolerance = max(1e-5, NOISE_FACTOR * fp32_noise(model, [calibration[:4]]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = egp_export.compile(model, calibration, tolerance)
+        result = egp_export.compile(model, calibration, tolerance, frontend=entry.frontend)
     leaves = [leaf["name"] for leaf in result.report["trace"]["leaf_modules"] if leaf["reason"].startswith("untraceable")]
     assert leaves == list(entry.leaves), f"automatic leaves {leaves}, registry expects {list(entry.leaves)}"
     rows = {row["name"]: row for row in result.report["analysis"]["sites"]}
@@ -118,7 +119,9 @@ def check_onnx(compiled: Compiled, path: Path, exporter: str, batch: int) -> flo
         compiled.module, compiled.fresh[:batch], path, verify_inputs=compiled.fresh, rtol=ort_rtol, force=True,
         exporter=exporter, simplify=exporter != "torchscript",
     )
-    ort_error = compare(compiled.reference, run_onnx(ort_session(exported.path), compiled.fresh)[0])
+    outputs = run_onnx(ort_session(exported.path), compiled.fresh)
+    reference = compiled.reference
+    ort_error = compare(reference, outputs[0] if isinstance(reference, torch.Tensor) else type(reference)(outputs))
     assert ort_error.max_rel <= 2 * ort_rtol, f"ONNX Runtime: {ort_error}"
     # Every node of the file names the modules of the original model it computes, or which tool added it and why.
     unmapped = [row for row in exported.provenance if not row.mapped]
@@ -131,8 +134,18 @@ def _expected_error(support: str) -> tuple[type[Exception], str]:
     return getattr(errors, kind), phrase
 
 
+TRANSFORMERS_MISSING = pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None,
+    reason="Hugging Face transformers is not installed (pip install 'egp-export[transformers]')",
+)
+
+
+def _marks(entry: ZooModel) -> list:
+    return ([pytest.mark.slow] if entry.slow else []) + ([TRANSFORMERS_MISSING] if entry.name.startswith("transformers/") else [])
+
+
 def _params():
-    return [pytest.param(entry.name, marks=[pytest.mark.slow] if entry.slow else []) for entry in ZOO]
+    return [pytest.param(entry.name, marks=_marks(entry)) for entry in ZOO]
 
 
 @pytest.mark.parametrize("name", _params())
@@ -147,7 +160,10 @@ def test_engineered_zoo_model_compiles_matches_and_exports(name, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [entry.name for entry in ZOO if entry.expected(engineered=True) == "compiles"])
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(entry.name, marks=_marks(entry)) for entry in ZOO if entry.expected(engineered=True) == "compiles"],
+)
 def test_engineered_zoo_model_exports_with_the_default_exporter(name, tmp_path):
     """torch.export + onnx-simplifier: about 20 s a model here, so the default run mostly uses the TorchScript exporter."""
     entry = ZOO_BY_NAME[name]

@@ -13,8 +13,10 @@ so the maps of two neighbouring regions agree on their shared boundary and it
 does not matter which region a boundary point is counted in.
 
 A call site is a module call (``nn.ReLU``), a functional call (``F.relu``,
-``torch.relu``, inplace forms) or a method call (``x.relu()``). Per-neuron
-parameters (PReLU's slopes) are resolved from the module at the call site.
+``torch.relu``, inplace forms, the ATen ops of torch.export graphs) or a method
+call (``x.relu()``). Per-neuron parameters (PReLU's slopes) are resolved from
+the module at the call site (a functional PReLU with constant slopes is bound
+to an nn.PReLU module first, analysis/bound_layers.py).
 """
 
 from __future__ import annotations
@@ -192,6 +194,8 @@ ACTIVATION_FUNCTIONS: dict[Callable, tuple[Signature, _Build, bool]] = {
     # ATen, as torch.export graphs hold them (ReLU6 is hardtanh(x, 0, 6) there).
     **{fn: (_SELF, _relu_build, False) for fn in aten_ops("relu.default")},
     **{fn: (_SELF, _relu_build, True) for fn in aten_ops("relu_.default")},
+    **{fn: (_SELF, lambda arg: _hardtanh("relu6", 0.0, 6.0), False) for fn in aten_ops("relu6.default")},
+    **{fn: (_SELF, lambda arg: _hardtanh("relu6", 0.0, 6.0), True) for fn in aten_ops("relu6_.default")},
     **{fn: (("self", "min_val", "max_val"), _hardtanh_build, False) for fn in aten_ops("hardtanh.default")},
     **{fn: (("self", "min_val", "max_val"), _hardtanh_build, True) for fn in aten_ops("hardtanh_.default")},
     **{fn: (("self", "negative_slope"), _leaky_build, False) for fn in aten_ops("leaky_relu.default")},

@@ -10,9 +10,7 @@ number of samples it takes a few signed-gradient steps (PGD) on the
 standard deviation of the decide samples, that drive the rewritten neurons
 toward the nearest boundary of the region they were rewritten in (always
 OFF, always ON, or one region of ReLU6/Hardtanh/Hardswish). Every neuron seen
-outside its region at any step is reported (``CrossingSearch.crossed``, with
-a reason); the compiler's decide stage withdraws it from its site's plan, so
-the search can only take rewrites away.
+outside its region at any step is withdrawn; it can only take rewrites away.
 
 The objective, per sample: the soft minimum over every rewritten neuron of
 its signed margin (distance to the nearest boundary of its region, negative
@@ -23,9 +21,11 @@ boundary, and different samples reach different neurons.
 
 It is a search, not a proof: what it did not flip within the radius may
 still flip (proofs over an input domain by bound propagation were measured
-far too loose at ResNet-18 size, see DESIGN.md). Integer inputs (token ids)
-have no neighbourhood to search; smooth-activation surrogates are validated
-on their range instead (compiler.py).
+far too loose at ResNet-18 size, see DESIGN.md). Integer and bool inputs
+(token ids, attention masks) have no neighbourhood to search: of a model with
+several inputs only the floating ones are perturbed, the others are held as
+they are and named in the result (``unsearched_inputs``); smooth-activation
+surrogates are validated on their range instead (compiler.py).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from egp_export.analysis import inputs
 from egp_export.analysis.batches import Batches
 from egp_export.analysis.plans import SitePlan
 from egp_export.analysis.stats import SiteStats
@@ -64,8 +65,9 @@ class CrossingSearch:
     seconds: float = 0.0
     searched_neurons: int = 0
     crossed: dict[str, torch.Tensor] = field(default_factory=dict)  # site name -> bool mask of neurons
-    reasons: list[tuple[str, Reason]] = field(default_factory=list)  # (site name, why) per site with crossings
+    reasons: list[tuple[str, Reason]] = field(default_factory=list)  # (site name, why) per withdrawal made
     skipped: str | None = None  # why nothing was searched
+    unsearched_inputs: list[str] = field(default_factory=list)  # inputs held as they are: "input_ids (int64)"
 
     @property
     def crossed_neurons(self) -> int:
@@ -83,6 +85,9 @@ class CrossingSearch:
             "crossed_neurons": self.crossed_neurons,
             "seconds": round(self.seconds, 3),
             "skipped": self.skipped,
+            "unsearched_inputs": list(self.unsearched_inputs),
+            "unsearched_because": "integer and bool inputs (token ids, masks) have no neighbourhood to search"
+            if self.unsearched_inputs else None,
         }
 
 
@@ -130,12 +135,13 @@ class _MarginInterpreter(fx.Interpreter):
         return super().run_node(n)
 
 
-def _feature_std(decide: Batches) -> torch.Tensor:
-    """Per input feature (every element of a sample), the standard deviation over the decide samples (float64)."""
+def _feature_std(decide: Batches, leaf: int) -> torch.Tensor:
+    """Per feature of input ``leaf`` (every element of a sample), the standard deviation over the decide samples
+    (float64)."""
     total = squares = None
     count = 0
     for batch in decide:
-        values = batch.detach().to(torch.float64).cpu()
+        values = inputs.leaves(batch)[leaf].detach().to(torch.float64).cpu()
         total = values.sum(0) if total is None else total + values.sum(0)
         squares = (values**2).sum(0) if squares is None else squares + (values**2).sum(0)
         count += values.shape[0]
@@ -143,19 +149,20 @@ def _feature_std(decide: Batches) -> torch.Tensor:
     return (squares / count - mean**2).clamp_min(0.0).sqrt()
 
 
+
 def search_crossings(
     reference: Callable[[], fx.GraphModule], sites: list[SiteStats], plans: dict[str, SitePlan], start: Batches,
-    decide: Batches,
-    *, radius: float = DEFAULT_CROSSING_RADIUS, steps: int = CROSSING_STEPS, samples: int = CROSSING_SAMPLES,
+    decide: Batches, *, radius: float = DEFAULT_CROSSING_RADIUS, steps: int = CROSSING_STEPS,
+    samples: int = CROSSING_SAMPLES,
 ) -> CrossingSearch:
     """Search around the first ``samples`` of ``start`` for inputs that move rewritten neurons out of their region.
 
     ``reference()`` captures the original model (called only when there is
-    something to search; the graph is run, never changed);
-    the neurons searched are those ``plans`` rewrite; the box is ``radius`` x
-    the per-feature standard deviation of ``decide``. Every neuron seen
-    outside its region is in ``crossed`` with a CROSSED_UNDER_PERTURBATION
-    reason (the caller withdraws it); the result says what was searched.
+    something to search; the graph is run, never changed); the neurons
+    searched are those ``plans`` rewrite; the box is ``radius`` x the
+    per-feature standard deviation of ``decide``. Every neuron seen outside
+    its region is in ``crossed`` with a CROSSED_UNDER_PERTURBATION reason
+    (the caller withdraws it); the result says what was searched.
     """
     search = CrossingSearch(radius)
     started = time.perf_counter()
@@ -174,29 +181,43 @@ def search_crossings(
         search.skipped = "no samples to start from"
     if search.skipped:
         return search
-    inputs = torch.cat(list(start.part(0, min(samples, start.samples))))
-    if not inputs.is_floating_point():
-        search.skipped = f"{str(inputs.dtype).removeprefix('torch.')} inputs have no neighbourhood to search"
+    batch = inputs.concat(list(start.part(0, min(samples, start.samples))))
+    leaves, floating = inputs.leaves(batch), inputs.floating(batch)
+    search.unsearched_inputs = [
+        f"{name} ({str(leaf.dtype).removeprefix('torch.')})"
+        for name, leaf, searched in zip(inputs.names(batch), leaves, floating) if not searched
+    ]
+    if not any(floating):
+        dtypes = ", ".join(dict.fromkeys(str(leaf.dtype).removeprefix("torch.") for leaf in leaves))
+        search.skipped = f"{dtypes} inputs have no neighbourhood to search"
         return search
-    box = (radius * _feature_std(decide)).to(inputs.dtype).to(inputs.device)
-    interpreter = _MarginInterpreter(reference(), targets)
-    delta = torch.zeros_like(inputs, requires_grad=True)
-    step_size = _STEP_FACTOR * box / steps
+    searched = [index for index, is_float in enumerate(floating) if is_float]
+    boxes = {i: (radius * _feature_std(decide, i)).to(leaves[i].dtype).to(leaves[i].device) for i in searched}
+    gm = reference()
+    interpreter = _MarginInterpreter(gm, targets)
+    deltas = {i: torch.zeros_like(leaves[i], requires_grad=True) for i in searched}
+    step = 0
     for step in range(steps + 1):
         with torch.enable_grad():
-            interpreter.run(inputs + delta)
+            moved = [leaf + deltas[i] if i in deltas else leaf for i, leaf in enumerate(leaves)]
+            interpreter.run(*inputs.positional(gm, inputs.with_leaves(batch, moved)))
             if step == steps:
                 break
-            margins = torch.cat([t.margins.expand(len(inputs), -1) for t in targets.values()], dim=1)
+            margins = torch.cat([t.margins.expand(inputs.batch_size(batch), -1) for t in targets.values()], dim=1)
             # Soft minimum over neurons, per sample: the nearest boundaries get the step.
             objective = -_SOFTMIN_TEMPERATURE * torch.logsumexp(-margins / _SOFTMIN_TEMPERATURE, dim=1)
-            (gradient,) = torch.autograd.grad(objective.sum(), delta)
+            if not objective.requires_grad:  # the searched sites see no floating input: no step moves them
+                break
+            gradients = torch.autograd.grad(objective.sum(), list(deltas.values()), allow_unused=True)
         with torch.no_grad():
-            delta -= step_size * gradient.sign()
-            delta.copy_(torch.maximum(torch.minimum(delta, box), -box))
+            for (i, delta), gradient in zip(deltas.items(), gradients):
+                if gradient is None:  # this input does not reach a searched site
+                    continue
+                delta -= _STEP_FACTOR * boxes[i] / steps * gradient.sign()
+                delta.copy_(torch.maximum(torch.minimum(delta, boxes[i]), -boxes[i]))
     for target in targets.values():
         target.margins = None
-    search.samples, search.steps, search.seconds = len(inputs), steps, time.perf_counter() - started
+    search.samples, search.steps, search.seconds = inputs.batch_size(batch), step, time.perf_counter() - started
     for name, target in targets.items():
         if not target.crossed.any():
             continue

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from egp_export.analysis import inputs
+
 # fp32 rounding floor: merged weights re-associate sums, so even exact rewrites
 # differ from the original by a few ulps times the reduction length. Measured
 # relative errors of exact rewrites on torchvision models stay below 1e-6.
@@ -296,20 +298,25 @@ def nonfinite_samples(outputs) -> list[int]:
     return sorted(bad)
 
 
-def fp32_noise(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
+def fp32_noise(model: torch.nn.Module, batches: list) -> float:
     """The model's own rounding error: its fp32 output against the fp64 one, by the rule the checks apply (the
     worst output, and the worst sample on its own floored scale: ``sample_rel``).
 
     Returns 0.0 when the model cannot run in fp64 (custom kernels); callers
-    then fall back on the fixed fp32 floor.
+    then fall back on the fixed fp32 floor. ``batches`` may hold several
+    inputs each (analysis/inputs.py): floating ones run in fp64, token ids and
+    masks stay as they are.
     """
     from egp_export.analysis.trace import owned_copy
+
+    def wide_inputs(batch):
+        return inputs.structured(batch, lambda leaf: leaf.double() if leaf.is_floating_point() else leaf)
 
     try:
         wide = owned_copy(model).double().eval()
         with torch.no_grad():
-            exact = [wide(b.double() if b.is_floating_point() else b) for b in batches]  # token ids stay integers
-            rounded = [model(b.clone()) for b in batches]  # a model may write into its input
+            exact = [inputs.call(wide, wide_inputs(b)) for b in batches]  # token ids stay integers
+            rounded = [inputs.call_on_copy(model, b) for b in batches]  # a model may write into its input
     except Exception:  # noqa: BLE001 - whatever stops the fp64 run, the fixed floor applies
         return 0.0
     return compare(exact, rounded).sample_rel

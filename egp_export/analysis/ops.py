@@ -97,6 +97,12 @@ _F_BATCH_NORM: Signature = ("input", "running_mean", "running_var", "weight", "b
 _ATEN_BATCH_NORM: Signature = (
     "input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled",
 )
+# aten.convolution: a conv only when ``transposed`` is False (checked in ``layer_kind``).
+_ATEN_CONVOLUTION: Signature = (
+    "input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding", "groups",
+)
+# The eval-mode batch norm of decomposed export graphs: (output, save_mean, save_invstd), no ``training`` operand.
+_ATEN_BATCH_NORM_NO_TRAINING: Signature = ("input", "weight", "bias", "running_mean", "running_var", "momentum", "eps")
 
 # Functional layers: callable -> (what it computes, its operand order). F.conv2d is torch.conv2d.
 FUNCTIONAL_LAYERS: dict[object, tuple[LayerKind, Signature]] = {
@@ -108,7 +114,20 @@ FUNCTIONAL_LAYERS: dict[object, tuple[LayerKind, Signature]] = {
     F.batch_norm: (LayerKind.BATCH_NORM, _F_BATCH_NORM),
     torch.batch_norm: (LayerKind.BATCH_NORM, _ATEN_BATCH_NORM),
     **{fn: (LayerKind.BATCH_NORM, _ATEN_BATCH_NORM) for fn in aten_ops("batch_norm.default")},
+    **{fn: (LayerKind.CONV, _ATEN_CONVOLUTION) for fn in aten_ops("convolution.default")},
+    **{
+        fn: (LayerKind.BATCH_NORM, _ATEN_BATCH_NORM_NO_TRAINING)
+        for fn in aten_ops("_native_batch_norm_legit_no_training.default")
+    },
 }
+# PReLU as a function of its slopes (torch.export's spelling of nn.PReLU): bound to an nn.PReLU module when the
+# slopes are constant (analysis/bound_layers.py), so that the activation vocabulary sees a module call.
+PRELU_FUNCTIONS: dict[object, Signature] = {
+    F.prelu: ("input", "weight"), torch.prelu: ("input", "weight"),
+    **{fn: ("input", "weight") for fn in aten_ops("prelu.default", "_prelu_kernel.default")},
+}
+# Functional layers whose result is a tuple holding the layer's output at index 0 (read through ``getitem``).
+TUPLE_LAYERS = set(aten_ops("_native_batch_norm_legit_no_training.default"))
 # The operands of each layer kind that are its parameters (constant in a deployable model).
 LAYER_PARAMETERS: dict[LayerKind, tuple[str, ...]] = {
     LayerKind.CONV: ("weight", "bias"),
@@ -148,12 +167,37 @@ GLOBAL_POOL_FUNCTIONS: dict[object, Signature] = {
     **{fn: _ADAPTIVE_POOL for fn in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)},
     **{fn: _ADAPTIVE_POOL for fn in aten_ops("adaptive_avg_pool2d.default", "adaptive_avg_pool3d.default")},
 }
+GLOBAL_POOL_FUNCTIONS.update({fn: _ADAPTIVE_POOL for fn in aten_ops("adaptive_avg_pool1d.default")})
+# Means over dimensions: a global average pool when they are every spatial dim and ``keepdim`` is True.
+_MEAN: Signature = ("input", "dim", "keepdim")
+MEAN_FUNCTIONS: dict[object, Signature] = {torch.mean: _MEAN, **{fn: _MEAN for fn in aten_ops("mean.dim")}}
 POOL_FUNCTIONS = {
     *GLOBAL_POOL_FUNCTIONS, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    *aten_ops("max_pool2d.default", "avg_pool2d.default"),
+    *aten_ops(
+        "max_pool1d.default", "max_pool2d.default", "max_pool3d.default", "avg_pool1d.default", "avg_pool2d.default",
+        "avg_pool3d.default",
+    ),  # ATen's adaptive max pools return (values, indices): not channel-wise ops on one tensor
 }
-PAD_FUNCTIONS = {F.pad, torch.constant_pad_nd, *aten_ops("pad.default", "constant_pad_nd.default")}
+PAD_FUNCTIONS = {
+    F.pad, torch.constant_pad_nd,
+    *aten_ops(
+        "pad.default", "constant_pad_nd.default", "reflection_pad1d.default", "reflection_pad2d.default",
+        "reflection_pad3d.default", "replication_pad1d.default", "replication_pad2d.default", "replication_pad3d.default",
+    ),
+}
+# Axis permutations (what moves the neuron axis): callable -> operand order.
+PERMUTE_FUNCTIONS: dict[object, Signature] = {
+    torch.permute: ("input", "dims"), **{fn: ("input", "dims") for fn in aten_ops("permute.default")},
+}
+TRANSPOSE_FUNCTIONS: dict[object, Signature] = {
+    torch.transpose: ("input", "dim0", "dim1"), torch.swapaxes: ("input", "axis0", "axis1"),
+    **{fn: ("input", "dim0", "dim1") for fn in aten_ops("transpose.int")},
+    **{fn: ("input", "axis0", "axis1") for fn in aten_ops("swapaxes.default")},
+}
+TRANSPOSE_METHODS = {"transpose", "swapaxes"}
+# Layer norm over the last dimension(s): fixes a channels-last (token) layout.
+LAYER_NORM_FUNCTIONS = {F.layer_norm, torch.layer_norm, *aten_ops("layer_norm.default", "native_layer_norm.default")}
 
 
 def named_modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
@@ -177,8 +221,10 @@ def bind(node: fx.Node, signature: Signature, name: str, default=None):
 
 def operand(node: fx.Node, name: str, default=None):
     """Operand ``name`` (``"running_var"``, ``"stride"``, ``"eps"``) of a functional layer call, bound by
-    the callable's own signature; ``default`` when the call leaves it out."""
-    return bind(node, FUNCTIONAL_LAYERS[node.target][1], name, default)
+    the callable's own signature; ``default`` when the call leaves it out or its spelling has no such operand
+    (``aten._native_batch_norm_legit_no_training`` has no ``training``)."""
+    signature = FUNCTIONAL_LAYERS[node.target][1]
+    return bind(node, signature, name, default) if name in signature else default
 
 
 # Modules ---------------------------------------------------------------------
@@ -255,8 +301,17 @@ def layer_kind(node: fx.Node, modules: dict[str, nn.Module]) -> LayerKind | None
             return LayerKind.BATCH_NORM
         return None
     if node.op == "call_function" and node.target in FUNCTIONAL_LAYERS:
-        return FUNCTIONAL_LAYERS[node.target][0]
+        kind, signature = FUNCTIONAL_LAYERS[node.target]
+        if signature is _ATEN_CONVOLUTION and not _plain_convolution(node):
+            return None  # a transposed convolution
+        return kind
     return None
+
+
+def _plain_convolution(node: fx.Node) -> bool:
+    """aten.convolution that is no transposed convolution (its ``transposed`` literally False)."""
+    output_padding = bind(node, _ATEN_CONVOLUTION, "output_padding", ())
+    return bind(node, _ATEN_CONVOLUTION, "transposed") is False and all(p == 0 for p in output_padding or ())
 
 
 def functional_layer_args(node: fx.Node) -> dict[str, object] | None:
@@ -317,6 +372,8 @@ def identity_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     module = module_of(node, modules)
     if module is not None:
         return type(module).__name__
+    if isinstance(node.target, torch._ops.OpOverload):  # aten.dropout, not "dropout.default"
+        return f"aten.{node.target._schema.name.split('::')[-1]}"
     return getattr(node.target, "__name__", str(node.target))
 
 
@@ -332,7 +389,6 @@ def flatten_dims(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, int
     else:
         return None
     return bind(node, signature, "start_dim", 0), bind(node, signature, "end_dim", -1)
-    return None
 
 
 def is_flatten_from_channels(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -348,13 +404,41 @@ def is_global_average_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool
     elif node.op == "call_function" and node.target in GLOBAL_POOL_FUNCTIONS:
         size = bind(node, GLOBAL_POOL_FUNCTIONS[node.target], "output_size")
     else:
-        return False
+        spatial_mean = _spatial_mean(node)
+        return spatial_mean is not None and spatial_mean[1]
     return all(s == 1 for s in (size if isinstance(size, (tuple, list)) else (size,)))
 
 
+def _spatial_mean(node: fx.Node) -> tuple[tuple[int, ...], bool] | None:
+    """(dims, keepdim) of a mean over every spatial dimension of a ``[B, C, *spatial]`` input
+    (``x.mean((2, 3))``, ``torch.mean``, ``aten.mean.dim``), else None. Negative dims need the input's shape."""
+    if node.op == "call_function" and node.target in MEAN_FUNCTIONS:
+        signature = MEAN_FUNCTIONS[node.target]
+    elif node.op == "call_method" and node.target == "mean":
+        signature = ("self", "dim", "keepdim")
+    else:
+        return None
+    dims, keepdim = bind(node, signature, "dim"), bind(node, signature, "keepdim", False)
+    if dims is None or isinstance(dims, fx.Node) or not isinstance(keepdim, bool) or not node.args:
+        return None
+    dims = tuple(dims) if isinstance(dims, (list, tuple)) else (dims,)
+    meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
+    rank = len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    if rank is None:
+        if any(not isinstance(d, int) or d < 0 for d in dims):
+            return None
+        rank = max(dims) + 1
+    if any(not isinstance(d, int) for d in dims):
+        return None
+    normalised = sorted(d % rank for d in dims)
+    return (tuple(normalised), keepdim) if rank >= 3 and normalised == list(range(2, rank)) else None
+
+
 def is_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Any max/average pooling (channel-wise: pooling keeps zero channels zero)."""
-    return computes_as(module_of(node, modules), POOL_TYPES) or (node.op == "call_function" and node.target in POOL_FUNCTIONS)
+    """Any max/average pooling, a mean over the spatial dims included (channel-wise: keeps zero channels zero)."""
+    if computes_as(module_of(node, modules), POOL_TYPES) or (node.op == "call_function" and node.target in POOL_FUNCTIONS):
+        return True
+    return _spatial_mean(node) is not None
 
 
 def is_pad(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -377,6 +461,43 @@ def conv_padding(module: nn.Module) -> tuple[int, ...]:
             raise ValueError("asymmetric 'same' padding (even effective kernel)")
         return tuple(t // 2 for t in total)
     return tuple(int(p) for p in padding)
+
+
+def permutation(node: fx.Node, rank: int) -> list[int] | None:
+    """Output axis i of a permute/transpose node (method, function or ATen) takes input axis perm[i]; else None."""
+    is_method = node.op == "call_method"
+    if (is_method and node.target == "permute") or (node.op == "call_function" and node.target in PERMUTE_FUNCTIONS):
+        if is_method:
+            dims = list(node.args[1:]) or [node.kwargs.get("dims")]
+        else:
+            dims = [bind(node, PERMUTE_FUNCTIONS[node.target], "dims")]
+        dims = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else list(dims)
+        return [d % rank for d in dims]
+    if is_method and node.target in TRANSPOSE_METHODS:
+        pair = node.args[1:3]
+    elif node.op == "call_function" and node.target in TRANSPOSE_FUNCTIONS:
+        signature = TRANSPOSE_FUNCTIONS[node.target]
+        pair = (bind(node, signature, signature[1]), bind(node, signature, signature[2]))
+    else:
+        return None
+    a, b = (d % rank for d in pair)
+    perm = list(range(rank))
+    perm[a], perm[b] = perm[b], perm[a]
+    return perm
+
+
+def is_permutation(node: fx.Node) -> bool:
+    """A permute or transpose in any spelling (whether or not its shape is known)."""
+    if node.op == "call_method":
+        return node.target == "permute" or node.target in TRANSPOSE_METHODS
+    return node.op == "call_function" and (node.target in PERMUTE_FUNCTIONS or node.target in TRANSPOSE_FUNCTIONS)
+
+
+def is_layer_norm(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A layer norm (module, function or ATen): it normalises the last dimension(s), a channels-last layout."""
+    return isinstance(module_of(node, modules), nn.LayerNorm) or (
+        node.op == "call_function" and node.target in LAYER_NORM_FUNCTIONS
+    )
 
 
 _IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}

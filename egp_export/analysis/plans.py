@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from egp_export.analysis import inputs
 from egp_export.analysis.activations import ActivationSpec
 from egp_export.analysis.batches import as_batches, fitted_to
 from egp_export.analysis.stats import SiteStats, calibrate
@@ -171,5 +172,5 @@ def analyze(model: nn.Module, calibration, *, tolerance: float = 1e-5, progress:
     """Per-site activation analysis of ``model`` on all of ``calibration`` (no rewriting): each site's facts and
     the plan they support at ``tolerance``; ``leaf_modules`` as in ``trace``."""
     gm = trace(model, leaf_modules=tuple(leaf_modules))
-    sites = calibrate(gm, fitted_to(gm, as_batches(calibration)), progress=progress)
+    sites = calibrate(gm, fitted_to(gm, as_batches(calibration, signature=inputs.signature(gm))), progress=progress)
     return summarize_sites(sites, {site.name: plan_site(site, tolerance) for site in sites})

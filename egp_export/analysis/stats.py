@@ -43,9 +43,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from egp_export.analysis import inputs
 from egp_export.analysis.activations import ActivationSpec, activation_spec, binary_entropy, categorical_entropy, fit_affine
 from egp_export.analysis.batches import Batches
 from egp_export.analysis.fx import propagate_shapes, site_neuron_dim
+from egp_export.analysis.inputs import Batch
 from egp_export.analysis.ops import named_modules
 from egp_export.errors import CalibrationError
 from egp_export.records import Reason, RefusalCode
@@ -419,11 +421,13 @@ class ActivationStatsInterpreter(fx.Interpreter):
             node.meta[META_KEY] = site
 
 
-def calibrate(gm: fx.GraphModule, batches: Iterable[torch.Tensor], *, progress: bool = False) -> list[SiteStats]:
+def calibrate(gm: fx.GraphModule, batches: Iterable[Batch], *, progress: bool = False) -> list[SiteStats]:
     """Run ``batches`` through ``gm``, store SiteStats on its activation nodes, return them in graph order.
 
     ``batches`` is consumed once, one batch at a time (a generator or DataLoader
-    is never held whole): memory does not grow with the number of samples.
+    is never held whole): memory does not grow with the number of samples. A
+    batch is a tensor, a tuple or a dict of tensors (analysis/inputs.py); the
+    interpreter gets them one per placeholder, in ``forward``'s order.
     """
     stream = iter(batches)
     first = next(stream, None)
@@ -433,17 +437,16 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[torch.Tensor], *, progress: 
     try:
         # A plain forward first: ShapeProp prints a traceback of its own before re-raising.
         with torch.no_grad():
-            gm(first[:1].clone())  # a model may write into its input: sample 0 is calibrated on below
+            inputs.call_on_copy(gm, inputs.take(first, slice(0, 1)))  # a model may write into its input
     except Exception as error:  # any failure here is the model rejecting the data
-        if any(_runs(gm, first[index : index + 1]) for index in range(1, len(first))):
+        if any(_runs(gm, inputs.take(first, slice(index, index + 1))) for index in range(1, inputs.batch_size(first))):
             raise rejected_sample(gm, batches, 0, first, 0, error) from None  # one bad sample, not the input form
         raise CalibrationError(
-            f"the model rejects calibration samples of shape {tuple(first.shape[1:])} and dtype "
-            f"{str(first.dtype).removeprefix('torch.')}: "
+            f"the model rejects calibration samples of {inputs.describe(first)}: "
             f"{_first_line(error)}. "
             "Check the input size, channel count and dtype the model expects (token ids: integers; images: floats)."
         ) from None
-    propagate_shapes(gm, first[:1])
+    propagate_shapes(gm, inputs.take(first, slice(0, 1)))
     # Shapes are known now, so the neuron axis can fall back on ranks.
     modules = named_modules(gm)
     for node, site in interpreter.sites.items():
@@ -457,26 +460,27 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[torch.Tensor], *, progress: 
     with torch.no_grad():
         for number, batch in enumerate(iterator):
             try:
-                interpreter.run(batch)
+                interpreter.run(*inputs.positional(gm, batch))
             except (CalibrationError, MemoryError):
                 raise  # already says what is wrong, or is not the data's fault
             except Exception as error:  # the first sample ran, so this is a bad sample (or batch) further on
                 raise rejected_sample(gm, batches, number, batch, read, error) from None
-            read += len(batch)
+            read += inputs.batch_size(batch)
     interpreter.store()
     return list(interpreter.sites.values())
 
 
-def rejected_sample(gm: nn.Module, batches, number: int, batch: torch.Tensor, read: int,
+def rejected_sample(gm: nn.Module, batches, number: int, batch: Batch, read: int,
                      error: Exception) -> CalibrationError:
     """A CalibrationError naming the sample of ``batch`` (batch ``number``, read after ``read`` samples) the model
     rejects: each sample of the batch is run alone to find the first one that fails."""
+    size = inputs.batch_size(batch)
     # A Batches names the source's own sample indices (its part of the data); a plain iterable, positions read.
-    names = batches.indices[read : read + len(batch)] if isinstance(batches, Batches) else range(read, read + len(batch))
+    names = batches.indices[read : read + size] if isinstance(batches, Batches) else range(read, read + size)
     with torch.no_grad():
-        for offset in range(len(batch)):
+        for offset in range(size):
             try:
-                gm(batch[offset : offset + 1].clone())
+                inputs.call_on_copy(gm, inputs.take(batch, slice(offset, offset + 1)))
             except Exception as sample_error:  # noqa: BLE001 - this sample's own failure is the one to report
                 return CalibrationError(
                     f"the model rejects calibration sample {int(names[offset])} (sample {offset} of calibration "
@@ -484,16 +488,16 @@ def rejected_sample(gm: nn.Module, batches, number: int, batch: torch.Tensor, re
                     "sample (e.g. token ids must be below the embedding's vocabulary size)."
                 )
     return CalibrationError(
-        f"the model rejects calibration batch {number} ({len(batch)} samples from sample {int(names[0])}) although it "
+        f"the model rejects calibration batch {number} ({size} samples from sample {int(names[0])}) although it "
         f"accepts each of its samples alone: {_first_line(error)}. Check that the model works at batch size "
-        f"{len(batch)}, or pass a smaller batch_size."
+        f"{size}, or pass a smaller batch_size."
     )
 
 
-def _runs(model: nn.Module, sample: torch.Tensor) -> bool:
+def _runs(model: nn.Module, sample: Batch) -> bool:
     try:
         with torch.no_grad():
-            model(sample.clone())
+            inputs.call_on_copy(model, sample)
     except Exception:  # noqa: BLE001 - any failure means "not this sample"
         return False
     return True

@@ -35,12 +35,19 @@ class LeafModule:
 
 @dataclass
 class TraceFacts:
-    """What tracing decided, stored in ``gm.meta[TRACE_META_KEY]`` for the report."""
+    """What capturing decided, stored in ``gm.meta[TRACE_META_KEY]`` for the report: the front end that captured
+    the graph ("fx" or "export", analysis/capture.py), why that one, and the submodules fx called as leaves."""
 
     leaf_modules: list[LeafModule] = field(default_factory=list)
+    frontend: str = "fx"
+    frontend_reason: str = "requested"
 
     def to_dict(self) -> dict:
-        return {"leaf_modules": [leaf.to_dict() for leaf in self.leaf_modules]}
+        return {
+            "frontend": self.frontend,
+            "frontend_reason": self.frontend_reason,
+            "leaf_modules": [leaf.to_dict() for leaf in self.leaf_modules],
+        }
 
 
 def trace_facts(gm: fx.GraphModule) -> TraceFacts:
@@ -96,6 +103,17 @@ def owned_copy(model: nn.Module) -> nn.Module:
     return owned
 
 
+def warn_training_mode(model: nn.Module) -> None:
+    """A model in training mode is captured in eval mode, with this warning."""
+    if model.training:
+        warnings.warn(
+            "the model is in training mode; egp-export compiles its eval-mode behaviour "
+            "(call model.eval() first to silence this).",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
 def _split_leaf_specs(model: nn.Module, leaf_modules: Iterable[LeafSpec]) -> tuple[set[str], tuple[type, ...]]:
     names: set[str] = set()
     types: list[type] = []
@@ -113,7 +131,7 @@ def _split_leaf_specs(model: nn.Module, leaf_modules: Iterable[LeafSpec]) -> tup
     return names, tuple(types)
 
 
-def _failure_line(error: Exception) -> str:
+def failure_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
@@ -132,13 +150,7 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[LeafSpec] = (), automatic_
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}.")
-    if model.training:
-        warnings.warn(
-            "the model is in training mode; egp-export compiles its eval-mode behaviour "
-            "(call model.eval() first to silence this).",
-            UserWarning,
-            stacklevel=3,
-        )
+    warn_training_mode(model)
     leaf_names, leaf_types = _split_leaf_specs(model, leaf_modules)
     owned = owned_copy(model).eval()
     if isinstance(owned, fx.GraphModule):
@@ -152,7 +164,7 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[LeafSpec] = (), automatic_
         except Exception as error:  # fx raises many types; all mean "not traceable"
             where = tracer.egp_module_path[-1] if tracer.egp_module_path else ""
             if automatic_leaves and where and where not in failed and len(failed) < MAX_AUTOMATIC_LEAVES:
-                failed[where] = _failure_line(error)
+                failed[where] = failure_line(error)
                 continue
             raise TraceError(_untraceable_message(where or "the top-level forward()", error, automatic_leaves)) from None
     _positional_inputs(graph)
@@ -163,7 +175,7 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[LeafSpec] = (), automatic_
 
 
 def _untraceable_message(where: str, error: Exception, automatic_leaves: bool) -> str:
-    first_line = _failure_line(error)
+    first_line = failure_line(error)
     if where == "the top-level forward()":
         advice = (
             "The model's own forward() cannot be made a leaf: move Python control flow on tensors "

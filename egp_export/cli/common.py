@@ -50,6 +50,17 @@ confidence = _number(float, lambda v: 0.0 < v < 1.0, "between 0 and 1")
 holdout_fraction = _number(float, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
 
 
+def dynamic_dim(text: str) -> tuple[str, int, str]:
+    """An argparse type for ``--dynamic-dim INPUT:AXIS=NAME`` (``input_ids:1=seq``): (input, axis, name)."""
+    name, _, rest = text.rpartition(":")
+    axis, equals, dim = rest.partition("=")
+    if not name or not equals or not axis.strip().isdigit() or not dim.isidentifier():
+        raise argparse.ArgumentTypeError(
+            f"must be INPUT:AXIS=NAME, e.g. input_ids:1=seq (an input of forward, an axis number, a name), got {text!r}"
+        )
+    return name, int(axis), dim
+
+
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     """Parse ``argv`` and run the chosen command; the exit status is 0, the command's own (the gate's 1), or the error's.
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from egp_export.cli.common import (
     PROG,
+    dynamic_dim,
     holdout_fraction,
     non_negative_float,
     positive_int,
@@ -30,7 +31,7 @@ from egp_export.cli.common import (
     stage,
     stage_events,
 )
-from egp_export.errors import CalibrationError
+from egp_export.errors import CalibrationError, ExportError
 from egp_export.report.report import COMPILE_OUTPUTS  # report.py imports neither torch nor numpy: --help stays fast
 from egp_export.version import __version__
 
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--arch",
         metavar="SPEC",
-        help="torchvision:NAME (e.g. torchvision:resnet18) or package.module:factory (e.g. mypkg.models:make_net); "
+        help="torchvision:NAME (e.g. torchvision:resnet18), transformers:CLASS (a Hugging Face class built from its "
+        "config with --arch-kwargs, e.g. transformers:BertModel) or package.module:factory (e.g. mypkg.models:make_net); "
         "required unless --checkpoint holds a whole pickled module (with --unsafe-pickle)",
     )
     model.add_argument(
@@ -185,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
         "feature's standard deviation that move a rewritten neuron out of its region, and withdraw those neurons; "
         "0 disables (default egp_export.analysis.crossings.DEFAULT_CROSSING_RADIUS, 0.1)",
     )
+    compile_.add_argument(
+        "--frontend",
+        choices=("fx", "export", "auto"),
+        default="fx",
+        help="how the model becomes a graph: fx (torch.fx symbolic tracing, the default), export (torch.export, "
+        "which runs the model and captures what fx cannot: Hugging Face transformers, data-dependent Python) or "
+        "auto (fx, then torch.export when fx fails or needs untraceable leaves); the report's trace section says "
+        "which ran and why",
+    )
     merging = compile_.add_argument_group("merging")
     merging.add_argument(
         "--approximate",
@@ -247,6 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument(
         "--no-simplify", action="store_true", help="skip onnx-simplifier (to find the step at fault when a check fails)"
+    )
+    export.add_argument(
+        "--dynamic-dim",
+        action="append",
+        default=[],
+        type=dynamic_dim,
+        metavar="INPUT:AXIS=NAME",
+        help="make axis AXIS (beyond the batch, axis 0) of input INPUT dynamic under NAME, e.g. input_ids:1=seq; "
+        "inputs sharing a NAME share its size; repeat for several. Each is verified in ONNX Runtime at the "
+        "calibration data's size and a second one. A single-tensor model's input is called 'input'",
     )
     compile_.set_defaults(run=_run_compile)
 
@@ -338,15 +359,19 @@ def _load_model(args: argparse.Namespace):
 
 def _load_calibration(args: argparse.Namespace, model):
     """The calibration inputs, converted for the model where it rejects them as stored (each conversion stated)."""
+    from egp_export.analysis import inputs
     from egp_export.analysis.batches import fitting_conversion
     from egp_export.io.datasets import load_calibration
 
     input_size = tuple(args.input_size) if args.input_size else None
     notes: list[str] = []
-    data = load_calibration(args.calibration, input_size=input_size, limit=args.calibration_limit, notes=notes)
+    data = load_calibration(
+        args.calibration, input_size=input_size, limit=args.calibration_limit, notes=notes,
+        signature=inputs.signature(model),
+    )
     for note in notes:
         say(args, f"note: {note}")
-    conversion = fitting_conversion(model, data[:1], images=True)
+    conversion = fitting_conversion(model, inputs.take(data, slice(0, 1)), images=True)
     if conversion is None:
         return data  # as stored; compile/analyze name the dtype the model rejects
     say(args, f"note: {args.calibration} {conversion.note}")
@@ -372,6 +397,7 @@ def _labelled(args: argparse.Namespace, calibration):
 
 
 def _run_analyze(args: argparse.Namespace) -> None:
+    from egp_export.analysis import inputs
     from egp_export.analysis.plans import analyze
     from egp_export.io.fileio import run_transaction
     from egp_export.report.report import ANALYZE_OUTPUTS, write_report
@@ -381,7 +407,8 @@ def _run_analyze(args: argparse.Namespace) -> None:
         _check_input_size_applies(args)
         model = _load_model(args)
         calibration = _load_calibration(args, model)
-        with stage(args, "analyze", f"measuring activations on {len(calibration)} samples") as line:
+        samples = inputs.batch_size(calibration)
+        with stage(args, "analyze", f"measuring activations on {samples} samples") as line:
             analysis = analyze(
                 model, calibration, tolerance=args.tolerance, progress=progress(args), leaf_modules=args.leaf_module
             )
@@ -389,7 +416,7 @@ def _run_analyze(args: argparse.Namespace) -> None:
         report = {
             "egp_export_version": __version__,
             "tolerance": args.tolerance,
-            "calibration": {"samples": len(calibration), "sample_shape": list(calibration.shape[1:])},
+            "calibration": {"samples": samples, "sample_shape": inputs.sample_shape(calibration)},
             "analysis": analysis,
         }
         layer_measures = [m for m in measures if m != "entropy"]
@@ -509,6 +536,7 @@ def _compile_options(args: argparse.Namespace, **more):
         "crossing_radius": args.crossing_radius,
         "approximate": args.approximate,
         "leaf_modules": args.leaf_module,
+        "frontend": args.frontend,
         "cost_model": args.cost_model,
         "merge_plan": args.merge_plan,
         "channel_alignment": args.channel_alignment,
@@ -524,6 +552,7 @@ def _compile_into(
 
     Returns (the report, the number of held-out samples, the padding plan or None).
     """
+    from egp_export.analysis import inputs
     from egp_export.compiler import compile as compile_model
     from egp_export.io.fileio import write_text_atomic
     from egp_export.padding import padding_plan, save_plan
@@ -532,7 +561,8 @@ def _compile_into(
 
     model = _load_model(args)
     calibration = _load_calibration(args, model)
-    with stage(args, "compile", f"trace, calibrate on {len(calibration)} samples, rewrite, verify") as line:
+    _check_dynamic_dims(args, model, calibration)
+    with stage(args, "compile", f"trace, calibrate on {inputs.batch_size(calibration)} samples, rewrite, verify") as line:
         options = _compile_options(args, progress=progress(args), on_stage=stage_events(args), runtime=runtime)
         result = compile_model(model, calibration, options)
         line.detail = f"{result.report['activations_linearized']} activations linearized"
@@ -543,7 +573,7 @@ def _compile_into(
     # ONNX Runtime is checked on the samples compile() held out (gathered: its split is a permutation), and the
     # padding plan runs the compile's own stages with its options: the same split, the same decisions.
     held = result.report["calibration"]["holdout_samples"]
-    verify = calibration.index_select(0, result.split.holdout) if held else calibration
+    verify = inputs.take(calibration, result.split.holdout) if held else calibration
     moves = padding_plan(model, calibration, options.but(on_stage=None, progress=False)) if args.padding_plan else None
     rtol = _ort_rtol(result.report["verification"]["fp32_noise"], result.module, verify)
     exported = _export(args, result.module, calibration, verify, paths[ONNX_MODEL], rtol)
@@ -600,15 +630,19 @@ def _ort_rtol(original_noise: float | None, module, verify) -> float:
 
 def _export(args: argparse.Namespace, module, calibration, verify, path: Path, rtol: float):
     """export_onnx with the command line's export options, one sample as the example; prints the stage lines."""
+    from egp_export.analysis import inputs
     from egp_export.analysis.batches import DEFAULT_BATCH_SIZE
     from egp_export.export.onnx import export_onnx
 
+    held = inputs.batch_size(verify)
     with stage(args, "export", f"{args.exporter} exporter, {path.name}") as line:
         exported = export_onnx(
             module,
-            calibration[:1].clone(),  # a model may write into its input
+            inputs.clone(inputs.take(calibration, slice(0, 1))),  # a model may write into its input
             path,
-            verify_inputs=list(verify.split(DEFAULT_BATCH_SIZE)),
+            verify_inputs=[inputs.take(verify, slice(first, first + DEFAULT_BATCH_SIZE))
+                           for first in range(0, held, DEFAULT_BATCH_SIZE)],
+            dynamic_dims=_dynamic_dims(args),
             rtol=rtol,
             exporter=args.exporter,
             opset=args.opset,
@@ -636,6 +670,26 @@ def _export(args: argparse.Namespace, module, calibration, verify, path: Path, r
             flush=True,
         )
     return exported
+
+
+def _dynamic_dims(args: argparse.Namespace) -> dict[str, dict[int, str]]:
+    """--dynamic-dim INPUT:AXIS=NAME options as export_onnx's dynamic_dims ({input: {axis: name}})."""
+    dims: dict[str, dict[int, str]] = {}
+    for name, axis, dim in args.dynamic_dim:
+        if dims.get(name, {}).get(axis, dim) != dim:
+            raise ExportError(f"--dynamic-dim gives {name}:{axis} two names, {dims[name][axis]} and {dim}; give one.")
+        dims.setdefault(name, {})[axis] = dim
+    return dims
+
+
+def _check_dynamic_dims(args: argparse.Namespace, model, calibration) -> None:
+    """Refuse, before the compile, a --dynamic-dim the export would refuse (an unknown input, the batch axis, a size
+    of 1, one name on two sizes)."""
+    from egp_export.analysis import inputs
+    from egp_export.export.onnx import checked_dims, input_names
+
+    example = inputs.take(calibration, slice(0, 1))
+    checked_dims(_dynamic_dims(args), input_names(model, example), example)
 
 
 def _measure_latency(args, model, calibration, verify, paths, rtol: float, report: dict) -> dict:

@@ -84,6 +84,19 @@ TorchScript writes silently wrong graphs, is torch's maintained default, and
 writes the smaller graph; its cost, a slower export, is seconds once per model.
 TorchScript is the fallback for what dynamo cannot capture, and its output is
 held to the same verification.
+
+Several inputs and named dynamic dimensions
+-------------------------------------------
+The example (and every verify batch) may be a tensor, a tuple of tensors
+(positional inputs) or a dict of tensors (keyword inputs: ``input_ids``,
+``attention_mask``), as analysis/inputs.py defines a batch. The file's inputs
+are named after them: "input" for one tensor, the dict's keys, or the
+parameter names of ``forward`` for a tuple. Dimension 0 of every input is the
+batch; ``dynamic_dims`` (``{"input_ids": {1: "seq"}}``, the CLI's
+``--dynamic-dim input_ids:1=seq``) makes further axes dynamic, one name per
+size: inputs that share a name share the size. Each named dimension is
+verified at the example's size and at a second one (half of it, or twice it
+when half is below 2), on the verify samples cut or repeated along that axis.
 """
 
 from __future__ import annotations
@@ -109,6 +122,8 @@ import onnxruntime
 import torch
 from torch import nn
 
+from egp_export.analysis import inputs
+from egp_export.analysis.inputs import Batch
 from egp_export.analysis.numerics import (
     NOISE_FACTOR,
     ORT_CPU_RTOL,
@@ -191,6 +206,9 @@ class ExportResult:
     warnings: list[str] = field(default_factory=list)
     verified_samples: int = 0  # verify samples, each run alone and batched (the example when none were given)
     verified_batch_sizes: list[int] = field(default_factory=list)  # the batch sizes ORT ran them at
+    input_names: list[str] = field(default_factory=lambda: [INPUT_NAME])  # the file's inputs, in order
+    dynamic_dims: dict[str, dict[int, str]] = field(default_factory=dict)  # input -> {axis: name}, beyond the batch
+    verified_dim_sizes: dict[str, list[int]] = field(default_factory=dict)  # named dimension -> sizes ORT ran
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
     # Every node of the file: the source modules and rewrites it came from (export/provenance.py), in graph order.
     provenance: list[NodeProvenance] = field(default_factory=list)
@@ -230,6 +248,9 @@ class ExportResult:
             "warnings": list(self.warnings),
             "verified_samples": self.verified_samples,
             "verified_batch_sizes": list(self.verified_batch_sizes),
+            "input_names": list(self.input_names),
+            "dynamic_dims": {name: {str(axis): dim for axis, dim in axes.items()} for name, axes in self.dynamic_dims.items()},
+            "verified_dim_sizes": {name: list(sizes) for name, sizes in self.verified_dim_sizes.items()},
             "seconds": dict(self.seconds),
             "provenance": [row.to_dict() for row in self.provenance],
         }
@@ -262,33 +283,45 @@ def ort_session(path_or_bytes: str | Path | bytes, *, threads: int = 1) -> onnxr
         ) from error
 
 
-def run_onnx(session: onnxruntime.InferenceSession, inputs: torch.Tensor | np.ndarray) -> list[np.ndarray]:
-    """Run a single-input session; returns every output, in graph order."""
-    if isinstance(inputs, torch.Tensor):
-        array = inputs.detach().cpu().numpy()
+def run_onnx(
+    session: onnxruntime.InferenceSession, batch: Batch | np.ndarray, names: list[str] | None = None
+) -> list[np.ndarray]:
+    """Run a session on one batch; returns every output, in graph order.
+
+    One tensor or array feeds the first input; a dict feeds the inputs of its keys; a tuple feeds ``names`` (default:
+    the session's inputs in order). Inputs the file does not have (an exporter drops inputs the graph never reads)
+    are left out.
+    """
+    if isinstance(batch, np.ndarray):
+        batch = torch.from_numpy(batch)
+    if isinstance(batch, torch.Tensor):
+        named = {session.get_inputs()[0].name: batch}
+    elif isinstance(batch, dict):
+        named = dict(batch)
     else:
-        array = np.asarray(inputs)
-    feed = {session.get_inputs()[0].name: np.ascontiguousarray(array)}
+        named = dict(zip(names or [i.name for i in session.get_inputs()], batch))
+    known = {i.name for i in session.get_inputs()}
+    feed = {name: np.ascontiguousarray(value.detach().cpu().numpy()) for name, value in named.items() if name in known}
     return session.run(None, feed)
 
 
-def measured_rtol(module: nn.Module, batch: torch.Tensor) -> tuple[float, float]:
+def measured_rtol(module: nn.Module, batch: Batch) -> tuple[float, float]:
     """(rtol, noise): the ORT tolerance for ``module``, from its own fp32-vs-fp64 error on ``batch``.
 
     rtol = max(1e-5, min(NOISE_FACTOR * noise, ORT_NOISE_CAP)): a model whose
     own fp32 rounding is 3.8e-5 (timm's fused BatchNorm layers) cannot match
     another fp32 implementation of itself to 1e-5.
     """
-    noise = fp32_noise(module, [batch[:NOISE_SAMPLES]])
+    noise = fp32_noise(module, [inputs.take(batch, slice(0, NOISE_SAMPLES))])
     return max(ORT_CPU_RTOL, min(NOISE_FACTOR * noise, ORT_NOISE_CAP)), noise
 
 
 def export_onnx(
     module_or_model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: Batch,
     path: str | Path,
     *,
-    verify_inputs: torch.Tensor | Iterable[torch.Tensor] | None = None,
+    verify_inputs: Batch | Iterable[Batch] | None = None,
     rtol: float | None = None,
     force: bool = False,
     simplify: bool = True,
@@ -298,11 +331,15 @@ def export_onnx(
     exporter: str | None = None,
     log_path: str | Path | None = None,
     show_logs: bool = False,
+    dynamic_dims: dict[str, dict[int, str]] | None = None,
 ) -> ExportResult:
-    """Export ``module_or_model`` (one tensor input) to a verified ONNX file at ``path``.
+    """Export ``module_or_model`` to a verified ONNX file at ``path``.
 
-    ``verify_inputs`` is one tensor or several (batches); it defaults to the
-    example input. With ``dynamic_batch`` their batch size may differ from the
+    ``example_input`` is one batch: a tensor, a tuple or a dict of tensors
+    (several inputs, see the module docstring). ``verify_inputs`` is one batch
+    of that form or several; it defaults to the example input.
+    ``dynamic_dims`` names further dynamic axes per input (``{"input_ids":
+    {1: "seq"}}``); each is verified at two sizes. With ``dynamic_batch`` their batch size may differ from the
     example's; every sample is also verified alone (batch 1), and at a batch
     of two or more other than the traced one (both exporters can bake the
     example's batch size or branch into the graph, see the module docstring);
@@ -338,8 +375,10 @@ def export_onnx(
         check_opset(opset)
     module = _check_module(module_or_model)
     scoped = scoped_module(module)  # a graph module's calls scoped by node, to write provenance into the file
-    _check_tensor(example_input, "example_input")
-    given = _given_batches(example_input, verify_inputs, dynamic_batch=dynamic_batch)
+    _check_batch(example_input, "example_input")
+    names = input_names(module, example_input)
+    dims = checked_dims(dynamic_dims or {}, names, example_input)
+    given = _given_batches(example_input, verify_inputs, dims, names, dynamic_batch=dynamic_batch)
     outputs = _Outputs(module)
     n_outputs = _check_outputs(outputs.of(example_input, "the example input"))
     output_names = ["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)]
@@ -360,13 +399,14 @@ def export_onnx(
     exporters = EXPORTERS if requested == AUTO else (requested,)
     batch_modes = (True, False) if dynamic_batch and static_batch else (dynamic_batch,)
     job = _Job(
-        scoped, outputs, output_names, opset, simplify, rtol, notes, verified_beyond_example=verify_inputs is not None
+        scoped, outputs, output_names, opset, simplify, rtol, notes, names, dims,
+        verified_beyond_example=verify_inputs is not None,
     )
     failures: list[tuple[ExportAttempt, EgpExportError]] = []
     log = io.StringIO()
     with _captured(log, notes, show=show_logs):
         for dynamic in batch_modes:
-            traced, batches = _plan(example_input, given, dynamic=dynamic)
+            traced, batches = _plan(example_input, given, dynamic=dynamic, dims=dims, names=names)
             for name in exporters:
                 start = time.perf_counter()
                 try:
@@ -392,13 +432,16 @@ def export_onnx(
                     rtol=rtol,
                     exporter_requested=requested,
                     dynamic_batch=dynamic,
-                    traced_batch=int(traced.shape[0]),
+                    traced_batch=inputs.batch_size(traced),
                     rtol_measured=rtol_measured,
                     failed_attempts=[attempt for attempt, _ in failures],
                     notes=notes,
                     warnings=done.trace_warnings,
-                    verified_samples=sum(int(batch.shape[0]) for _, batch in given),
-                    verified_batch_sizes=sorted({int(batch.shape[0]) for _, batch in batches}),
+                    verified_samples=sum(inputs.batch_size(batch) for _, batch in given),
+                    verified_batch_sizes=sorted({inputs.batch_size(batch) for _, batch in batches}),
+                    input_names=names,
+                    dynamic_dims={name: dict(axes) for name, axes in dims.items()},
+                    verified_dim_sizes=_dim_sizes(batches, dims, names),
                     seconds={**seconds, **done.seconds},
                     provenance=done.provenance,
                 )
@@ -455,13 +498,13 @@ def _write_log(path: Path, log: str, *, force: bool) -> Path | None:
 
 
 class _Outputs:
-    """The module's outputs on each input tensor, computed once."""
+    """The module's outputs on each input batch, computed once."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self._cache: dict[int, tuple[torch.Tensor, object]] = {}  # id(input) -> (input, output); the input keeps its id alive
+        self._cache: dict[int, tuple[Batch, object]] = {}  # id(input) -> (input, output); the input keeps its id alive
 
-    def of(self, batch: torch.Tensor, label: str):
+    def of(self, batch: Batch, label: str):
         if id(batch) not in self._cache:
             self._cache[id(batch)] = (batch, _run_module(self.module, batch, label))
         return self._cache[id(batch)][1]
@@ -503,9 +546,11 @@ class _Job:
     simplify: bool
     rtol: float
     notes: list[str]
+    input_names: list[str]
+    dims: dict[str, dict[int, str]]
     verified_beyond_example: bool  # the caller gave samples to verify on, not only the traced example
 
-    def attempt(self, exporter: str, traced: torch.Tensor, batches, *, dynamic: bool) -> _Exported:
+    def attempt(self, exporter: str, traced: Batch, batches, *, dynamic: bool) -> _Exported:
         """Export, simplify, check and verify with one exporter; raises ExportError or VerificationError."""
         seconds: dict[str, float] = {}
         start = time.perf_counter()
@@ -516,15 +561,15 @@ class _Job:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 exported = _export(
-                    self.scoped.module, traced.clone(), traced_output, self.output_names, exporter, self.opset, dynamic
+                    self.scoped.module, inputs.clone(traced), traced_output, self.output_names, exporter, self.opset, dynamic,
+                    self.input_names, self.dims,
                 )
         finally:
             for warning in caught:  # on to _captured, which notes and logs them all
                 warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         baked = _trace_warnings(caught)
         seconds["export"] = time.perf_counter() - start
-        if dynamic:
-            _check_batch_is_dynamic(exported, exporter)
+        _check_dims_are_dynamic(exported, exporter, self.dims, batch=dynamic)
         converted_from = None
         if self.opset is not None and _default_opset(exported) != self.opset:
             converted_from = _default_opset(exported)
@@ -533,7 +578,7 @@ class _Job:
         final, simplified = exported, False
         if self.simplify:
             start = time.perf_counter()
-            final, simplified = _simplify(exported, traced, self.notes)
+            final, simplified = _simplify(exported, traced, self.input_names, self.notes)
             seconds["simplify"] = time.perf_counter() - start
         provenance = annotate(final, exported, self.scoped, added_by="onnx-simplifier" if simplified else "egp-export")
 
@@ -554,7 +599,7 @@ class _Job:
 
         start = time.perf_counter()
         references = [self.outputs.of(batch, label) for label, batch in batches]
-        error_stats = _verify(data, batches, references, self.rtol, exporter)
+        error_stats = _verify(data, batches, references, self.rtol, exporter, self.input_names)
         seconds["verify"] = time.perf_counter() - start
         if baked and not self.verified_beyond_example:
             raise VerificationError(
@@ -568,53 +613,173 @@ class _Job:
         )
 
 
-def _given_batches(example: torch.Tensor, verify_inputs, *, dynamic_batch: bool) -> list[tuple[str, torch.Tensor]]:
-    """(label, batch) pairs the caller gave to verify on, checked against the example's dtype and shape."""
+def input_names(module: nn.Module, example: Batch) -> list[str]:
+    """The file's input names: "input" for one tensor, a dict's keys, a tuple's ``forward`` parameter names."""
+    if isinstance(example, torch.Tensor):
+        return [INPUT_NAME]
+    if isinstance(example, dict):
+        return [str(key) for key in example]
+    parameters = inputs.signature(module).names
+    return list(parameters[: len(example)]) if len(parameters) >= len(example) else [f"input_{i}" for i in range(len(example))]
+
+
+def checked_dims(dims, names: list[str], example: Batch) -> dict[str, dict[int, str]]:
+    """``dims`` ({input: {axis: name}}) checked against the example: known inputs, axes beyond the batch, one size per
+    name, and at least 2 (torch.export specializes a size-1 dimension)."""
+    checked: dict[str, dict[int, str]] = {}
+    sizes: dict[str, tuple[str, int]] = {}
+    leaves = dict(zip(names, inputs.leaves(example)))
+    for name, axes in dims.items():
+        if name not in leaves:
+            raise ExportError(
+                f"--dynamic-dim names the input {name!r}, but the model's inputs are {', '.join(map(repr, names))}."
+            )
+        leaf = leaves[name]
+        for axis, dim in axes.items():
+            where = f"{name}:{axis}={dim}"
+            if not isinstance(axis, int) or not 1 <= axis < leaf.dim():
+                raise ExportError(
+                    f"--dynamic-dim {where}: {name} has axes 0..{leaf.dim() - 1} and axis 0 is the batch (dynamic "
+                    f"already); name an axis from 1 to {leaf.dim() - 1}."
+                )
+            if dim == BATCH_DIM_NAME or not dim.isidentifier():
+                raise ExportError(f"--dynamic-dim {where}: the name must be an identifier other than {BATCH_DIM_NAME!r}.")
+            size = int(leaf.shape[axis])
+            if size < 2:
+                raise ExportError(
+                    f"--dynamic-dim {where}: the example has size {size} there, and torch.export fixes a size-1 "
+                    "dimension; give samples of size 2 or more along it."
+                )
+            if dim in sizes and sizes[dim][1] != size:
+                raise ExportError(
+                    f"--dynamic-dim {where}: {name} has size {size} on axis {axis} but {sizes[dim][0]} has "
+                    f"{sizes[dim][1]} under the same name; one name is one size."
+                )
+            sizes.setdefault(dim, (f"{name}:{axis}", size))
+            checked.setdefault(name, {})[axis] = dim
+    return checked
+
+
+def _given_batches(example: Batch, verify_inputs, dims, names, *, dynamic_batch: bool) -> list[tuple[str, Batch]]:
+    """(label, batch) pairs the caller gave to verify on, checked against the example's form (named dynamic axes may
+    differ in size)."""
     if verify_inputs is None:
         batches = [("the example input", example)]
     else:
-        given = [verify_inputs] if isinstance(verify_inputs, torch.Tensor) else list(verify_inputs)
+        one = isinstance(verify_inputs, (torch.Tensor, dict)) or (
+            isinstance(verify_inputs, tuple) and not isinstance(example, torch.Tensor)
+            and all(isinstance(value, torch.Tensor) for value in verify_inputs)
+        )
+        given = [verify_inputs] if one else list(verify_inputs)
         if not given:
             raise ExportError("verify_inputs is empty; give at least one tensor or leave it out to use the example.")
         batches = [(f"verify input {i}", batch) for i, batch in enumerate(given)]
+    expected = _form(example, dims, names)
     for label, batch in batches:
-        _check_tensor(batch, label)
-        same_shape = batch.shape[1:] == example.shape[1:] and (dynamic_batch or batch.shape[0] == example.shape[0])
-        if batch.dtype != example.dtype or not same_shape:
-            allowed = "any batch size" if dynamic_batch else f"batch size {example.shape[0]}"
+        _check_batch(batch, label)
+        same = _form(batch, dims, names) == expected and (dynamic_batch or inputs.batch_size(batch) == inputs.batch_size(example))
+        if not same:
+            allowed = "any batch size" if dynamic_batch else f"batch size {inputs.batch_size(example)}"
             raise ExportError(
-                f"{label} is {batch.dtype} {tuple(batch.shape)}; the export takes {example.dtype} "
-                f"(B, {', '.join(map(str, example.shape[1:]))}) with {allowed}."
+                f"{label} is {_shapes(batch)}; the export takes {_shapes(example, batched=True)} with {allowed}."
             )
     return batches
 
 
-def _plan(example: torch.Tensor, given, *, dynamic: bool) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+def _form(batch: Batch, dims, names) -> tuple:
+    """Structure, dtypes and sample shapes, named dynamic axes left out (their size may differ)."""
+    kind = "tensor" if isinstance(batch, torch.Tensor) else "dict" if isinstance(batch, dict) else "tuple"
+    leaves = inputs.leaves(batch)
+    labels = [str(key) for key in batch] if kind == "dict" else names[: len(leaves)]
+    shapes = tuple(
+        (leaf.dtype, tuple(None if axis in dims.get(label, {}) else size for axis, size in enumerate(leaf.shape) if axis))
+        for label, leaf in zip(labels, leaves)
+    )
+    return kind, tuple(labels), len(leaves), shapes
+
+
+def _shapes(batch: Batch, *, batched: bool = False) -> str:
+    """"torch.float32 (5, 3)" (with ``batched``: "(B, 3)") per input, named where there are several."""
+
+    def shape(leaf: torch.Tensor) -> str:
+        sizes = ["B", *map(str, leaf.shape[1:])] if batched else list(map(str, leaf.shape))
+        return f"{leaf.dtype} ({', '.join(sizes)}{',' if len(sizes) == 1 else ''})"
+
+    if isinstance(batch, torch.Tensor):
+        return shape(batch)
+    return ", ".join(f"{name} {shape(leaf)}" for name, leaf in zip(inputs.names(batch), inputs.leaves(batch)))
+
+
+def _plan(
+    example: Batch, given, *, dynamic: bool, dims: dict | None = None, names: list[str] | None = None
+) -> tuple[Batch, list[tuple[str, Batch]]]:
     """(the example to trace, the (label, batch) pairs to verify on) for a dynamic or a static batch.
 
     Every given sample is checked alone (batch 1) and in a batch of two or more (dynamic), or in batches of the
     example's size (static, the last one filled up with the first samples): a traced branch taken per batch
-    (``if x.mean() > 0``) differs only on the samples that take the other one alone.
+    (``if x.mean() > 0``) differs only on the samples that take the other one alone. Each named dynamic dimension is
+    checked at a second size too (:func:`_resized`).
     """
-    samples = torch.cat([batch for _, batch in given])
+    dims, names = dims or {}, names or []
+    samples = inputs.concat([batch for _, batch in given])
+    count = inputs.batch_size(samples)
     if not dynamic:
-        batch_size = example.shape[0]
-        padded = torch.cat([samples, samples[: (-len(samples)) % batch_size]]) if len(samples) >= batch_size else samples
-        chunks = [chunk for chunk in padded.split(batch_size) if chunk.shape[0] == batch_size]
+        size = inputs.batch_size(example)
+        padded = inputs.concat([samples, inputs.take(samples, slice(0, (-count) % size))]) if count >= size else samples
+        chunks = [inputs.take(padded, slice(i, i + size)) for i in range(0, inputs.batch_size(padded) - size + 1, size)]
         if not chunks:
-            return example, [("the example input", example)]
-        return example, [(f"verify samples {i * batch_size}-{(i + 1) * batch_size - 1}", c) for i, c in enumerate(chunks)]
+            return example, [("the example input", example), *_resized(example, dims, names)]
+        planned = [(f"verify samples {i * size}-{(i + 1) * size - 1}", c) for i, c in enumerate(chunks)]
+        return example, planned + _resized(chunks[0], dims, names)
     # torch.export specializes a size-1 dimension: trace at batch 2 at least.
-    traced = example if example.shape[0] >= 2 else example.repeat(2, *([1] * (example.dim() - 1)))
-    batches = [(label, batch) for label, batch in given if batch.shape[0] >= 2]
-    if not batches and len(samples) >= 2:
-        chunks = samples.split(VERIFY_BATCH)
-        batches = [(f"verify samples {i * VERIFY_BATCH}-{i * VERIFY_BATCH + len(c) - 1}", c) for i, c in enumerate(chunks)]
-    if not any(batch.shape[0] >= 2 and batch.shape[0] != traced.shape[0] for _, batch in batches):
-        grown = torch.cat([traced, example[:1]])
-        batches.append((f"the example grown to batch {grown.shape[0]} (checks the dynamic batch)", grown))
-    batches += [(f"verify sample {i} (batch 1)", samples[i : i + 1]) for i in range(len(samples))]
-    return traced, batches
+    traced = example if inputs.batch_size(example) >= 2 else inputs.concat([example, example])
+    batches = [(label, batch) for label, batch in given if inputs.batch_size(batch) >= 2]
+    if not batches and count >= 2:
+        batches = [
+            (f"verify samples {first}-{min(first + VERIFY_BATCH, count) - 1}",
+             inputs.take(samples, slice(first, first + VERIFY_BATCH)))
+            for first in range(0, count, VERIFY_BATCH)
+        ]
+    traced_size = inputs.batch_size(traced)
+    if not any(inputs.batch_size(batch) >= 2 and inputs.batch_size(batch) != traced_size for _, batch in batches):
+        grown = inputs.concat([traced, inputs.take(example, slice(0, 1))])
+        batches.append((f"the example grown to batch {traced_size + 1} (checks the dynamic batch)", grown))
+    batches += [(f"verify sample {i} (batch 1)", inputs.take(samples, slice(i, i + 1))) for i in range(count)]
+    return traced, batches + _resized(inputs.take(samples, slice(0, VERIFY_BATCH)), dims, names)
+
+
+def _second_size(size: int) -> int:
+    """Another size to verify a named dimension at: half of it, or twice it where half is below 2."""
+    return size // 2 if size // 2 >= 2 else 2 * size
+
+
+def _resized(batch: Batch, dims, names) -> list[tuple[str, Batch]]:
+    """Per named dynamic dimension, ``batch`` with every axis of that name cut to half its size (or repeated to
+    twice it): the file must not have baked the example's size in."""
+    resized = []
+    for dim in dict.fromkeys(d for axes in dims.values() for d in axes.values()):
+        leaves = inputs.leaves(batch)
+        changed, size = [], None
+        for name, leaf in zip(names, leaves):
+            for axis, named in dims.get(name, {}).items():
+                if named == dim:
+                    size = int(leaf.shape[axis])
+                    other = _second_size(size)
+                    leaf = torch.cat([leaf, leaf], axis).narrow(axis, 0, other) if other > size else leaf.narrow(axis, 0, other)
+            changed.append(leaf)
+        label = f"verify samples at {dim}={_second_size(size)} (traced at {size}: checks the dynamic {dim})"
+        resized.append((label, inputs.with_leaves(batch, changed)))
+    return resized
+
+
+def _dim_sizes(batches, dims, names) -> dict[str, list[int]]:
+    """Per named dynamic dimension, the sizes ONNX Runtime ran it at."""
+    sizes: dict[str, set[int]] = {}
+    for _, batch in batches:
+        for name, leaf in zip(names, inputs.leaves(batch)):
+            for axis, dim in dims.get(name, {}).items():
+                sizes.setdefault(dim, set()).add(int(leaf.shape[axis]))
+    return {dim: sorted(found) for dim, found in sizes.items()}
 
 
 @contextlib.contextmanager
@@ -696,32 +861,55 @@ def _check_module(module) -> nn.Module:
     return module
 
 
+def _check_batch(value, what: str) -> None:
+    """A tensor, or a non-empty tuple or dict of tensors, each with a batch dimension, all of one batch size."""
+    leaves = list(value.values()) if isinstance(value, dict) else list(value) if isinstance(value, tuple) else []
+    if leaves and all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+        for name, leaf in zip(inputs.names(value), leaves):
+            _check_tensor(leaf, f"{what} ({name})")
+        sizes = {int(leaf.shape[0]) for leaf in leaves}
+        if len(sizes) > 1:
+            raise ExportError(f"{what} holds inputs of different batch sizes ({_shapes(value)}); dim 0 is the batch of each.")
+        return
+    _check_tensor(value, what)
+
+
 def _check_tensor(value, what: str) -> None:
     if not isinstance(value, torch.Tensor):
-        raise ExportError(f"{what} must be a torch.Tensor, got {type(value).__name__}.")
+        raise ExportError(f"{what} must be a torch.Tensor (or a tuple or dict of them), got {type(value).__name__}.")
     if value.dim() == 0:
         raise ExportError(f"{what} must have a batch dimension, got a 0-d tensor.")
 
 
-def _run_module(module: nn.Module, x: torch.Tensor, what: str):
+def _run_module(module: nn.Module, x: Batch, what: str):
     try:
         with torch.no_grad():
-            return module(x.clone())  # a model may write into its input; ONNX Runtime runs on the same x
+            return inputs.call_on_copy(module, x)  # a model may write into its input; ONNX Runtime runs on the same x
     except Exception as error:
         raise ExportError(f"the module raised on {what}: {_first_line(error)}; check the input's shape and dtype.") from error
 
 
-def _check_batch_is_dynamic(model: onnx.ModelProto, exporter: str) -> None:
+def _check_dims_are_dynamic(model: onnx.ModelProto, exporter: str, dims: dict[str, dict[int, str]], *, batch: bool) -> None:
     # The dynamo exporter, when torch.export finds the batch size specialized
     # (int(x.shape[0]), a hard-coded reshape), silently retries with the
-    # suggested fix, a static batch; refuse that instead of writing it.
-    batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
-    if batch_dim.WhichOneof("value") != "dim_param":
-        raise ExportError(
-            f"the {exporter} exporter fixed the batch size to {batch_dim.dim_value}: the module specializes it "
-            "(e.g. int(x.shape[0]) or a reshape with a literal batch size); allow a static batch with --static-batch "
-            "(static_batch=True), or make the module batch-size agnostic"
-        )
+    # suggested fix, a static batch; refuse that instead of writing it. Likewise for a named dimension.
+    for graph_input in model.graph.input:
+        shape = graph_input.type.tensor_type.shape.dim
+        axes = {**({0: BATCH_DIM_NAME} if batch else {}), **dims.get(graph_input.name, {})}
+        for axis, name in axes.items():
+            if axis >= len(shape) or shape[axis].WhichOneof("value") == "dim_param":
+                continue
+            if axis == 0:
+                raise ExportError(
+                    f"the {exporter} exporter fixed the batch size to {shape[0].dim_value}: the module specializes it "
+                    "(e.g. int(x.shape[0]) or a reshape with a literal batch size); allow a static batch with "
+                    "--static-batch (static_batch=True), or make the module batch-size agnostic"
+                )
+            raise ExportError(
+                f"the {exporter} exporter fixed {graph_input.name}'s axis {axis} ({name}) to {shape[axis].dim_value}: "
+                "the module specializes that size (a literal in a reshape, a fixed position table); drop "
+                f"--dynamic-dim {graph_input.name}:{axis}={name} or make the module agnostic of it"
+            )
 
 
 def _contains_dict(output) -> bool:
@@ -742,33 +930,39 @@ def _check_outputs(output) -> int:
     return len(leaves)
 
 
-def _export(module, example_input, example_output, output_names, exporter, opset, dynamic_batch):
+def _export(module, example_input, example_output, output_names, exporter, opset, dynamic_batch, input_names, dims):
+    # A dict is passed as keyword arguments, a tuple as positional ones; both exporters name the inputs in order.
+    args, kwargs = ((), example_input) if isinstance(example_input, dict) else (inputs.positional(module, example_input), None)
+    axes = _input_axes(input_names, dims, batch=dynamic_batch)
     try:
         if exporter == "dynamo":
             program = torch.onnx.export(
                 module,
-                (example_input,),
+                args,
+                kwargs=kwargs,
                 dynamo=True,
                 external_data=False,
                 optimize=True,
                 opset_version=opset,
-                input_names=[INPUT_NAME],
+                input_names=input_names,
                 output_names=output_names,
-                dynamic_shapes=({0: torch.export.Dim(BATCH_DIM_NAME)},) if dynamic_batch else None,
+                dynamic_shapes=_dynamic_shapes(example_input, input_names, axes) if any(axes.values()) else None,
                 verbose=False,
             )
             return program.model_proto
         buffer = io.BytesIO()
         torch.onnx.export(
             module,
-            (example_input,),
+            args,
             buffer,
+            kwargs=kwargs,
             dynamo=False,
             opset_version=opset,
             do_constant_folding=True,
-            input_names=[INPUT_NAME],
+            input_names=input_names,
             output_names=output_names,
-            dynamic_axes=_dynamic_axes(example_input, example_output, output_names) if dynamic_batch else None,
+            dynamic_axes=_dynamic_axes(example_input, example_output, input_names, output_names, axes)
+            if any(axes.values()) else None,
             verbose=False,
         )
         return onnx.load_from_string(buffer.getvalue())
@@ -776,18 +970,47 @@ def _export(module, example_input, example_output, output_names, exporter, opset
         raise ExportError(f"torch.onnx ({exporter} exporter) failed: {_describe_failure(error)}") from error
 
 
-def _dynamic_axes(example_input, example_output, output_names) -> dict[str, dict[int, str]]:
+def _input_axes(input_names, dims, *, batch: bool) -> dict[str, dict[int, str]]:
+    """Per input, its dynamic axes: the batch (when dynamic) and the named ones."""
+    return {name: {**({0: BATCH_DIM_NAME} if batch else {}), **dims.get(name, {})} for name in input_names}
+
+
+def _dynamic_shapes(example_input, input_names, axes):
+    """torch.export's dynamic_shapes: one Dim per name (inputs sharing a name share it), laid out like the inputs."""
+    shared: dict[str, torch.export.Dim] = {}
+
+    def spec(name: str) -> dict:
+        return {axis: shared.setdefault(dim, torch.export.Dim(dim)) for axis, dim in axes[name].items()}
+
+    if isinstance(example_input, torch.Tensor):
+        return (spec(input_names[0]),)
+    if isinstance(example_input, dict):
+        return {name: spec(name) for name in input_names}
+    return tuple(spec(name) for name in input_names)
+
+
+def _dynamic_axes(example_input, example_output, input_names, output_names, axes) -> dict[str, dict[int, str]]:
     # The TorchScript exporter needs every dynamic output axis named; an output
-    # whose leading size equals the example's batch size is taken to be batched.
-    batch = example_input.shape[0]
-    axes = {INPUT_NAME: {0: BATCH_DIM_NAME}}
+    # axis whose size equals a dynamic input axis's size in the example is taken to be that one (the batch on
+    # axis 0 only).
+    sizes = {}
+    for name, leaf in zip(input_names, inputs.leaves(example_input)):
+        for axis, dim in axes[name].items():
+            sizes.setdefault(dim, int(leaf.shape[axis]))
+    result = {name: dict(axes[name]) for name in input_names if axes[name]}
     for name, leaf in zip(output_names, flatten_outputs(example_output)):
-        if leaf.dim() > 0 and leaf.shape[0] == batch:
-            axes[name] = {0: BATCH_DIM_NAME}
-    return axes
+        named = {
+            axis: dim for axis in range(leaf.dim()) for dim, size in sizes.items()
+            if leaf.shape[axis] == size and (axis == 0) == (dim == BATCH_DIM_NAME)
+        }
+        if named:
+            result[name] = named
+    return result
 
 
-def _simplify(model: onnx.ModelProto, example_input: torch.Tensor, notes: list[str]) -> tuple[onnx.ModelProto, bool]:
+def _simplify(
+    model: onnx.ModelProto, example_input: Batch, input_names: list[str], notes: list[str]
+) -> tuple[onnx.ModelProto, bool]:
     import onnxsim  # heavy import, only needed here
 
     candidate = onnx.ModelProto()
@@ -796,7 +1019,7 @@ def _simplify(model: onnx.ModelProto, example_input: torch.Tensor, notes: list[s
         simplified, check_ok = onnxsim.simplify(
             candidate,
             check_n=1,
-            input_data={INPUT_NAME: example_input.detach().cpu().numpy()},
+            input_data=_feed(model, example_input, input_names),
             check_rtol=ONNXSIM_CHECK_RTOL,
             check_atol=ONNXSIM_CHECK_ATOL,
             certify=False,
@@ -810,30 +1033,41 @@ def _simplify(model: onnx.ModelProto, example_input: torch.Tensor, notes: list[s
     return simplified, True
 
 
-def _verify(data: bytes, batches: list[tuple[str, torch.Tensor]], references: list, rtol: float, exporter: str) -> ErrorStats:
+def _feed(model: onnx.ModelProto, batch: Batch, input_names: list[str]) -> dict[str, np.ndarray]:
+    """The arrays of ``batch`` under the file's input names (inputs an exporter dropped, never read, left out)."""
+    present = {graph_input.name for graph_input in model.graph.input}
+    return {
+        name: leaf.detach().cpu().numpy() for name, leaf in zip(input_names, inputs.leaves(batch)) if name in present
+    }
+
+
+def _verify(
+    data: bytes, batches: list[tuple[str, Batch]], references: list, rtol: float, exporter: str, input_names: list[str]
+) -> ErrorStats:
     """ONNX Runtime against the module on every (label, batch), each output on its own scale (numerics.compare)."""
     session = ort_session(data)
     errors = ErrorAccumulator()
     for (label, batch), reference in zip(batches, references):
         try:
-            candidate = run_onnx(session, batch)
+            # A tuple is fed under the file's input names, a dict under its keys, one tensor as the only input.
+            candidate = run_onnx(session, dict(zip(input_names, batch)) if isinstance(batch, tuple) else batch)
             errors.add(reference, candidate)  # raises on count/shape mismatch
         except Exception as error:
             raise VerificationError(
-                f"ONNX Runtime cannot reproduce the module on {label} {tuple(batch.shape)}: {_first_line(error)} "
+                f"ONNX Runtime cannot reproduce the module on {label} ({_shapes(batch)}): {_first_line(error)} "
                 f"(a batch size other than the traced one failing means the {exporter} exporter baked it into the graph)"
             ) from error
         # inf - inf is NaN and inf / inf is NaN: a relative error cannot judge non-finite values, so none may pass.
         non_finite = sum(int(np.size(output) - np.count_nonzero(np.isfinite(output))) for output in candidate)
         if non_finite:
             raise VerificationError(
-                f"ONNX Runtime gives {non_finite} non-finite values (inf or NaN) on {label} {tuple(batch.shape)}"
+                f"ONNX Runtime gives {non_finite} non-finite values (inf or NaN) on {label} ({_shapes(batch)})"
                 + ("; so does the PyTorch module, so the file cannot be verified on these inputs"
                    if not all(torch.isfinite(r).all() for r in flatten_outputs(reference)) else "")
             )
     error_stats = errors.result()
     if not error_stats.within(rtol):
-        sizes = sorted({int(batch.shape[0]) for _, batch in batches})
+        sizes = sorted({inputs.batch_size(batch) for _, batch in batches})
         raise VerificationError(
             f"ONNX Runtime differs from the PyTorch module ({exporter} exporter): {error_stats.describe()} > "
             f"rtol={rtol:.3g} (each output on its own scale; verify samples run at batch sizes "

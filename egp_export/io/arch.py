@@ -1,9 +1,13 @@
 """Resolving ``--arch`` specifications to freshly built (untrained) models.
 
-Two forms are accepted:
+Three forms are accepted:
 
 * ``torchvision:NAME`` builds ``torchvision.models.get_model(NAME, weights=None)``;
   pretrained weights are never downloaded, the checkpoint supplies them.
+* ``transformers:CLASS`` (e.g. ``transformers:BertModel``) builds the Hugging
+  Face model class from its config class, ``CLASS(CLASS.config_class(**kwargs))``:
+  random weights, nothing downloaded (the checkpoint supplies the weights);
+  the optional ``transformers`` package must be installed.
 * ``package.module:factory`` imports ``package.module`` and calls ``factory``
   (an attribute path such as ``Net.create`` is allowed).
 
@@ -25,7 +29,11 @@ from torch import nn
 from egp_export.errors import ArchitectureError
 
 _TORCHVISION = "torchvision"
-_SPEC_FORMS = "'torchvision:NAME' (e.g. torchvision:resnet18) or 'package.module:factory' (e.g. mypkg.models:make_net)"
+_TRANSFORMERS = "transformers"
+_SPEC_FORMS = (
+    "'torchvision:NAME' (e.g. torchvision:resnet18), 'transformers:CLASS' (e.g. transformers:BertModel) or "
+    "'package.module:factory' (e.g. mypkg.models:make_net)"
+)
 # Builder arguments that would fetch pretrained weights from the internet.
 _DOWNLOADING_ARGUMENTS = ("weights", "weights_backbone")
 # Spellings common on command lines that ast.literal_eval does not know.
@@ -41,6 +49,8 @@ def build_model(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     source, name = source.strip(), name.strip()
     if source == _TORCHVISION:
         factory = _torchvision_builder(name, kwargs)
+    elif source == _TRANSFORMERS:
+        factory = _transformers_builder(name, kwargs)
     else:
         factory = _import_factory(source, name)
     try:
@@ -112,6 +122,47 @@ def _torchvision_builder(name: str, kwargs: dict[str, Any]) -> Callable[..., Any
         if argument in parameters:
             kwargs[argument] = None
     return builder
+
+
+def _transformers_builder(name: str, kwargs: dict[str, Any]) -> Callable[..., Any]:
+    """A builder of Hugging Face model class ``name`` from its config (random weights, nothing downloaded).
+
+    A config accepts any keyword silently (a misspelt ``hiden_size`` would be
+    stored and ignored), so every keyword must be one of the config's own.
+    """
+    try:
+        import transformers
+    except ImportError:
+        raise ArchitectureError(
+            f"--arch transformers:{name} needs Hugging Face transformers, which is not installed: "
+            "pip install 'egp-export[transformers]' (or pip install transformers)."
+        ) from None
+    model_class = getattr(transformers, name, None)
+    config_class = getattr(model_class, "config_class", None)
+    if not isinstance(model_class, type) or not issubclass(model_class, nn.Module) or not isinstance(config_class, type):
+        public = [n for n in dir(transformers) if n.endswith("Model") or "For" in n]
+        close = difflib.get_close_matches(name, public, n=5, cutoff=0.6)
+        suggestion = f" (close names: {', '.join(close)})" if close else ""
+        raise ArchitectureError(
+            f"transformers has no model class {name!r} built from a config{suggestion}; give a class such as "
+            "BertModel, ViTModel or BertForSequenceClassification."
+        )
+    defaults = config_class()
+    unknown = [key for key in kwargs if not hasattr(defaults, key)]
+    if unknown:
+        generic = set(transformers.PretrainedConfig().to_dict())
+        known = [key for key in defaults.to_dict() if key not in generic] or list(defaults.to_dict())
+        close = sorted({c for key in unknown for c in difflib.get_close_matches(key, known, n=3, cutoff=0.6)})
+        raise ArchitectureError(
+            f"--arch-kwargs {', '.join(unknown)}: not a field of {config_class.__name__}, which would store and ignore "
+            f"it{' (close names: ' + ', '.join(close) + ')' if close else ''}; fields include "
+            f"{', '.join(known[:12])}, ..."
+        )
+
+    def build(**config) -> nn.Module:
+        return model_class(config_class(**config))
+
+    return build
 
 
 def _import_factory(module_name: str, attribute_path: str) -> Callable[..., Any]:

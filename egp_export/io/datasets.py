@@ -1,5 +1,9 @@
 """Loading calibration inputs from files into one batch ``[N, ...]``: floats as float32, integers as stored.
 
+A batch is one tensor, or, for a model whose ``forward`` takes several inputs
+(``signature``), a dict of them (keyword inputs such as ``input_ids`` and
+``attention_mask``, see analysis/inputs.py).
+
 Accepted ``--calib`` specifications:
 
 * ``builtin:digits`` - scikit-learn's 8x8 handwritten digits, ``[N, 1, 8, 8]`` in [0, 1];
@@ -12,7 +16,11 @@ Accepted ``--calib`` specifications:
   native byte order);
 * a folder of images (searched recursively), read as RGB ``[N, 3, H, W]`` in [0, 1].
 
-Dicts and ``.npz`` archives are searched for the first of :data:`INPUT_KEYS`.
+Dicts and ``.npz`` archives are keyword inputs when ``signature`` names
+several inputs and one of the keys is among them (every other key must be a
+label under :data:`TARGET_KEYS`, which is left out:
+:func:`egp_export.analysis.batches.keyword_inputs`); otherwise they are
+searched for the first of :data:`INPUT_KEYS`.
 Every result is checked: at least one sample, and only finite values. Every
 conversion a loader makes is stated in ``notes`` when a list is given.
 
@@ -36,11 +44,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from egp_export.analysis.batches import INPUT_KEYS, count_nonfinite, pick_input, tensor_from_array
+from egp_export.analysis import inputs
+from egp_export.analysis.batches import (
+    INPUT_KEYS,
+    TARGET_KEYS,
+    count_nonfinite,
+    keyword_inputs,
+    pick_input,
+    tensor_from_array,
+)
+from egp_export.analysis.inputs import Batch, Signature
 from egp_export.errors import CalibrationError
 
-# INPUT_KEYS (imported above) names where a dict or .npz archive stores the model inputs; these the labels (pruning).
-TARGET_KEYS = ("targets", "target", "labels", "label", "y")
+# INPUT_KEYS names where a dict or .npz archive stores the model inputs, TARGET_KEYS the labels (pruning).
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 TORCH_SUFFIXES = frozenset({".pt", ".pth"})
 BUILTIN_DIGITS = "builtin:digits"
@@ -54,14 +70,17 @@ _DIGITS_MAX = 16.0
 
 
 def load_calibration(spec: str, *, input_size: tuple[int, int] | None = None, limit: int | None = None,
-                     notes: list[str] | None = None) -> torch.Tensor:
+                     notes: list[str] | None = None, signature: Signature | None = None) -> Batch:
     """Load the calibration inputs named by ``spec`` as a tensor ``[N, ...]``: float32, or integers and bools as stored.
 
     ``input_size`` (H, W) resizes images of an image folder and is needed when
     they differ in size; other sources are returned as stored. ``limit`` keeps
     the first ``limit`` samples. Each conversion made (byte order, batches
     concatenated, inputs taken from a pair) is appended to ``notes`` as a
-    sentence. Raises CalibrationError for unreadable, empty or non-finite data.
+    sentence. With ``signature`` (:func:`egp_export.analysis.inputs.signature`
+    of the model) naming several inputs, a dict or ``.npz`` archive whose keys
+    name them gives a dict of tensors, one per input, each checked alike and all
+    of one length. Raises CalibrationError for unreadable, empty or non-finite data.
     """
     notes = [] if notes is None else notes
     if limit is not None and limit < 1:
@@ -82,15 +101,17 @@ def load_calibration(spec: str, *, input_size: tuple[int, int] | None = None, li
         elif not path.exists():
             raise CalibrationError(f"calibration data {path} does not exist; give {_ACCEPTED}.")
         elif path.suffix.lower() in TORCH_SUFFIXES:
-            data = _load_torch_file(path, notes)
+            data = _load_torch_file(path, notes, signature)
         elif path.suffix.lower() == ".npy":
             data = _load_npy(path, notes)
         elif path.suffix.lower() == ".npz":
-            data = _load_npz(path, notes)
+            data = _load_npz(path, notes, signature)
         else:
             raise CalibrationError(f"calibration data {path} has an unsupported type; give {_ACCEPTED}.")
     if limit is not None:
-        data = data[:limit]
+        data = inputs.take(data, slice(0, limit))
+    if isinstance(data, dict):
+        return _validated_inputs(data, source)
     return _validated(data, source)
 
 
@@ -123,7 +144,7 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
-def _load_torch_file(path: Path, notes: list[str]) -> torch.Tensor:
+def _load_torch_file(path: Path, notes: list[str], signature: Signature | None = None) -> Batch:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -136,7 +157,9 @@ def _load_torch_file(path: Path, notes: list[str]) -> torch.Tensor:
     if isinstance(loaded, (tuple, list)):
         loaded = _inputs_of_sequence(loaded, path, notes)
     elif isinstance(loaded, Mapping):
-        loaded = pick_input(loaded, f"calibration data {path}")
+        loaded = _from_mapping(loaded, path, notes, signature)
+    if isinstance(loaded, dict):
+        return loaded
     if isinstance(loaded, np.ndarray):
         return _from_numpy(loaded, path, notes)
     if not isinstance(loaded, torch.Tensor):
@@ -183,7 +206,7 @@ def _load_npy(path: Path, notes: list[str]) -> torch.Tensor:
     return _from_numpy(array, path, notes)
 
 
-def _load_npz(path: Path, notes: list[str]) -> torch.Tensor:
+def _load_npz(path: Path, notes: list[str], signature: Signature | None = None) -> Batch:
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
@@ -191,7 +214,26 @@ def _load_npz(path: Path, notes: list[str]) -> torch.Tensor:
         raise CalibrationError(
             f"cannot read {path} as a numeric .npz archive ({error}); save it with numpy.savez(path, inputs=array)."
         ) from None
-    return _from_numpy(pick_input(arrays, f"calibration data {path}"), path, notes)
+    picked = _from_mapping(arrays, path, notes, signature)
+    return picked if isinstance(picked, dict) else _from_numpy(picked, path, notes)
+
+
+def _from_mapping(mapping: Mapping, path: Path, notes: list[str], signature: Signature | None) -> object:
+    """A dict of tensors (the keyword inputs, in ``forward``'s order) when ``signature`` names several inputs and a
+    key is among them; otherwise the entry :func:`pick_input` chooses."""
+    what = f"calibration data {path}"
+    if signature is None or not signature.several or not any(key in signature.names for key in mapping):
+        return pick_input(mapping, what)
+    converted = {
+        key: _from_numpy(value, path, notes) if isinstance(value, np.ndarray) else value for key, value in mapping.items()
+    }
+    batch, _ = keyword_inputs(converted, signature, what)
+    left_out = [str(key) for key in mapping if key not in batch]
+    notes.append(
+        f"{path} holds the model's keyword inputs {', '.join(batch)}"
+        + (f" (left out: {', '.join(left_out)}, labels the model does not take)" if left_out else "")
+    )
+    return batch
 
 
 def _from_numpy(array: object, path: Path, notes: list[str]) -> torch.Tensor:
@@ -253,6 +295,19 @@ def _check_input_size(input_size: tuple[int, int]) -> tuple[int, int]:
     if len(size) != 2 or not all(isinstance(side, int) and side > 0 for side in size):
         raise CalibrationError(f"input size must be two positive integers H W, got {input_size!r}.")
     return size  # type: ignore[return-value]
+
+
+def _validated_inputs(data: dict, source: str) -> dict:
+    """Each input checked as :func:`_validated` checks one, and all of one length (one sample per row)."""
+    checked = {name: _validated(value, f"{source} ({name})") for name, value in data.items()}
+    lengths = {name: len(value) for name, value in checked.items()}
+    if len(set(lengths.values())) > 1:
+        listed = ", ".join(f"{name} {length}" for name, length in lengths.items())
+        raise CalibrationError(
+            f"calibration data {source} holds inputs of different lengths ({listed}); every input holds the same "
+            "samples, one per row."
+        )
+    return checked
 
 
 def _validated(data: torch.Tensor, source: str) -> torch.Tensor:

@@ -33,6 +33,7 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
+from egp_export.analysis import inputs
 from egp_export.analysis.activations import activation_spec
 from egp_export.analysis.fx import keeps_effects, propagate_shapes
 from egp_export.analysis.numerics import FP32_RTOL, compare
@@ -278,7 +279,7 @@ class PassManager:
         if before is not None and self.debug_inputs is not None:
             with torch.no_grad():
                 # Each run on its own copy: a model may write into its input.
-                error = compare(before(self.debug_inputs.clone()), gm(self.debug_inputs.clone()))
+                error = compare(inputs.call_on_copy(before, self.debug_inputs), inputs.call_on_copy(gm, self.debug_inputs))
             if not error.within(self.debug_rtol):
                 raise VerificationError(
                     f"pass '{pass_name}' changed the model's output by max_rel={error.max_rel:.3g} "

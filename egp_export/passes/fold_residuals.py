@@ -11,6 +11,11 @@ The centre tap of a centred stride-1 conv reads x at the output position
 itself, never padding, so this holds at the border too. A constant bias map
 after the conv (from an exact bias-map merge) stays where it is:
 x + (conv(x) + m) = conv'(x) + m.
+
+A square linear layer is the same with no taps (a transformer MLP whose
+activation became the identity, once its two linears merged):
+
+    x + (W x + b) = (W + I) x + b
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch.fx as fx
 
 from egp_export.algebra.convchain import explicit_padding
 from egp_export.analysis.fx import shape_of, sharing_refusal
-from egp_export.analysis.ops import is_conv_module, module_of
+from egp_export.analysis.ops import is_conv_module, is_linear_module, module_of
 from egp_export.passes.base import Fact
 from egp_export.passes.modules import ConstantAdd
 from egp_export.passes.rules import Add, Applied, Chain, Either, Match, Op, Rule, RuleSetPass
@@ -35,8 +40,14 @@ def _is_bias_map(node: fx.Node, modules) -> bool:
     return isinstance(module_of(node, modules), ConstantAdd)
 
 
+def _is_linear_module(node: fx.Node, modules) -> bool:
+    return is_linear_module(module_of(node, modules))
+
+
 # x + conv(x), or x + bias_map(conv(x)): the conv reads the add's other operand.
 RESIDUAL = Add(Either(Chain(Op(_is_conv_module, "conv"), Op(_is_bias_map, "bias_map")), Chain(Op(_is_conv_module, "conv"))))
+# x + linear(x)
+LINEAR_RESIDUAL = Add(Chain(Op(_is_linear_module, "linear")))
 
 
 def _refusal(match: Match) -> Reason | None:
@@ -74,10 +85,31 @@ def _fold(match: Match) -> Applied:
     return Applied(RewriteKind.RESIDUAL_FOLDED, {"conv": str(conv.target)}, output, absorbed_by=(conv,))
 
 
+def _linear_refusal(match: Match) -> Reason | None:
+    linear = match["linear"]
+    shared = sharing_refusal(match.gm, str(linear.target))
+    if shared is not None:
+        return shared
+    module = match.modules[str(linear.target)]
+    if module.in_features != module.out_features or shape_of(linear) is None or shape_of(linear) != shape_of(linear.args[0]):
+        return Reason(RefusalCode.SHAPE_CHANGES)
+    return None
+
+
+def _fold_linear(match: Match) -> Applied:
+    linear = match["linear"]
+    module = match.modules[str(linear.target)]
+    with torch.no_grad():  # W' = W + I
+        module.weight += torch.eye(module.in_features, dtype=module.weight.dtype, device=module.weight.device)
+    return Applied(RewriteKind.RESIDUAL_FOLDED, {"linear": str(linear.target)}, linear, absorbed_by=(linear,))
+
+
 class FoldResiduals(RuleSetPass):
     name = "fold_residuals"
     requires = frozenset({Fact.SHAPES})
-    rules = (Rule("residual", RESIDUAL, _refusal, _fold),)
+    rules = (Rule("residual", RESIDUAL, _refusal, _fold), Rule("linear_residual", LINEAR_RESIDUAL, _linear_refusal, _fold_linear))
 
     def attempt(self, rule: Rule, match: Match) -> dict:
+        if rule.name == "linear_residual":
+            return {"what": "residual", "linear": match["linear"].name}
         return {"what": "residual", "conv": match["conv"].name}

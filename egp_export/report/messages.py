@@ -66,7 +66,10 @@ REWRITES: dict[RewriteKind, Callable[[Mapping[str, Any]], str]] = {
     RewriteKind.MERGED_EXACT: lambda d: _conv_merge(d, RewriteKind.MERGED_EXACT),
     RewriteKind.MERGED_BIAS_MAP: lambda d: _conv_merge(d, RewriteKind.MERGED_BIAS_MAP),
     RewriteKind.MERGED_BORDER_APPROXIMATE: lambda d: _conv_merge(d, RewriteKind.MERGED_BORDER_APPROXIMATE),
-    RewriteKind.RESIDUAL_FOLDED: lambda d: f"residual add folded into '{d['conv']}' (identity on the centre tap)",
+    RewriteKind.RESIDUAL_FOLDED: lambda d: (
+        f"residual add folded into '{d['conv']}' (identity on the centre tap)" if "conv" in d
+        else f"residual add folded into '{d['linear']}' (W + I)"
+    ),
     RewriteKind.SITE_TO_IDENTITY: lambda d: "activation -> identity",
 }
 

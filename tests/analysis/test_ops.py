@@ -53,6 +53,11 @@ SPELLINGS = {
         ("function", lambda m, x: F.conv2d(x, m.weight, m.bias), None),
         ("torch", lambda m, x: torch.conv2d(x, m.weight, m.bias), None),
         ("aten", lambda m, x: torch.ops.aten.conv2d.default(x, m.weight, m.bias), None),
+        (
+            "aten-convolution",
+            lambda m, x: torch.ops.aten.convolution.default(x, m.weight, m.bias, [1, 1], [0, 0], [1, 1], False, [0, 0], 1),
+            None,
+        ),
     ],
     "linear": [
         ("module", lambda m, x: m.layer(x), nn.Linear(4, 4)),
@@ -62,6 +67,12 @@ SPELLINGS = {
     "batch_norm": [
         ("module", lambda m, x: m.layer(x), nn.BatchNorm2d(4)),
         ("function", lambda m, x: F.batch_norm(x, m.mean, m.var, m.bias, m.bias, False), None),
+        ("torch", lambda m, x: torch.batch_norm(x, m.bias, m.bias, m.mean, m.var, False, 0.1, 1e-5, False), None),
+        (
+            "aten",
+            lambda m, x: torch.ops.aten.batch_norm.default(x, m.bias, m.bias, m.mean, m.var, False, 0.1, 1e-5, False),
+            None,
+        ),
     ],
     "add": [
         ("operator", lambda m, x: x + x, None),
@@ -77,24 +88,34 @@ SPELLINGS = {
         ("alpha-dropout", lambda m, x: m.layer(x), nn.AlphaDropout(0.5)),
         ("function", lambda m, x: F.dropout(x, 0.5, training=False), None),
         ("function-positional", lambda m, x: F.dropout(x, 0.5, False), None),
+        ("aten", lambda m, x: torch.ops.aten.dropout.default(x, 0.5, False), None),
     ],
     "flatten": [
         ("module", lambda m, x: m.layer(x), nn.Flatten()),
         ("function", lambda m, x: torch.flatten(x, 1), None),
         ("method", lambda m, x: x.flatten(1), None),
+        ("aten", lambda m, x: torch.ops.aten.flatten.using_ints(x, 1), None),
     ],
     "global_pool": [
         ("module", lambda m, x: m.layer(x), nn.AdaptiveAvgPool2d(1)),
         ("module-tuple", lambda m, x: m.layer(x), nn.AdaptiveAvgPool2d((1, 1))),
         ("function", lambda m, x: F.adaptive_avg_pool2d(x, 1), None),
+        ("aten", lambda m, x: torch.ops.aten.adaptive_avg_pool2d.default(x, [1, 1]), None),
+        ("method-mean", lambda m, x: x.mean((2, 3), keepdim=True), None),
+        ("torch-mean", lambda m, x: torch.mean(x, [2, 3], True), None),
+        ("aten-mean", lambda m, x: torch.ops.aten.mean.dim(x, [2, 3], True), None),
     ],
     "pool": [
         ("module", lambda m, x: m.layer(x), nn.MaxPool2d(2)),
         ("function", lambda m, x: F.avg_pool2d(x, 2), None),
+        ("aten", lambda m, x: torch.ops.aten.max_pool2d.default(x, [2, 2]), None),
+        ("mean-no-keepdim", lambda m, x: x.mean((2, 3)), None),  # pools and flattens: a pool, no global pool
     ],
     "pad": [
         ("module", lambda m, x: m.layer(x), nn.ZeroPad2d(1)),
         ("function", lambda m, x: F.pad(x, (1, 1, 1, 1)), None),
+        ("aten", lambda m, x: torch.ops.aten.constant_pad_nd.default(x, [1, 1, 1, 1]), None),
+        ("aten-reflection", lambda m, x: torch.ops.aten.reflection_pad2d.default(x, [1, 1, 1, 1]), None),
     ],
 }
 
@@ -206,7 +227,7 @@ class Operands(nn.Module):
 def _layer_rank(fn) -> int:
     kind, _ = ops.FUNCTIONAL_LAYERS[fn]
     if kind is ops.LayerKind.CONV:
-        return next(r for r in (1, 2, 3) if f"conv{r}d" in _name(fn))
+        return next((r for r in (1, 2, 3) if f"conv{r}d" in _name(fn)), 2)  # aten.convolution: any rank, 2 here
     return 0 if kind is ops.LayerKind.LINEAR else 2
 
 
@@ -216,7 +237,10 @@ def _layer_values(m: Operands, fn) -> dict:
     if kind is ops.LayerKind.CONV:
         padding = "valid" if _name(fn).endswith(".padding") else [1] * rank
         weight = getattr(m, f"conv{rank}d")
-        return {"weight": weight, "bias": m.bias, "stride": [1] * rank, "padding": padding, "dilation": [1] * rank, "groups": 1}
+        return {
+            "weight": weight, "bias": m.bias, "stride": [1] * rank, "padding": padding, "dilation": [1] * rank, "groups": 1,
+            "transposed": False, "output_padding": [0] * rank,
+        }
     if kind is ops.LayerKind.LINEAR:
         return {"weight": m.linear, "bias": m.bias}
     return {
@@ -237,8 +261,12 @@ def _call(fn, names: tuple[str, ...], values: dict, style: str):
     """``fn(x, ...)`` with every operand after the input, positional or by keyword."""
     rest = names[1:]
     if style == "positional":
-        return lambda m, x: fn(x, *[values(m)[n] for n in rest])
-    return lambda m, x: fn(x, **{n: values(m)[n] for n in rest})
+        call = lambda m, x: fn(x, *[values(m)[n] for n in rest])  # noqa: E731
+    else:
+        call = lambda m, x: fn(x, **{n: values(m)[n] for n in rest})  # noqa: E731
+    if fn in ops.TUPLE_LAYERS:  # (output, saved statistics): the layer's output is [0]
+        return lambda m, x: call(m, x)[0]
+    return call
 
 
 LAYER_CASES = [(fn, style) for fn in ops.FUNCTIONAL_LAYERS for style in ("positional", "keyword")]
@@ -252,6 +280,8 @@ def test_every_functional_layer_binds_its_operands_by_its_own_signature(fn, styl
     rank = _layer_rank(fn)
     example = torch.randn(2, 4, *([5] * rank))
     node, modules = _node(model)
+    if fn in ops.TUPLE_LAYERS:
+        node = node.args[0]
     assert node.target is fn and ops.layer_kind(node, modules) is kind
 
     bound = {name: value.target for name, value in ops.functional_layer_args(node).items()}
@@ -392,11 +422,18 @@ POOL_CALLS = {
     F.avg_pool2d: lambda x: F.avg_pool2d(x, 2),
     F.avg_pool3d: lambda x: F.avg_pool3d(x, 2),
     **{fn: (lambda x, fn=fn: fn(x, [2, 2])) for fn in ops.aten_ops("max_pool2d.default", "avg_pool2d.default")},
+    **{fn: (lambda x, fn=fn: fn(x, [2])) for fn in ops.aten_ops("max_pool1d.default", "avg_pool1d.default")},
+    **{fn: (lambda x, fn=fn: fn(x, [2, 2, 2])) for fn in ops.aten_ops("max_pool3d.default", "avg_pool3d.default")},
 }
 PAD_CALLS = {
     F.pad: lambda x: F.pad(x, (1, 1)),
     torch.constant_pad_nd: lambda x: torch.constant_pad_nd(x, [1, 1]),
     **{fn: (lambda x, fn=fn: fn(x, [1, 1])) for fn in ops.aten_ops("pad.default", "constant_pad_nd.default")},
+    **{
+        fn: (lambda x, fn=fn, rank=rank: fn(x, [1, 1] * rank))
+        for rank in (1, 2, 3)
+        for fn in ops.aten_ops(f"reflection_pad{rank}d.default", f"replication_pad{rank}d.default")
+    },
 }
 
 
@@ -603,3 +640,81 @@ def test_timm_layers_with_their_own_forward_are_opaque_when_called_as_one_module
     node = graph.call_module("layer", (graph.placeholder("x"),))
     assert ops.layer_kind(node, {"layer": module}) is None
     assert ops.layer_opaque_reason(module).detail["why"] == "overrides forward"
+
+
+# Axis moves and layer norms (the neuron axis) ------------------------------------
+
+PERMUTATIONS = [
+    ("method-permute", lambda m, x: x.permute(0, 2, 3, 1), [0, 2, 3, 1]),
+    ("method-permute-list", lambda m, x: x.permute([0, 2, 3, 1]), [0, 2, 3, 1]),
+    ("torch-permute", lambda m, x: torch.permute(x, (0, 2, 3, 1)), [0, 2, 3, 1]),
+    ("aten-permute", lambda m, x: torch.ops.aten.permute.default(x, [0, 2, 3, 1]), [0, 2, 3, 1]),
+    ("method-transpose", lambda m, x: x.transpose(1, -1), [0, 3, 2, 1]),
+    ("method-swapaxes", lambda m, x: x.swapaxes(1, -1), [0, 3, 2, 1]),
+    ("torch-transpose", lambda m, x: torch.transpose(x, 1, 3), [0, 3, 2, 1]),
+    ("torch-swapaxes", lambda m, x: torch.swapaxes(x, 1, 3), [0, 3, 2, 1]),
+    ("aten-transpose", lambda m, x: torch.ops.aten.transpose.int(x, 1, 3), [0, 3, 2, 1]),
+    ("aten-swapaxes", lambda m, x: torch.ops.aten.swapaxes.default(x, 1, 3), [0, 3, 2, 1]),
+]
+
+
+@pytest.mark.parametrize("call, perm", [(c, p) for _, c, p in PERMUTATIONS], ids=[n for n, _, _ in PERMUTATIONS])
+def test_every_permutation_spelling_says_where_each_axis_goes(call, perm):
+    node, _ = _node(Operands(call))
+    assert ops.is_permutation(node) and ops.permutation(node, 4) == perm
+    # conv (channels at dim 1) -> permute -> relu: the site's neurons are where the permutation moved dim 1
+    model = Spelled(lambda m, x: F.relu(call(m, m.layer(x))), nn.Conv2d(4, 4, 1)).eval()
+    gm = prepare(model, torch.randn(2, 4, 5, 5))
+    site = next(n for n in gm.graph.nodes if n.target is F.relu)
+    moved = perm.index(1)
+    assert fx_site_dim(site, ops.named_modules(gm)) == (-1 if moved == 3 else moved)
+
+
+def fx_site_dim(node, modules):
+    from egp_export.analysis.fx import site_neuron_dim
+
+    return site_neuron_dim(node, modules)
+
+
+LAYER_NORMS = [
+    ("module", lambda m, x: m.layer(x), nn.LayerNorm(4)),
+    ("function", lambda m, x: F.layer_norm(x, [4]), None),
+    ("torch", lambda m, x: torch.layer_norm(x, [4]), None),
+    ("aten", lambda m, x: torch.ops.aten.layer_norm.default(x, [4]), None),
+    ("aten-native", lambda m, x: torch.ops.aten.native_layer_norm.default(x, [4], None, None, 1e-5)[0], None),
+]
+
+
+@pytest.mark.parametrize("call, module", [(c, m) for _, c, m in LAYER_NORMS], ids=[n for n, _, _ in LAYER_NORMS])
+def test_every_layer_norm_spelling_fixes_a_channels_last_layout(call, module):
+    """[B, 4, 6, 4] -> layer norm (last dim) -> relu: the neurons are the last dim, although rank 4 reads as NCHW."""
+    model = Spelled(lambda m, x: F.relu(call(m, x)), module).eval()
+    gm = prepare(model, torch.randn(2, 4, 6, 4))
+    site = next(n for n in gm.graph.nodes if n.target is F.relu)
+    modules = ops.named_modules(gm)
+    norm = site.args[0] if site.args[0].target is not operator.getitem else site.args[0].args[0]
+    assert ops.is_layer_norm(norm, modules)
+    assert fx_site_dim(site, modules) == -1
+
+
+def test_a_transposed_aten_convolution_is_no_conv():
+    node, modules = _node(
+        Operands(lambda m, x: torch.ops.aten.convolution.default(x, m.conv2d, None, [1, 1], [0, 0], [1, 1], True, [0, 0], 1))
+    )
+    assert ops.layer_kind(node, modules) is None and not ops.is_conv(node, modules)
+
+
+@pytest.mark.parametrize(
+    "call, pooled",
+    [
+        (lambda m, x: x.mean((-1, -2), keepdim=True), True),  # negative dims, read against the input's rank
+        (lambda m, x: x.mean((1, 2, 3), keepdim=True), False),  # the channel dim too: no channel-wise op
+        (lambda m, x: x.mean(3, keepdim=True), False),  # one of two spatial dims
+        (lambda m, x: torch.ops.aten.mean.dim(x, [-2, -1], True), True),
+    ],
+)
+def test_a_mean_is_a_global_pool_only_over_every_spatial_dim(call, pooled):
+    gm = prepare(Operands(call).eval(), torch.randn(2, 4, 5, 5))
+    node = [n for n in gm.graph.nodes if n.op in ("call_method", "call_function")][-1]
+    modules = ops.named_modules(gm)
+    assert ops.is_global_average_pool(node, modules) is pooled and ops.is_pool(node, modules) is pooled

@@ -953,3 +953,14 @@ def test_quiet_and_verbose_exclude_each_other(capsys):
         assert exit_.value.code == 2
         err = capsys.readouterr().err
         assert "argument --verbose: not allowed with argument --quiet" in err and "Traceback" not in err
+
+
+def test_frontend_option_reaches_the_compile_and_the_report(cli_main, workspace):
+    out = workspace.root / "frontend-export"
+    run = cli_main(*_compile_args("cli_models:SmallCNN", out, "--frontend", "export"))
+    assert run.returncode == 0, run.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["trace"]["frontend"] == "export" and report["trace"]["frontend_reason"] == "requested"
+    with pytest.raises(SystemExit) as refused:  # argparse's own refusal
+        cli_main(*_compile_args("cli_models:SmallCNN", workspace.root / "frontend-bad", "--frontend", "dynamo"))
+    assert refused.value.code == 2

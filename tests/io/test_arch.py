@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import textwrap
 
@@ -193,3 +194,44 @@ def test_parse_kwargs_malformed(item):
 def test_parse_kwargs_duplicate_key():
     with pytest.raises(ArchitectureError, match="more than once"):
         parse_kwargs(["a=1", "a=2"])
+
+
+# transformers:CLASS ---------------------------------------------------------------------------------------------
+
+needs_transformers = pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None,
+    reason="Hugging Face transformers is not installed (pip install 'egp-export[transformers]')",
+)
+
+
+@needs_transformers
+def test_transformers_class_builds_from_its_config_with_kwargs():
+    model = build_model(
+        "transformers:BertModel",
+        parse_kwargs(["hidden_size=32", "num_hidden_layers=1", "num_attention_heads=2", "intermediate_size=64",
+                      "vocab_size=50", "hidden_act=linear"]),
+    )
+    assert model.config.hidden_size == 32 and len(model.encoder.layer) == 1
+    assert model.encoder.layer[0].intermediate.dense.out_features == 64
+    ids = torch.randint(0, 50, (2, 7))
+    assert model.eval()(input_ids=ids).last_hidden_state.shape == (2, 7, 32)
+
+
+@needs_transformers
+def test_transformers_refuses_a_config_field_it_would_ignore():
+    with pytest.raises(ArchitectureError, match="hiden_size.*close names:.*hidden_size"):
+        build_model("transformers:BertModel", {"hiden_size": 32})
+
+
+@needs_transformers
+def test_unknown_transformers_class_suggests_close_names():
+    with pytest.raises(ArchitectureError, match="close names: BertModel"):
+        build_model("transformers:BertModle")
+    with pytest.raises(ArchitectureError, match="no model class 'AutoConfig'"):
+        build_model("transformers:AutoConfig")
+
+
+def test_transformers_missing_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
+    with pytest.raises(ArchitectureError, match=r"pip install 'egp-export\[transformers\]'"):
+        build_model("transformers:BertModel")

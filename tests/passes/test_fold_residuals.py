@@ -94,3 +94,43 @@ def test_shared_conv_is_refused():
     fresh = torch.randn(2, 4, 6, 6)
     with torch.no_grad():
         assert compare(model(fresh), gm(fresh)).max_rel <= 1e-6
+
+
+class LinearResidual(nn.Module):
+    def __init__(self, linear: nn.Module, order: str = "skip-first"):
+        super().__init__()
+        self.linear, self.order = linear, order
+
+    def forward(self, x):
+        return x + self.linear(x) if self.order == "skip-first" else self.linear(x).add(x)
+
+
+@pytest.mark.parametrize(
+    "linear, order, shape",
+    [
+        (nn.Linear(6, 6), "skip-first", (6,)),
+        (nn.Linear(6, 6, bias=False), "skip-first", (4, 6)),  # tokens: [B, N, C]
+        (nn.Linear(6, 6), "branch-first", (4, 6)),
+    ],
+    ids=["vector", "tokens-no-bias", "method-add"],
+)
+def test_a_square_linear_residual_folds_exactly(linear, order, shape):
+    """x + (W x + b) = (W + I) x + b: a transformer MLP whose activation became the identity, once merged."""
+    model = LinearResidual(linear, order)
+    gm, result = _run(model, shape)
+    assert result.modified and _adds(gm) == 0 and not any(n.op == "call_method" for n in gm.graph.nodes)
+    assert [r.detail["linear"] for r in result.rewrites] == ["linear"]
+    gm.graph.lint()
+    fresh = torch.randn(3, *shape)
+    with torch.no_grad():
+        assert compare(model(fresh), gm(fresh)).max_rel <= 1e-6
+    buffer = io.BytesIO()
+    torch.onnx.export(gm, (fresh,), buffer, dynamo=False)
+    onnx.checker.check_model(onnx.load_from_string(buffer.getvalue()))
+
+
+def test_a_linear_residual_that_broadcasts_is_refused():
+    """x + linear(x) with a 6 -> 1 linear broadcasts its one output over x: no W + I to form."""
+    gm, result = _run(LinearResidual(nn.Linear(6, 1)), (6,))
+    assert not result.modified
+    assert [r.reason.code for r in result.refusals] == [RefusalCode.SHAPE_CHANGES]
