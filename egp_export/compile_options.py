@@ -88,7 +88,11 @@ class CompileOptions:
     ``leaf_modules`` (submodule names or types) are captured as single calls,
     as are submodules torch.fx cannot trace through; the report's ``trace``
     section lists them. ``frontend``: how the model becomes a graph, one of
-    ``analysis.capture.FRONTENDS``. ``on_stage`` is called with a
+    ``analysis.capture.FRONTENDS``. ``dynamic_dims`` (``{input: {axis:
+    name}}``, e.g. ``{"input_ids": {1: "seq"}}``) are dimensions beyond the
+    batch that torch.export keeps symbolic, so the compiled module (and its
+    ONNX export) runs at other sizes of them; fx graphs are symbolic in every
+    dimension already. ``on_stage`` is called with a
     ``StageEvent`` as each stage starts and ends (the command line prints
     them on a terminal). ``runtime`` (one rank of a torchrun job,
     ``egp_export.distributed.runtime_from_env()``) splits the
@@ -116,6 +120,7 @@ class CompileOptions:
     progress: bool = False
     leaf_modules: tuple = ()
     frontend: str = "fx"
+    dynamic_dims: dict | None = None
     on_stage: Callable | None = None
     runtime: object = None
 
@@ -142,6 +147,8 @@ class CompileOptions:
             raise OptionError(f"merge_plan must be one of {', '.join(MERGE_PLANS)}, got {self.merge_plan!r}.")
         if self.frontend not in FRONTENDS:
             raise OptionError(f"frontend must be one of {', '.join(FRONTENDS)}, got {self.frontend!r}.")
+        if self.dynamic_dims is not None:
+            object.__setattr__(self, "dynamic_dims", _checked_dims(self.dynamic_dims))
         if self.cost_model not in (None, "analytic", "measured") and not hasattr(self.cost_model, "conv_seconds"):
             raise OptionError(f"cost_model must be 'analytic', 'measured' or a cost object, got {self.cost_model!r}")
         measured = self.cost_model == "measured" or isinstance(self.cost_model, MeasuredCost)
@@ -158,3 +165,22 @@ class CompileOptions:
         if unknown:
             raise TypeError(f"compile() got unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return replace(self, **overrides) if overrides else self
+
+
+def _checked_dims(dims) -> dict[str, dict[int, str]]:
+    """``{input: {axis: name}}`` with string inputs and names and axes >= 1 (axis 0 is the batch, always dynamic)."""
+    shape = "{input: {axis: name}}, e.g. {'input_ids': {1: 'seq'}}"
+    if not isinstance(dims, dict):
+        raise OptionError(f"dynamic_dims must be {shape}, got {dims!r}.")
+    checked = {}
+    for name, axes in dims.items():
+        if not isinstance(name, str) or not isinstance(axes, dict):
+            raise OptionError(f"dynamic_dims must be {shape}, got {dims!r}.")
+        for axis, dim in axes.items():
+            if not _is_integer(axis) or axis < 1 or not isinstance(dim, str) or not dim:
+                raise OptionError(
+                    f"dynamic_dims[{name!r}] must map axes >= 1 (axis 0, the batch, is always dynamic) to names, "
+                    f"got {axes!r}."
+                )
+        checked[name] = {int(axis): dim for axis, dim in axes.items()}
+    return checked

@@ -296,7 +296,7 @@ class CompileContext:
         """A fresh graph of the working copy from the chosen front end (the caller's model is never captured)."""
         return capture_graph(
             self.working, self.split.calibrate[0], frontend=self.frontend or self.options.frontend,
-            leaf_modules=self.options.leaf_modules,
+            leaf_modules=self.options.leaf_modules, dynamic_dims=self.options.dynamic_dims,
         )
 
     def allowance(self, approximated: bool) -> float:

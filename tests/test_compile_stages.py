@@ -56,6 +56,9 @@ class _World2:
         ("channel_alignment", 0, OptionError, "channel_alignment must be an integer >= 1"),
         ("merge_plan", "some", OptionError, "merge_plan must be one of cost, all"),
         ("frontend", "torchscript", OptionError, "frontend must be one of"),
+        ("dynamic_dims", {"input_ids": {0: "seq"}}, OptionError, r"axis 0, the batch, is always dynamic"),
+        ("dynamic_dims", {"input_ids": 1}, OptionError, r"dynamic_dims must be \{input: \{axis: name\}\}"),
+        ("dynamic_dims", [("input_ids", 1)], OptionError, r"dynamic_dims must be \{input: \{axis: name\}\}"),
         ("cost_model", "fast", OptionError, "cost_model must be 'analytic', 'measured' or a cost object"),
     ],
 )

@@ -76,3 +76,46 @@ def test_identity_mlps_merge_fold_verify_and_export(name, identity_layer, residu
         with torch.no_grad():
             expected = model(fresh[:batch])
         assert compare(expected, tuple(outputs)).max_rel <= 2 * ort_rtol, batch
+
+
+def _bert_tokens(samples: int, length: int, seed: int) -> dict:
+    """Tokenised batches as a tokenizer gives them: ids, a mask with right padding, segment ids."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 128, (samples, length), generator=generator)
+    lengths = torch.randint(length // 2, length + 1, (samples,), generator=generator)
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    segments = (torch.arange(length)[None, :] >= length // 2).long().expand(samples, -1).contiguous()
+    return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": segments}
+
+
+def test_bert_with_three_keyword_inputs_compiles_and_exports_with_a_dynamic_sequence(tmp_path):
+    """input_ids + attention_mask + token_type_ids through torch.export with the sequence kept symbolic: the identity
+    MLP merges, fresh batches match at sequence lengths the compile never saw, and the ONNX file runs at them too."""
+    entry = ZOO_BY_NAME["transformers/bert"]
+    torch.manual_seed(0)
+    model = entry.build().eval()
+    (identity,) = identity_mlp_layers(model, (0,))
+    dims = {name: {1: "seq"} for name in ("input_ids", "attention_mask", "token_type_ids")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = egp_export.compile(model, _bert_tokens(64, 16, seed=2), frontend="export", dynamic_dims=dims)
+    merged = [r["detail"] for r in result.report["rewrites"] if r["kind"] == "linear_merged"]
+    assert merged == [{"rule": "linear->linear", "into": identity.fc1, "absorbed": identity.fc2}]
+    assert result.report["calibration"]["sample_shape"] == {name: [16] for name in dims}
+
+    for length in (7, 16, 40):  # fresh tokens, other lengths than the calibration's 16
+        fresh = _bert_tokens(8, length, seed=length)
+        rtol = max(1e-5, NOISE_FACTOR * fp32_noise(model, [fresh]))
+        with torch.no_grad():
+            assert compare(model(**fresh), result.module(**fresh)).max_rel <= rtol, length
+
+    fresh = _bert_tokens(8, 16, seed=5)
+    exported = export_onnx(
+        result.module, fresh, tmp_path / "bert.onnx", verify_inputs=fresh, rtol=ORT_CPU_RTOL * 10, exporter="dynamo",
+        dynamic_dims=dims, force=True,
+    )
+    assert exported.input_names == list(dims) and sorted(exported.verified_dim_sizes["seq"]) == [8, 16]
+    session, longer = ort_session(exported.path), _bert_tokens(3, 29, seed=9)
+    with torch.no_grad():
+        expected = model(**longer)
+    assert compare(expected, tuple(run_onnx(session, longer))).max_rel <= 1e-4

@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="INPUT:AXIS=NAME",
         help="make axis AXIS (beyond the batch, axis 0) of input INPUT dynamic under NAME, e.g. input_ids:1=seq; "
         "inputs sharing a NAME share its size; repeat for several. Each is verified in ONNX Runtime at the "
-        "calibration data's size and a second one. A single-tensor model's input is called 'input'",
+        "calibration data's size and a second one; the torch.export front end keeps it symbolic in the captured graph. "
+        "A single-tensor model's input is called 'input'",
     )
     export.add_argument(
         "--dtype",
@@ -574,6 +575,7 @@ def _compile_options(args: argparse.Namespace, **more):
         "approximate": args.approximate,
         "leaf_modules": args.leaf_module,
         "frontend": args.frontend,
+        "dynamic_dims": _dynamic_dims(args) or None,  # kept symbolic by torch.export, then exported dynamic
         "cost_model": args.cost_model,
         "merge_plan": args.merge_plan,
         "channel_alignment": args.channel_alignment,

@@ -62,12 +62,14 @@ def tokens(tmp_path):
     return path
 
 
-def test_a_tokenised_npz_compiles_and_exports_with_a_dynamic_sequence(run, tmp_path, tokens):
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_tokenised_npz_compiles_and_exports_with_a_dynamic_sequence(run, tmp_path, tokens, frontend):
+    """Through torch.export too: the sequence named by --dynamic-dim stays symbolic in the captured graph."""
     out = tmp_path / "out"
     code, stdout, err = run(
         "compile", "--arch", "keyword_models:TokenPair", "--calibration", tokens, "--min-observations", 100,
         "--exporter", "torchscript", "--dynamic-dim", "input_ids:1=seq", "--dynamic-dim", "attention_mask:1=seq",
-        "--out", out,
+        "--frontend", frontend, "--out", out,
     )
     assert code == 0, err
     assert "holds the model's keyword inputs input_ids, attention_mask (left out: labels" in stdout
@@ -77,6 +79,7 @@ def test_a_tokenised_npz_compiles_and_exports_with_a_dynamic_sequence(run, tmp_p
     assert report["onnx"]["input_names"] == ["input_ids", "attention_mask"]
     assert report["onnx"]["dynamic_dims"] == {"input_ids": {"1": "seq"}, "attention_mask": {"1": "seq"}}
     assert report["onnx"]["verified_dim_sizes"] == {"seq": [3, 6]}
+    assert report["trace"]["frontend"] == frontend
 
 
 def test_a_malformed_dynamic_dim_is_refused_by_the_parser(run, tmp_path, tokens, capsys):
