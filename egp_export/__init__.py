@@ -36,12 +36,12 @@ from egp_export.version import __version__
 _LAZY = {
     "compile": "compiler",
     "CompileResult": "compiler",
-    "analyze": "analysis.stats",
+    "analyze": "analysis.plans",
     "export_onnx": "export.onnx",
     "ExportResult": "export.onnx",
     "inspect_onnx": "export.inspect",
-    "padding_plan": "algebra.padding",
-    "apply_padding_plan": "algebra.padding",
+    "padding_plan": "padding",
+    "apply_padding_plan": "padding",
     "profile": "runtime.profiler",
     "build_engine": "runtime.engines",
     "recheck": "runtime.recheck",
@@ -49,11 +49,11 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from egp_export.algebra.padding import apply_padding_plan, padding_plan
-    from egp_export.analysis.stats import analyze
+    from egp_export.analysis.plans import analyze
     from egp_export.compiler import CompileResult, compile  # noqa: A004 - the issue's public name
     from egp_export.export.inspect import inspect_onnx
     from egp_export.export.onnx import ExportResult, export_onnx
+    from egp_export.padding import apply_padding_plan, padding_plan
     from egp_export.runtime.engines import build_engine
     from egp_export.runtime.profiler import profile
     from egp_export.runtime.recheck import RecheckResult, recheck

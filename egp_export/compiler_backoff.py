@@ -18,6 +18,10 @@ decided from its numbers beyond "passed" or "failed". When no step passes
 within that bound, the caller withdraws every statistical rewrite (the
 all-or-nothing last resort).
 
+The second back-off withdraws every statistical rewrite at once: the plans
+are decided again under a policy that withdraws them all, rewritten and
+verified (``withdraw_statistical_rewrites``).
+
 When the check fails with no statistical rewrite left, ``withdraw_exact_rewrites``
 does the same for the exact rewrites (folds and merges): on an ill-conditioned
 model, whose own float32 rounding is above the 1e-4 cap, a merge computed in
@@ -26,20 +30,26 @@ pipeline is re-run pass by pass on the validation part, the rewrites of the
 first pass that moves the float32 output beyond the allowance are bisected
 down to the responsible one, which is withheld on a fresh trace, and the rest
 is compiled; only a model that fails with every rewrite withheld is refused.
+
+``BACK_OFFS`` lists the three as stages, each with the condition it runs on;
+every candidate they build is the compile's own capture -> decide -> rewrite
+re-run (stages.rebuild) with withdrawn plans or withheld nodes.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
+from egp_export.analysis.fx import propagate_shapes
 from egp_export.analysis.numerics import ErrorStats
-from egp_export.analysis.stats import META_KEY, SiteStats
-from egp_export.records import Reason, Refusal, RefusalCode, Rewrite, RewriteKind
+from egp_export.analysis.stats import SiteStats
+from egp_export.plan_filters import WITHDRAWAL, Plans, withdraw_sites
+from egp_export.records import Reason, Refusal, RefusalCode, Rewrite
+from egp_export.stages import EVERY_NODE, CompileContext, Stage, check, decide, rebuild, rewrite, validates, verify
 
 # Held-out checks the stepwise back-off may run (after the first, failed one) before the
 # all-or-nothing withdrawal: each is one more look at the held-out samples, so it stays bounded.
@@ -49,15 +59,6 @@ HELD_OUT_CHECKS = 3
 # most marginal one. An untouched random ResNet-18 on 32 samples has every site below 0.05 (a stray neuron there flips
 # on fresh inputs); a dead channel engineered with a large negative bias sits ~100 spreads away.
 SAFE_MARGINALITY = 1.0
-
-
-def rewritten_neurons(site: SiteStats, rewrite: Rewrite) -> torch.Tensor:
-    """The neurons a LINEARIZED (every one-region neuron) or DEAD_MASKED (the dead ones) rewrite rests on."""
-    if rewrite.kind is RewriteKind.LINEARIZED:
-        neurons = site.neuron_region >= 0 if not site.spec.smooth else torch.ones(site.num_neurons, dtype=torch.bool)
-    else:
-        neurons = site.dead_neurons()
-    return neurons & ~site.withdrawn if site.withdrawn.numel() else neurons
 
 
 def marginality(site: SiteStats, neurons: torch.Tensor) -> float:
@@ -72,32 +73,24 @@ def marginality(site: SiteStats, neurons: torch.Tensor) -> float:
     return float((site.margin / spread)[neurons].min())
 
 
-def backoff_order(sites: list[SiteStats], statistical: list[Rewrite]) -> list[tuple[SiteStats, float]]:
-    """The statistically rewritten sites with their marginality, most marginal first (ties: fewer observations first)."""
+def backoff_order(sites: list[SiteStats], plans: Plans, statistical: list[Rewrite]) -> list[tuple[SiteStats, float]]:
+    """The statistically rewritten sites with their marginality (over the neurons their plans rewrite), most
+    marginal first (ties: fewer observations first)."""
     by_name = {site.name: site for site in sites}
     ranked = {}
-    for rewrite in statistical:
-        site = by_name.get(rewrite.nodes[0])
+    for made in statistical:
+        site = by_name.get(made.nodes[0])
         if site is None:
             continue
-        value = marginality(site, rewritten_neurons(site, rewrite))
-        ranked[site.name] = (site, min(value, ranked.get(site.name, (site, value))[1]))
+        ranked[site.name] = (site, marginality(site, plans[site.name].rewritten_neurons()))
     return sorted(ranked.values(), key=lambda pair: (pair[1], pair[0].observations))
-
-
-def attach_sites(gm: fx.GraphModule, sites: list[SiteStats]) -> None:
-    """Store ``sites`` on the activation nodes of the same name (a fresh trace of the same model)."""
-    by_name = {site.name: site for site in sites}
-    for node in gm.graph.nodes:
-        if node.name in by_name:
-            node.meta[META_KEY] = by_name[node.name]
 
 
 @dataclass
 class BackOff:
     """What the stepwise back-off ended with: the last candidate, its check, the withdrawals and how many checks ran."""
 
-    attempt: object  # compiler._Attempt
+    attempt: object  # stages.Attempt
     error: ErrorStats
     rtol: float
     withdrawals: list[Refusal]
@@ -108,7 +101,7 @@ class BackOff:
 def back_off_in_steps(
     attempt,
     failed: Reason,
-    build: Callable[[list[SiteStats]], object],
+    build: Callable[[Plans], object],
     validate: Callable[[object], bool],
     check: Callable[[object], tuple[ErrorStats, float]],
     stage: str,
@@ -116,16 +109,15 @@ def back_off_in_steps(
     """Withdraw statistically rewritten sites most-marginal first (the marginal ones, then 2, 4, ... per step, never the
     last one) until the held-out check passes.
 
-    ``build(sites)`` rewrites a fresh trace with those (withdrawn-marked) site
-    statistics; ``validate(candidate)`` compares the candidate with the
+    ``build(plans)`` rewrites a fresh capture with those plans (the failed
+    attempt's, sites withdrawn); ``validate(candidate)`` compares the candidate with the
     original on the validation part; ``check`` is the held-out check, run at
     most ``HELD_OUT_CHECKS`` times. ``attempt`` is the failed first attempt.
     Each withdrawn site is reported with RefusalCode.MARGINAL_SITE_WITHDRAWN,
     its marginality, rank and the step that withdrew it.
     """
-    order = backoff_order(attempt.sites, attempt.statistical)
-    decided = copy.deepcopy(attempt.sites)
-    by_name = {site.name: site for site in decided}
+    order = backoff_order(attempt.sites, attempt.plans, attempt.statistical)
+    plans = attempt.plans
     withdrawals: list[Refusal] = []
     error, rtol, checks, taken, step = None, float("nan"), 0, 0, 0
     candidate = attempt
@@ -137,16 +129,17 @@ def back_off_in_steps(
         if taken + size >= len(order):
             break
         step += 1
-        for rank, (site, margin) in enumerate(order[taken:taken + size], start=taken + 1):
-            reason = Reason(
+        reasons = {
+            site.name: Reason(
                 RefusalCode.MARGINAL_SITE_WITHDRAWN,
                 {**failed.detail, "marginality": margin, "rank": rank, "sites": len(order), "step": step},
             )
-            target = by_name[site.name]
-            target.withdraw(torch.ones(target.num_neurons, dtype=torch.bool), reason)
-            withdrawals.append(Refusal(stage, site.name, reason))
+            for rank, (site, margin) in enumerate(order[taken:taken + size], start=taken + 1)
+        }
+        plans = withdraw_sites(plans, reasons, reasons.get)
+        withdrawals += [Refusal(stage, name, reason) for name, reason in reasons.items()]
         taken += size
-        candidate = build(copy.deepcopy(decided))
+        candidate = build(plans)
         if not validate(candidate):
             continue
         error, rtol = check(candidate)
@@ -165,8 +158,6 @@ EXACT_PIPELINE_RUNS = 12
 # the validation part, the search looks again with the limit halved, down to this fraction of the allowance (lcnet_050
 # at 64x64, random weights: 1.25e-4 per sample on held-out data, below 1e-4 on validation at every pass).
 EXACT_LIMIT_FLOOR = 0.25
-# ``build``'s argument for the last resort: withhold every node of the fresh trace.
-EVERY_NODE = frozenset({"*"})
 
 
 class _Exceeded(Exception):
@@ -227,7 +218,7 @@ def _responsible(
 class ExactBackOff:
     """What the exact back-off ended with: the candidate, its held-out check, the withdrawals, the checks run."""
 
-    attempt: object  # compiler._Attempt
+    attempt: object  # stages.Attempt
     error: ErrorStats
     rtol: float
     withdrawals: list[Refusal]
@@ -286,13 +277,13 @@ def withdraw_exact_rewrites(
         if not nodes:
             break  # a pass that does not honour withholding made it
         withheld |= nodes
-        for rewrite in culprits:
+        for culprit in culprits:
             detail = {
-                **failed.detail, "pass": rewrite.pass_name, "rewrite": rewrite.kind, "nodes": list(rewrite.nodes),
+                **failed.detail, "pass": culprit.pass_name, "rewrite": culprit.kind, "nodes": list(culprit.nodes),
                 "error_before": exceeded.before, "error_after": exceeded.after, "limit": limit,
                 "part": part[0], "samples": part[1],
             }
-            withdrawals.append(Refusal(stage, rewrite.nodes[-1], Reason(RefusalCode.EXACT_REWRITE_WITHDRAWN, detail)))
+            withdrawals.append(Refusal(stage, culprit.nodes[-1], Reason(RefusalCode.EXACT_REWRITE_WITHDRAWN, detail)))
     candidate = build(EVERY_NODE, None)
     error, rtol = check(candidate)
     checks += 1
@@ -305,3 +296,78 @@ def withdraw_exact_rewrites(
         for r in made if _key(r) not in accounted
     ]
     return ExactBackOff(candidate, error, rtol, everything, checks, error.within(rtol))
+
+
+# The back-off stages --------------------------------------------------------------------------------------------
+
+
+def _failed(ctx: CompileContext) -> Reason:
+    """The failed held-out check, as the reason every back-off withdrawal carries."""
+    detail = {"max_rel": ctx.error.max_rel, "allowed": ctx.rtol, "verification_samples": ctx.split.holdout_samples}
+    return Reason(RefusalCode.FINAL_CHECK_FAILED, detail)
+
+
+def _statistics_at_fault(ctx: CompileContext) -> bool:
+    """Statistics may be at fault; a failure with border-approximate merges (the user's explicit approximate=True)
+    is reported instead: their tolerance, not the data, decides those."""
+    attempt = ctx.attempt
+    return not ctx.passed and not ctx.options.strict and bool(attempt.statistical) and not attempt.border_approximate
+
+
+def _several_sites_at_fault(ctx: CompileContext) -> bool:
+    """One site: the stepwise back-off has nothing to choose, withdrawing every statistical rewrite is next."""
+    return _statistics_at_fault(ctx) and len({r.nodes[0] for r in ctx.attempt.statistical}) > 1
+
+
+def _only_exact_rewrites_left(ctx: CompileContext) -> bool:
+    attempt = ctx.attempt
+    return not ctx.passed and not ctx.options.strict and not attempt.statistical and not attempt.approximations
+
+
+def withdraw_marginal_sites(ctx: CompileContext) -> dict:
+    """The stepwise back-off; a candidate that passes becomes the compiled one."""
+    stepped = back_off_in_steps(
+        ctx.attempt, _failed(ctx), lambda plans: rebuild(ctx, plans), lambda candidate: validates(ctx, candidate),
+        lambda candidate: check(ctx, candidate), WITHDRAWAL,
+    )
+    if stepped.passed:
+        ctx.attempt, ctx.error, ctx.rtol = stepped.attempt, stepped.error, stepped.rtol
+        ctx.withdrawals += stepped.withdrawals
+    return {"withdrawn": len(stepped.withdrawals), "held_out_checks": stepped.held_out_checks, "passed": stepped.passed}
+
+
+def withdraw_statistical_rewrites(ctx: CompileContext) -> dict:
+    """Decide again under a policy that withdraws every plan, and rewrite a fresh capture (verify follows)."""
+    failed = _failed(ctx)
+    ctx.withdrawals += [
+        Refusal(WITHDRAWAL, r.nodes[0], Reason(failed.code, {**failed.detail, "rewrite": r.kind}))
+        for r in ctx.attempt.statistical
+    ]
+    ctx.policy = lambda ctx, plans: ({name: plan.withdraw_all(failed) for name, plan in plans.items()}, [], None)
+    ctx.gm = ctx.fresh_graph()
+    propagate_shapes(ctx.gm, ctx.example)
+    decide(ctx)
+    rewrite(ctx)
+    return {"withdrawn": len(ctx.withdrawals), "rewrites": len(ctx.attempt.pipeline.rewrites)}
+
+
+def withhold_exact_rewrites(ctx: CompileContext) -> dict:
+    """Withhold the exact rewrites that move the float32 output, located on the validation part."""
+    part = ("validation" if ctx.split.validate.samples else "decide", ctx.validation_part.samples)
+    plans = ctx.attempt.plans
+    exact = withdraw_exact_rewrites(
+        _failed(ctx), ctx.attempt.pipeline.rewrites, lambda withheld, observe: rebuild(ctx, plans, withheld, observe),
+        lambda gm: ctx.shards.error(ctx.reference, gm, ctx.validation_part), lambda candidate: check(ctx, candidate),
+        ctx.rtol, part, WITHDRAWAL,
+    )
+    ctx.attempt, ctx.error, ctx.rtol, ctx.exact_withdrawn = exact.attempt, exact.error, exact.rtol, True
+    ctx.withdrawals += exact.withdrawals
+    return {"withdrawn": len(exact.withdrawals), "held_out_checks": exact.held_out_checks, "passed": exact.passed}
+
+
+# After a failed check, in this order, each when its condition holds: (condition, the stages it runs).
+BACK_OFFS = (
+    (_several_sites_at_fault, (Stage("back-off", withdraw_marginal_sites),)),
+    (_statistics_at_fault, (Stage("back-off", withdraw_statistical_rewrites), Stage("verify", verify))),
+    (_only_exact_rewrites_left, (Stage("back-off", withhold_exact_rewrites),)),
+)

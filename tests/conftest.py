@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from egp_export.analysis.fx import activation_nodes, propagate_shapes
 from egp_export.analysis.numerics import FP32_RTOL, ORT_CPU_RTOL, compare
 from egp_export.analysis.ops import named_modules
+from egp_export.analysis.plans import plan_site, store_plans
 from egp_export.analysis.stats import calibrate
 from egp_export.analysis.trace import trace
 from egp_export.passes import PassResult, finalize
@@ -56,11 +57,14 @@ def calibration_batches(shape: tuple[int, ...], batches: int = 2) -> list[torch.
     return [torch.randn(shape) for _ in range(batches)]
 
 
-def prepare(model: nn.Module, example: torch.Tensor, *, calibration: list[torch.Tensor] | None = None) -> fx.GraphModule:
-    """Trace ``model``, propagate shapes and (if given) store activation statistics on its nodes."""
+def prepare(
+    model: nn.Module, example: torch.Tensor, *, calibration: list[torch.Tensor] | None = None, tolerance: float = 1e-5
+) -> fx.GraphModule:
+    """Trace ``model``, propagate shapes and (if ``calibration`` is given) store activation statistics and the plans
+    they support at ``tolerance`` (what the compiler's decide stage does, without its filters) on its nodes."""
     gm = trace(model)
     if calibration is not None:
-        calibrate(gm, calibration)
+        store_plans(gm, {site.name: plan_site(site, tolerance) for site in calibrate(gm, calibration)})
     propagate_shapes(gm, example[:1])
     return gm
 

@@ -67,7 +67,7 @@ def test_the_split_seed_chooses_the_split_and_the_same_seed_the_same_split():
 
 
 def test_the_cli_checks_onnx_on_the_compiles_held_out_samples_and_plans_on_its_decide_samples(tmp_path, monkeypatch):
-    from egp_export.algebra import padding
+    from egp_export import padding
     from egp_export.export import onnx as onnx_export
 
     data = _sorted_by_class()
@@ -80,9 +80,11 @@ def test_the_cli_checks_onnx_on_the_compiles_held_out_samples_and_plans_on_its_d
         seen.setdefault("verify", torch.cat(list(kwargs["verify_inputs"])))
         return real_export(module, example, target, **kwargs)
 
-    def plan(model, calibration, **kwargs):
-        seen["decide"] = torch.cat(list(calibration))
-        return real_plan(model, calibration, **kwargs)
+    def plan(model, calibration, options=None, **kwargs):
+        # The plan runs the compile's own stages with its options: the same seeded split decides.
+        split = split_holdout(as_batches(calibration), options.holdout, options.validation, seed=options.split_seed)
+        seen["decide"] = torch.cat(list(split.calibrate))
+        return real_plan(model, calibration, options, **kwargs)
 
     monkeypatch.setattr(onnx_export, "export_onnx", export)
     monkeypatch.setattr(padding, "padding_plan", plan)

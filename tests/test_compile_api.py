@@ -122,15 +122,21 @@ def test_no_warnings_for_a_clean_eval_model():
         egp_export.compile(_net(), _data())
 
 
+COMPILE_STAGES = ("prepare", "capture", "calibrate", "decide", "rewrite", "verify", "report")
+
+
 def test_each_stage_is_announced_and_timed_in_order():
     from egp_export.compiler import StageEvent
 
     events: list[StageEvent] = []
     result = egp_export.compile(_net(), _data(), on_stage=events.append)
     assert [(e.stage, e.done) for e in events] == [
-        (name, done) for name in ("trace", "calibrate", "rewrite", "verify") for done in (False, True)
+        (name, done) for name in COMPILE_STAGES for done in (False, True)
     ]
     done = {e.stage: e for e in events if e.done}
+    # The report's timings are the events' seconds, one per stage, and nothing else.
+    assert result.report["seconds"] == {e.stage: round(e.seconds, 3) for e in events if e.done}
+    assert result.report["compile_seconds"] == round(sum(result.report["seconds"].values()), 3)
     assert done["calibrate"].facts == {"samples": result.report["calibration"]["decide_samples"], "sites": 2}
     assert done["verify"].facts["max_rel"] == result.report["verification"]["pytorch"]["max_rel"]
     assert done["rewrite"].facts["rewrites"] == len(result.report["rewrites"])

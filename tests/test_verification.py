@@ -103,8 +103,10 @@ def test_inf_in_the_reference_backs_off_to_a_model_with_the_same_inf_and_nan():
 
     assert [w["code"] for w in result.report["withdrawals"]] == [FINAL_CHECK_FAILED]
     # The back-off is a stage of its own, followed by a second verification.
-    assert [e.stage for e in events if e.done] == ["trace", "calibrate", "rewrite", "verify", "back-off", "verify"]
-    assert events[-1].facts["max_rel"] == result.report["verification"]["pytorch"]["max_rel"]
+    assert [e.stage for e in events if e.done] == [
+        "prepare", "capture", "calibrate", "decide", "rewrite", "verify", "back-off", "verify", "report"
+    ]
+    assert events[-3].facts["max_rel"] == result.report["verification"]["pytorch"]["max_rel"]
     assert result.report["activations_linearized"] == 0
     inputs = _overflow_data()[_parts(100).holdout]
     with torch.no_grad():
@@ -158,14 +160,14 @@ class _BorderChain(nn.Module):
 
 def test_a_border_approximate_merge_is_not_covered_by_a_large_noise_floor(monkeypatch):
     # Old code: allowed max(tolerance, 1e-5, 8 x noise): with noise 0.03 a 4e-2 border error "verified" at 0.24.
-    monkeypatch.setattr("egp_export.compiler.fp32_noise", lambda model, batches: 0.03)
+    monkeypatch.setattr("egp_export.stages.fp32_noise", lambda model, batches: 0.03)
     data = torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with pytest.raises(VerificationError, match=r"allowed 0\.00011.*border-approximate"):
         egp_export.compile(_BorderChain().eval(), data, 1e-5, approximate=True)
 
 
 def test_a_noise_floor_above_1e5_is_noted_in_the_report(monkeypatch):
-    monkeypatch.setattr("egp_export.compiler.fp32_noise", lambda model, batches: 5e-6)
+    monkeypatch.setattr("egp_export.stages.fp32_noise", lambda model, batches: 5e-6)
     data = torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     report = egp_export.compile(_BorderChain().eval(), data, debug=True).report
 

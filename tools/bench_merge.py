@@ -35,6 +35,7 @@ import torchvision
 
 from egp_export import compile as egp_compile
 from egp_export.analysis.numerics import compare, fp32_noise
+from egp_export.analysis.plans import plan_site, store_plans
 from egp_export.analysis.stats import calibrate
 from egp_export.analysis.trace import trace
 from egp_export.export.onnx import export_onnx
@@ -112,8 +113,8 @@ BUILDERS = {"mobilenet_v2": mobilenet_v2, "resnet18": resnet18, "vit": vit}
 def merge_all(model: nn.Module, calibration: torch.Tensor) -> torch.fx.GraphModule:
     """Layer-Folding-style compile: the same pipeline, every chain merged whole, no verification."""
     gm = trace(model)
-    calibrate(gm, [calibration])
-    PassManager(default_steps(1e-5, approximate=True, plan="all"), example_input=calibration[:1]).run(gm)
+    store_plans(gm, {site.name: plan_site(site, 1e-5) for site in calibrate(gm, [calibration])})
+    PassManager(default_steps(approximate=True, plan="all"), example_input=calibration[:1]).run(gm)
     return gm
 
 

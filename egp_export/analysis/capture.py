@@ -32,7 +32,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from egp_export.analysis.bound_layers import bind_constant_layers
 from egp_export.analysis.fx import keeps_effects
-from egp_export.analysis.inputs import Batch, batch_size, leaves, take
+from egp_export.analysis.inputs import Batch, batch_size, model_input_names, take
 from egp_export.analysis.ops import LayerKind, layer_kind, named_modules
 from egp_export.analysis.trace import (
     TRACE_META_KEY,
@@ -62,7 +62,8 @@ _SOURCE_TYPES = {
 
 
 def capture(
-    model: nn.Module, example: Batch | None = None, *, frontend: str = "fx", leaf_modules: Iterable[LeafSpec] = ()
+    model: nn.Module, example: Batch | None = None, *, frontend: str = "fx", leaf_modules: Iterable[LeafSpec] = (),
+    dynamic_dims: dict[str, dict[int, str]] | None = None,
 ) -> fx.GraphModule:
     """An eval-mode GraphModule of a copy of ``model`` (never touched), captured by ``frontend``.
 
@@ -70,6 +71,10 @@ def capture(
     tensors); the "export" and "auto" front ends run the model on it (fx
     tracing does not need it). ``leaf_modules`` are a torch.fx notion:
     torch.export captures inside every module and refuses them.
+    ``dynamic_dims`` (``{input: {axis: name}}``, input names as
+    ``inputs.model_input_names`` gives them, e.g. ``{"input_ids": {1: "seq"}}``)
+    are kept symbolic by torch.export beside the batch, so the graph runs at
+    other sizes of them (fx graphs are symbolic in every dimension already).
     """
     if frontend not in FRONTENDS:
         raise ValueError(f"frontend must be one of {', '.join(FRONTENDS)}, got {frontend!r}")
@@ -77,8 +82,8 @@ def capture(
     if frontend == "fx":
         return _with_reason(trace(model, leaf_modules=leaf_modules), "requested")
     if frontend == "export":
-        return export_graph(model, example, leaf_modules=leaf_modules, reason="requested")
-    return _auto(model, example, leaf_modules)
+        return export_graph(model, example, leaf_modules=leaf_modules, reason="requested", dynamic_dims=dynamic_dims)
+    return _auto(model, example, leaf_modules, dynamic_dims)
 
 
 def resolved_frontend(gm: fx.GraphModule) -> str:
@@ -86,7 +91,7 @@ def resolved_frontend(gm: fx.GraphModule) -> str:
     return trace_facts(gm).frontend
 
 
-def _auto(model: nn.Module, example: Batch | None, leaf_modules: tuple) -> fx.GraphModule:
+def _auto(model: nn.Module, example: Batch | None, leaf_modules: tuple, dynamic_dims=None) -> fx.GraphModule:
     """fx; torch.export when fx raises or needs untraceable leaves; fx with its leaves when torch.export fails."""
     traced = None
     with warnings.catch_warnings(record=True) as fx_warnings:  # re-issued only if the fx graph is the one used
@@ -101,7 +106,9 @@ def _auto(model: nn.Module, example: Batch | None, leaf_modules: tuple) -> fx.Gr
             return _reissued(traced, fx_warnings, "auto: torch.fx traced the whole model")
         fx_failure = f"torch.fx could not trace inside {', '.join(repr(name) for name in untraceable)}"
     try:
-        return export_graph(model, example, leaf_modules=leaf_modules, reason=f"auto: {fx_failure}")
+        return export_graph(
+            model, example, leaf_modules=leaf_modules, reason=f"auto: {fx_failure}", dynamic_dims=dynamic_dims
+        )
     except TraceError as error:
         if traced is None:
             raise TraceError(f"neither front end captures the model. {fx_failure} | {error}") from None
@@ -125,14 +132,16 @@ def _with_reason(gm: fx.GraphModule, reason: str) -> fx.GraphModule:
 
 
 def export_graph(
-    model: nn.Module, example: Batch | None, *, leaf_modules: tuple = (), reason: str = "requested"
+    model: nn.Module, example: Batch | None, *, leaf_modules: tuple = (), reason: str = "requested",
+    dynamic_dims: dict[str, dict[int, str]] | None = None,
 ) -> fx.GraphModule:
     """``model`` captured by torch.export with a dynamic batch dimension, in the form the passes handle.
 
     - The batch dimension is dynamic: an example of one sample would let
       torch.export specialise it to 1 (DESIGN.md), so the model is exported on
       at least two samples made from the example, and the graph keeps its
-      shape computations symbolic (it runs at any batch size).
+      shape computations symbolic (it runs at any batch size); so are the
+      ``dynamic_dims`` (a sequence length), each at least 2.
     - Guard nodes (``_guards_fn``) are stripped; the module is a plain
       GraphModule in eval mode.
     - ATen conv / linear / batch-norm calls (``aten.conv2d``,
@@ -156,15 +165,16 @@ def export_graph(
     warn_training_mode(model)
     owned = owned_copy(model).eval()
     wide = take(example, torch.arange(max(2, batch_size(example))) % batch_size(example))
-    args, kwargs, dynamic = _export_inputs(wide)
+    args, kwargs, dynamic = _export_inputs(wide, model_input_names(owned, wide), dynamic_dims or {})
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.export.export(owned, args, kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception as error:  # torch.export raises many types; all mean "not capturable"
+        named = "".join(f", {name}" for name in dict.fromkeys(n for axes in (dynamic_dims or {}).values() for n in axes.values()))
         raise TraceError(
-            f"torch.export cannot capture the model with a dynamic batch dimension: {failure_line(error)}. "
-            "Make forward() work for any batch size (no Python branches on the batch size or on tensor values), "
+            f"torch.export cannot capture the model with dynamic dimensions (batch{named}): {failure_line(error)}. "
+            "Make forward() work for any size of them (no Python branches on sizes or on tensor values), "
             "or use the fx front end."
         ) from None
     gm = _plain_module(program.module(), type(owned).__name__)
@@ -179,14 +189,30 @@ def export_graph(
     return gm.eval()
 
 
-def _export_inputs(batch: Batch) -> tuple[tuple, dict, object]:
-    """(args, kwargs, dynamic_shapes) for torch.export: dimension 0 of every input is the one batch dimension."""
-    dim = torch.export.Dim("batch", min=1)
+def _export_inputs(batch: Batch, names: list[str], dynamic_dims: dict[str, dict[int, str]]) -> tuple[tuple, dict, object]:
+    """(args, kwargs, dynamic_shapes) for torch.export: dimension 0 of every input is the one batch dimension, and
+    each axis of ``dynamic_dims`` dynamic within the range the model allows (inputs that must agree are found
+    equal by torch.export itself)."""
+    unknown = sorted(set(dynamic_dims) - set(names))
+    if unknown:
+        raise TraceError(
+            f"dynamic dimensions name {', '.join(map(repr, unknown))}, not an input of the model "
+            f"({', '.join(map(repr, names))}); name the inputs as the model takes them."
+        )
+    batch_dim = torch.export.Dim("batch", min=1)
+
+    def axes(name: str) -> dict:
+        spec = {0: batch_dim}
+        for axis in dynamic_dims.get(name, {}):
+            # DYNAMIC lets torch.export find the range the model allows (a position table caps a sequence)
+            spec[int(axis)] = torch.export.Dim.DYNAMIC
+        return spec
+
     if isinstance(batch, torch.Tensor):
-        return (batch,), {}, ({0: dim},)
+        return (batch,), {}, (axes(names[0]),)
     if isinstance(batch, dict):
-        return (), dict(batch), {key: {0: dim} for key in batch}
-    return tuple(batch), {}, tuple({0: dim} for _ in leaves(batch))
+        return (), dict(batch), {key: axes(str(key)) for key in batch}
+    return tuple(batch), {}, tuple(axes(name) for name in names)
 
 
 def _plain_module(unlifted: fx.GraphModule, class_name: str) -> fx.GraphModule:

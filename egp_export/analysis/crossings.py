@@ -31,15 +31,15 @@ surrogates are validated on their range instead (compiler.py).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
 from egp_export.analysis import inputs
 from egp_export.analysis.batches import Batches
-from egp_export.analysis.capture import capture
+from egp_export.analysis.plans import SitePlan
 from egp_export.analysis.stats import SiteStats
 from egp_export.records import Reason, RefusalCode
 
@@ -135,11 +135,6 @@ class _MarginInterpreter(fx.Interpreter):
         return super().run_node(n)
 
 
-def _rewritten_neurons(site: SiteStats, tolerance: float) -> torch.Tensor:
-    """The neurons whose rewrite rests on the statistics: all of a linear site, else its dead mask."""
-    return site.neuron_region >= 0 if site.linear_map(tolerance).ok else site.dead_neurons()
-
-
 def _feature_std(decide: Batches, leaf: int) -> torch.Tensor:
     """Per feature of input ``leaf`` (every element of a sample), the standard deviation over the decide samples
     (float64)."""
@@ -156,21 +151,23 @@ def _feature_std(decide: Batches, leaf: int) -> torch.Tensor:
 
 
 def search_crossings(
-    reference: nn.Module, sites: list[SiteStats], start: Batches, decide: Batches, tolerance: float, *,
-    radius: float = DEFAULT_CROSSING_RADIUS, steps: int = CROSSING_STEPS, samples: int = CROSSING_SAMPLES,
-    leaf_modules: tuple = (), frontend: str = "fx",
+    reference: Callable[[], fx.GraphModule], sites: list[SiteStats], plans: dict[str, SitePlan], start: Batches,
+    decide: Batches, *, radius: float = DEFAULT_CROSSING_RADIUS, steps: int = CROSSING_STEPS,
+    samples: int = CROSSING_SAMPLES,
 ) -> CrossingSearch:
     """Search around the first ``samples`` of ``start`` for inputs that move rewritten neurons out of their region.
 
-    ``reference`` (the original model) is captured afresh by ``frontend`` and never changed; the
-    box is ``radius`` x the per-feature standard deviation of ``decide``.
-    Every neuron seen outside its region is withdrawn from its site with a
-    CROSSED_UNDER_PERTURBATION reason; the result says what was searched.
+    ``reference()`` captures the original model (called only when there is
+    something to search; the graph is run, never changed); the neurons
+    searched are those ``plans`` rewrite; the box is ``radius`` x the
+    per-feature standard deviation of ``decide``. Every neuron seen outside
+    its region is in ``crossed`` with a CROSSED_UNDER_PERTURBATION reason
+    (the caller withdraws it); the result says what was searched.
     """
     search = CrossingSearch(radius)
     started = time.perf_counter()
     candidates = {
-        site.name: _rewritten_neurons(site, tolerance) for site in sites
+        site.name: plans[site.name].rewritten_neurons() for site in sites
         if not site.spec.smooth and site.num_neurons and site.dim != 0
     }
     targets = {name: _Target(site, candidates[name]) for site in sites
@@ -196,7 +193,7 @@ def search_crossings(
         return search
     searched = [index for index, is_float in enumerate(floating) if is_float]
     boxes = {i: (radius * _feature_std(decide, i)).to(leaves[i].dtype).to(leaves[i].device) for i in searched}
-    gm = capture(reference, batch, frontend=frontend, leaf_modules=leaf_modules)
+    gm = reference()
     interpreter = _MarginInterpreter(gm, targets)
     deltas = {i: torch.zeros_like(leaves[i], requires_grad=True) for i in searched}
     step = 0
@@ -231,8 +228,6 @@ def search_crossings(
             "neurons": int(mask.sum()), "neuron_indices": [int(i) for i in mask.nonzero().flatten()[:32]],
             "radius": radius, "samples": search.samples, "steps": steps,
         }
-        reason = Reason(RefusalCode.CROSSED_UNDER_PERTURBATION, detail)
-        target.site.withdraw(mask, reason)
-        search.reasons.append((name, reason))
+        search.reasons.append((name, Reason(RefusalCode.CROSSED_UNDER_PERTURBATION, detail)))
     search.seconds = time.perf_counter() - started
     return search

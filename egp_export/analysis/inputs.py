@@ -162,6 +162,17 @@ def names(batch: Batch) -> list[str]:
     return [f"input {i}" for i in range(len(batch))]
 
 
+def model_input_names(model, batch: Batch) -> list[str]:
+    """The names a model's inputs go by (an ONNX file's inputs, ``dynamic_dims`` keys): "input" for one tensor, a
+    dict's keys, a tuple's ``forward`` parameter names ("input_0", ... when forward has fewer)."""
+    if isinstance(batch, torch.Tensor):
+        return ["input"]
+    if isinstance(batch, dict):
+        return [str(key) for key in batch]
+    parameters = signature(model).names
+    return list(parameters[: len(batch)]) if len(parameters) >= len(batch) else [f"input_{i}" for i in range(len(batch))]
+
+
 def form(batch: Batch) -> tuple:
     """What two batches of one calibration set share: structure, and each input's sample shape and dtype."""
     kind = "tensor" if isinstance(batch, torch.Tensor) else "dict" if isinstance(batch, dict) else "tuple"

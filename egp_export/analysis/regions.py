@@ -21,6 +21,7 @@ import hashlib
 import torch
 import torch.nn as nn
 
+from egp_export.analysis.plans import SitePlan
 from egp_export.analysis.stats import SiteStats
 from egp_export.records import Rewrite, RewriteKind
 
@@ -48,7 +49,9 @@ def model_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def site_regions(sites: list[SiteStats], rewrites: list[Rewrite], tolerance: float, *, model: nn.Module) -> dict:
+def site_regions(
+    sites: list[SiteStats], plans: dict[str, SitePlan], rewrites: list[Rewrite], *, model: nn.Module
+) -> dict:
     """report["regions"]: the model's digest and one record per site a LINEARIZED or DEAD_MASKED rewrite changed.
 
     Each record: ``site`` (the call site's node name), ``form``/``target``,
@@ -65,33 +68,32 @@ def site_regions(sites: list[SiteStats], rewrites: list[Rewrite], tolerance: flo
     * smooth activations (surrogates): ``allowed_error``, the largest
       deviation the compile accepted (tolerance x the site's output scale).
 
-    ``tolerance`` is the compile's (the surrogates were fitted with it).
+    What was decided is read from ``plans`` (the compile's SitePlans), never
+    decided again.
     """
     kinds = {rewrite.nodes[0]: _REWRITES[rewrite.kind] for rewrite in rewrites if rewrite.kind in _REWRITES}
-    records = [_record(site, kinds[site.name], tolerance) for site in sites if site.name in kinds]
+    records = [_record(site, plans[site.name], kinds[site.name]) for site in sites if site.name in kinds]
     return {"format": REGIONS_FORMAT, "model_digest": model_digest(model), "sites": records}
 
 
-def _record(site: SiteStats, rewrite: str, tolerance: float) -> dict:
+def _record(site: SiteStats, plan: SitePlan, rewrite: str) -> dict:
     record = {
         "site": site.name, "form": site.form, "target": site.target, "activation": site.spec.kind,
         "neuron_dim": site.dim, "neurons": site.num_neurons, "rewrite": rewrite,
     }
     if rewrite == DEAD_MASKED:
-        dead = site.dead_neurons()
-        rewritten = dead.nonzero().flatten()
+        rewritten = plan.dead_mask().nonzero().flatten()
         slope = intercept = torch.zeros(len(rewritten), dtype=torch.float64)
     else:
-        linear = site.linear_map(tolerance)
         rewritten = torch.arange(site.num_neurons)
-        slope, intercept = linear.scale, linear.shift
+        slope, intercept = plan.slope_tensor(), plan.shift_tensor()
     record["rewritten"] = rewritten.tolist()
     # The smallest distance of a rewritten neuron's inputs from its region's boundaries (none for surrogates).
     margins = site.margin[rewritten] if not site.spec.smooth and len(rewritten) else torch.zeros(0)
     record["min_margin"] = float(margins.min()) if margins.numel() else None
     record["slope"], record["intercept"] = slope.tolist(), intercept.tolist()
     if site.spec.smooth:
-        record["allowed_error"] = tolerance * site.output_scale()
+        record["allowed_error"] = plan.allowed_error
     else:
         record["boundaries"] = list(site.spec.boundaries)
         record["region"] = site.neuron_region[rewritten].tolist()

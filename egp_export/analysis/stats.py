@@ -23,9 +23,9 @@ and per sample (3/samples, the conservative one); ``min_observations`` is
 held against observations, which for pooled sites (squeeze-excitation) are
 samples alone.
 
-A rewrite the compiler withdraws (validation data showed neurons leaving
-their region, or the evidence is too thin) is recorded with ``withdraw``:
-those neurons are then neither linearized nor masked as dead.
+What a site's facts support (linearize, mask dead neurons, keep) is decided
+from them once, in analysis/plans.py (``plan_site``); the facts here are
+never changed after calibration.
 
 Everything accumulates as counts, minima and maxima, so memory does not grow
 with the data and two ranks' statistics merge exactly (``SiteStats.merge``).
@@ -95,8 +95,6 @@ class SiteStats:
     high: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     margin: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     samples: int = 0
-    withdrawn: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
-    withdrawals: list[Reason] = field(default_factory=list)  # why the withdrawn neurons are not rewritten
 
     def _reduce_dims(self, z: torch.Tensor) -> tuple[int, ...]:
         """Every axis but the neuron axis: statistics reduce over batch and space without copying z."""
@@ -123,7 +121,6 @@ class SiteStats:
             self.low = torch.full((neurons,), float("inf"), dtype=torch.float64)
             self.high = torch.full((neurons,), float("-inf"), dtype=torch.float64)
             self.margin = torch.full((neurons,), float("inf"), dtype=torch.float64)
-            self.withdrawn = torch.zeros(neurons, dtype=torch.bool)
         elif neurons != self.num_neurons:
             raise CalibrationError(
                 f"activation '{self.name}' saw {neurons} neurons in one batch and {self.num_neurons} in another; "
@@ -188,7 +185,6 @@ class SiteStats:
             return
         if self.observations == 0:
             self.num_neurons, self.observations, self.samples = other.num_neurons, other.observations, other.samples
-            self.withdrawn = torch.zeros(other.num_neurons, dtype=torch.bool)
             self.region_counts, self.on_counts = other.region_counts.clone(), other.on_counts.clone()
             self.low, self.high, self.margin = other.low.clone(), other.high.clone(), other.margin.clone()
             return
@@ -200,18 +196,6 @@ class SiteStats:
         self.high = torch.maximum(self.high, other.high)
         self.margin = torch.minimum(self.margin, other.margin)
         self.zero_crossed_margins()
-
-    def withdraw(self, neurons: torch.Tensor, reason: Reason) -> None:
-        """Never rewrite ``neurons`` (a bool mask) of this site; ``reason`` is what the site's refusal says."""
-        self.withdrawn = self.withdrawn | neurons
-        self.withdrawals.append(reason)
-
-    @property
-    def withdrawal(self) -> Reason | None:
-        """The refusal of a site with withdrawn neurons: the one reason, or all of them."""
-        if len(self.withdrawals) <= 1:
-            return self.withdrawals[0] if self.withdrawals else None
-        return Reason(RefusalCode.WITHDRAWN, {"reasons": list(self.withdrawals)})
 
     # Derived facts -------------------------------------------------------
 
@@ -303,7 +287,7 @@ class SiteStats:
         for r, (slope, intercept) in enumerate(self.spec.regions):
             if slope is not None and intercept == 0 and torch.all(torch.as_tensor(slope) == 0):
                 dead |= region == r
-        return dead & ~self.withdrawn if self.withdrawn.numel() else dead
+        return dead
 
     def output_scale(self) -> float:
         """max |f(z)| over the calibrated input range: the activation's own scale at this site."""
@@ -317,12 +301,10 @@ class SiteStats:
         each neuron's input range, accepted when its largest deviation is at
         most ``tolerance`` times the site's own output scale (max |f(z)| on the
         range; not max(1, ...), which let a SiLU layer whose outputs are all
-        ~1e-4 become zero). Withdrawn neurons make the whole site stay.
+        ~1e-4 become zero). Read by ``plans.plan_site``, the one decision.
         """
         if self.observations == 0:
             return LinearMap(None, None, 0.0, Reason(RefusalCode.NO_CALIBRATION_DATA))
-        if self.withdrawn.any():
-            return LinearMap(None, None, 0.0, self.withdrawal)
         if self.spec.smooth:
             scale = self.output_scale()
             slope, intercept, error = fit_affine(self.spec.fn, self.low, self.high, allowed_error=tolerance * scale)
@@ -351,9 +333,9 @@ class SiteStats:
             shift[members] = affine[1][members]
         return LinearMap(scale, shift, 0.0, None)
 
-    def to_dict(self, tolerance: float) -> dict:
-        """The report's row for this site (JSON-serialisable)."""
-        linear = self.linear_map(tolerance)
+    def to_dict(self) -> dict:
+        """The calibration facts of the report's row for this site (JSON-serialisable; ``plans.site_row`` adds
+        what was decided)."""
         finite_margin = self.one_region_margins()
         return {
             "name": self.name,
@@ -367,15 +349,10 @@ class SiteStats:
             "region_entropy": self.region_entropy,
             "constant_fraction": self.constant_fraction,
             "region_fractions": self.region_fractions,
-            "dead_neurons": int(self.dead_neurons().sum()),
             "min_margin": float(finite_margin.min()) if finite_margin.numel() else None,
             "samples": self.samples,
-            "withdrawn_neurons": int(self.withdrawn.sum()),
             "median_margin": float(finite_margin.median()) if finite_margin.numel() else None,
             "input_range": [float(self.low.min()), float(self.high.max())] if self.num_neurons else None,
-            "linear": linear.ok,
-            "surrogate_error": linear.max_error if self.spec.smooth else 0.0,
-            "why_not_linear": linear.refusal.to_dict() if linear.refusal is not None else None,
         }
 
 
@@ -533,26 +510,3 @@ def _first_line(error: Exception) -> str:
 
 def site_stats(node: fx.Node) -> SiteStats | None:
     return node.meta.get(META_KEY)
-
-
-def summarize_sites(sites: list[SiteStats], tolerance: float) -> dict:
-    """The analysis part of the report: one row per site plus totals."""
-    rows = [site.to_dict(tolerance) for site in sites]
-    return {
-        "sites": rows,
-        "num_sites": len(rows),
-        "num_linear_sites": sum(1 for r in rows if r["linear"]),
-        "mean_entropy": sum(r["entropy"] for r in rows) / len(rows) if rows else 0.0,
-        "zero_entropy_sites": sum(1 for r in rows if r["entropy"] == 0.0),
-    }
-
-
-def analyze(model: nn.Module, calibration, *, tolerance: float = 1e-5, progress: bool = False, leaf_modules=()) -> dict:
-    """Per-site activation analysis of ``model`` on all of ``calibration`` (no rewriting); ``leaf_modules`` as in
-    ``trace``."""
-    from egp_export.analysis.batches import as_batches, fitted_to
-    from egp_export.analysis.trace import trace
-
-    gm = trace(model, leaf_modules=tuple(leaf_modules))
-    sites = calibrate(gm, fitted_to(gm, as_batches(calibration, signature=inputs.signature(gm))), progress=progress)
-    return summarize_sites(sites, tolerance)

@@ -419,7 +419,7 @@ def _labelled(args: argparse.Namespace, calibration):
 
 def _run_analyze(args: argparse.Namespace) -> None:
     from egp_export.analysis import inputs
-    from egp_export.analysis.stats import analyze
+    from egp_export.analysis.plans import analyze
     from egp_export.io.fileio import run_transaction
     from egp_export.report.report import ANALYZE_OUTPUTS, write_report
 
@@ -556,29 +556,30 @@ def _compile_on_a_rank(args: argparse.Namespace, runtime, names) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # rank 0 shows them
         model = _load_model(args)
-        compile_model(model, _load_calibration(args, model), args.tolerance, runtime=runtime, **_compile_options(args))
+        compile_model(model, _load_calibration(args, model), _compile_options(args, runtime=runtime))
 
 
-def _compile_options(args: argparse.Namespace) -> dict:
-    from egp_export.analysis.batches import DEFAULT_SPLIT_SEED
-    from egp_export.analysis.crossings import DEFAULT_CROSSING_RADIUS
-    from egp_export.compiler import DEFAULT_MIN_OBSERVATIONS
-    from egp_export.passes import CHANNEL_ALIGNMENT
+def _compile_options(args: argparse.Namespace, **more):
+    """The one CompileOptions the compile command's flags make (flags left unset keep the library's defaults);
+    ``more``: options that are not flags (the torchrun runtime, the stage printer)."""
+    from egp_export.compile_options import CompileOptions
 
-    return {
+    flags = {
+        "tolerance": args.tolerance,
         "holdout": args.holdout,
-        "split_seed": DEFAULT_SPLIT_SEED if args.split_seed is None else args.split_seed,
+        "split_seed": args.split_seed,
         "strict": args.strict,
-        "min_observations": DEFAULT_MIN_OBSERVATIONS if args.min_observations is None else args.min_observations,
-        "crossing_radius": DEFAULT_CROSSING_RADIUS if args.crossing_radius is None else args.crossing_radius,
+        "min_observations": args.min_observations,
+        "crossing_radius": args.crossing_radius,
         "approximate": args.approximate,
         "leaf_modules": args.leaf_module,
         "frontend": args.frontend,
         "cost_model": args.cost_model,
         "merge_plan": args.merge_plan,
-        "channel_alignment": CHANNEL_ALIGNMENT if args.channel_alignment is None else args.channel_alignment,
+        "channel_alignment": args.channel_alignment,
         "debug": args.debug,
     }
+    return CompileOptions(**{name: value for name, value in flags.items() if value is not None}, **more)
 
 
 def _compile_into(
@@ -588,11 +589,10 @@ def _compile_into(
 
     Returns (the report, the number of held-out samples, the padding plan or None).
     """
-    from egp_export.algebra.padding import padding_plan, save_plan
     from egp_export.analysis import inputs
-    from egp_export.analysis.batches import as_batches
     from egp_export.compiler import compile as compile_model
     from egp_export.io.fileio import write_text_atomic
+    from egp_export.padding import padding_plan, save_plan
     from egp_export.report.plots import plot_depth, plot_entropy
     from egp_export.report.report import ENTROPY_PLOT, ONNX_MODEL, with_export, write_report
 
@@ -600,26 +600,18 @@ def _compile_into(
     calibration = _load_calibration(args, model)
     _check_dynamic_dims(args, model, calibration)
     with stage(args, "compile", f"trace, calibrate on {inputs.batch_size(calibration)} samples, rewrite, verify") as line:
-        result = compile_model(
-            model,
-            calibration,
-            args.tolerance,
-            progress=progress(args),
-            on_stage=stage_events(args),
-            runtime=runtime,
-            **_compile_options(args),
-        )
+        options = _compile_options(args, progress=progress(args), on_stage=stage_events(args), runtime=runtime)
+        result = compile_model(model, calibration, options)
         line.detail = f"{result.report['activations_linearized']} activations linearized"
     if runtime is not None and runtime.world_size > 1:
         from egp_export.distributed import shutdown
 
         shutdown()  # the other ranks are done; the export and reports are rank 0's alone
     # ONNX Runtime is checked on the samples compile() held out (gathered: its split is a permutation), and the
-    # padding plan is decided on the samples compile() decided on (read a batch at a time).
+    # padding plan runs the compile's own stages with its options: the same split, the same decisions.
     held = result.report["calibration"]["holdout_samples"]
     verify = inputs.take(calibration, result.split.holdout) if held else calibration
-    decided = as_batches(calibration, signature=inputs.signature(model)).select(result.split.decide)
-    moves = padding_plan(model, decided, tolerance=args.tolerance) if args.padding_plan else None
+    moves = padding_plan(model, calibration, options.but(on_stage=None, progress=False)) if args.padding_plan else None
     rtol = _ort_rtol(result.report["verification"]["fp32_noise"], result.module, verify)
     fp16 = None
     if args.dtype == "fp16":  # ranges from the samples the compile decided on, the check on the held-out ones

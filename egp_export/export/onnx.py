@@ -678,12 +678,7 @@ class _Job:
 
 def input_names(module: nn.Module, example: Batch) -> list[str]:
     """The file's input names: "input" for one tensor, a dict's keys, a tuple's ``forward`` parameter names."""
-    if isinstance(example, torch.Tensor):
-        return [INPUT_NAME]
-    if isinstance(example, dict):
-        return [str(key) for key in example]
-    parameters = inputs.signature(module).names
-    return list(parameters[: len(example)]) if len(parameters) >= len(example) else [f"input_{i}" for i in range(len(example))]
+    return inputs.model_input_names(module, example)
 
 
 def checked_dims(dims, names: list[str], example: Batch) -> dict[str, dict[int, str]]:
@@ -1115,7 +1110,7 @@ def _verify(
             # A tuple is fed under the file's input names, a dict under its keys, one tensor as the only input.
             candidate = run_onnx(session, dict(zip(input_names, batch)) if isinstance(batch, tuple) else batch)
             errors.add(reference, candidate)  # raises on count/shape mismatch
-            if batch.shape[0] == 1:
+            if inputs.batch_size(batch) == 1:
                 alone.add(reference, candidate)
         except Exception as error:
             raise VerificationError(

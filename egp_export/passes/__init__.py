@@ -26,7 +26,6 @@ def folding_loop(steps: list[GraphPass]) -> FixedPoint:
 
 
 def default_steps(
-    tolerance: float,
     *,
     approximate: bool = False,
     cost=None,
@@ -36,9 +35,11 @@ def default_steps(
 ) -> list[Step]:
     """The compiler's pipeline, run in this order: canonicalise, fold BN, linearize, then fold/merge to a fixed point.
 
-    ``approximate`` allows border-approximate conv merges; ``cost`` is the
-    merge planner's cost model (analytic by default); ``plan="all"`` merges
-    every conv chain whole (the Layer-Folding baseline); ``channel_alignment``
+    Which sites are linearized or masked is their plans' decision
+    (analysis/plans.py, stored on the nodes before the pipeline runs): no
+    step reads the tolerance. ``approximate`` allows border-approximate conv
+    merges; ``cost`` is the merge planner's cost model (analytic by default);
+    ``plan="all"`` merges every conv chain whole (the Layer-Folding baseline); ``channel_alignment``
     rounds the channel counts dead-channel removal leaves up to a multiple;
     ``conv_merging=False`` leaves conv chains and residuals as they are (the
     padding plan inspects the chains that are left).
@@ -48,7 +49,7 @@ def default_steps(
         BindFunctionalLayers(),
         EliminateEvalIdentities(),
         FoldBatchNorm(),
-        LinearizeActivations(tolerance),
+        LinearizeActivations(),
         folding_loop(
             [
                 FoldChannelAffine(),

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from egp_export.analysis.activations import ActivationSpec, activation_spec
 from egp_export.analysis.ops import named_modules
-from egp_export.analysis.stats import META_KEY, SiteStats, analyze, calibrate, site_stats, summarize_sites
+from egp_export.analysis.plans import analyze, summarize_sites
+from egp_export.analysis.stats import META_KEY, SiteStats, calibrate, site_stats
 from egp_export.analysis.trace import trace
 from egp_export.errors import CalibrationError
 from egp_export.records import Reason, RefusalCode
@@ -75,7 +76,7 @@ def test_margin_is_the_smallest_distance_to_a_boundary():
     assert relu.margin.tolist() == [0.5, 0.0, 0.0]
     assert relu6.margin.tolist() == [0.5, 0.0, 0.0]
     # The report quotes the margins of the neurons that stayed in one region only.
-    assert relu.to_dict(1e-5)["min_margin"] == 0.5 and relu.evidence()["min_margin"] == 0.5
+    assert relu.to_dict()["min_margin"] == 0.5 and relu.evidence()["min_margin"] == 0.5
     assert relu6.region_counts.tolist() == [[0, 3, 2], [4, 1, 1], [0, 0, 1]]
     torch.testing.assert_close(relu6.low, torch.tensor([0.5, -2.0, -3.0], dtype=torch.float64))
     torch.testing.assert_close(relu6.high, torch.tensor([3.0, 4.0, 7.0], dtype=torch.float64))
@@ -119,7 +120,7 @@ def test_smooth_sites_have_one_region_and_no_margin():
     assert stats.region_counts.tolist() == [[4, 4, 4]]
     assert torch.isinf(stats.margin).all()
     assert stats.on_counts.tolist() == [4, 1, 2]
-    assert stats.to_dict(1e-5)["min_margin"] is None
+    assert stats.to_dict()["min_margin"] is None
 
 
 def test_inputs_below_rank_two_are_one_neuron():
@@ -292,7 +293,7 @@ def test_analyze_reports_one_row_per_site():
 
 
 def test_summarize_sites_without_sites():
-    assert summarize_sites([], 1e-5) == {
+    assert summarize_sites([], {}) == {
         "sites": [], "num_sites": 0, "num_linear_sites": 0, "mean_entropy": 0.0, "zero_entropy_sites": 0
     }
 

@@ -196,3 +196,39 @@ def test_auto_on_a_graph_module_records_its_reason():
     gm = capture(Net().eval(), frontend="fx")
     recaptured = capture(gm, torch.randn(2, 3, 8, 8), frontend="auto")
     assert trace_facts(recaptured).frontend_reason == "auto: torch.fx traced the whole model"
+
+
+class _Positions(nn.Module):
+    """Token ids + mask with a position table sliced to the sequence length (as BERT's embeddings do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.positions = nn.Embedding(50, 8), nn.Parameter(torch.randn(32, 8))
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = torch.relu(self.fc(self.embed(input_ids) + self.positions[: input_ids.shape[1]]))
+        hidden = hidden * attention_mask[..., None]
+        return hidden.reshape(hidden.shape[0], -1).sum(1)
+
+
+def _tokens(batch: int, length: int) -> dict:
+    return {"input_ids": torch.randint(0, 50, (batch, length)), "attention_mask": torch.randint(0, 2, (batch, length))}
+
+
+def test_named_dynamic_dimensions_stay_symbolic_in_the_exported_graph():
+    model, example = _Positions().eval(), _tokens(2, 12)
+    fixed = capture(model, example, frontend="export")
+    with pytest.raises(RuntimeError):  # the sequence length was specialised to 12
+        fixed(**_tokens(3, 5))
+    dims = {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}
+    gm = capture(model, example, frontend="export", dynamic_dims=dims)
+    for length in (3, 12, 29):  # fresh ids at sizes the capture never saw
+        batch = _tokens(4, length)
+        torch.testing.assert_close(gm(**batch), model(**batch), rtol=0, atol=0)
+
+
+def test_a_dynamic_dimension_of_an_input_the_model_lacks_is_refused():
+    with pytest.raises(TraceError, match="'token_ids', not an input of the model"):
+        capture(_Positions().eval(), _tokens(2, 12), frontend="export", dynamic_dims={"token_ids": {1: "seq"}})

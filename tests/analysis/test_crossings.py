@@ -9,6 +9,7 @@ import torch.nn as nn
 from egp_export.analysis.batches import as_batches
 from egp_export.analysis.crossings import search_crossings
 from egp_export.analysis.numerics import compare
+from egp_export.analysis.plans import plan_site
 from egp_export.analysis.stats import calibrate
 from egp_export.analysis.trace import trace
 from egp_export.compiler import compile
@@ -36,17 +37,22 @@ def _sites(model: nn.Module, samples: torch.Tensor):
     return calibrate(trace(model), as_batches(samples))
 
 
+def _search(model: nn.Module, sites, samples: torch.Tensor, radius: float):
+    plans = {site.name: plan_site(site, 1e-5) for site in sites}
+    return search_crossings(lambda: trace(model), sites, plans, as_batches(samples), as_batches(samples), radius=radius)
+
+
 def test_search_flips_a_planted_marginal_neuron_and_no_neuron_far_from_its_boundary():
     samples = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
     model = _planted(samples)
     sites = _sites(model, samples)
     (site,) = sites
     assert site.neuron_region.tolist() == [1, 1, 0]  # ON, ON, OFF on every sample: the site is linear
-    search = search_crossings(model, sites, as_batches(samples), as_batches(samples), 1e-5, radius=0.1)
+    search = _search(model, sites, samples, radius=0.1)
     assert search.crossed[site.name].tolist() == [True, False, False]
-    assert site.withdrawn.tolist() == [True, False, False]
-    assert site.withdrawals[0].code is RefusalCode.CROSSED_UNDER_PERTURBATION
-    assert site.withdrawals[0].detail["radius"] == 0.1
+    ((name, reason),) = search.reasons
+    assert name == site.name and reason.code is RefusalCode.CROSSED_UNDER_PERTURBATION
+    assert reason.detail["radius"] == 0.1 and reason.detail["neuron_indices"] == [0]
     assert search.searched_neurons == 3 and search.samples == 32 and search.steps == 5
 
 
@@ -55,21 +61,21 @@ def test_a_radius_too_small_to_reach_the_boundary_flips_nothing():
     model = _planted(samples)
     sites = _sites(model, samples)
     # 0.01 x std ~ 0.01 moves neuron 0 by ~1e-4 < MARGIN: nothing can cross.
-    search = search_crossings(model, sites, as_batches(samples), as_batches(samples), 1e-5, radius=0.01)
-    assert search.crossed == {} and not sites[0].withdrawn.any()
+    search = _search(model, sites, samples, radius=0.01)
+    assert search.crossed == {} and search.reasons == []
 
 
 def test_radius_zero_disables_the_search_and_integer_inputs_are_skipped():
     samples = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
     model = _planted(samples)
     sites = _sites(model, samples)
-    search = search_crossings(model, sites, as_batches(samples), as_batches(samples), 1e-5, radius=0.0)
-    assert search.skipped == "disabled (radius 0)" and search.samples == 0 and not sites[0].withdrawn.any()
+    search = _search(model, sites, samples, radius=0.0)
+    assert search.skipped == "disabled (radius 0)" and search.samples == 0 and search.crossed == {}
 
     embedding = nn.Sequential(nn.Embedding(10, 4), nn.ReLU()).eval()
     ids = torch.randint(0, 10, (16, 5), generator=torch.Generator().manual_seed(0))
     id_sites = _sites(embedding, ids)
-    search = search_crossings(embedding, id_sites, as_batches(ids), as_batches(ids), 1e-5, radius=0.1)
+    search = _search(embedding, id_sites, ids, radius=0.1)
     assert search.skipped is not None and search.samples == 0
 
 

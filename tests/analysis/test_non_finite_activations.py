@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from egp_export import compile as compile_model
-from egp_export.analysis.stats import analyze
+from egp_export.analysis.plans import analyze
 from egp_export.errors import CalibrationError
 
 pytestmark = pytest.mark.usefixtures("tiny_model_runtime")

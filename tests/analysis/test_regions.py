@@ -8,6 +8,7 @@ import json
 import torch
 from torch import nn
 
+from egp_export.analysis.plans import plan_site
 from egp_export.analysis.regions import DEAD_MASKED, LINEARIZED, site_regions
 from egp_export.analysis.stats import calibrate
 from egp_export.analysis.trace import trace
@@ -39,6 +40,10 @@ def _sites(model: nn.Module, data: torch.Tensor):
     return calibrate(trace(model), [data])
 
 
+def _plans(sites) -> dict:
+    return {site.name: plan_site(site, 1e-5) for site in sites}
+
+
 def _rewrite(kind: RewriteKind) -> Rewrite:
     return Rewrite("linearize_activations", kind, ("act",))
 
@@ -47,7 +52,7 @@ def test_a_linearized_site_records_each_neurons_region_and_map():
     model = Clamped(crossing=False).eval()
     sites = _sites(model, _data(64))
 
-    regions = site_regions(sites, [_rewrite(RewriteKind.LINEARIZED)], 1e-5, model=model)
+    regions = site_regions(sites, _plans(sites), [_rewrite(RewriteKind.LINEARIZED)], model=model)
 
     (record,) = regions["sites"]
     assert record["rewrite"] == LINEARIZED and record["boundaries"] == [0.0, 6.0]
@@ -61,8 +66,8 @@ def test_a_masked_site_records_its_dead_neurons_only_and_no_other_site():
     model = Clamped(crossing=True).eval()
     sites = _sites(model, _data(64, -0.5))
 
-    regions = site_regions(sites, [_rewrite(RewriteKind.DEAD_MASKED)], 1e-5, model=model)
-    untouched = site_regions(sites, [_rewrite(RewriteKind.BN_FOLDED)], 1e-5, model=model)
+    regions = site_regions(sites, _plans(sites), [_rewrite(RewriteKind.DEAD_MASKED)], model=model)
+    untouched = site_regions(sites, _plans(sites), [_rewrite(RewriteKind.BN_FOLDED)], model=model)
 
     (record,) = regions["sites"]
     assert record["rewrite"] == DEAD_MASKED and record["rewritten"] == [2] and record["region"] == [0]
@@ -73,7 +78,8 @@ def test_recheck_finds_a_neuron_that_left_the_saturated_region(tmp_path):
     """A report built by hand around the model's own ONNX file: the outputs agree, so only the site can fail."""
     model = Clamped(crossing=False).eval()
     calibration = _data(64)
-    regions = site_regions(_sites(model, calibration), [_rewrite(RewriteKind.LINEARIZED)], 1e-5, model=model)
+    sites = _sites(model, calibration)
+    regions = site_regions(sites, _plans(sites), [_rewrite(RewriteKind.LINEARIZED)], model=model)
     export_onnx(model, calibration[:2], tmp_path / "model.onnx", exporter="torchscript")
     report = {"regions": regions, "guarantee": {"allowed": 1e-5}, "calibration": {"sample_shape": [2]}}
 

@@ -457,7 +457,7 @@ def _merges(report: dict) -> list[str]:
 
 
 def test_padding_plan_and_debug(cli_main, workspace):
-    from egp_export.algebra.padding import apply_padding_plan, load_plan
+    from egp_export.padding import apply_padding_plan, load_plan
 
     out = workspace.root / "padding-plan"
     run = cli_main(*_compile_args("cli_models:LinearPair", out, "--padding-plan", "--debug"))
@@ -860,7 +860,7 @@ def test_outputs_follow_the_umask(cli_main, workspace, umask):
     }
 
 
-COMPILE_STAGES = ("trace", "calibrate", "rewrite", "verify", "back-off")
+COMPILE_STAGES = ("prepare", "capture", "calibrate", "decide", "rewrite", "verify", "back-off", "report")
 
 
 def _stage_lines(text: str) -> list[str]:
@@ -883,11 +883,12 @@ def test_stages_report_progress_on_a_terminal_only(cli_main, workspace, monkeypa
     assert lines[0].startswith("compile: trace, calibrate") and lines[0].endswith("...")
     # Each compile stage says when it starts and what it did, in order, before the compile's own summary line.
     inner = [line.strip() for line in lines if line.startswith("  ")]
-    assert [line.split(":")[0].removesuffix(" ...") for line in inner][:8] == [
-        stage for name in ("trace", "calibrate", "rewrite", "verify") for stage in (name, name)
+    stages = ("prepare", "capture", "calibrate", "decide", "rewrite", "verify", "report")
+    assert [line.split(":")[0].removesuffix(" ...") for line in inner] == [
+        stage for name in stages for stage in (name, name)
     ]
-    assert inner[3].startswith("calibrate: samples ") and ", sites " in inner[3] and inner[3].endswith(" s")
-    assert inner[7].startswith("verify: samples ") and "max rel" in inner[7] and "allowed" in inner[7]
+    assert inner[5].startswith("calibrate: samples ") and ", sites " in inner[5] and inner[5].endswith(" s")
+    assert inner[11].startswith("verify: samples ") and "max rel" in inner[11] and "allowed" in inner[11]
     assert any(line.startswith("compile: ") and "activations linearized" in line and line.endswith(" s") for line in lines)
     assert any(line.startswith("export: dynamo exporter, dynamic batch") and line.endswith(" s") for line in lines)
     assert any(line.startswith("ORT check: max_rel") for line in lines)

@@ -25,6 +25,7 @@ import torch.nn as nn
 from egp_export.analysis.capture import capture
 from egp_export.analysis.fx import insert_module_call, propagate_shapes
 from egp_export.analysis.numerics import compare
+from egp_export.analysis.plans import plan_site, store_plans
 from egp_export.analysis.provenance import PROVENANCE_KEY
 from egp_export.analysis.stats import calibrate
 from egp_export.errors import ExportError
@@ -80,9 +81,9 @@ def _compiled(net: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     """The default pipeline on a fresh capture calibrated on ``example`` (BN folds, conv chains merge, identities go;
     the linearizer requires calibrated sites)."""
     gm = capture(net, example)
-    calibrate(gm, [example])
+    store_plans(gm, {site.name: plan_site(site, 1e-5) for site in calibrate(gm, [example])})
     propagate_shapes(gm, example)
-    PassManager(default_steps(1e-5), example_input=example).run(gm)
+    PassManager(default_steps(), example_input=example).run(gm)
     return gm
 
 

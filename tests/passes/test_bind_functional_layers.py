@@ -129,7 +129,7 @@ def test_the_default_pipeline_compiles_a_functional_network_to_plain_convs():
     model = StdConvBnAct().eval()
     calibration = calibration_batches((8, 3, 8, 8))
     gm = prepare(model, calibration[0], calibration=calibration)
-    PassManager(default_steps(1e-5), example_input=calibration[0][:1]).run(gm)
+    PassManager(default_steps(), example_input=calibration[0][:1]).run(gm)
     modules = named_modules(gm)
     assert not any(is_batch_norm(n, modules) for n in gm.graph.nodes)
     assert_same_function(model, gm, torch.randn(4, 3, 8, 8))

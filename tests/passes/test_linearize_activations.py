@@ -85,8 +85,8 @@ class LinearActLinear(nn.Module):
 def _linearize(model: nn.Module, shape: tuple[int, ...], tolerance: float = 1e-5):
     model = model.eval()
     calibration = calibration_batches(shape)
-    gm = prepare(model, calibration[0], calibration=calibration)
-    return gm, apply(LinearizeActivations(tolerance), gm, calibration[0])
+    gm = prepare(model, calibration[0], calibration=calibration, tolerance=tolerance)
+    return gm, apply(LinearizeActivations(), gm, calibration[0])
 
 
 @pytest.mark.parametrize("form", FORMS, ids=FORM_IDS)

@@ -268,7 +268,7 @@ def test_default_pipeline_flattens_an_engineered_network():
     gm = prepare(model, calibration[0], calibration=calibration)
     before = depth(gm)
     result = PassManager(
-        default_steps(1e-5, channel_alignment=1), example_input=calibration[0][:1], debug_inputs=torch.randn(4, 3, 6, 6)
+        default_steps(channel_alignment=1), example_input=calibration[0][:1], debug_inputs=torch.randn(4, 3, 6, 6)
     ).run(gm)
 
     assert activation_count(gm) == 0 and affines(gm) == []
@@ -307,7 +307,7 @@ def test_pipeline_records_why_a_site_stays():
     model = _conv_model()
     calibration = calibration_batches((8, 3, 6, 6))
     gm = prepare(model, calibration[0], calibration=calibration)
-    result = PassManager(default_steps(1e-5, channel_alignment=1), example_input=calibration[0][:1]).run(gm)
+    result = PassManager(default_steps(channel_alignment=1), example_input=calibration[0][:1]).run(gm)
 
     assert activation_count(gm) == 1
     assert any(
@@ -321,7 +321,7 @@ def test_pipeline_removes_pruned_filters():
     zero_channels(model[0], [0, 2])
     calibration = calibration_batches((8, 3, 6, 6))
     gm = prepare(model, calibration[0], calibration=calibration)
-    PassManager(default_steps(1e-5, channel_alignment=1), example_input=calibration[0][:1]).run(gm)
+    PassManager(default_steps(channel_alignment=1), example_input=calibration[0][:1]).run(gm)
 
     assert gm.get_submodule("0").out_channels == 2 and gm.get_submodule("2").in_channels == 2
     assert_same_function(model, gm, torch.randn(4, 3, 6, 6))
@@ -351,7 +351,7 @@ def test_folds_round_to_float32_once(float64):
     model = _ShiftedTwice().eval()
     x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
     gm = fx.symbolic_trace(copy.deepcopy(model))
-    result = PassManager(default_steps(1e-5), example_input=x[:1], float64=float64).run(gm)
+    result = PassManager(default_steps(), example_input=x[:1], float64=float64).run(gm)
     assert [r.kind for r in result.rewrites].count(RewriteKind.BN_FOLDED) + [r.kind for r in result.rewrites].count(
         RewriteKind.AFFINE_FOLDED
     ) == 2

@@ -9,6 +9,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from egp_export.analysis.fx import propagate_shapes
+from egp_export.analysis.plans import plan_site, store_plans
 from egp_export.analysis.stats import calibrate
 from egp_export.analysis.trace import trace
 from egp_export.errors import CalibrationError, PassError
@@ -44,8 +45,12 @@ def test_linearize_without_calibration_names_the_pass_and_the_fact():
         manager.run(gm)
     with pytest.raises(PassError, match="calibrate"):  # called alone as well
         LinearizeActivations()(gm)
-    # With the fact on the graph the same pass rewrites the site.
-    calibrate(gm, [_data()])
+    # Statistics without a decision: the pass applies plans and decides nothing, so it refuses to guess.
+    sites = calibrate(gm, [_data()])
+    with pytest.raises(PassError, match=r"calibrated site '_2' without a plan: decide first"):
+        PassManager([LinearizeActivations()], example_input=_data()[:1]).run(gm)
+    # With the facts and the plans on the graph the same pass rewrites the site.
+    store_plans(gm, {site.name: plan_site(site, 1e-5) for site in sites})
     result = PassManager([LinearizeActivations()], example_input=_data()[:1]).run(gm)
     assert [r.kind for r in result.rewrites] == [RewriteKind.LINEARIZED]
 
@@ -63,7 +68,7 @@ def test_a_graph_without_activations_needs_no_calibration():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)).eval()
     gm = trace(model)
     propagate_shapes(gm, _data()[:1])
-    result = PassManager(default_steps(1e-5), example_input=_data()[:1]).run(gm)
+    result = PassManager(default_steps(), example_input=_data()[:1]).run(gm)
     assert RewriteKind.BN_FOLDED in [r.kind for r in result.rewrites]
 
 

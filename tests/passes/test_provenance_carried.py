@@ -18,7 +18,7 @@ K = RewriteKind
 
 def _run(model: nn.Module, example: torch.Tensor, *, calibrate: bool = True) -> fx.GraphModule:
     gm = prepare(model, example, calibration=calibration_batches((16, *example.shape[1:])) if calibrate else None)
-    PassManager(default_steps(1e-5, channel_alignment=1), example_input=example[:1]).run(gm)
+    PassManager(default_steps(channel_alignment=1), example_input=example[:1]).run(gm)
     assert_same_function(model, gm, torch.randn_like(example))
     return gm
 

@@ -6,8 +6,11 @@ instead pads the first conv by the whole chain's padding and the later ones
 not at all: the network's function changes at the border, the user
 fine-tunes it, and then the chain merges exactly (class EXACT).
 
-``padding_plan`` finds those chains in a model (the same analysis and folding
-``compile`` runs, up to merging) and returns the plan as data;
+``padding_plan`` finds those chains in a model and returns the plan as data:
+it runs the compile's own stages (stages.PIPELINE) up to and including the
+rewrite, with the same options (split, evidence, validation, perturbation
+search, leaf modules, front end) and conv merging off, so the plan rests on
+the decisions the compile it accompanies makes.
 ``apply_padding_plan`` applies it to a model of the same architecture, in
 place and only when asked, so a plan can be saved as JSON and applied to a
 freshly built model before fine-tuning:
@@ -24,13 +27,14 @@ import torch
 import torch.nn as nn
 
 from egp_export.algebra.convchain import ChainClass, ConvLayer, chain_class
-from egp_export.analysis.batches import as_batches
-from egp_export.analysis.fx import propagate_shapes
+from egp_export.analysis.inputs import Batch, call_on_copy
 from egp_export.analysis.ops import named_modules
-from egp_export.analysis.stats import calibrate
-from egp_export.analysis.trace import trace
-from egp_export.passes import PassManager, default_steps
+from egp_export.compile_options import CompileOptions
 from egp_export.passes.merge_conv_chains import conv_chains
+from egp_export.stages import PIPELINE, CompileContext
+
+# The compile's stages the plan runs: everything up to the rewrite (no verification: nothing is compiled).
+PLAN_STAGES = PIPELINE[: [stage.name for stage in PIPELINE].index("rewrite") + 1]
 
 
 @dataclass(frozen=True)
@@ -59,19 +63,21 @@ def _move(chain: list, modules: dict) -> PaddingMove | None:
     return PaddingMove(tuple(str(n.target) for n in chain), tuple(lay.padding for lay in layers), after)
 
 
-def padding_plan(model: nn.Module, calibration, *, tolerance: float = 1e-5) -> list[PaddingMove]:
-    """The padding moves that would make every border-approximate linear chain of ``model`` exact."""
-    batches = as_batches(calibration)
-    gm = trace(model)
-    calibrate(gm, batches)
-    PassManager(default_steps(tolerance, conv_merging=False), example_input=batches[0][:1]).run(gm)
-    propagate_shapes(gm, batches[0][:1])
-    modules = named_modules(gm)
-    moves = (_move(chain, modules) for chain, _ in conv_chains(gm))
+def padding_plan(model: nn.Module, calibration, options: CompileOptions | None = None, **overrides) -> list[PaddingMove]:
+    """The padding moves that would make every border-approximate linear chain of ``model`` exact.
+
+    ``options`` and ``overrides`` as for ``compile`` (give the compile's own,
+    so the plan decides the same sites on the same split); conv merging is
+    always off here, and ``on_stage`` sees the stages it runs.
+    """
+    ctx = CompileContext((options or CompileOptions()).but(**{**overrides, "conv_merging": False}), model, calibration)
+    ctx.run(PLAN_STAGES)
+    modules = named_modules(ctx.attempt.gm)
+    moves = (_move(chain, modules) for chain, _ in conv_chains(ctx.attempt.gm))
     return [move for move in moves if move is not None]
 
 
-def apply_padding_plan(model: nn.Module, moves: list[PaddingMove], example: torch.Tensor | None = None) -> nn.Module:
+def apply_padding_plan(model: nn.Module, moves: list[PaddingMove], example: Batch | None = None) -> nn.Module:
     """Set the planned paddings on ``model``'s convs, in place (the caller asked for exactly that).
 
     With ``example`` the model is run once to check that the output shape did
@@ -80,7 +86,7 @@ def apply_padding_plan(model: nn.Module, moves: list[PaddingMove], example: torc
     before = None
     if example is not None:
         with torch.no_grad():
-            before = model.eval()(example).shape
+            before = call_on_copy(model.eval(), example).shape
     for move in moves:
         for name, padding in zip(move.convs, move.after):
             conv = model.get_submodule(name)
@@ -89,7 +95,7 @@ def apply_padding_plan(model: nn.Module, moves: list[PaddingMove], example: torc
             conv.padding = tuple(padding)
     if example is not None:
         with torch.no_grad():
-            after = model(example).shape
+            after = call_on_copy(model, example).shape
         if after != before:
             raise ValueError(f"the padding plan changed the output shape from {tuple(before)} to {tuple(after)}")
     return model

@@ -8,8 +8,8 @@ import torch
 import torchvision
 
 import egp_export
-from egp_export.algebra.padding import apply_padding_plan, load_plan, padding_plan, save_plan
 from egp_export.analysis.numerics import compare
+from egp_export.padding import apply_padding_plan, load_plan, padding_plan, save_plan
 from egp_export.testing import recalibrate_batchnorm
 from egp_export.testing import set_parameter as _set
 
