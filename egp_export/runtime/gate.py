@@ -309,10 +309,11 @@ def check_numerics(
 ) -> NumericCheck:
     """Both models on the same inputs, on ``backend``: the candidate's error and agreement against the baseline.
 
-    ``inputs`` (a batch ``[N, ...]``: tensor or array for a one-input model, else a dict with one per ONNX input
-    name, or a tuple in the file's input order; ``inputs_source`` names it; they also size dynamic dimensions,
-    which ``dims`` sizes by name otherwise) are checked in runs of ``NUMERIC_BATCH`` samples, or of the model's fixed batch size (whole runs only).
-    Without them, ``samples`` seeded random samples (``val_range``: runtime/inputs.py), or the model's fixed
+    ``inputs`` (a batch ``[N, ...]``: tensor or array for a one-input model, else a dict with one per ONNX
+    input name, or a tuple in the file's input order; ``inputs_source`` names it; they also size dynamic
+    dimensions, which ``dims`` sizes by name otherwise) are checked in runs of ``NUMERIC_BATCH`` samples, or of
+    the model's fixed batch size (whole runs only). Without them, ``samples`` seeded random samples
+    (``val_range``: runtime/inputs.py), or the model's fixed
     batch size if it has one; the result then says it is not on real data.
     """
     check_inputs(baseline_onnx, candidate_onnx, input_shape, dims, inputs, inputs_source)

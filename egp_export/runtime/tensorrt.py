@@ -312,9 +312,11 @@ def build_serialized_engine(
         tensor = network.get_input(index)
         if all(int(d) >= 0 for d in tensor.shape):
             continue  # static input: the profile need not name it
-        sample = list(model_inputs.spec(tensor.name).sample_shape)
+        spec = model_inputs.spec(tensor.name)
         profile = profile or builder.create_optimization_profile()
-        profile.set_shape(tensor.name, *(tuple([batch, *sample]) for batch in batches))  # min, opt, max
+        # min, opt, max; an input whose batch is fixed keeps it (only its other dimensions were dynamic)
+        shapes = (tuple([spec.fixed_batch or batch, *spec.sample_shape]) for batch in batches)
+        profile.set_shape(tensor.name, *shapes)
     if profile is not None:
         config.add_optimization_profile(profile)
 

@@ -171,14 +171,17 @@ def test_gate_and_profile_time_the_given_inputs_or_random_ones(keyword):
     assert [b.input_shapes["input_ids"] for b in timed.batches] == [(1, 12), (2, 12)]
     assert "input_ids 2x12, attention_mask 2x12, features 2x6" in timed.format_table()
     assert timed.inputs.startswith("random input_ids: integers in [0, 50)")
-    on_data = profile(paths["compiled"], batch_sizes=(3,), iterations=2, warmup=0, inputs=held_out, inputs_source="h")
+    on_data = profile(paths["compiled"], batch_sizes=(3,), iterations=2, warmup=0, inputs=held_out, inputs_source="h",
+                      layers=True)  # fmt: skip
     assert on_data.inputs == "h" and on_data.batches[0].input_shapes["attention_mask"] == (3, 10)
+    assert {layer.kind for layer in on_data.batches[0].layers} >= {"Gather", "Mul"}  # ORT's profiler, on the feed
 
 
 def test_names_that_do_not_match_the_file_are_refused_naming_its_inputs(keyword):
     paths, held_out = keyword
     extra = {**held_out, "token_type_ids": held_out["input_ids"]}
-    with pytest.raises(BackendError, match=r"the model's inputs are 'input_ids', 'attention_mask', 'features': 'token_type_ids' is not among them"):
+    names = r"the model's inputs are 'input_ids', 'attention_mask', 'features': "
+    with pytest.raises(BackendError, match=names + "'token_type_ids' is not among them"):
         check_numerics(paths["original"], paths["compiled"], inputs=extra)
     missing = {k: v for k, v in held_out.items() if k != "features"}
     for call in (lambda: check_numerics(paths["original"], paths["compiled"], inputs=missing),
