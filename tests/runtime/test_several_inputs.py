@@ -6,7 +6,11 @@ the data or by ``dims``, and refused, named, without either (runtime/inputs.py).
 
 from __future__ import annotations
 
+import sys
+import types
+
 import numpy as np
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -15,9 +19,11 @@ import egp_export
 from egp_export.analysis import inputs
 from egp_export.export.onnx import export_onnx, ort_session, run_onnx
 from egp_export.runtime.backends import BackendError, get_backend
+from egp_export.runtime.engines import build_engine
 from egp_export.runtime.gate import check_numerics, gate
 from egp_export.runtime.inputs import onnx_inputs
 from egp_export.runtime.profiler import compare, profile
+from egp_export.runtime.tensorrt import RUNTIMES, build_serialized_engine
 
 VOCABULARY, SEQUENCE, FEATURES = 50, 8, 6
 FAST_KW = {"rounds": 2, "iterations": 2, "warmup": 1}
@@ -210,3 +216,124 @@ def test_two_positional_inputs_as_a_dict_a_tuple_or_random(two_inputs):
         check_numerics(paths["original"], paths["compiled"], inputs=swapped)
     timing = compare(paths["original"], paths["compiled"], inputs=fresh, batch_size=2, **FAST_KW)
     assert timing.input_shapes == {"x": (2, 4), "y": (2, 3)}
+
+
+# TensorRT without a GPU: a stand-in module with the builder API build_serialized_engine calls --------------------
+
+
+class _FakeTensorRT(types.ModuleType):
+    """The part of TensorRT's builder API the engine build uses, recording the optimisation profiles it is given."""
+
+    def __init__(self) -> None:
+        super().__init__("fake_tensorrt")
+        self.__version__ = "0-test"
+        self.profiles: list[dict] = []
+        recorded = self.profiles
+
+        class ILogger:
+            class Severity:
+                INTERNAL_ERROR, ERROR, WARNING, INFO = range(4)
+
+            def __init__(self) -> None:
+                pass
+
+        class Network:
+            def __init__(self) -> None:
+                self.inputs: list[types.SimpleNamespace] = []
+
+            @property
+            def num_inputs(self) -> int:
+                return len(self.inputs)
+
+            def get_input(self, index):
+                return self.inputs[index]
+
+        class OnnxParser:
+            num_errors = 0
+
+            def __init__(self, network, logger) -> None:
+                self.network = network
+
+            def parse_from_file(self, path: str) -> bool:
+                for value in onnx.load(path, load_external_data=False).graph.input:
+                    shape = [d.dim_value if d.WhichOneof("value") == "dim_value" else -1
+                             for d in value.type.tensor_type.shape.dim]  # fmt: skip
+                    self.network.inputs.append(types.SimpleNamespace(name=value.name, shape=shape))
+                return True
+
+        class Profile(dict):
+            def set_shape(self, name, low, opt, high) -> None:
+                self[name] = (tuple(low), tuple(opt), tuple(high))
+
+        class Config:
+            profiling_verbosity = None
+
+            def set_memory_pool_limit(self, pool, size) -> None:
+                pass
+
+            def set_flag(self, flag) -> None:
+                pass
+
+            def clear_flag(self, flag) -> None:
+                pass
+
+            def add_optimization_profile(self, profile) -> int:
+                recorded.append(dict(profile))
+                return len(recorded) - 1
+
+            def create_timing_cache(self, data):
+                return data
+
+            def set_timing_cache(self, cache, ignore_mismatch) -> bool:
+                return True
+
+        class Builder:
+            num_DLA_cores = 0
+
+            def __init__(self, logger) -> None:
+                pass
+
+            def create_network(self, flags):
+                return Network()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                return b"engine"
+
+        self.ILogger, self.OnnxParser, self.Builder = ILogger, OnnxParser, Builder
+        self.BuilderFlag = types.SimpleNamespace()
+        self.MemoryPoolType = types.SimpleNamespace(WORKSPACE=0)
+        self.ProfilingVerbosity = types.SimpleNamespace(DETAILED=0)
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch):
+    module = _FakeTensorRT()
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    return module
+
+
+def test_one_tensorrt_profile_covers_every_input_at_the_sizes_given(keyword, fake_tensorrt, tmp_path):
+    paths, held_out = keyword
+    with pytest.raises(BackendError, match="dynamic dimension 'seq'"):
+        build_serialized_engine(paths["compiled"], module=fake_tensorrt.__name__)
+    build_serialized_engine(paths["compiled"], module=fake_tensorrt.__name__, min_batch=1, opt_batch=2, max_batch=4,
+                            dims={"seq": 12})  # fmt: skip
+    assert fake_tensorrt.profiles == [{
+        "input_ids": ((1, 12), (2, 12), (4, 12)),
+        "attention_mask": ((1, 12), (2, 12), (4, 12)),
+        "features": ((1, FEATURES), (2, FEATURES), (4, FEATURES)),
+    }]  # fmt: skip
+    # build_engine sizes seq from the user's inputs (seq 10) when they are given
+    runtimes = {**RUNTIMES, "fake": fake_tensorrt.__name__}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("egp_export.runtime.engines.RUNTIMES", runtimes)
+        result = build_engine(paths["compiled"], tmp_path / "m.engine", runtime="fake", max_batch=8, verify=False,
+                              inputs=held_out)  # fmt: skip
+    assert result.path.read_bytes() == b"engine"
+    assert fake_tensorrt.profiles[-1]["input_ids"] == ((1, 10), (1, 10), (8, 10))
