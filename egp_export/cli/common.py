@@ -63,6 +63,14 @@ def dynamic_dim(text: str) -> tuple[str, int, str]:
     return name, int(axis), dim
 
 
+def dim_size(text: str) -> tuple[str, int]:
+    """An argparse type for ``--dim NAME=SIZE`` (``seq=12``): a named dynamic dimension of a model's inputs and its size."""
+    name, equals, size = text.partition("=")
+    if not equals or not name.strip() or not size.strip().isdigit() or int(size) < 1:
+        raise argparse.ArgumentTypeError(f"must be NAME=SIZE with a positive SIZE, e.g. seq=128, got {text!r}")
+    return name.strip(), int(size)
+
+
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     """Parse ``argv`` and run the chosen command; the exit status is 0, the command's own (the gate's 1), or the error's.
 
@@ -185,6 +193,14 @@ def add_inputs_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--input-size", nargs=2, type=positive_int, metavar=("H", "W"), help="resize images of an --inputs folder")
     add_image_preprocessing_arguments(data)
     data.add_argument(
+        "--dim",
+        action="append",
+        type=dim_size,
+        metavar="NAME=SIZE",
+        help="size of a named dynamic dimension of the model's inputs besides the batch (e.g. seq=128; repeat for "
+        "several); --inputs size them otherwise",
+    )
+    data.add_argument(
         "--val-range",
         nargs=2,
         type=_finite_float,
@@ -197,8 +213,23 @@ def add_inputs_arguments(parser: argparse.ArgumentParser) -> None:
 _finite_float = _number(float, lambda v: True, "a number")
 
 
-def load_inputs(args: argparse.Namespace):
-    """(the --inputs batch, its name) or (None, None); refuses the options that only apply to the other case."""
+def dims(args: argparse.Namespace) -> dict[str, int] | None:
+    """The --dim sizes by name, or None; a name given twice with two sizes is refused."""
+    from egp_export.errors import OptionError
+
+    sizes: dict[str, int] = {}
+    for name, size in args.dim or ():
+        if sizes.get(name, size) != size:
+            raise OptionError(f"--dim {name}= is given twice, as {sizes[name]} and {size}; give it once.")
+        sizes[name] = size
+    return sizes or None
+
+
+def load_inputs(args: argparse.Namespace, model: Path | None = None):
+    """(the --inputs batch, its name) or (None, None); refuses the options that only apply to the other case.
+
+    With ``model`` an ONNX file of several inputs, a dict or ``.npz`` archive is read as one array per input name.
+    """
     from egp_export.errors import OptionError
     from egp_export.io.datasets import load_calibration
 
@@ -223,7 +254,44 @@ def load_inputs(args: argparse.Namespace):
         limit=args.inputs_limit,
         notes=notes,
         preprocessing=image_preprocessing(args),
+        signature=_onnx_signature(model, args.inputs),
     )
     for note in notes:
         say(args, f"note: {note}")
     return data, args.inputs
+
+
+def _onnx_signature(model: Path | None, spec: str):
+    """The input names of an ONNX ``model`` with several inputs, as the signature load_calibration reads dicts by
+    (none required: a missing one is refused by the runtime, naming the file's inputs); None otherwise.
+
+    An ``.npz`` archive's keys are checked here first, so that a key that names no input of the file is refused
+    naming the file's inputs."""
+    from egp_export.analysis.batches import TARGET_KEYS
+    from egp_export.analysis.inputs import Signature
+    from egp_export.runtime.inputs import ENGINE_SUFFIXES, BackendError, onnx_declared_inputs
+
+    if model is None or Path(model).suffix.lower() in ENGINE_SUFFIXES or not Path(model).is_file():
+        return None
+    names = tuple(value.name for value in onnx_declared_inputs(model)[0])
+    if len(names) < 2:
+        return None
+    path = Path(spec)
+    if path.suffix.lower() == ".npz" and path.is_file():
+        import zipfile
+
+        import numpy as np
+
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                keys = list(archive.files)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+            keys = []  # unreadable: load_calibration says why
+        unknown = [key for key in keys if key not in names and key not in TARGET_KEYS]
+        if unknown:
+            raise BackendError(
+                f"{spec} holds {', '.join(map(repr, keys))} and {model} takes the inputs {', '.join(map(repr, names))}: "
+                f"{', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not among them; save one "
+                "array per input, under its name."
+            )
+    return Signature(names, ())

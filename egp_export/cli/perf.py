@@ -5,9 +5,12 @@
         [--inputs HELD_OUT] [--min-top1-agreement A]
     egp-export engine MODEL.onnx --out model.engine [--fp16] [--dla N]                 TensorRT engine
 
-All three take ``--inputs SPEC`` (the forms ``--calibration`` takes): the
-numeric checks and the timing then run on those samples; without it they
-run on seeded random inputs (``--val-range``), and a numeric check says so.
+All three take ``--inputs SPEC`` (the forms ``--calibration`` takes; for a
+model with several inputs a dict or ``.npz`` archive with one array per ONNX
+input name): the numeric checks and the timing then run on those samples;
+without it they run on seeded random inputs (``--val-range``; ``--dim
+NAME=SIZE`` sizes a named dynamic dimension such as a sequence axis), and a
+numeric check says so.
 
 ``add_perf_commands(subparsers)`` registers them on the main parser;
 ``main(argv)`` runs them on a parser of their own. The gate prints its
@@ -25,6 +28,7 @@ from egp_export.cli.common import (
     add_inputs_arguments,
     agreement_fraction,
     confidence,
+    dims,
     load_inputs,
     non_negative_float,
     non_negative_int,
@@ -62,7 +66,8 @@ def _add_backend_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         type=positive_int,
         metavar="D",
-        help="per-sample input shape (e.g. 3 224 224), needed when the model's dimensions are dynamic",
+        help="per-sample input shape of a one-input model (e.g. 3 224 224), needed when its dimensions are dynamic "
+        "(or --dim NAME=SIZE by dimension name, any number of inputs)",
     )
 
 
@@ -181,7 +186,7 @@ def _run_profile(args: argparse.Namespace) -> int:
     if args.out is not None:
         names = (PROFILE_JSON, PROFILE_MARKDOWN, PROFILE_PLOT) + ((PROFILE_HTML,) if args.html else ())
         outputs = {name: check_writable(args.out / name, force=args.force) for name in names}
-    inputs, source = load_inputs(args)
+    inputs, source = load_inputs(args, args.model)
     result = profile(
         args.model,
         backend=args.backend,
@@ -189,6 +194,7 @@ def _run_profile(args: argparse.Namespace) -> int:
         iterations=args.iterations,
         warmup=args.warmup,
         input_shape=args.input_shape,
+        dims=dims(args),
         layers=args.layers,
         threads=args.threads,
         inputs=inputs,
@@ -229,7 +235,7 @@ def _run_gate(args: argparse.Namespace) -> int:
     for path in requested.values():  # refuse before timing anything
         if path is not None:
             check_writable(path, force=args.force)
-    inputs, source = load_inputs(args)
+    inputs, source = load_inputs(args, args.baseline)
     result = gate(
         args.baseline,
         args.candidate,
@@ -242,6 +248,7 @@ def _run_gate(args: argparse.Namespace) -> int:
         backend=args.backend,
         batch_size=args.batch_size,
         input_shape=args.input_shape,
+        dims=dims(args),
         rounds=args.rounds,
         iterations=args.iterations,
         warmup=args.warmup,
@@ -283,7 +290,7 @@ def _run_engine(args: argparse.Namespace) -> int:
     from egp_export.runtime.engines import build_engine
     from egp_export.runtime.tensorrt import DEFAULT_WORKSPACE_MB
 
-    inputs, source = load_inputs(args)
+    inputs, source = load_inputs(args, args.model)
     result = build_engine(
         args.model,
         args.out,
@@ -295,6 +302,7 @@ def _run_engine(args: argparse.Namespace) -> int:
         opt_batch=args.opt_batch,
         max_batch=args.max_batch,
         input_shape=args.input_shape,
+        dims=dims(args),
         runtime=args.runtime,
         tf32=not args.no_tf32,
         verify=not args.no_verify,

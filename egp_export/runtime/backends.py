@@ -15,8 +15,10 @@ tensorrt-rtx       the same with TensorRT for RTX              CUDA events on a 
                    (module ``tensorrt_rtx``)
 =================  ==========================================  =============================================
 
-The contract: ``prepare(model, input_shape=..., batch_sizes=...)`` loads (or
-builds) what will run; ``bind(inputs)`` stages one input batch where the
+The contract: ``prepare(model, input_shape=..., batch_sizes=..., dims=...)``
+loads (or builds) what will run and sets ``inputs`` (the model's named inputs,
+runtime/inputs.py); ``bind(inputs)`` stages one input batch (a feed: a dict
+from input name to array; one array for a one-input model) where the
 backend reads it (host or device memory, once) and returns a :class:`Bound`
 whose call runs one inference and whose ``outputs()`` copies the last
 results back; ``clock()`` returns how one call is timed. The profiler owns the
@@ -41,14 +43,23 @@ import os
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
-from egp_export.runtime.inputs import ENGINE_SUFFIXES, BackendError, InputSpec, onnx_input_spec, spec_from_dims
+from egp_export.runtime.inputs import (
+    ENGINE_SUFFIXES,
+    BackendError,
+    DeclaredInput,
+    InputSpec,
+    ModelInputs,
+    onnx_input_spec,  # noqa: F401  (re-exported: callers read a one-input model's spec from here)
+    onnx_inputs,
+    resolve_inputs,
+)
 
 DEFAULT_THREADS = 1
 _KERNEL_TIME_SUFFIX = "_kernel_time"
@@ -142,7 +153,16 @@ class Backend(ABC):
     accepts: ClassVar[str]  # "onnx" (an ONNX path; TensorRT also takes engine files) or "module" (an nn.Module)
     uses_threads: ClassVar[bool] = False  # takes threads= (host threads for the CPU work)
 
-    input_spec: InputSpec
+    inputs: ModelInputs
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """The input of a one-input model (``inputs`` holds every input of any model)."""
+        self._require_prepared()
+        if len(self.inputs.specs) != 1:
+            raise BackendError(f"the model takes {len(self.inputs.specs)} inputs ({', '.join(self.inputs.names)}); "
+                               "read backend.inputs.")
+        return self.inputs.specs[0]
 
     @classmethod
     @abstractmethod
@@ -150,23 +170,34 @@ class Backend(ABC):
         """(True, what will run) or (False, why not and what to install)."""
 
     @abstractmethod
-    def prepare(self, model, *, input_shape: Sequence[int] | None = None, batch_sizes: Sequence[int] = (1,)) -> None:
-        """Load or build the model for the given batch sizes; sets ``input_spec``."""
+    def prepare(
+        self,
+        model,
+        *,
+        input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+        batch_sizes: Sequence[int] = (1,),
+        dims: Mapping[str, int] | None = None,
+    ) -> None:
+        """Load or build the model for the given batch sizes; sets ``inputs``.
+
+        ``input_shape``: the per-sample shape of a one-input model, or a dict of them by input name; ``dims``: sizes
+        of named dynamic dimensions (runtime/inputs.py: resolve_inputs).
+        """
 
     @abstractmethod
-    def bind(self, inputs: np.ndarray) -> Bound:
-        """Stage ``inputs`` (one batch) where the backend reads them, once."""
+    def bind(self, inputs: np.ndarray | Mapping[str, np.ndarray]) -> Bound:
+        """Stage ``inputs`` (one batch: a feed, or one array for a one-input model) where the backend reads them, once."""
 
     def clock(self) -> Clock:
         return HostClock()
 
-    def run(self, inputs: np.ndarray) -> list[np.ndarray]:
+    def run(self, inputs: np.ndarray | Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Outputs of one inference on ``inputs``, on the host."""
         bound = self.bind(inputs)
         bound()
         return bound.outputs()
 
-    def layer_times(self, inputs: np.ndarray, iterations: int) -> list[LayerTime] | None:
+    def layer_times(self, inputs: np.ndarray | Mapping[str, np.ndarray], iterations: int) -> list[LayerTime] | None:
         """Mean per-layer time over ``iterations`` inferences, slowest first; None where not offered."""
         return None
 
@@ -179,7 +210,7 @@ class Backend(ABC):
         """Release sessions, engines and device memory."""
 
     def _require_prepared(self) -> None:
-        if not hasattr(self, "input_spec"):
+        if not hasattr(self, "inputs"):
             raise BackendError(f"the {self.name} backend has no model: call prepare() first.")
 
 
@@ -195,11 +226,11 @@ def _onnx_path(model, backend: str) -> Path:
     return path
 
 
-def _check_batches(spec: InputSpec, batch_sizes: Sequence[int]) -> None:
+def _check_batches(inputs: ModelInputs, batch_sizes: Sequence[int]) -> None:
     if not batch_sizes:
         raise BackendError("give at least one batch size.")
     for batch_size in batch_sizes:
-        spec.check_batch(int(batch_size))
+        inputs.check_batch(int(batch_size))
 
 
 def _first_line(error: BaseException) -> str:
@@ -243,10 +274,10 @@ class OrtCpuBackend(Backend):
 
         return True, f"onnxruntime {onnxruntime.__version__}, CPUExecutionProvider"
 
-    def prepare(self, model, *, input_shape=None, batch_sizes=(1,)) -> None:
+    def prepare(self, model, *, input_shape=None, batch_sizes=(1,), dims=None) -> None:
         self.model_path = _onnx_path(model, self.name)
-        self.input_spec = onnx_input_spec(self.model_path, input_shape)
-        _check_batches(self.input_spec, batch_sizes)
+        self.inputs = onnx_inputs(self.model_path, input_shape, dims)
+        _check_batches(self.inputs, batch_sizes)
         self.session = self._session()
 
     def _session_options(self, profile_prefix: str | None = None):
@@ -273,11 +304,11 @@ class OrtCpuBackend(Backend):
             raise BackendError(f"ONNX Runtime cannot load {self.model_path}: {_first_line(error)}.") from error
         return session
 
-    def bind(self, inputs: np.ndarray) -> Bound:
+    def bind(self, inputs) -> Bound:
         self._require_prepared()
-        return _OrtBound(self.session, {self.input_spec.name: np.ascontiguousarray(inputs, dtype=self.input_spec.dtype)})
+        return _OrtBound(self.session, self.inputs.feed(inputs))
 
-    def layer_times(self, inputs: np.ndarray, iterations: int) -> list[LayerTime] | None:
+    def layer_times(self, inputs, iterations: int) -> list[LayerTime] | None:
         """ONNX Runtime's own profiler: a separate session with ``enable_profiling``, parsed per node.
 
         The first run (allocations, first-touch) is left out of the means.
@@ -285,7 +316,7 @@ class OrtCpuBackend(Backend):
         self._require_prepared()
         with tempfile.TemporaryDirectory(prefix="egp-ort-profile-") as folder:
             session = self._session(profile_prefix=str(Path(folder) / "ort"))
-            feed = {self.input_spec.name: np.ascontiguousarray(inputs, dtype=self.input_spec.dtype)}
+            feed = self.inputs.feed(inputs)
             for _ in range(iterations + 1):
                 session.run(None, feed)
             profile_file = session.end_profiling()
@@ -383,21 +414,23 @@ class OrtCudaBackend(OrtCpuBackend):
             )
         return session
 
-    def bind(self, inputs: np.ndarray) -> Bound:
+    def bind(self, inputs) -> Bound:
         import onnxruntime
 
         self._require_prepared()
-        array = np.ascontiguousarray(inputs, dtype=self.input_spec.dtype)
-        value = onnxruntime.OrtValue.ortvalue_from_numpy(array, "cuda", self.device_id)
         binding = self.session.io_binding()
-        binding.bind_ortvalue_input(self.input_spec.name, value)
+        values = []
+        for name, array in self.inputs.feed(inputs).items():  # one device buffer per named input
+            value = onnxruntime.OrtValue.ortvalue_from_numpy(array, "cuda", self.device_id)
+            binding.bind_ortvalue_input(name, value)
+            values.append(value)
         for output in self.session.get_outputs():
             binding.bind_output(output.name, "cuda", self.device_id)
         bound = _OrtIoBound(self.session, binding)
-        bound._input = value  # keeps the device buffer alive as long as the binding
+        bound._inputs = values  # keeps the device buffers alive as long as the binding
         return bound
 
-    def layer_times(self, inputs: np.ndarray, iterations: int) -> list[LayerTime] | None:
+    def layer_times(self, inputs, iterations: int) -> list[LayerTime] | None:
         return None
 
     def describe(self) -> dict:
@@ -433,7 +466,11 @@ class _TorchBound(Bound):
 
 
 class TorchCudaBackend(Backend):
-    """A PyTorch module (e.g. the compiled fx GraphModule) on the GPU, run eagerly on its own stream."""
+    """A PyTorch module (e.g. the compiled fx GraphModule) on the GPU, run eagerly on its own stream.
+
+    One input, of the module's parameter dtype: ``input_shape`` is its per-sample shape (a module with several
+    inputs runs on the ONNX backends, which read each input's name and dtype from the file).
+    """
 
     name = "torch-cuda"
     accepts = "module"
@@ -453,7 +490,7 @@ class TorchCudaBackend(Backend):
 
         return True, f"torch {torch.__version__} on {torch.cuda.get_device_name(0)}"
 
-    def prepare(self, model, *, input_shape=None, batch_sizes=(1,)) -> None:
+    def prepare(self, model, *, input_shape=None, batch_sizes=(1,), dims=None) -> None:
         import torch
         from torch import nn
 
@@ -462,8 +499,9 @@ class TorchCudaBackend(Backend):
                 f"the {self.name} backend runs PyTorch modules (nn.Module, fx.GraphModule); got {type(model).__name__}. "
                 "For ONNX files use ort-cuda or tensorrt."
             )
-        if input_shape is None:
-            raise BackendError(f"the {self.name} backend needs the per-sample input shape (input_shape=).")
+        if input_shape is None or isinstance(input_shape, Mapping):
+            raise BackendError(f"the {self.name} backend runs one-input modules and needs the per-sample input shape "
+                               "(input_shape=, a sequence of sizes).")
         reason = _cuda_unavailable_reason()
         if reason is not None:
             raise BackendError(f"{self.name} is not available: {reason}.")
@@ -471,16 +509,18 @@ class TorchCudaBackend(Backend):
         self.module = copy.deepcopy(model).eval().to(self.device)
         parameter = next(self.module.parameters(), None)
         dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
-        self.input_spec = InputSpec("input", tuple(int(s) for s in input_shape), np.dtype(str(dtype).replace("torch.", "")))
-        _check_batches(self.input_spec, batch_sizes)
+        spec = InputSpec("input", tuple(int(s) for s in input_shape), np.dtype(str(dtype).replace("torch.", "")))
+        self.inputs = ModelInputs((spec,))
+        _check_batches(self.inputs, batch_sizes)
         self.stream = torch.cuda.Stream(self.device)
 
-    def bind(self, inputs: np.ndarray) -> Bound:
+    def bind(self, inputs) -> Bound:
         import torch
 
         self._require_prepared()
+        (array,) = self.inputs.feed(inputs).values()
         with torch.cuda.stream(self.stream):
-            x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=self.input_spec.dtype)).to(self.device)
+            x = torch.from_numpy(array).to(self.device)
         self.stream.synchronize()
         if not self.cuda_graph:
 
@@ -594,7 +634,7 @@ class TensorRTBackend(Backend):
         trt = importlib.import_module(cls.module_name)
         return True, f"{cls.module_name} {trt.__version__}"
 
-    def prepare(self, model, *, input_shape=None, batch_sizes=(1,)) -> None:
+    def prepare(self, model, *, input_shape=None, batch_sizes=(1,), dims=None) -> None:
         import torch
 
         from egp_export.runtime.tensorrt import DEFAULT_WORKSPACE_MB, build_serialized_engine, import_tensorrt, shared_logger
@@ -610,15 +650,20 @@ class TensorRTBackend(Backend):
             # A serialised engine serves every batch size its optimisation profile allows.
             self.engines = {None: self._deserialize(path.read_bytes(), path)}
             engine = self.engines[None]
-            name = self._io_names(engine)[0][0]
-            dims = [int(d) for d in engine.get_tensor_shape(name)]
-            dtype = torch.empty(0, dtype=self._torch_dtype(engine.get_tensor_dtype(name))).numpy().dtype
-            self.input_spec = spec_from_dims(name, dims, dtype, input_shape, str(path))
+            declared = [
+                DeclaredInput(
+                    name,
+                    tuple(int(d) if int(d) >= 0 else None for d in engine.get_tensor_shape(name)),  # -1: dynamic
+                    torch.empty(0, dtype=self._torch_dtype(engine.get_tensor_dtype(name))).numpy().dtype,
+                )
+                for name in self._io_names(engine)[0]
+            ]
+            self.inputs = resolve_inputs(declared, str(path), input_shape, dims)
         else:
             # From ONNX: one engine per batch size (min = opt = max), so that every batch size is timed with the
             # kernels TensorRT picked for it, as a deployment engine for that batch size would be.
-            self.input_spec = onnx_input_spec(path, input_shape)
-            _check_batches(self.input_spec, batches)
+            self.inputs = onnx_inputs(path, input_shape, dims)
+            _check_batches(self.inputs, batches)
             self.engines = {}
             for batch in batches:
                 built = build_serialized_engine(
@@ -631,9 +676,10 @@ class TensorRTBackend(Backend):
                     opt_batch=batch,
                     max_batch=batch,
                     input_shape=input_shape,
+                    dims=dims,
                 )
                 self.engines[batch] = self._deserialize(built.data, path)
-        _check_batches(self.input_spec, batches)
+        _check_batches(self.inputs, batches)
         self.stream = torch.cuda.Stream()
 
     def _deserialize(self, data: bytes, path: Path):
@@ -643,9 +689,6 @@ class TensorRTBackend(Backend):
                 f"{self.module_name} cannot deserialize the engine from {path}: engines are tied to the TensorRT "
                 "version and GPU they were built with; rebuild it here (egp-export engine)."
             )
-        inputs, _ = self._io_names(engine)
-        if len(inputs) != 1:
-            raise BackendError(f"the engine has {len(inputs)} inputs; egp-export profiles single-input models.")
         return engine
 
     def _io_names(self, engine) -> tuple[list[str], list[str]]:
@@ -678,22 +721,28 @@ class TensorRTBackend(Backend):
                 return torch_dtype
         raise BackendError(f"the engine uses tensor type {trt_dtype}, which egp-export cannot bind.")
 
-    def _context(self, inputs: np.ndarray):
+    def _context(self, inputs):
         import torch
 
-        engine = self._engine_for(int(inputs.shape[0]))
+        feed = self.inputs.feed(inputs)
+        engine = self._engine_for(len(next(iter(feed.values()))))
         input_names, output_names = self._io_names(engine)
+        if sorted(input_names) != sorted(feed):
+            raise BackendError(f"the engine's inputs are {', '.join(input_names)}; the feed holds {', '.join(feed)}.")
         context = engine.create_execution_context()
         if context is None:
             raise BackendError("TensorRT cannot create an execution context (out of GPU memory?).")
-        with torch.cuda.stream(self.stream):
-            x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=self.input_spec.dtype)).cuda()
-        if not context.set_input_shape(input_names[0], tuple(x.shape)):
-            raise BackendError(
-                f"input shape {tuple(x.shape)} is outside the engine's optimisation profile; rebuild the engine "
-                "with a batch range that covers it (--min-batch/--max-batch)."
-            )
-        context.set_tensor_address(input_names[0], x.data_ptr())
+        staged = []
+        for name in input_names:  # every input: its shape in the profile, its device buffer's address
+            with torch.cuda.stream(self.stream):
+                x = torch.from_numpy(feed[name]).cuda().to(self._torch_dtype(engine.get_tensor_dtype(name)))
+            if not context.set_input_shape(name, tuple(x.shape)):
+                raise BackendError(
+                    f"input {name!r} of shape {tuple(x.shape)} is outside the engine's optimisation profile; rebuild "
+                    "the engine with a batch range (--min-batch/--max-batch) and dimension sizes that cover it."
+                )
+            context.set_tensor_address(name, x.data_ptr())
+            staged.append(x)
         outputs = []
         for output in output_names:
             shape = tuple(int(d) for d in context.get_tensor_shape(output))
@@ -701,9 +750,9 @@ class TensorRTBackend(Backend):
             context.set_tensor_address(output, tensor.data_ptr())
             outputs.append(tensor)
         self.stream.synchronize()
-        return context, outputs, [x, *outputs]
+        return context, outputs, [*staged, *outputs]
 
-    def bind(self, inputs: np.ndarray) -> Bound:
+    def bind(self, inputs) -> Bound:
         self._require_prepared()
         context, outputs, keep = self._context(inputs)
         return _TensorRTBound(context, self.stream, outputs, keep)
@@ -711,7 +760,7 @@ class TensorRTBackend(Backend):
     def clock(self) -> Clock:
         return CudaEventClock(self.stream)
 
-    def layer_times(self, inputs: np.ndarray, iterations: int) -> list[LayerTime] | None:
+    def layer_times(self, inputs, iterations: int) -> list[LayerTime] | None:
         """TensorRT's IProfiler on a separate execution context; engines built here use DETAILED verbosity."""
         self._require_prepared()
         trt = self.trt

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +17,15 @@ from egp_export.analysis.numerics import ErrorAccumulator
 from egp_export.errors import VerificationError
 from egp_export.io.fileio import atomic_path, check_writable
 from egp_export.runtime.backends import BACKENDS, OrtCpuBackend
-from egp_export.runtime.inputs import BackendError, InputOrigin, fitted_inputs, random_origin
+from egp_export.runtime.inputs import (
+    BackendError,
+    InputOrigin,
+    data_input_shape,
+    feed_length,
+    feed_slice,
+    fitted_feed,
+    random_origin,
+)
 from egp_export.runtime.tensorrt import (
     DEFAULT_WORKSPACE_MB,
     RUNTIMES,
@@ -78,6 +86,7 @@ def build_engine(
     opt_batch: int | None = None,
     max_batch: int | None = None,
     input_shape: Sequence[int] | None = None,
+    dims: Mapping[str, int] | None = None,
     runtime: str = "tensorrt",
     tf32: bool = True,
     verify: bool = True,
@@ -90,8 +99,11 @@ def build_engine(
 
     The batch range is ``min_batch ≤ opt_batch ≤ max_batch`` (opt defaults to
     min, max to opt); it becomes an optimisation profile when the ONNX batch
-    dimension is dynamic. ``input_shape`` is the per-sample shape, needed only
-    when non-batch dimensions are dynamic. ``runtime`` is ``"tensorrt"`` or
+    dimension is dynamic. ``input_shape`` is the per-sample shape of a one-input
+    model and ``dims`` the sizes of named dynamic dimensions (``{"seq": 128}``),
+    needed only when non-batch dimensions are dynamic (``inputs`` size them
+    otherwise); every input of a model with several is in the one optimisation
+    profile, at those sizes. ``runtime`` is ``"tensorrt"`` or
     ``"tensorrt-rtx"``. With ``verify`` the engine runs against ONNX Runtime
     (CPU, fp32) on ``inputs`` (a user's batch, ``inputs_source`` naming it) in
     runs of the opt batch size, else on seeded random inputs at the opt batch
@@ -108,6 +120,8 @@ def build_engine(
         raise BackendError(f"unknown TensorRT runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}.")
     if module == "tensorrt_rtx" and dla_core is not None:
         raise BackendError("TensorRT for RTX has no DLA support; leave out --dla.")
+    if input_shape is None and inputs is not None:
+        input_shape = data_input_shape(onnx_path, inputs, inputs_source)
     started = time.perf_counter()
     built = build_serialized_engine(
         onnx_path,
@@ -121,6 +135,7 @@ def build_engine(
         max_batch=max_batch,
         input_shape=input_shape,
         tf32=tf32,
+        dims=dims,
     )
     build_seconds = time.perf_counter() - started
     rtol = TRT_FP16_RTOL if fp16 else TRT_FP32_RTOL
@@ -136,6 +151,7 @@ def build_engine(
                 batch_size=built.batch_range[1],
                 smallest_batch=built.batch_range[0],
                 input_shape=input_shape,
+                dims=dims,
                 inputs=inputs,
                 inputs_source=inputs_source,
                 val_range=val_range,
@@ -173,7 +189,8 @@ def verify_engine(
     runtime: str = "tensorrt",
     batch_size: int = 1,
     smallest_batch: int = 1,
-    input_shape: Sequence[int] | None = None,
+    input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+    dims: Mapping[str, int] | None = None,
     seed: int = VERIFY_SEED,
     inputs=None,
     inputs_source: str = "inputs",
@@ -182,24 +199,29 @@ def verify_engine(
     """(ErrorStats, InputOrigin) of a serialised engine against ONNX Runtime (CPU, fp32) on the same inputs.
 
     ``inputs`` run in batches of ``batch_size`` (a last, shorter batch only when it holds at least
-    ``smallest_batch`` samples, the engine's smallest); without them, one seeded random batch.
+    ``smallest_batch`` samples, the engine's smallest); without them, one seeded random batch. Every input of the
+    model is fed by name (one device buffer and ``set_input_shape`` each: backends.TensorRTBackend).
     """
+    if input_shape is None and inputs is not None:
+        input_shape = data_input_shape(onnx_path, inputs, inputs_source)
     reference = OrtCpuBackend()
-    reference.prepare(onnx_path, input_shape=input_shape, batch_sizes=(batch_size,))
-    spec = reference.input_spec
+    reference.prepare(onnx_path, input_shape=input_shape, batch_sizes=(batch_size,), dims=dims)
+    spec = reference.inputs
     if inputs is None:
         runs, origin = [spec.random_batch(batch_size, seed, val_range)], random_origin(spec, batch_size, val_range)
     else:
-        data = fitted_inputs(inputs, spec, inputs_source)
-        runs = [data[start : start + batch_size] for start in range(0, len(data), batch_size)]
-        runs = [run for run in runs if len(run) >= smallest_batch]
+        data = fitted_feed(inputs, spec, inputs_source)
+        length = feed_length(data)
+        runs = [feed_slice(data, start, start + batch_size) for start in range(0, length, batch_size)]
+        runs = [run for run in runs if feed_length(run) >= smallest_batch]
         if not runs:
             raise BackendError(
-                f"{inputs_source} holds {len(data)} samples, fewer than the engine's smallest batch {smallest_batch}."
+                f"{inputs_source} holds {length} samples, fewer than the engine's smallest batch {smallest_batch}."
             )
-        origin = InputOrigin(inputs_source, True, sum(len(run) for run in runs))
+        origin = InputOrigin(inputs_source, True, sum(feed_length(run) for run in runs))
     engine = BACKENDS[runtime]()
-    engine.prepare(engine_path, input_shape=input_shape, batch_sizes=tuple(sorted({len(run) for run in runs})))
+    shapes = {s.name: s.sample_shape for s in spec.specs}  # an engine file's dynamic dimensions are unnamed
+    engine.prepare(engine_path, input_shape=shapes, batch_sizes=tuple(sorted({feed_length(run) for run in runs})))
     try:
         errors = ErrorAccumulator()
         for run in runs:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +37,17 @@ import numpy as np
 
 from egp_export.analysis.numerics import ErrorAccumulator, ErrorStats
 from egp_export.io.fileio import write_text_atomic
-from egp_export.runtime.backends import DEFAULT_BACKEND, DEFAULT_THREADS, BackendError, get_backend, onnx_input_spec
-from egp_export.runtime.inputs import InputOrigin, fitted_inputs, random_origin
+from egp_export.runtime.backends import DEFAULT_BACKEND, DEFAULT_THREADS, BackendError, get_backend
+from egp_export.runtime.inputs import (
+    ENGINE_SUFFIXES,
+    InputOrigin,
+    data_input_shape,
+    feed_length,
+    feed_slice,
+    fitted_feed,
+    onnx_inputs,
+    random_origin,
+)
 from egp_export.runtime.profiler import (
     DEFAULT_CONFIDENCE,
     DEFAULT_RESAMPLES,
@@ -46,6 +55,8 @@ from egp_export.runtime.profiler import (
     DEFAULT_ROUNDS,
     DEFAULT_WARMUP,
     Comparison,
+    check_same_inputs,
+    fed_to,
 )
 from egp_export.runtime.profiler import compare as compare_latency
 
@@ -221,33 +232,54 @@ def _numeric_reasons(numeric: NumericCheck) -> list[str]:
     return reasons
 
 
-def check_inputs(baseline_onnx, candidate_onnx, input_shape: Sequence[int] | None = None) -> list[str]:
-    """Refuse two ONNX models that take different input shapes; notes on input dtypes that differ.
+def check_inputs(
+    baseline_onnx,
+    candidate_onnx,
+    input_shape: Sequence[int] | None = None,
+    dims: Mapping[str, int] | None = None,
+    inputs=None,
+    inputs_source: str = "inputs",
+) -> list[str]:
+    """Refuse two ONNX models that take different inputs (names, shapes); notes on input dtypes that differ.
 
-    The gate compares two versions of one model on the same inputs: a shape
-    mismatch is a usage error (BackendError, exit 2), not a failed gate (exit
-    1, which CI reads as "too slow or wrong"). A dtype difference (an fp16
-    candidate) is allowed: the candidate gets the baseline's inputs cast to its
-    dtype, and the result says so.
+    The gate compares two versions of one model on the same inputs: a mismatch
+    is a usage error (BackendError, exit 2), not a failed gate (exit 1, which CI
+    reads as "too slow or wrong"). A dtype difference (an fp16 candidate) is
+    allowed: the candidate gets the baseline's inputs cast to its dtype, and the
+    result says so. ``inputs`` (a user's batch) size the dynamic dimensions when
+    no ``input_shape`` is given, and must name the models' inputs.
     """
-    if not all(Path(model).suffix.lower() == ".onnx" for model in (baseline_onnx, candidate_onnx)):
+    if not all(_is_onnx(model) for model in (baseline_onnx, candidate_onnx)):
         return []
-    baseline = onnx_input_spec(baseline_onnx, input_shape)
-    candidate = onnx_input_spec(candidate_onnx, input_shape)
-
-    def describe(spec) -> str:
-        batch = spec.fixed_batch if spec.fixed_batch is not None else "B"
-        return f"{spec.name!r} [{', '.join(map(str, (batch, *spec.sample_shape)))}] {np.dtype(spec.dtype)}"
-
+    baseline, candidate = (
+        onnx_inputs(model, _shape_for(model, input_shape, inputs, inputs_source), dims)
+        for model in (baseline_onnx, candidate_onnx)
+    )
     fixed = {baseline.fixed_batch, candidate.fixed_batch} - {None}
-    if baseline.sample_shape != candidate.sample_shape or len(fixed) > 1:
+    if len(fixed) > 1:
         raise BackendError(
-            f"the models take different inputs: baseline {describe(baseline)}, candidate {describe(candidate)}; "
-            "the gate compares two versions of one model, so export both for the same input shape."
+            f"the models have different fixed batch sizes ({', '.join(map(str, sorted(fixed)))}); the gate compares two "
+            "versions of one model, so export both for the same input shape."
         )
-    if np.dtype(baseline.dtype) != np.dtype(candidate.dtype):
-        return [f"input dtype differs: baseline {np.dtype(baseline.dtype)}, candidate {np.dtype(candidate.dtype)}"]
-    return []
+    check_same_inputs(baseline, candidate)
+    return [
+        f"input {b.name!r} dtype differs: baseline {np.dtype(b.dtype)}, candidate {np.dtype(c.dtype)}"
+        if len(baseline.specs) > 1
+        else f"input dtype differs: baseline {np.dtype(b.dtype)}, candidate {np.dtype(c.dtype)}"
+        for b, c in zip(baseline.specs, candidate.specs)
+        if np.dtype(b.dtype) != np.dtype(c.dtype)
+    ]
+
+
+def _is_onnx(model) -> bool:
+    return Path(model).suffix.lower() not in ENGINE_SUFFIXES
+
+
+def _shape_for(model, input_shape, inputs, source: str):
+    """The per-sample shape(s) to prepare ``model`` with: ``input_shape``, else the user's data's, else none."""
+    if input_shape is not None or inputs is None:
+        return input_shape
+    return data_input_shape(model, inputs, source)
 
 
 def _output_dtype_notes(reference: list, candidate: list) -> list[str]:
@@ -269,6 +301,7 @@ def check_numerics(
     val_range: tuple[float, float] | None = None,
     backend: str = DEFAULT_BACKEND,
     input_shape: Sequence[int] | None = None,
+    dims: Mapping[str, int] | None = None,
     samples: int = NUMERIC_SAMPLES,
     seed: int = NUMERIC_SEED,
     threads: int = DEFAULT_THREADS,
@@ -276,39 +309,43 @@ def check_numerics(
 ) -> NumericCheck:
     """Both models on the same inputs, on ``backend``: the candidate's error and agreement against the baseline.
 
-    ``inputs`` (a batch ``[N, ...]``: tensor, array, or a tuple/dict holding one; ``inputs_source`` names it)
-    are checked in runs of ``NUMERIC_BATCH`` samples, or of the model's fixed batch size (whole runs only).
-    Without them, ``samples`` seeded random samples (``val_range``: runtime/inputs.py), or the model's fixed
+    ``inputs`` (a batch ``[N, ...]``: tensor or array for a one-input model, else a dict with one per ONNX
+    input name, or a tuple in the file's input order; ``inputs_source`` names it; they also size dynamic
+    dimensions, which ``dims`` sizes by name otherwise) are checked in runs of ``NUMERIC_BATCH`` samples, or of
+    the model's fixed batch size (whole runs only). Without them, ``samples`` seeded random samples
+    (``val_range``: runtime/inputs.py), or the model's fixed
     batch size if it has one; the result then says it is not on real data.
     """
-    check_inputs(baseline_onnx, candidate_onnx, input_shape)
-    fixed = onnx_input_spec(baseline_onnx, input_shape).fixed_batch if Path(baseline_onnx).suffix.lower() == ".onnx" else None
+    check_inputs(baseline_onnx, candidate_onnx, input_shape, dims, inputs, inputs_source)
+    shapes = [_shape_for(model, input_shape, inputs, inputs_source) for model in (baseline_onnx, candidate_onnx)]
+    fixed = onnx_inputs(baseline_onnx, shapes[0], dims).fixed_batch if _is_onnx(baseline_onnx) else None
     runners = [get_backend(backend, threads=threads, **(backend_options or {})) for _ in range(2)]
     notes: list[str] = []
     try:
         if inputs is None:
             samples = fixed or samples
             for runner, model in zip(runners, (baseline_onnx, candidate_onnx)):
-                runner.prepare(model, input_shape=input_shape, batch_sizes=(samples,))
-            spec = runners[0].input_spec
+                runner.prepare(model, input_shape=input_shape, batch_sizes=(samples,), dims=dims)
+            spec = runners[0].inputs
             data, origin = spec.random_batch(samples, seed, val_range), random_origin(spec, samples, val_range)
         else:
-            if Path(baseline_onnx).suffix.lower() == ".onnx":
-                spec = onnx_input_spec(baseline_onnx, input_shape)
-            else:  # an engine file: its backend reads the spec
-                runners[0].prepare(baseline_onnx, input_shape=input_shape, batch_sizes=(fixed or 1,))
-                spec = runners[0].input_spec
-            data = fitted_inputs(inputs, spec, inputs_source, notes)
+            if _is_onnx(baseline_onnx):
+                spec = onnx_inputs(baseline_onnx, shapes[0], dims)
+            else:  # an engine file: its backend reads the inputs
+                runners[0].prepare(baseline_onnx, input_shape=shapes[0], batch_sizes=(fixed or 1,), dims=dims)
+                spec = runners[0].inputs
+            data = fitted_feed(inputs, spec, inputs_source, notes)
             data = _whole_runs(data, fixed, inputs_source, notes)
-            origin = InputOrigin(inputs_source, True, len(data))
-        runs = [data[start : start + (fixed or NUMERIC_BATCH)] for start in range(0, len(data), fixed or NUMERIC_BATCH)]
-        sizes = tuple(sorted({len(run) for run in runs}))
-        for runner, model in zip(runners, (baseline_onnx, candidate_onnx)):
-            runner.prepare(model, input_shape=input_shape, batch_sizes=sizes)
+            origin = InputOrigin(inputs_source, True, feed_length(data))
+        step = fixed or NUMERIC_BATCH
+        runs = [feed_slice(data, start, start + step) for start in range(0, feed_length(data), step)]
+        sizes = tuple(sorted({feed_length(run) for run in runs}))
+        for runner, model, shape in zip(runners, (baseline_onnx, candidate_onnx), shapes):
+            runner.prepare(model, input_shape=shape, batch_sizes=sizes, dims=dims)
         errors, problem = ErrorAccumulator(), ""
         for run in runs:
-            reference = runners[0].run(run)
-            candidate = runners[1].run(run.astype(runners[1].input_spec.dtype))
+            reference = runners[0].run(fed_to(runners[0].inputs, run))
+            candidate = runners[1].run(fed_to(runners[1].inputs, run))  # cast to the candidate's dtypes
             try:
                 errors.add(reference, candidate)
             except ValueError as mismatch:  # output count or shape differs
@@ -330,15 +367,16 @@ def check_numerics(
                         min_top1_agreement=min_top1_agreement, origin=origin)
 
 
-def _whole_runs(data, fixed: int | None, source: str, notes: list[str]):
+def _whole_runs(data: dict, fixed: int | None, source: str, notes: list[str]) -> dict:
     """A model with a fixed batch size runs whole batches only: the samples that do not fill one are left out."""
-    if fixed is None or len(data) % fixed == 0:
+    length = feed_length(data)
+    if fixed is None or length % fixed == 0:
         return data
-    if len(data) < fixed:
-        raise BackendError(f"{source} holds {len(data)} samples; the model's fixed batch size is {fixed}: give at least {fixed}.")
-    kept = len(data) - len(data) % fixed
-    notes.append(f"{source}: the model runs batches of {fixed}, so the last {len(data) - kept} samples are not checked")
-    return data[:kept]
+    if length < fixed:
+        raise BackendError(f"{source} holds {length} samples; the model's fixed batch size is {fixed}: give at least {fixed}.")
+    kept = length - length % fixed
+    notes.append(f"{source}: the model runs batches of {fixed}, so the last {length - kept} samples are not checked")
+    return feed_slice(data, 0, kept)
 
 
 def gate(
@@ -354,6 +392,7 @@ def gate(
     backend: str = DEFAULT_BACKEND,
     batch_size: int = 1,
     input_shape: Sequence[int] | None = None,
+    dims: Mapping[str, int] | None = None,
     rounds: int = DEFAULT_ROUNDS,
     iterations: int = DEFAULT_ROUND_ITERATIONS,
     warmup: int = DEFAULT_WARMUP,
@@ -382,7 +421,7 @@ def gate(
         raise BackendError(f"min_top1_agreement is a fraction in [0, 1], got {min_top1_agreement}.")
     if not min_speedup > 0:
         raise ValueError(f"min_speedup must be positive, got {min_speedup}")
-    notes = check_inputs(baseline_onnx, candidate_onnx, input_shape)
+    notes = check_inputs(baseline_onnx, candidate_onnx, input_shape, dims, inputs, inputs_source)
     numeric = None
     if max_rel_error is not None or min_top1_agreement is not None or inputs is not None:
         numeric = check_numerics(
@@ -395,6 +434,7 @@ def gate(
             val_range=val_range,
             backend=backend,
             input_shape=input_shape,
+            dims=dims,
             threads=threads,
             backend_options=backend_options,
         )
@@ -404,6 +444,7 @@ def gate(
         backend=backend,
         batch_size=batch_size,
         input_shape=input_shape,
+        dims=dims,
         inputs=inputs,
         inputs_source=inputs_source,
         val_range=val_range,
@@ -478,6 +519,12 @@ def to_junit_xml(result: GateResult) -> str:
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
 
 
+def _shapes_text(c: Comparison) -> str:
+    if len(c.input_shapes) > 1:
+        return ", ".join(f"{name} {'×'.join(map(str, shape))}" for name, shape in c.input_shapes.items())
+    return "×".join(map(str, c.input_shape))
+
+
 def to_markdown(result: GateResult) -> str:
     """A Markdown summary: verdict, latency table, numerics, and the reasons of a failure."""
     c = result.comparison
@@ -491,7 +538,7 @@ def to_markdown(result: GateResult) -> str:
         "",
         f"Backend **{c.backend.get('backend')}**"
         + (f" ({settings})" if settings else "")
-        + f", batch {c.batch_size}, input {'×'.join(map(str, c.input_shape))}; {c.baseline_rounds.shape[0]} interleaved "
+        + f", batch {c.batch_size}, input {_shapes_text(c)}; {c.baseline_rounds.shape[0]} interleaved "
         f"rounds × {c.baseline_rounds.shape[1]} iterations per model, clock: {c.clock}.",
         "",
         "| model | file | median ms | p90 ms | p99 ms | mean ms | std ms |",

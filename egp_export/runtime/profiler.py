@@ -23,13 +23,18 @@ which (``inputs``).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from egp_export.runtime.backends import DEFAULT_BACKEND, DEFAULT_THREADS, Backend, BackendError, LayerTime, get_backend
-from egp_export.runtime.inputs import InputSpec, fitted_inputs, samples_for_batch
+from egp_export.runtime.inputs import (
+    ModelInputs,
+    data_input_shape,
+    fitted_feed,
+    samples_for_batch,
+)
 
 DEFAULT_ITERATIONS = 100
 DEFAULT_WARMUP = 10
@@ -154,10 +159,18 @@ class BatchProfile:
     """Latency of one model at one batch size."""
 
     batch_size: int
-    input_shape: tuple[int, ...]  # with the batch dimension
+    input_shape: tuple[int, ...]  # with the batch dimension (the first input's, for a model with several)
     stats: LatencyStats
     timings_ms: np.ndarray
     layers: list[LayerTime] | None = None
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every input by name
+
+    @property
+    def shapes_text(self) -> str:
+        """``1x3x8x8``, or ``input_ids 1x12, attention_mask 1x12`` for several inputs."""
+        if len(self.input_shapes) > 1:
+            return ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in self.input_shapes.items())
+        return "x".join(map(str, self.input_shape))
 
     @property
     def throughput(self) -> float:
@@ -168,6 +181,7 @@ class BatchProfile:
         return {
             "batch_size": self.batch_size,
             "input_shape": list(self.input_shape),
+            "input_shapes": {name: list(shape) for name, shape in self.input_shapes.items()},
             **self.stats.to_dict(),
             "throughput_per_s": self.throughput,
             "timings_ms": [round(float(t), 6) for t in self.timings_ms],
@@ -204,7 +218,7 @@ class ProfileResult:
         rows = [
             [
                 str(b.batch_size),
-                "x".join(map(str, b.input_shape)),
+                b.shapes_text,
                 f"{b.stats.median:.4f}",
                 f"{b.stats.p90:.4f}",
                 f"{b.stats.p99:.4f}",
@@ -232,7 +246,7 @@ class ProfileResult:
         for b in self.batches:
             s = b.stats
             lines.append(
-                f"| {b.batch_size} | {'×'.join(map(str, b.input_shape))} | {s.median:.4f} | {s.p90:.4f} | {s.p99:.4f} "
+                f"| {b.batch_size} | {b.shapes_text.replace('x', '×')} | {s.median:.4f} | {s.p90:.4f} | {s.p99:.4f} "
                 f"| {s.mean:.4f} | {s.std:.4f} | {b.throughput:,.1f} |"
             )
         for b in self.batches:
@@ -280,6 +294,7 @@ def profile(
     iterations: int = DEFAULT_ITERATIONS,
     warmup: int = DEFAULT_WARMUP,
     input_shape: Sequence[int] | None = None,
+    dims: Mapping[str, int] | None = None,
     layers: bool = False,
     threads: int = DEFAULT_THREADS,
     backend_options: dict | None = None,
@@ -292,8 +307,11 @@ def profile(
     """Time ``model`` (an ONNX path, or an nn.Module for torch-cuda) at each batch size.
 
     ``warmup`` untimed runs precede the ``iterations`` timed ones at each batch
-    size. ``input_shape`` is the per-sample shape (read from the ONNX file when
-    its dimensions are static). With ``layers`` the backend's own profiler adds
+    size. ``input_shape`` is the per-sample shape of a one-input model (read
+    from the ONNX file when its dimensions are static); ``dims`` sizes named
+    dynamic dimensions of any input (``{"seq": 12}``), which ``inputs`` also
+    size. A model with several inputs runs on a dict of arrays, one per ONNX
+    input name (runtime/inputs.py). With ``layers`` the backend's own profiler adds
     a per-layer breakdown where it offers one. ``inputs`` (a user's batch,
     ``inputs_source`` naming it) replaces the seeded random inputs: each batch
     size runs on its first samples.
@@ -301,22 +319,22 @@ def profile(
     if iterations < 1 or warmup < 0:
         raise BackendError(f"need iterations >= 1 and warmup >= 0, got {iterations} and {warmup}.")
     runner = _backend(backend, threads, backend_options)
-    runner.prepare(model, input_shape=input_shape, batch_sizes=batch_sizes)
+    _prepare(runner, model, input_shape, dims, batch_sizes, inputs, inputs_source)
     clock = runner.clock()
     notes: list[str] = []
-    data = None if inputs is None else fitted_inputs(inputs, runner.input_spec, inputs_source, notes)
+    data = None if inputs is None else fitted_feed(inputs, runner.inputs, inputs_source, notes)
     result = ProfileResult(
         model=_label(model),
         backend=runner.describe(),
         clock=clock.source,
         iterations=iterations,
         warmup=warmup,
-        inputs=_timed_on(runner.input_spec, data, inputs_source, val_range),
+        inputs=_timed_on(runner.inputs, data, inputs_source, val_range),
     )
     try:
         with _progress_bar(len(batch_sizes) * (warmup + iterations), f"profile {runner.name}", progress) as bar:
             for batch_size in batch_sizes:
-                inputs = _batch(runner.input_spec, data, int(batch_size), seed, inputs_source, val_range)
+                inputs = _batch(runner.inputs, data, int(batch_size), seed, inputs_source, val_range)
                 bound = runner.bind(inputs)
                 for _ in range(warmup):
                     bound()
@@ -326,10 +344,11 @@ def profile(
                 result.batches.append(
                     BatchProfile(
                         batch_size=int(batch_size),
-                        input_shape=tuple(inputs.shape),
+                        input_shape=tuple(next(iter(inputs.values())).shape),
                         stats=latency_stats(timings),
                         timings_ms=timings,
                         layers=breakdown,
+                        input_shapes={name: tuple(array.shape) for name, array in inputs.items()},
                     )
                 )
     finally:
@@ -371,6 +390,7 @@ class Comparison:
     baseline: str = ""
     candidate: str = ""
     inputs: str = "random"  # what was timed: "random N(0, 1)" or the --inputs source
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every input by name
 
     @property
     def round_speedups(self) -> np.ndarray:
@@ -393,6 +413,7 @@ class Comparison:
             "clock": self.clock,
             "batch_size": self.batch_size,
             "input_shape": list(self.input_shape),
+            "input_shapes": {name: list(shape) for name, shape in self.input_shapes.items()},
             "rounds": int(self.baseline_rounds.shape[0]),
             "iterations_per_round": int(self.baseline_rounds.shape[1]),
             "orders": ["".join(side[0].upper() for side in order) for order in self.orders],
@@ -437,6 +458,7 @@ def compare(
     backend: str = DEFAULT_BACKEND,
     batch_size: int = 1,
     input_shape: Sequence[int] | None = None,
+    dims: Mapping[str, int] | None = None,
     rounds: int = DEFAULT_ROUNDS,
     iterations: int = DEFAULT_ROUND_ITERATIONS,
     warmup: int = DEFAULT_WARMUP,
@@ -455,7 +477,7 @@ def compare(
 
     Both run on the same backend, the same input batch (seeded random, or
     the first ``batch_size`` samples of ``inputs``), after
-    ``warmup`` untimed runs each; then ``rounds`` rounds of ``iterations``
+    ``warmup`` untimed runs each (``input_shape``, ``dims``: :func:`profile`); then ``rounds`` rounds of ``iterations``
     timed runs per model (each block preceded by one untimed run), ordered by
     ``order`` (see :func:`round_orders`). Returns the speedup
     (baseline / candidate median latency) and its bootstrap interval.
@@ -467,17 +489,14 @@ def compare(
     runners = {side: get_backend(backend, threads=threads, **(backend_options or {})) for side in ("baseline", "candidate")}
     try:
         for side, model in (("baseline", baseline), ("candidate", candidate)):
-            runners[side].prepare(model, input_shape=input_shape, batch_sizes=(batch_size,))
-        specs = {side: runner.input_spec for side, runner in runners.items()}
-        if specs["baseline"].sample_shape != specs["candidate"].sample_shape:
-            raise BackendError(
-                f"the models take different inputs: baseline {specs['baseline'].sample_shape}, "
-                f"candidate {specs['candidate'].sample_shape} per sample."
-            )
-        data = None if inputs is None else fitted_inputs(inputs, specs["baseline"], inputs_source)
+            _prepare(runners[side], model, input_shape, dims, (batch_size,), inputs, inputs_source)
+        specs = {side: runner.inputs for side, runner in runners.items()}
+        check_same_inputs(specs["baseline"], specs["candidate"])
+        data = None if inputs is None else fitted_feed(inputs, specs["baseline"], inputs_source)
         timed_on = _timed_on(specs["baseline"], data, inputs_source, val_range)
         inputs = _batch(specs["baseline"], data, batch_size, seed, inputs_source, val_range)
-        bounds = {side: runner.bind(inputs.astype(specs[side].dtype)) for side, runner in runners.items()}
+        # bind casts to each side's dtypes
+        bounds = {side: runner.bind(fed_to(runner.inputs, inputs)) for side, runner in runners.items()}
         clocks = {side: runner.clock() for side, runner in runners.items()}
         for bound in bounds.values():
             for _ in range(warmup):
@@ -502,7 +521,7 @@ def compare(
         backend=description,
         clock=clock_source,
         batch_size=batch_size,
-        input_shape=tuple(inputs.shape),
+        input_shape=tuple(next(iter(inputs.values())).shape),
         baseline_rounds=timings["baseline"],
         candidate_rounds=timings["candidate"],
         orders=orders,
@@ -514,18 +533,51 @@ def compare(
         baseline=_label(baseline),
         candidate=_label(candidate),
         inputs=timed_on,
+        input_shapes={name: tuple(array.shape) for name, array in inputs.items()},
     )
 
 
-def _timed_on(spec: InputSpec, data, source: str, val_range) -> str:
-    return f"random {spec.describe_random(val_range)}" if data is None else source
+def check_same_inputs(baseline: ModelInputs, candidate: ModelInputs) -> None:
+    """Refuse two models that do not take the same named inputs of the same per-sample shapes (dtypes may differ:
+    each backend casts the one feed to its model's dtypes)."""
+
+    def shapes(inputs: ModelInputs) -> str:
+        return ", ".join(
+            f"{spec.name!r} [{', '.join(map(str, (spec.fixed_batch or 'B', *spec.sample_shape)))}] {np.dtype(spec.dtype)}"
+            for spec in inputs.specs
+        )
+
+    def key(inputs: ModelInputs) -> list:  # one input each: its name may differ (the feed is matched by position)
+        return [(s.name if len(inputs.specs) > 1 else "", s.sample_shape) for s in inputs.specs]
+
+    if key(baseline) != key(candidate):
+        raise BackendError(
+            f"the models take different inputs: baseline {shapes(baseline)}, candidate {shapes(candidate)}; the gate "
+            "compares two versions of one model, so export both for the same inputs."
+        )
 
 
-def _batch(spec: InputSpec, data, batch_size: int, seed: int, source: str, val_range) -> np.ndarray:
-    """What one batch size is timed on: the first samples of the user's data, or seeded random inputs."""
+def fed_to(inputs: ModelInputs, feed: dict):
+    """``feed`` for a model taking ``inputs``: by name, or (one input each) its one array, whatever its name."""
+    return next(iter(feed.values())) if len(inputs.specs) == 1 and len(feed) == 1 else feed
+
+
+def _prepare(runner: Backend, model, input_shape, dims, batch_sizes, inputs, source: str) -> None:
+    """``runner.prepare``, its dynamic dimensions sized by the user's ``inputs`` when given (and no ``input_shape``)."""
+    if inputs is not None and input_shape is None and runner.accepts == "onnx":
+        input_shape = data_input_shape(model, inputs, source)
+    runner.prepare(model, input_shape=input_shape, batch_sizes=batch_sizes, dims=dims)
+
+
+def _timed_on(inputs: ModelInputs, data, source: str, val_range) -> str:
+    return f"random {inputs.describe_random(val_range)}" if data is None else source
+
+
+def _batch(inputs: ModelInputs, data, batch_size: int, seed: int, source: str, val_range) -> dict:
+    """What one batch size is timed on (a feed): the first samples of the user's data, or seeded random inputs."""
     if data is None:
-        return spec.random_batch(batch_size, seed, val_range)
-    spec.check_batch(batch_size)
+        return inputs.random_batch(batch_size, seed, val_range)
+    inputs.check_batch(batch_size)
     return samples_for_batch(data, batch_size, source)
 
 

@@ -44,14 +44,14 @@ from __future__ import annotations
 import importlib
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from egp_export.io.fileio import atomic_path
-from egp_export.runtime.inputs import ENGINE_SUFFIXES, BackendError, onnx_input_spec
+from egp_export.runtime.inputs import ENGINE_SUFFIXES, BackendError, onnx_inputs
 
 DEFAULT_WORKSPACE_MB = 1024  # enough for conv nets up to batch 64 at 224x224; raise it for larger
 TRT_FP32_RTOL = 1e-3
@@ -246,10 +246,14 @@ def build_serialized_engine(
     min_batch: int = 1,
     opt_batch: int | None = None,
     max_batch: int | None = None,
-    input_shape: Sequence[int] | None = None,
+    input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
     tf32: bool = True,
+    dims: Mapping[str, int] | None = None,
 ) -> SerializedEngine:
     """Build a TensorRT engine from an ONNX file in memory (see :func:`build_engine` for the arguments).
+
+    One optimisation profile covers every input with a dynamic dimension: each input's batch range, its other
+    dimensions at the sizes ``input_shape`` / ``dims`` give them (runtime/inputs.py: resolve_inputs).
 
     A ``timing_cache`` file is read when it exists and written back (updated) after a successful build.
     """
@@ -264,7 +268,7 @@ def build_serialized_engine(
     if workspace_mb < 1:
         raise BackendError(f"the workspace must be at least 1 MB, got {workspace_mb}.")
     batches = _batch_range(min_batch, opt_batch, max_batch)
-    spec = onnx_input_spec(onnx_path, input_shape)  # validates the input before TensorRT sees it
+    model_inputs = onnx_inputs(onnx_path, input_shape, dims)  # validates the inputs before TensorRT sees them
     if dla_core is not None and not fp16:
         raise BackendError("DLA computes in fp16 or int8 only: pass --fp16 (fp16=True) with --dla.")
     fp16_flag = getattr(trt.BuilderFlag, "FP16", None)
@@ -303,15 +307,17 @@ def build_serialized_engine(
         config.DLA_core = dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
 
+    profile = None
     for index in range(network.num_inputs):
         tensor = network.get_input(index)
-        dims = [int(d) for d in tensor.shape]
-        if all(d >= 0 for d in dims):
-            continue  # static input: no profile needed
-        sample = list(spec.sample_shape)
-        shapes = [tuple([batch, *sample]) for batch in batches]
-        profile = builder.create_optimization_profile()
+        if all(int(d) >= 0 for d in tensor.shape):
+            continue  # static input: the profile need not name it
+        spec = model_inputs.spec(tensor.name)
+        profile = profile or builder.create_optimization_profile()
+        # min, opt, max; an input whose batch is fixed keeps it (only its other dimensions were dynamic)
+        shapes = (tuple([spec.fixed_batch or batch, *spec.sample_shape]) for batch in batches)
         profile.set_shape(tensor.name, *shapes)
+    if profile is not None:
         config.add_optimization_profile(profile)
 
     cache_notes: list[str] = []
