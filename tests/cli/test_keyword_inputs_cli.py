@@ -98,3 +98,16 @@ def test_a_dynamic_dim_naming_no_input_is_one_error_line(run, tmp_path, tokens):
     assert line.startswith("egp-export: error: --dynamic-dim names the input 'token_type_ids', but the model's inputs "
                            "are 'input_ids', 'attention_mask'"), line
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_latency_of_a_model_with_a_dynamic_sequence_is_timed_on_held_out_tokens(run, tmp_path, tokens):
+    """--measure-latency timed random inputs, which cannot size a dynamic sequence: it times a held-out sample."""
+    out = tmp_path / "out"
+    code, stdout, err = run(
+        "compile", "--arch", "keyword_models:TokenPair", "--calibration", tokens, "--min-observations", 100,
+        "--exporter", "torchscript", "--dynamic-dim", "input_ids:1=seq", "--dynamic-dim", "attention_mask:1=seq",
+        "--measure-latency", "--out", out,
+    )
+    assert code == 0, err
+    latency = json.loads((out / "report.json").read_text())["measured_latency"]
+    assert latency["original_ms"] > 0 and latency["compiled_ms"] > 0
