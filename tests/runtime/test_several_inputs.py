@@ -24,8 +24,8 @@ from egp_export.runtime.gate import check_numerics, gate
 from egp_export.runtime.inputs import onnx_inputs
 from egp_export.runtime.profiler import compare, profile
 from egp_export.runtime.tensorrt import RUNTIMES, build_serialized_engine
+from tests.test_multiple_inputs import FEATURES, VOCABULARY, TwoInputNet, tokens
 
-VOCABULARY, SEQUENCE, FEATURES = 50, 8, 6
 FAST_KW = {"rounds": 2, "iterations": 2, "warmup": 1}
 SEQ_DIMS = {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}
 
@@ -48,31 +48,6 @@ class KeywordNet(nn.Module):
     def forward(self, input_ids, attention_mask, features):
         tokens = self.embed(input_ids) * attention_mask.unsqueeze(-1) + self.proj(features).unsqueeze(1)
         return self.fc2(self.relu(self.fc1(tokens))).mean(1), tokens.sum(-1)  # two outputs, each checked
-
-
-class TwoInputNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.a, self.b = nn.Linear(4, 16), nn.Linear(3, 16)
-        self.relu = nn.ReLU()
-        self.out = nn.Linear(16, 2)
-        with torch.no_grad():
-            self.a.weight.mul_(0.1)
-            self.b.weight.mul_(0.1)
-            self.a.bias.fill_(3.0)
-
-    def forward(self, x, y):
-        return self.out(self.relu(self.a(x) + self.b(y)))
-
-
-def tokens(samples: int, sequence: int = SEQUENCE, seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        "input_ids": torch.randint(0, VOCABULARY, (samples, sequence), generator=generator),
-        "attention_mask": (torch.rand(samples, sequence, generator=generator) > 0.2).long(),
-        "features": torch.randn(samples, FEATURES, generator=generator),
-    }
 
 
 @pytest.fixture(scope="module")
